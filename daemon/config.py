@@ -1,0 +1,308 @@
+"""Configuration: ``config.toml`` plus ``CAPTIOND_*`` environment overrides.
+
+File lookup: ``--config``, ``$CAPTIOND_CONFIG``, ``./config.toml``,
+``$XDG_CONFIG_HOME/captiond/config.toml``, ``/etc/captiond/config.toml``.
+Environment overrides use ``__`` for nesting, e.g. ``CAPTIOND_WORKER__BATCH_SIZE=4``.
+Invalid configuration raises ConfigError with one readable message naming the file
+and the key; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff"]
+
+# Priority classes: an explicit request beats a newly seen file beats a backfill scan.
+# A watch's own ``priority`` (-50..50) shifts its jobs within the class.
+PRIORITY_EXPLICIT = 200
+PRIORITY_NEW = 100
+PRIORITY_BACKFILL = 0
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for a person."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WatchConfig(_Section):
+    path: Path
+    name: str = ""  # default: the folder's name
+    recursive: bool = True
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    generators: list[str] = Field(default_factory=lambda: ["wd_tagger"])
+    # One extension for every generator of this watch, or a table generator -> extension.
+    # Default: the generator's caption_type (``tags`` -> ``.tags``).
+    sidecar_extension: str | dict[str, str] | None = None
+    # ``stem``: a.jpg -> a.txt (what trainers read). ``name``: a.jpg -> a.jpg.txt.
+    sidecar_naming: Literal["stem", "name"] = "stem"
+    existing_caption: Literal["skip", "overwrite", "append", "prepend"] = "skip"
+    trigger_word: str = ""
+    priority: int = Field(0, ge=-50, le=50)
+    watch_mode: Literal["auto", "inotify", "polling", "scan"] = "auto"
+    poll_interval_seconds: float = Field(30.0, gt=0)
+    settle_seconds: float = Field(2.0, ge=0)
+    image_extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
+
+    @field_validator("path")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(os.path.expandvars(str(v))).expanduser().absolute()
+
+    @field_validator("image_extensions")
+    @classmethod
+    def _norm_exts(cls, v: list[str]) -> list[str]:
+        return [e.lower().lstrip(".") for e in v]
+
+    @field_validator("generators")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("list at least one generator")
+        if len(set(v)) != len(v):
+            raise ValueError("a generator is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> WatchConfig:
+        if not self.name:
+            self.name = self.path.name or "root"
+        if isinstance(self.sidecar_extension, str):
+            self.sidecar_extension = self.sidecar_extension.lstrip(".")
+        elif isinstance(self.sidecar_extension, dict):
+            unknown = set(self.sidecar_extension) - set(self.generators)
+            if unknown:
+                raise ValueError(
+                    f"sidecar_extension names generators not in this watch: {sorted(unknown)}"
+                )
+            self.sidecar_extension = {k: v.lstrip(".") for k, v in self.sidecar_extension.items()}
+        return self
+
+    def extension_for(self, generator: str, caption_type: str) -> str:
+        ext = self.sidecar_extension
+        if isinstance(ext, dict):
+            return ext.get(generator, caption_type)
+        return ext or caption_type
+
+
+class QueueConfig(_Section):
+    max_attempts: int = Field(5, ge=1)
+    backoff_base_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(3600.0, gt=0)
+    lease_seconds: float = Field(600.0, gt=0)
+
+
+class ScanConfig(_Section):
+    on_start: bool = True
+    interval_seconds: float = Field(3600.0, ge=0)  # periodic reconcile; 0 = never
+
+
+class WorkerConfig(_Section):
+    batch_size: int = Field(8, ge=1)
+    decode_workers: int = Field(2, ge=1)
+    preload: list[str] = Field(default_factory=lambda: ["wd_tagger"])
+    max_image_pixels: int = Field(178_956_970, ge=1)
+    load_retry_seconds: float = Field(60.0, gt=0)
+
+
+class PostProcessConfig(_Section):
+    steps: list[str] = Field(
+        default_factory=lambda: [
+            "replace_underscores",
+            "collapse_spaces",
+            "punctuation_spacing",
+            "trim",
+            "terminal_punctuation",
+            "trigger_word",
+        ]
+    )
+    case: Literal["keep", "lower", "sentence"] = "keep"
+    # generator name -> its own list of steps
+    overrides: dict[str, list[str]] = Field(default_factory=dict)
+
+
+def _default_state_dir() -> Path:
+    if d := os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
+        return Path(d.split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or "~/.local/state"
+    return Path(base).expanduser() / "captiond"
+
+
+def _default_cache_dir() -> Path:
+    if d := os.environ.get("CACHE_DIRECTORY"):
+        return Path(d.split(":")[0])
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "captiond"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CAPTIOND_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    socket_path: Path | None = None  # default: $RUNTIME_DIRECTORY/captiond.sock or state_dir
+    socket_mode: int = 0o660
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    watch: list[WatchConfig] = Field(default_factory=list)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    scan: ScanConfig = Field(default_factory=ScanConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    postprocess: PostProcessConfig = Field(default_factory=PostProcessConfig)
+    # generator name -> its settings table, validated against the generator's schema
+    generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    # Set by load_settings(); not a config key.
+    source: str = Field("", exclude=True)
+
+    @field_validator("state_dir", "cache_dir", "socket_path")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(os.path.expandvars(str(v))).expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _check_watches(self) -> Settings:
+        names = [w.name for w in self.watch]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"watch names must be unique; repeated: {sorted(dup)}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file; the file's contents arrive as init kwargs.
+        return (env_settings, init_settings)
+
+    def resolved_socket_path(self) -> Path:
+        if self.socket_path is not None:
+            return self.socket_path
+        if d := os.environ.get("RUNTIME_DIRECTORY"):
+            return Path(d.split(":")[0]) / "captiond.sock"
+        return self.state_dir / "captiond.sock"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "captiond.db"
+
+
+def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The config file to use, by the documented order; None when there is none."""
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get("CAPTIOND_CONFIG"):
+        return Path(env)
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or "~/.config").expanduser()
+    for candidate in (
+        Path("config.toml"),
+        xdg / "captiond" / "config.toml",
+        Path("/etc/captiond/config.toml"),
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = _loc(tuple(p for p in e["loc"] if p not in ("function-after",)))
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, merge and validate the configuration. Raises ConfigError."""
+    file = find_config_file(path)
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if file is not None:
+        source = str(file)
+        try:
+            with open(file, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+    settings.source = source
+    _check_generators(settings)
+    return settings
+
+
+def _check_generators(settings: Settings) -> None:
+    """Validate generator tables against each generator's schema and watch references."""
+    from daemon.generators.registry import discover
+
+    known = discover()
+    problems: list[str] = []
+    for name, table in settings.generators.items():
+        if name not in known:
+            problems.append(f"generators.{name}: unknown generator (known: {sorted(known)})")
+            continue
+        cls = known[name].cls
+        if cls is None:
+            continue  # reported as unavailable at run time
+        try:
+            cls.config_model(**table)
+        except ValidationError as exc:
+            for e in exc.errors():
+                problems.append(f"generators.{name}.{_loc(e['loc'])}: {e['msg']}")
+    for i, w in enumerate(settings.watch):
+        for g in w.generators:
+            if g not in known:
+                problems.append(f"watch[{i}].generators: unknown generator {g!r}")
+        exts = [
+            w.extension_for(g, known[g].cls.caption_type if known.get(g) and known[g].cls else g)
+            for g in w.generators
+        ]
+        if len(set(exts)) != len(exts):
+            problems.append(
+                f"watch[{i}].sidecar_extension: two generators would write the same "
+                f"sidecar extension {exts}; give each its own"
+            )
+    for g in settings.worker.preload:
+        if g not in known:
+            problems.append(f"worker.preload: unknown generator {g!r}")
+    if problems:
+        raise ConfigError("\n".join(f"{settings.source}: {p}" for p in problems))
+
+
+def generator_config(settings: Settings, name: str, cls: type) -> Any:
+    """The validated settings object for one generator."""
+    return cls.config_model(**settings.generators.get(name, {}))

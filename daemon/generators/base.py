@@ -1,0 +1,94 @@
+"""The generator contract.
+
+A generator is pure: decoded images and its settings in, one caption per image out.
+It never imports the queue, the watcher, the server or the CLI, so the same class
+serves the daemon, a one-shot run over a folder, and a cluster worker.
+
+Life cycle: ``is_available()`` (cheap, never raises) -> ``load()`` -> many
+``prepare()`` (thread-safe, CPU work such as resizing; runs in the decode pool)
+and ``generate()`` calls -> ``unload()``. Heavy imports (onnxruntime, torch) belong
+inside ``load()`` so that a missing optional dependency disables only this generator.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+
+class WeightClass(StrEnum):
+    LIGHT = "light"  # loaded at start and kept warm
+    HEAVY = "heavy"  # loaded on demand, unloaded when idle
+
+
+class GeneratorConfig(BaseModel):
+    """Base of every generator's settings table; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class ImageInput:
+    """One decoded image (EXIF orientation applied) and its context.
+
+    ``context`` carries prompt variables such as ``name`` and ``folder``.
+    """
+
+    path: Path
+    image: Image.Image
+    context: Mapping[str, str] = field(default_factory=dict)
+
+
+class Generator(ABC):
+    name: ClassVar[str]
+    caption_type: ClassVar[str]
+    description: ClassVar[str]
+    version: ClassVar[str]
+    weight: ClassVar[WeightClass] = WeightClass.LIGHT
+    config_model: ClassVar[type[GeneratorConfig]] = GeneratorConfig
+
+    def __init__(self, config: GeneratorConfig | None = None, *, cache_dir: Path | None = None):
+        self.config = config if config is not None else self.config_model()
+        self.cache_dir = cache_dir
+
+    @classmethod
+    def is_available(cls) -> Availability:
+        """Whether this generator can run here. Must never raise."""
+        return Availability(True)
+
+    @property
+    def draft_size(self) -> int | None:
+        """Smallest side the model needs, so decoders may use JPEG draft mode."""
+        return None
+
+    @property
+    @abstractmethod
+    def loaded(self) -> bool: ...
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load weights. Raise ModelDownloadError / ModelLoadingError / ModelUnavailableError."""
+
+    @abstractmethod
+    def unload(self) -> None: ...
+
+    def prepare(self, item: ImageInput) -> Any:
+        """CPU preprocessing of one image, called from worker threads after load()."""
+        return item
+
+    @abstractmethod
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        """Caption a batch of prepared items: exactly one caption per item, in order."""
