@@ -1,0 +1,701 @@
+"""Local control socket: HTTP/1.1 + JSON over a Unix socket, standard library only.
+
+``ControlServer`` owns the socket file (stale-socket probing, mode/group, unlink on
+stop) and dispatches requests through a small route table: ``(method, pattern) ->
+handler``. A handler takes a ``Request`` and returns a ``Response``, a ``(status,
+body)`` tuple, a JSON-able body (200) or ``None`` (204); it may raise ``HTTPError``.
+Every error is JSON: ``{"error": ..., "error_type": ..., "retryable": ...}``.
+
+Each connection's peer credentials (SO_PEERCRED) are on ``Request.peer`` so that
+handlers can authorise on them. ``request()`` is the matching client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import fcntl
+import grp
+import http.client
+import json
+import os
+import re
+import socket
+import socketserver
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import date, datetime
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import structlog
+
+from daemon import __version__
+
+log = structlog.get_logger("captiond.server")
+
+MAX_BODY_BYTES = 1024 * 1024
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH_BYTES = 107
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+_ERROR_TYPES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "bad_request",
+    415: "unsupported_media_type",
+    422: "invalid",
+    431: "bad_request",
+    500: "unexpected",
+    501: "not_implemented",
+    503: "unavailable",
+}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SocketPathError(RuntimeError):
+    """The socket path cannot be used (not a socket, unprobeable, too long...)."""
+
+
+class AlreadyRunningError(SocketPathError):
+    """A live server already answers on the socket path."""
+
+
+class DaemonNotRunning(ConnectionError):
+    """No daemon listens on the socket: the file is absent or refuses connections."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"captiond is not running: {reason} ({path})")
+        self.path = path
+
+
+class HTTPError(Exception):
+    """Raise from a handler to answer with a JSON error."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        error_type: str | None = None,
+        *,
+        retryable: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type or _ERROR_TYPES.get(status, "error")
+        self.retryable = retryable
+        self.headers = dict(headers or {})
+
+    def to_response(self) -> Response:
+        return Response(
+            self.status, error_body(self.message, self.error_type, self.retryable), self.headers
+        )
+
+
+def error_body(message: str, error_type: str, retryable: bool = False) -> dict[str, Any]:
+    return {"error": message, "error_type": error_type, "retryable": retryable}
+
+
+# ----------------------------------------------------------------- peer credentials
+
+
+class PeerCredentials(NamedTuple):
+    pid: int
+    uid: int
+    gid: int
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """The connecting process's (pid, uid, gid), as of connect(), via SO_PEERCRED."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return PeerCredentials(*_UCRED.unpack(raw))
+
+
+# --------------------------------------------------------------- request / response
+
+
+@dataclasses.dataclass(slots=True)
+class Request:
+    method: str
+    path: str  # raw (still percent-encoded) path, without the query
+    query: dict[str, list[str]]
+    headers: Mapping[str, str]  # case-insensitive (an http.client.HTTPMessage)
+    body: bytes
+    peer: PeerCredentials | None
+    params: dict[str, str] = dataclasses.field(default_factory=dict)  # from {name} patterns
+
+    def json(self) -> Any:
+        """The body parsed as JSON; an empty body is ``None``; invalid JSON -> 400."""
+        if not self.body:
+            return None
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+
+    def query_one(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else default
+
+
+@dataclasses.dataclass(slots=True)
+class Response:
+    """``body`` is serialised as JSON unless it is ``bytes``/``str`` (sent as is)."""
+
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    content_type: str = "application/json"
+
+    def encode(self) -> bytes:
+        if self.body is None:
+            return b""
+        if isinstance(self.body, bytes):
+            return self.body
+        if isinstance(self.body, str):
+            return self.body.encode()
+        return json.dumps(self.body, default=_json_default, ensure_ascii=False).encode()
+
+
+HandlerResult = Response | tuple[int, Any] | dict[str, Any] | list[Any] | None
+Handler = Callable[[Request], HandlerResult]
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, datetime | date):
+        return obj.isoformat()
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def to_response(result: HandlerResult) -> Response:
+    if isinstance(result, Response):
+        return result
+    if result is None:
+        return Response(204)
+    if isinstance(result, tuple):
+        status, body = result
+        return Response(status, body)
+    return Response(200, result)
+
+
+# ------------------------------------------------------------------------- routing
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: str
+    handler: Handler
+    regex: re.Pattern[str]
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """``/jobs/{id}`` matches one segment; ``/files/{rel:path}`` matches the rest."""
+    if not pattern.startswith("/"):
+        raise ValueError(f"route pattern must start with '/': {pattern!r}")
+    out, pos = [], 0
+    for m in _PARAM.finditer(pattern):
+        out.append(re.escape(pattern[pos : m.start()]))
+        out.append(f"(?P<{m.group(1)}>{'.+' if m.group(2) else '[^/]+'})")
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+class Router:
+    """An ordered table of routes; the first matching pattern for a method wins."""
+
+    def __init__(self) -> None:
+        self.routes: list[Route] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> Route:
+        method = method.upper()
+        if method not in HTTP_METHODS:
+            raise ValueError(f"unsupported HTTP method {method!r}")
+        if any(r.method == method and r.pattern == pattern for r in self.routes):
+            raise ValueError(f"route already registered: {method} {pattern}")
+        route = Route(method, pattern, handler, compile_pattern(pattern))
+        self.routes.append(route)
+        return route
+
+    def route(self, method: str, pattern: str) -> Callable[[Handler], Handler]:
+        def decorator(handler: Handler) -> Handler:
+            self.add(method, pattern, handler)
+            return handler
+
+        return decorator
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """Raise HTTPError 404 (no pattern matches) or 405 (no route for the method)."""
+        allowed: list[str] = []
+        fallback: tuple[Route, dict[str, str]] | None = None
+        for route in self.routes:
+            m = route.regex.match(path)
+            if m is None:
+                continue
+            params = {k: unquote(v) for k, v in m.groupdict().items()}
+            if route.method == method:
+                return route, params
+            if method == "HEAD" and route.method == "GET" and fallback is None:
+                fallback = (route, params)
+            allowed.append(route.method)
+        if fallback is not None:
+            return fallback
+        if not allowed:
+            raise HTTPError(404, f"no such endpoint: {path}")
+        if "GET" in allowed:
+            allowed.append("HEAD")
+        allow = ", ".join(sorted(set(allowed)))
+        message = f"method {method} not allowed on {path} (allowed: {allow})"
+        raise HTTPError(405, message, headers={"Allow": allow})
+
+
+# -------------------------------------------------------------------------- server
+
+
+class _RequestHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"captiond/{__version__}"
+    timeout = 30  # seconds an idle keep-alive connection may hold its thread
+    server: _UnixHTTPServer
+    peer: PeerCredentials | None = None
+
+    def setup(self) -> None:
+        super().setup()
+        try:
+            self.peer = peer_credentials(self.connection)
+        except OSError:
+            self.peer = None
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    # client_address is "" (or b"") on AF_UNIX, so the default ``[0]`` would fail.
+    def address_string(self) -> str:
+        return f"pid={self.peer.pid},uid={self.peer.uid}" if self.peer else "unix"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.warning("control_http", message=format % args, peer=self.address_string())
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # _dispatch logs each request with its duration instead
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Protocol-level errors (bad request line, unknown method...) as JSON too."""
+        self.log_message("%d %s", code, message or "")
+        self.close_connection = True
+        resp = HTTPError(code, message or self.responses.get(code, ("error",))[0]).to_response()
+        resp.headers["Connection"] = "close"
+        self._send(resp, head=self.command == "HEAD")
+
+    def handle_expect_100(self) -> bool:
+        length = self.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.server.control.max_body:
+            self.send_error(413, f"request body exceeds {self.server.control.max_body} bytes")
+            return False
+        return super().handle_expect_100()
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HTTPError(411, "chunked request bodies are not supported; send Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        if not raw.isdigit():
+            self.close_connection = True
+            raise HTTPError(400, f"invalid Content-Length: {raw!r}")
+        length, limit = int(raw), self.server.control.max_body
+        if length > limit:
+            self.close_connection = True  # the unread body is still on the stream
+            raise HTTPError(413, f"request body of {length} bytes exceeds {limit} bytes")
+        body = self.rfile.read(length)
+        if len(body) != length:
+            self.close_connection = True
+            raise HTTPError(400, "request body shorter than Content-Length")
+        return body
+
+    def _dispatch(self) -> None:
+        started = time.perf_counter()
+        split = urlsplit(self.path)
+        path = split.path or "/"
+        route: Route | None = None
+        try:
+            body = self._read_body()
+            route, params = self.server.control.router.match(self.command, path)
+            req = Request(
+                method=self.command,
+                path=path,
+                query=parse_qs(split.query, keep_blank_values=True),
+                headers=self.headers,
+                body=body,
+                peer=self.peer,
+                params=params,
+            )
+            resp = to_response(route.handler(req))
+            payload = resp.encode()  # serialisation errors are handler errors too
+        except HTTPError as exc:
+            resp = exc.to_response()
+            payload = resp.encode()
+        except Exception as exc:
+            log.exception(
+                "control_handler_failed",
+                method=self.command,
+                path=path,
+                route=route.pattern if route else None,
+            )
+            resp = HTTPError(500, f"internal error: {type(exc).__name__}: {exc}").to_response()
+            payload = resp.encode()
+        self._send(resp, head=self.command == "HEAD", payload=payload)
+        log.debug(
+            "control_request",
+            method=self.command,
+            path=path,
+            status=resp.status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            peer_pid=self.peer.pid if self.peer else None,
+            peer_uid=self.peer.uid if self.peer else None,
+        )
+
+    def _send(self, resp: Response, *, head: bool, payload: bytes | None = None) -> None:
+        if payload is None:
+            payload = resp.encode()
+        self.send_response(resp.status)
+        if payload or resp.status not in (204, 304):
+            self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in resp.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if payload and not head:
+            self.wfile.write(payload)
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
+
+
+class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+    block_on_close = False  # stop() must not wait for idle keep-alive clients
+    request_queue_size = 64
+
+    def __init__(self, control: ControlServer) -> None:
+        self.control = control
+        super().__init__(str(control.path), _RequestHandler, bind_and_activate=False)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("control_connection_failed")
+
+
+class ControlServer:
+    """HTTP over a Unix socket at ``path``, served from a background thread.
+
+    ``start()`` refuses a path that is not a socket, refuses (``AlreadyRunningError``)
+    a socket something answers on, and replaces a stale one. The socket gets ``mode``
+    (and ``group``) before it starts listening, so nobody connects in between.
+    A ``<path>.lock`` file is flock'ed for the server's lifetime so that two daemons
+    starting at once cannot both take the path; it is left in place on stop.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        mode: int = 0o660,
+        group: str | None = None,
+        max_body: int = MAX_BODY_BYTES,
+    ) -> None:
+        self.path = Path(path).absolute()
+        self.mode = mode
+        self.group = group
+        self.max_body = max_body
+        self.router = Router()
+        self._server: _UnixHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+        self._inode: tuple[int, int] | None = None
+
+    # routing
+    def add_route(self, method: str, path: str, handler: Handler) -> Route:
+        return self.router.add(method, path, handler)
+
+    def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
+        return self.router.route(method, path)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # lifecycle
+    def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("control server already started")
+        encoded = os.fsencode(self.path)
+        if len(encoded) > MAX_SOCKET_PATH_BYTES:
+            raise SocketPathError(
+                f"socket path is {len(encoded)} bytes, the limit is {MAX_SOCKET_PATH_BYTES}: "
+                f"{self.path}"
+            )
+        gid = _resolve_group(self.group) if self.group is not None else None
+        self._make_parent(gid)
+        self._acquire_lock()
+        server = None
+        try:
+            self._clear_stale_socket()
+            server = _UnixHTTPServer(self)
+            server.socket.bind(str(self.path))
+            st = os.stat(self.path)
+            self._inode = (st.st_dev, st.st_ino)
+            os.chmod(self.path, self.mode)  # bind() applied the umask; set the real mode
+            if gid is not None:
+                os.chown(self.path, -1, gid)
+            server.server_activate()  # listen(): connectable only now
+        except BaseException:
+            if server is not None:
+                server.server_close()
+                self._unlink_own_socket()
+            self._release_lock()
+            raise
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="control-server",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("control_socket_listening", path=str(self.path), mode=oct(self.mode))
+
+    def stop(self) -> None:
+        """Stop serving, close the socket and remove the file (if it is still ours)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self._unlink_own_socket()
+        self._release_lock()
+        log.info("control_socket_closed", path=str(self.path))
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # helpers
+    def _make_parent(self, gid: int | None) -> None:
+        parent = self.path.parent
+        if parent.is_dir():
+            return
+        parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        os.chmod(parent, 0o750)  # mkdir() applied the umask
+        if gid is not None:
+            os.chown(parent, -1, gid)
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AlreadyRunningError(
+                f"another captiond is already running on {self.path} (it holds {self.path}.lock)"
+            ) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _clear_stale_socket(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise SocketPathError(
+                f"{self.path} exists and is not a socket; refusing to replace it "
+                "(move it away or choose another socket_path)"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(self.path))
+        except ConnectionRefusedError:
+            log.info("control_socket_stale_removed", path=str(self.path))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+            return
+        except FileNotFoundError:
+            return
+        except TimeoutError:
+            raise AlreadyRunningError(
+                f"another captiond is already running on {self.path} (it accepts no connections)"
+            ) from None
+        except OSError as exc:
+            raise SocketPathError(
+                f"cannot probe the existing socket {self.path}: {exc.strerror}; remove it if no "
+                "captiond is running"
+            ) from None
+        finally:
+            probe.close()
+        raise AlreadyRunningError(f"another captiond is already running on {self.path}")
+
+    def _unlink_own_socket(self) -> None:
+        """Unlink the socket only if it is still the inode we bound."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if self._inode == (st.st_dev, st.st_ino):
+            os.unlink(self.path)
+        self._inode = None
+
+
+def _resolve_group(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise SocketPathError(f"socket group {group!r} does not exist") from None
+
+
+# ----------------------------------------------------------------- health + status
+
+
+def create_health_server(
+    path: Path,
+    mode: int,
+    group: str | None,
+    status_provider: Callable[[], dict[str, Any]],
+    health_provider: Callable[[], dict[str, Any]] | None = None,
+    *,
+    version: str = __version__,
+    started_monotonic: float | None = None,
+) -> ControlServer:
+    """A ControlServer with ``GET /health`` and ``GET /status`` (not yet started).
+
+    ``/health`` is cheap: ``{"status": "ok", "uptime_seconds", "version", "pid"}`` plus
+    whatever ``health_provider()`` returns; if the provider sets ``status`` to anything
+    but ``"ok"`` the answer is 503. ``/status`` is ``status_provider()`` as is.
+    """
+    started = time.monotonic() if started_monotonic is None else started_monotonic
+    server = ControlServer(path, mode=mode, group=group)
+
+    @server.route("GET", "/health")
+    def health(request: Request) -> Response:
+        body: dict[str, Any] = {
+            "status": "ok",
+            "uptime_seconds": round(time.monotonic() - started, 3),
+            "version": version,
+            "pid": os.getpid(),
+        }
+        if health_provider is not None:
+            body.update(health_provider())
+        return Response(200 if body["status"] == "ok" else 503, body)
+
+    @server.route("GET", "/status")
+    def status(request: Request) -> dict[str, Any]:
+        return status_provider()
+
+    return server
+
+
+# -------------------------------------------------------------------------- client
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over AF_UNIX: the host name is only used for the Host header."""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 5.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(socket_path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def request(
+    path: Path,
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, dict[str, Any]]:
+    """One request to the daemon's socket; returns (status, JSON object).
+
+    A non-object JSON answer is wrapped as ``{"data": ...}``; an empty one is ``{}``.
+    Raises DaemonNotRunning if the socket is absent or refuses, PermissionError with
+    a hint if the socket may not be opened, TimeoutError on ``timeout``.
+    """
+    path = Path(path)
+    conn = UnixHTTPConnection(path, timeout=timeout)
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        try:
+            conn.connect()
+        except FileNotFoundError:
+            raise DaemonNotRunning(path, "no socket file") from None
+        except ConnectionRefusedError:
+            raise DaemonNotRunning(path, "the socket refuses connections (stale?)") from None
+        except PermissionError:
+            raise PermissionError(
+                f"permission denied on {path}: run as the daemon's user or join its group"
+            ) from None
+        conn.request(method.upper(), url, body=body, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        status = resp.status
+    finally:
+        conn.close()
+    if not raw:
+        return status, {}
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return status, {"error": "non-JSON response", "raw": raw.decode(errors="replace")}
+    return status, data if isinstance(data, dict) else {"data": data}
