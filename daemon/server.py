@@ -41,6 +41,7 @@ from daemon import __version__
 log = structlog.get_logger("captiond.server")
 
 MAX_BODY_BYTES = 1024 * 1024
+DRAIN_LIMIT_BYTES = 8 * 1024 * 1024  # an oversized body up to this is read and dropped
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -336,13 +337,26 @@ class _RequestHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, f"invalid Content-Length: {raw!r}")
         length, limit = int(raw), self.server.control.max_body
         if length > limit:
-            self.close_connection = True  # the unread body is still on the stream
+            # Read and drop a moderately large body so the client is not cut off mid-send
+            # (it would see EPIPE instead of our 413); beyond that, close the connection.
+            if length <= DRAIN_LIMIT_BYTES:
+                self._discard(length)
+            else:
+                self.close_connection = True
             raise HTTPError(413, f"request body of {length} bytes exceeds {limit} bytes")
         body = self.rfile.read(length)
         if len(body) != length:
             self.close_connection = True
             raise HTTPError(400, "request body shorter than Content-Length")
         return body
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 65536))
+            if not chunk:
+                self.close_connection = True
+                return
+            length -= len(chunk)
 
     def _dispatch(self) -> None:
         started = time.perf_counter()
@@ -686,7 +700,10 @@ def request(
             raise PermissionError(
                 f"permission denied on {path}: run as the daemon's user or join its group"
             ) from None
-        conn.request(method.upper(), url, body=body, headers=headers)
+        # If the server answers early (e.g. 413) and closes, sending fails with EPIPE but
+        # its answer is still readable.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.request(method.upper(), url, body=body, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
         status = resp.status
