@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,6 +114,8 @@ class WorkerConfig(_Section):
     preload: list[str] = Field(default_factory=lambda: ["wd_tagger"])
     max_image_pixels: int = Field(178_956_970, ge=1)
     load_retry_seconds: float = Field(60.0, gt=0)
+    # The systemd watchdog stops being fed when the worker makes no progress this long.
+    stall_seconds: float = Field(600.0, gt=0)
 
 
 class PostProcessConfig(_Section):
@@ -129,6 +132,16 @@ class PostProcessConfig(_Section):
     case: Literal["keep", "lower", "sentence"] = "keep"
     # generator name -> its own list of steps
     overrides: dict[str, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_steps(self) -> PostProcessConfig:
+        from daemon.postprocess import STEPS
+
+        for where, names in [("steps", self.steps), *self.overrides.items()]:
+            unknown = [n for n in names if n not in STEPS]
+            if unknown:
+                raise ValueError(f"{where}: unknown steps {unknown}; known: {sorted(STEPS)}")
+        return self
 
 
 def _default_state_dir() -> Path:
@@ -240,8 +253,13 @@ def format_validation_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
-    """Read, merge and validate the configuration. Raises ConfigError."""
+def load_settings(
+    path: str | os.PathLike[str] | None = None, *, extra_watches: Sequence[Path] = ()
+) -> Settings:
+    """Read, merge and validate the configuration. Raises ConfigError.
+
+    ``extra_watches`` adds folders with default settings (``captiond run --watch``).
+    """
     file = find_config_file(path)
     data: dict[str, Any] = {}
     source = "defaults"
@@ -256,6 +274,9 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    if extra_watches:
+        watches = [*data.get("watch", []), *({"path": str(p)} for p in extra_watches)]
+        data = {**data, "watch": watches}
     try:
         settings = Settings(**data)
     except ValidationError as exc:

@@ -52,5 +52,6 @@ def discover() -> dict[str, Discovered]:
         try:
             found[name] = Discovered(name, _load_ref(ref))
         except Exception as exc:
-            found[name] = Discovered(name, None, f"cannot import {ref}: {type(exc).__name__}: {exc}")
+            reason = f"cannot import {ref}: {type(exc).__name__}: {exc}"
+            found[name] = Discovered(name, None, reason)
     return found

@@ -1,0 +1,226 @@
+"""Wires the parts into the running daemon and owns start-up and shutdown order:
+database -> models -> worker -> watchers -> scans -> socket -> READY=1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon import __version__
+from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, Settings, generator_config
+from daemon.generators.registry import discover
+from daemon.models import ModelManager
+from daemon.mounts import fs_type, is_network_fs
+from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
+from daemon.queue import Database, FileIndex, JobQueue
+from daemon.scanner import Scanner, is_candidate
+from daemon.scans import ScanRequest, ScanScheduler
+from daemon.server import create_health_server
+from daemon.watcher import RootWatcher, WatchSupervisor
+from daemon.worker import Worker
+
+log = structlog.get_logger(__name__)
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self.warnings: list[str] = []
+
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        self._check_state_dir()
+        self.db = Database(settings.db_path)
+        q = settings.queue
+        self.queue = JobQueue(
+            self.db,
+            max_attempts=q.max_attempts,
+            backoff_base=q.backoff_base_seconds,
+            backoff_max=q.backoff_max_seconds,
+            lease_seconds=q.lease_seconds,
+        )
+        self.index = FileIndex(self.db)
+        self.scanner = Scanner(self.index, self.queue)
+
+        used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
+        self.models = ModelManager.build(
+            used,
+            discover(),
+            lambda name, cls: generator_config(settings, name, cls),
+            cache_dir=settings.cache_dir,
+            retry_seconds=settings.worker.load_retry_seconds,
+        )
+        self.worker = Worker(
+            settings=settings, queue=self.queue, index=self.index, models=self.models
+        )
+        self.scans = ScanScheduler(
+            self.scanner,
+            settings.watch,
+            interval_seconds=settings.scan.interval_seconds,
+            on_enqueued=self.worker.wake,
+        )
+        self.watchers = WatchSupervisor([self._root_watcher(w) for w in settings.watch])
+        self.server = create_health_server(
+            settings.resolved_socket_path(),
+            mode=settings.socket_mode,
+            group=None,
+            status_provider=self.status,
+        )
+        self.notifier = Notifier()
+        self.progress: ProgressWatchdog | None = None
+
+    def _check_state_dir(self) -> None:
+        try:
+            fstype = fs_type(self.settings.state_dir)
+        except OSError:
+            return
+        if is_network_fs(fstype):
+            msg = (
+                f"the state directory {self.settings.state_dir} is on a network filesystem "
+                f"({fstype}); SQLite's WAL mode is unsafe there: use a local disk"
+            )
+            self.warnings.append(msg)
+            log.warning("state_dir_on_network_fs", path=str(self.settings.state_dir), fstype=fstype)
+
+    def _root_watcher(self, watch: Any) -> RootWatcher:
+        name = watch.name
+
+        def on_file(path: Path) -> None:
+            if self.scanner.check_file(watch, path, priority_class=PRIORITY_NEW):
+                self.worker.wake()
+
+        def on_deleted(path: Path) -> None:
+            self.scanner.check_file(watch, path, priority_class=PRIORITY_NEW)
+
+        def on_dir(path: Path) -> None:
+            self.scans.request(ScanRequest(name, path, PRIORITY_NEW, "new folder"))
+
+        def on_rescan(reason: str) -> None:
+            self.scans.request(ScanRequest(name, None, PRIORITY_NEW, reason))
+
+        return RootWatcher(
+            watch,
+            candidate=lambda p: is_candidate(watch, p),
+            on_file=on_file,
+            on_deleted=on_deleted,
+            on_dir=on_dir,
+            on_rescan=on_rescan,
+        )
+
+    # -- run ------------------------------------------------------------------------
+    def start(self) -> None:
+        if n := self.queue.recover_all_leased():
+            log.warning("leases_recovered_at_start", jobs=n)
+        self.worker.start()
+        self.watchers.start()  # before the scan, so nothing slips between them
+        self.scans.start()
+        if self.settings.scan.on_start:
+            self.scans.request_all("start", PRIORITY_BACKFILL)
+        self.server.start()
+        self.notifier.ready()
+        interval = watchdog_interval()
+        if interval is not None:
+            self.progress = ProgressWatchdog(
+                self.notifier,
+                interval,
+                checks=[self._worker_progressing, lambda: self.scans.alive],
+                status_text=self._status_line,
+            )
+            self.progress.start()
+        log.info(
+            "captiond_started",
+            version=__version__,
+            config=self.settings.source,
+            socket=str(self.settings.resolved_socket_path()),
+            roots=[str(w.path) for w in self.settings.watch],
+        )
+
+    def _worker_progressing(self) -> bool:
+        if not self.worker.alive:
+            return False
+        stall = self.settings.worker.stall_seconds
+        busy = self.worker.busy_since
+        if busy is not None and time.monotonic() - busy > stall:
+            return False
+        return time.monotonic() - self.worker.heartbeat < stall
+
+    def _status_line(self) -> str:
+        counts = self._queue_totals()
+        return (
+            f"queue: {counts.get('pending', 0)} pending, {counts.get('leased', 0)} working, "
+            f"{counts.get('dead', 0)} dead"
+        )
+
+    def _queue_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for states in self.queue.counts().values():
+            for state, n in states.items():
+                totals[state] = totals.get(state, 0) + n
+        return totals
+
+    def stop(self) -> None:
+        log.info("captiond_stopping")
+        self.notifier.stopping()
+        if self.progress is not None:
+            self.progress.stop()
+        self.server.stop()
+        self.watchers.stop()
+        self.scans.stop()
+        self.worker.stop()
+        self.models.unload_all()
+        self.db.close()
+        log.info("captiond_stopped")
+
+    def run_forever(self) -> int:
+        def _signal(signum: int, _frame: Any) -> None:
+            log.info("signal", signal=signal.Signals(signum).name)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            self._stop.wait()
+        finally:
+            self.stop()
+        return 0
+
+    # -- status -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        oldest = self.queue.oldest_pending_age()
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "config": self.settings.source,
+            "queue": {
+                "totals": self._queue_totals(),
+                "by_generator": self.queue.counts(),
+                "outcomes": self.queue.outcome_counts(),
+                "oldest_pending_seconds": None if oldest is None else round(oldest, 1),
+            },
+            "generators": self.models.status(),
+            "watchers": self.watchers.status(),
+            "scans": self.scans.status(),
+            "worker": self.worker.status(),
+            "files_indexed": self.index.count_files(),
+            "recent_errors": [
+                {
+                    "path": j.path,
+                    "generator": j.generator,
+                    "state": str(j.state),
+                    "error_type": j.error_type,
+                    "error": j.error_message,
+                    "attempts": j.attempts,
+                }
+                for j in self.queue.recent_errors(20)
+            ],
+            "warnings": self.warnings,
+        }

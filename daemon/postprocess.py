@@ -1,0 +1,140 @@
+"""Post-processing: a caption passes through a chain of plain callables.
+
+Each step is ``step(text, ctx) -> text``. The chain's order comes from
+``[postprocess].steps``, with per-generator overrides. Tags (caption_type
+``tags``) are treated as a separator-joined list; anything else as prose.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# Kaomoji keep their underscores (from the WD tagger reference).
+_KAOMOJI_LIST = "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x"
+KAOMOJI = frozenset([*_KAOMOJI_LIST.split(" "), "|_|", "||_||"])
+
+
+@dataclass(frozen=True, slots=True)
+class PostContext:
+    caption_type: str = "tags"
+    separator: str = ", "
+    trigger_word: str = ""
+    case: str = "keep"  # keep | lower | sentence
+
+    @property
+    def is_tags(self) -> bool:
+        return self.caption_type == "tags"
+
+
+Step = Callable[[str, PostContext], str]
+
+
+def _split_tags(text: str, ctx: PostContext) -> list[str]:
+    sep = ctx.separator.strip() or ","
+    return [t.strip() for t in text.split(sep) if t.strip()]
+
+
+def _join_tags(tags: Sequence[str], ctx: PostContext) -> str:
+    return ctx.separator.join(tags)
+
+
+def replace_underscores(text: str, ctx: PostContext) -> str:
+    def fix(token: str) -> str:
+        return token if token in KAOMOJI else token.replace("_", " ")
+
+    if ctx.is_tags:
+        return _join_tags([fix(t) for t in _split_tags(text, ctx)], ctx)
+    return " ".join(fix(word) for word in text.split(" "))
+
+
+def trim(text: str, ctx: PostContext) -> str:
+    if ctx.is_tags:
+        return _join_tags(_split_tags(text, ctx), ctx)
+    return text.strip()
+
+
+_WS = re.compile(r"\s+")
+
+
+def collapse_spaces(text: str, ctx: PostContext) -> str:
+    return _WS.sub(" ", text)
+
+
+_SPACE_BEFORE = re.compile(r"\s+([,;:!?]|\.(?!\d))")
+_NO_SPACE_AFTER = re.compile(r"(?<=[^\d\s])([,;])(?=[^\s\d])")
+
+
+def punctuation_spacing(text: str, ctx: PostContext) -> str:
+    """No space before , . ; : ! ?; one space after , and ; (numbers like 1,000 kept)."""
+    if ctx.is_tags:
+        return text  # tag text may legitimately hold punctuation (kaomoji, titles)
+    return _NO_SPACE_AFTER.sub(r"\1 ", _SPACE_BEFORE.sub(r"\1", text))
+
+
+def case(text: str, ctx: PostContext) -> str:
+    if ctx.case == "lower":
+        return text.lower()
+    if ctx.case == "sentence" and text:
+        return text[0].upper() + text[1:]
+    return text
+
+
+def terminal_punctuation(text: str, ctx: PostContext) -> str:
+    """Prose ends with a full stop; a tag list ends without a dangling separator."""
+    text = text.rstrip()
+    if ctx.is_tags:
+        return text.rstrip(ctx.separator.strip() or ",").rstrip()
+    if text and text[-1] not in ".!?…\"')":
+        text += "."
+    return text
+
+
+def trigger_word(text: str, ctx: PostContext) -> str:
+    """Put the watch's trigger word first, once."""
+    word = ctx.trigger_word.strip()
+    if not word:
+        return text
+    if ctx.is_tags:
+        tags = [t for t in _split_tags(text, ctx) if t != word]
+        return _join_tags([word, *tags], ctx)
+    if text == word or text.startswith(word + ","):
+        return text
+    return f"{word}, {text}" if text else word
+
+
+def dedupe_tags(text: str, ctx: PostContext) -> str:
+    if not ctx.is_tags:
+        return text
+    return _join_tags(list(dict.fromkeys(_split_tags(text, ctx))), ctx)
+
+
+STEPS: dict[str, Step] = {
+    "replace_underscores": replace_underscores,
+    "trim": trim,
+    "collapse_spaces": collapse_spaces,
+    "punctuation_spacing": punctuation_spacing,
+    "case": case,
+    "terminal_punctuation": terminal_punctuation,
+    "trigger_word": trigger_word,
+    "dedupe_tags": dedupe_tags,
+}
+
+
+class Pipeline:
+    def __init__(self, names: Sequence[str]):
+        unknown = [n for n in names if n not in STEPS]
+        if unknown:
+            raise ValueError(f"unknown post-processing steps {unknown}; known: {sorted(STEPS)}")
+        self.names = tuple(names)
+        self._steps = [STEPS[n] for n in names]
+
+    def __call__(self, text: str, ctx: PostContext) -> str:
+        for step in self._steps:
+            text = step(text, ctx)
+        return text
+
+
+def pipeline_for(steps: Sequence[str], overrides: dict[str, list[str]], generator: str) -> Pipeline:
+    return Pipeline(overrides.get(generator, steps))

@@ -1,0 +1,142 @@
+"""Runs reconcile scans on one background thread: at start, periodically, and
+when the watcher asks (a new folder, an observer restart, an event overflow).
+Requests for the same root and subtree are merged while they wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from daemon.config import PRIORITY_BACKFILL, WatchConfig
+from daemon.scanner import ScanError, Scanner
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanRequest:
+    root: str
+    subdir: Path | None = None
+    priority_class: int = PRIORITY_BACKFILL
+    reason: str = ""
+
+
+class ScanScheduler:
+    def __init__(
+        self,
+        scanner: Scanner,
+        watches: list[WatchConfig],
+        *,
+        interval_seconds: float,
+        on_enqueued: Callable[[], None] = lambda: None,
+    ):
+        self.scanner = scanner
+        self.watches = {w.name: w for w in watches}
+        self.interval = interval_seconds
+        self.on_enqueued = on_enqueued
+        self._pending: dict[tuple[str, Path | None], ScanRequest] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.last: dict[str, dict[str, Any]] = {}
+        self.heartbeat = time.monotonic()
+        self.scanning: str | None = None
+
+    def request(self, req: ScanRequest) -> None:
+        with self._cond:
+            key = (req.root, req.subdir)
+            old = self._pending.get(key)
+            if old is None or req.priority_class > old.priority_class:
+                self._pending[key] = req
+            self._cond.notify()
+
+    def request_all(self, reason: str, priority_class: int = PRIORITY_BACKFILL) -> None:
+        for name in self.watches:
+            self.request(ScanRequest(name, None, priority_class, reason))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="captiond-scan", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _next(self) -> ScanRequest | None:
+        with self._cond:
+            deadline = time.monotonic() + (self.interval if self.interval > 0 else 3600.0)
+            while not self._pending and not self._stop:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    if self.interval > 0:
+                        for name in self.watches:
+                            self._pending[(name, None)] = ScanRequest(name, None, reason="periodic")
+                    else:
+                        deadline = time.monotonic() + 3600.0
+                    continue
+                self._cond.wait(min(remaining, 5.0))
+                self.heartbeat = time.monotonic()
+            if self._stop:
+                return None
+            # Whole-root scans first; a subtree scan is implied by its root's scan.
+            key = min(self._pending, key=lambda k: k[1] is not None)
+            req = self._pending.pop(key)
+            if req.subdir is None:
+                for k in [k for k in self._pending if k[0] == req.root]:
+                    self._pending.pop(k)
+            return req
+
+    def _run(self) -> None:
+        while (req := self._next()) is not None:
+            self.heartbeat = time.monotonic()
+            watch = self.watches.get(req.root)
+            if watch is None:
+                continue
+            self.scanning = req.root
+            try:
+                stats = self.scanner.reconcile(
+                    watch, priority_class=req.priority_class, subdir=req.subdir
+                )
+            except ScanError as exc:
+                log.error("scan_failed", root=req.root, reason=req.reason, error=str(exc))
+                self.last[req.root] = {"ok": False, "error": str(exc), "at": time.time()}
+            except Exception:
+                log.exception("scan_crashed", root=req.root, reason=req.reason)
+                self.last[req.root] = {"ok": False, "error": "unexpected", "at": time.time()}
+            else:
+                log.info("scan_done", root=req.root, reason=req.reason, **_stats(stats))
+                if req.subdir is None:
+                    self.last[req.root] = {"ok": True, "at": time.time(), **_stats(stats)}
+                if stats.new or stats.changed:
+                    self.on_enqueued()
+            finally:
+                self.scanning = None
+                self.heartbeat = time.monotonic()
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            pending = len(self._pending)
+        return {
+            "alive": self.alive,
+            "scanning": self.scanning,
+            "pending": pending,
+            "last": self.last,
+        }
+
+
+def _stats(stats: Any) -> dict[str, Any]:
+    fields = ("files_seen", "new", "changed", "touched", "removed", "dirs", "seconds")
+    return {f: getattr(stats, f) for f in fields if hasattr(stats, f)}

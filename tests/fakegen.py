@@ -1,0 +1,58 @@
+"""Small generators for tests: deterministic, model-free."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from daemon.errors import OutOfMemoryError
+from daemon.generators.base import Generator, GeneratorConfig, ImageInput
+
+
+class EchoConfig(GeneratorConfig):
+    word: str = "echo"
+    oom_above: int = 0  # raise out-of-memory for batches larger than this (0 = never)
+    fail_on: str = ""  # raise for images whose name contains this
+
+
+class EchoGenerator(Generator):
+    """Captions each image with its size and dominant channel."""
+
+    name = "echo"
+    caption_type = "caption"
+    description = "test generator"
+    version = "1"
+    config_model: ClassVar = EchoConfig
+    batches: ClassVar[list[int]] = []
+
+    def __init__(self, config=None, *, cache_dir=None):
+        super().__init__(config, cache_dir=cache_dir)
+        self._loaded = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._loaded = False
+
+    def prepare(self, item: ImageInput) -> Any:
+        return (item.path.name, item.image.size)
+
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        cfg = self.config
+        EchoGenerator.batches.append(len(batch))
+        if cfg.oom_above and len(batch) > cfg.oom_above:
+            raise OutOfMemoryError(f"batch of {len(batch)} does not fit")
+        if cfg.fail_on and any(cfg.fail_on in name for name, _ in batch):
+            raise RuntimeError("poisoned batch")
+        return [f"{cfg.word} {name} {w}x{h}" for name, (w, h) in batch]
+
+
+def crash_if_marked(name: str) -> None:
+    if "CRASH" in name:
+        os.abort()

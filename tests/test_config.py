@@ -1,0 +1,117 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_config_is_valid():
+    s = load_settings(REPO / "config.toml")
+    assert s.source.endswith("config.toml")
+    assert s.worker.batch_size >= 1
+
+
+def test_watch_defaults_and_expansion(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s = load_settings(write(tmp_path, '[[watch]]\npath = "~/pics"\n'))
+    w = s.watch[0]
+    assert w.path == tmp_path / "pics"
+    assert w.name == "pics"
+    assert w.generators == ["wd_tagger"]
+    assert w.existing_caption == "skip"
+    assert w.extension_for("wd_tagger", "tags") == "tags"
+    assert w.settle_seconds == 2.0
+    assert "webp" in w.image_extensions
+
+
+def test_env_overrides_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIOND_WORKER__BATCH_SIZE", "3")
+    s = load_settings(write(tmp_path, "[worker]\nbatch_size = 16\n"))
+    assert s.worker.batch_size == 3
+
+
+def test_lookup_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    xdg = tmp_path / "xdg"
+    (xdg / "captiond").mkdir(parents=True)
+    (xdg / "captiond" / "config.toml").write_text("log_level = 'debug'\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.delenv("CAPTIOND_CONFIG", raising=False)
+    assert load_settings().log_level == "debug"
+    (tmp_path / "config.toml").write_text("log_level = 'error'\n")
+    assert load_settings().log_level == "error"  # ./config.toml beats XDG
+    env_cfg = tmp_path / "env.toml"
+    env_cfg.write_text("log_level = 'warning'\n")
+    monkeypatch.setenv("CAPTIOND_CONFIG", str(env_cfg))
+    assert load_settings().log_level == "warning"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[worker]\nbatch_size = 0\n", "worker.batch_size: Input should be greater than or equal to 1"),
+        ("[[watch]]\nrecursive = true\n", "watch[0].path: Field required"),
+        ("[[watch]]\npath = '/x'\nexisting_caption = 'clobber'\n", "watch[0].existing_caption"),
+        ("[[watch]]\npath = '/x'\ngenerators = ['nope']\n", "watch[0].generators: unknown generator 'nope'"),
+        ("bogus_key = 1\n", "bogus_key: Extra inputs are not permitted"),
+        ("[postprocess]\nsteps = ['shout']\n", "unknown steps ['shout']"),
+        ("[generators.wd_tagger]\ngeneral_threshold = 'high'\n", "generators.wd_tagger.general_threshold"),
+        ("[generators.nope]\nx = 1\n", "generators.nope: unknown generator"),
+        ("[[watch]]\npath = '/a/x'\n[[watch]]\npath = '/b/x'\n", "watch names must be unique"),
+        ("[worker\n", "not valid TOML"),
+    ],
+)
+def test_invalid_config_messages(tmp_path, text, expected):
+    cfg = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    message = str(err.value)
+    assert message.startswith(str(cfg) + ":")
+    assert expected in message
+
+
+def test_same_extension_for_two_generators_is_rejected(tmp_path, monkeypatch):
+    from daemon.generators import registry
+
+    monkeypatch.setitem(registry.BUILTINS, "echo", "tests.fakegen:EchoGenerator")
+    cfg = write(
+        tmp_path,
+        "[[watch]]\npath = '/x'\ngenerators = ['wd_tagger', 'echo']\nsidecar_extension = 'txt'\n",
+    )
+    with pytest.raises(ConfigError, match="same sidecar extension"):
+        load_settings(cfg)
+
+
+def test_cli_config_error_exits_2_without_traceback(tmp_path):
+    cfg = write(tmp_path, "[worker]\nbatch_size = -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "check-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "worker.batch_size" in proc.stderr
+    assert str(cfg) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_missing_config_file_exits_2(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(tmp_path / "nope.toml"), "check-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "config file not found" in proc.stderr
