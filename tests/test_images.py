@@ -1,0 +1,169 @@
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.errors import BadImageError
+from daemon.images import decode_image
+
+
+def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def noisy(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+def png_header_only(w: int, h: int) -> bytes:
+    """A PNG whose IHDR declares w x h but carries almost no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_png_roundtrip_keeps_pixels() -> None:
+    src = Image.new("RGB", (40, 30), (10, 200, 30))
+    img = decode_image(encode(src, "PNG"))
+    assert img.mode == "RGB"
+    assert img.size == (40, 30)
+    assert img.getpixel((5, 5)) == (10, 200, 30)
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"hello, this is a text file\n" * 10, "not a recognised image"),
+        (b"\x89PNG\r\n\x1a\n", "not a recognised image"),  # signature only
+    ],
+)
+def test_not_images(data: bytes, reason: str) -> None:
+    with pytest.raises(BadImageError) as ei:
+        decode_image(data)
+    assert reason in str(ei.value)
+    assert ei.value.retryable is False
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_files_fail_at_decode(fmt: str) -> None:
+    data = encode(noisy(256, 256), fmt)
+    with pytest.raises(BadImageError) as ei:
+        decode_image(data[: len(data) // 2])
+    assert "truncated or corrupt" in str(ei.value)
+
+
+def test_pixel_limit_checked_from_header() -> None:
+    data = encode(Image.new("RGB", (100, 100)), "PNG")
+    assert decode_image(data, max_pixels=10_000).size == (100, 100)
+    with pytest.raises(BadImageError) as ei:
+        decode_image(data, max_pixels=9_999)
+    assert "too large" in str(ei.value)
+
+
+def test_decompression_bomb_header_is_refused_without_decoding() -> None:
+    # 30000 x 30000 = 900 Mpx declared in a ~60-byte file: refused before decoding,
+    # both by our explicit limit and by Pillow's own hard limit above the default.
+    data = png_header_only(30_000, 30_000)
+    assert len(data) < 100
+    with pytest.raises(BadImageError, match="too large"):
+        decode_image(data, max_pixels=1_000_000)
+    with pytest.raises(BadImageError, match="too large"):
+        decode_image(data)  # default limit
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_pillow_warning_range_is_an_error_under_our_limit() -> None:
+    # 10000 x 10000 = 100 Mpx is above Pillow's *warning* level (89.5 Mpx): with a
+    # smaller explicit limit this is an error, not a warning, and no pixels are decoded.
+    data = png_header_only(10_000, 10_000)
+    with pytest.raises(BadImageError, match="too large"):
+        decode_image(data, max_pixels=50_000_000)
+
+
+def test_draft_mode_shrinks_large_jpeg_but_keeps_requested_size() -> None:
+    data = encode(noisy(3000, 2000), "JPEG", quality=85)
+    full = decode_image(data)
+    assert full.size == (3000, 2000)
+    small = decode_image(data, draft_size=448)
+    assert small.size[0] < 3000 and small.size[1] < 2000
+    assert min(small.size) >= 448
+    assert small.size == (750, 500)  # libjpeg's 1/4 scale
+    assert small.mode == "RGB"
+
+
+def test_draft_mode_leaves_small_jpeg_and_png_alone() -> None:
+    jpg = encode(noisy(600, 500), "JPEG")
+    assert decode_image(jpg, draft_size=448).size == (600, 500)
+    png = encode(noisy(2000, 2000), "PNG", compress_level=1)
+    assert decode_image(png, draft_size=448).size == (2000, 2000)
+
+
+def test_exif_orientation_applied() -> None:
+    src = Image.new("RGB", (60, 20), (255, 0, 0))
+    src.paste((0, 0, 255), (0, 0, 10, 20))  # blue strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    img = decode_image(encode(src, "PNG", exif=exif))
+    assert img.size == (20, 60)
+    # After a 90 degree clockwise turn the left strip is at the top.
+    assert img.getpixel((10, 2)) == (0, 0, 255)
+    assert img.getpixel((10, 57)) == (255, 0, 0)
+
+
+def test_exif_orientation_applied_with_draft() -> None:
+    src = noisy(2000, 1000)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 270 CW
+    img = decode_image(encode(src, "JPEG", exif=exif.tobytes()), draft_size=200)
+    assert img.size == (250, 500)  # drafted to 1/4, then turned upright
+
+
+def test_animated_gif_and_webp_use_the_first_frame() -> None:
+    frames = [Image.new("RGB", (32, 32), c) for c in [(255, 0, 0), (0, 0, 255), (0, 255, 0)]]
+    for fmt in ("GIF", "WEBP"):
+        buf = io.BytesIO()
+        kw: dict[str, object] = {"lossless": True} if fmt == "WEBP" else {}
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=50, **kw)
+        img = decode_image(buf.getvalue())
+        r, g, b = img.convert("RGB").getpixel((16, 16))  # type: ignore[misc]
+        assert r > 240 and g < 15 and b < 15, fmt
+
+
+def test_alpha_kept_and_modes_normalised() -> None:
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    assert decode_image(encode(rgba, "PNG")).mode == "RGBA"
+    la = Image.new("LA", (8, 8), (128, 10))
+    assert decode_image(encode(la, "PNG")).mode == "RGBA"
+    grey = Image.new("L", (8, 8), 77)
+    out = decode_image(encode(grey, "PNG"))
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (77, 77, 77)
+    pal = Image.new("RGB", (8, 8), (0, 128, 255)).convert("P")
+    assert decode_image(encode(pal, "PNG")).mode == "RGB"
+    cmyk = Image.new("CMYK", (8, 8), (0, 0, 0, 0))
+    assert decode_image(encode(cmyk, "JPEG")).mode == "RGB"
+
+
+def test_16bit_greyscale_is_scaled_not_clipped() -> None:
+    arr = np.full((4, 4), 32896, dtype=np.uint16)  # ~ half of 65535
+    data = encode(Image.fromarray(arr), "PNG")
+    img = decode_image(data)
+    assert img.mode == "RGB"
+    assert img.getpixel((0, 0)) == (128, 128, 128)
