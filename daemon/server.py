@@ -469,9 +469,14 @@ class ControlServer:
         return self._thread is not None and self._thread.is_alive()
 
     # lifecycle
-    def start(self) -> None:
+    def bind(self) -> None:
+        """Take the socket path and listen, without serving yet.
+
+        Call it early to fail fast when another captiond runs; connections made before
+        ``start()`` wait in the listen backlog. ``start()`` binds if this was not called.
+        """
         if self._server is not None:
-            raise RuntimeError("control server already started")
+            raise RuntimeError("control server already bound")
         encoded = os.fsencode(self.path)
         if len(encoded) > MAX_SOCKET_PATH_BYTES:
             raise SocketPathError(
@@ -499,8 +504,16 @@ class ControlServer:
             self._release_lock()
             raise
         self._server = server
+
+    def start(self) -> None:
+        """Bind (unless ``bind()`` was called) and serve from a background thread."""
+        if self._thread is not None:
+            raise RuntimeError("control server already started")
+        if self._server is None:
+            self.bind()
+        assert self._server is not None
         self._thread = threading.Thread(
-            target=server.serve_forever,
+            target=self._server.serve_forever,
             kwargs={"poll_interval": 0.1},
             name="control-server",
             daemon=True,
@@ -513,11 +526,11 @@ class ControlServer:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
+        if self._thread is not None:  # shutdown() would wait forever for an unserved server
+            server.shutdown()
             self._thread.join(timeout=5)
             self._thread = None
+        server.server_close()
         self._unlink_own_socket()
         self._release_lock()
         log.info("control_socket_closed", path=str(self.path))

@@ -340,3 +340,28 @@ def test_huge_body_gets_413_not_a_broken_pipe(sock_dir: Path) -> None:
         assert status == 413
         assert body["error_type"] == "payload_too_large"
         assert request(srv.path, "GET", "/x")[0] == 405
+
+
+def test_bind_early_then_start(sock_dir: Path) -> None:
+    """bind() claims the path (a second daemon fails fast) before serving starts."""
+    srv = create_health_server(sock_dir / "early.sock", 0o660, None, lambda: {"n": 1})
+    srv.bind()
+    try:
+        assert stat.S_ISSOCK(os.lstat(srv.path).st_mode)
+        assert not srv.running
+        with pytest.raises(AlreadyRunningError):
+            ControlServer(srv.path).bind()
+        srv.start()
+        assert request(srv.path, "GET", "/status") == (200, {"n": 1})
+    finally:
+        srv.stop()
+    assert not srv.path.exists()
+
+
+def test_stop_after_bind_without_start(sock_dir: Path) -> None:
+    srv = ControlServer(sock_dir / "b.sock")
+    srv.bind()
+    srv.stop()  # must not hang waiting for a serve loop that never ran
+    assert not srv.path.exists()
+    srv.start()  # the path is free again
+    srv.stop()
