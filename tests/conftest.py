@@ -1,0 +1,29 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# ---- wd_tagger fixtures (owner: images / wd_tagger) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def wd_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny WD-tagger-contract model folder (model.onnx + selected_tags.csv).
+
+    Tags follow the image's mean colour; see tests/wdmodel.py for the table.
+    """
+    try:
+        from tests.wdmodel import build_wd_model
+    except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
+        from wdmodel import build_wd_model  # type: ignore[no-redef]
+
+    return build_wd_model(tmp_path_factory.mktemp("wd_model"))
+
+
+# ---- end wd_tagger fixtures ------------------------------------------------------------

@@ -1,0 +1,473 @@
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from daemon.errors import (
+    GenerationError,
+    ModelDownloadError,
+    ModelLoadingError,
+    ModelUnavailableError,
+)
+from daemon.generators import wd_tagger as wd
+from daemon.generators.base import ImageInput
+from daemon.generators.registry import discover
+from daemon.generators.wd_tagger import (
+    TagSet,
+    WDTagger,
+    WDTaggerConfig,
+    format_tags,
+    mcut_threshold,
+    preprocess,
+)
+from daemon.images import decode_image
+
+try:
+    from tests.wdmodel import TINY_TAGS, build_wd_model
+except ImportError:  # tests/ is not a package
+    from wdmodel import TINY_TAGS, build_wd_model  # type: ignore[no-redef]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "yellow": (255, 255, 0),
+    "magenta": (255, 0, 255),
+    "cyan": (0, 255, 255),
+}
+TAIL = "simple background, no humans"  # the two always-on general tags above 0.35
+
+Make = Callable[..., WDTagger]
+
+
+@pytest.fixture
+def make(wd_model_dir: Path) -> Make:
+    """Build and load a tagger on the tiny model with config overrides."""
+
+    def _make(model_dir: Path | None = None, **cfg: Any) -> WDTagger:
+        g = WDTagger(WDTaggerConfig(model=str(model_dir or wd_model_dir), **cfg))
+        g.load()
+        return g
+
+    return _make
+
+
+def solid(colour: str, size: tuple[int, int] = (300, 300)) -> Image.Image:
+    return Image.new("RGB", size, COLOURS[colour])
+
+
+def caption(g: WDTagger, colour: str) -> str:
+    return g.generate([g.prepare(ImageInput(Path(f"{colour}.png"), solid(colour)))])[0]
+
+
+# -- the whole path: model folder, preprocessing, thresholds, formatting ---------------
+
+
+def test_colour_images_give_exact_tags(make: Make) -> None:
+    g = make()
+    batch = [g.prepare(ImageInput(Path(c), solid(c))) for c in COLOURS]
+    got = dict(zip(COLOURS, g.generate(batch), strict=True))
+    assert got == {
+        "red": f"red background, {TAIL}",
+        "green": f"green background, {TAIL}",
+        "blue": f"blue background, {TAIL}",
+        "white": f"white background, {TAIL}",
+        "black": f"black background, {TAIL}",
+        "yellow": f"^_^, {TAIL}",  # kaomoji keeps its underscore
+        "magenta": f"(o)_(o), {TAIL}",
+        "cyan": f"ganyu (genshin impact), {TAIL}",  # character first
+    }
+
+
+def test_from_encoded_bytes_through_decode_image(make: Make) -> None:
+    g = make()
+    buf = io.BytesIO()
+    solid("blue", (2400, 2400)).save(buf, "JPEG", quality=95)
+    img = decode_image(buf.getvalue(), draft_size=g.draft_size)
+    assert img.size == (600, 600)  # drafted
+    assert g.generate([g.prepare(ImageInput(Path("b.jpg"), img))]) == [f"blue background, {TAIL}"]
+
+
+def test_generate_empty_batch(make: Make) -> None:
+    assert make().generate([]) == []
+
+
+@pytest.mark.parametrize(
+    ("cfg", "colour", "expected"),
+    [
+        ({"general_threshold": 0.5}, "red", "red background, simple background"),
+        ({"general_threshold": 0.7}, "red", "red background"),
+        ({"general_threshold": 0.15}, "red", f"red background, {TAIL}, solo"),
+        ({"character_threshold": 0.4}, "red", f"hatsune miku, red background, {TAIL}"),
+        ({"character_threshold": 0.4}, "cyan", f"ganyu (genshin impact), hatsune miku, {TAIL}"),
+        # MCut: the largest gap among general scores is between 0.993 and 0.6.
+        ({"general_mcut": True}, "red", "red background"),
+        # Characters: [0.5, ~0] -> mcut 0.25; [0.993, 0.5] -> mcut 0.75.
+        ({"character_mcut": True}, "red", f"hatsune miku, red background, {TAIL}"),
+        ({"character_mcut": True}, "cyan", f"ganyu (genshin impact), {TAIL}"),
+        ({"undesired_tags": ["simple_background"]}, "red", "red background, no humans"),
+        ({"undesired_tags": ["simple background"]}, "red", "red background, no humans"),
+        ({"undesired_tags": [" Simple_Background "]}, "red", "red background, no humans"),
+        ({"undesired_tags": ["ganyu (genshin impact)"]}, "cyan", TAIL),
+        ({"undesired_tags": ["^_^"]}, "yellow", TAIL),
+        ({"remove_underscores": False}, "red", "red_background, simple_background, no_humans"),
+        ({"remove_underscores": False}, "yellow", "^_^, simple_background, no_humans"),
+        ({"rating": "first"}, "red", f"general, red background, {TAIL}"),
+        ({"rating": "last"}, "red", f"red background, {TAIL}, general"),
+        ({"rating": "first"}, "magenta", f"questionable, (o)_(o), {TAIL}"),
+        ({"rating": "first", "undesired_tags": ["general"]}, "red", f"red background, {TAIL}"),
+        ({"character_tags_first": False}, "cyan", f"{TAIL}, ganyu (genshin impact)"),
+        (
+            {"always_first_tags": ["no_humans", "solo", "simple background"]},
+            "red",
+            "no humans, simple background, red background",
+        ),
+        (
+            {"rating": "first", "always_first_tags": ["no humans"]},
+            "red",
+            "general, no humans, red background, simple background",
+        ),
+        (
+            {"tag_replacement": [["red_background", "crimson backdrop"], ["no humans", "scenery"]]},
+            "red",
+            "crimson backdrop, simple background, scenery",
+        ),
+        ({"max_tags": 2}, "red", "red background, simple background"),
+        ({"max_tags": 2, "rating": "last"}, "red", "red background, general"),
+        ({"max_tags": 2, "always_first_tags": ["no_humans"]}, "red", "no humans, red background"),
+        ({"max_tags": 1}, "cyan", "ganyu (genshin impact)"),
+        ({"escape_brackets": True}, "magenta", f"\\(o\\)_\\(o\\), {TAIL}"),
+        ({"escape_brackets": True}, "cyan", f"ganyu \\(genshin impact\\), {TAIL}"),
+        ({"separator": "|"}, "red", "red background|simple background|no humans"),
+        ({"separator": ","}, "red", "red background,simple background,no humans"),
+    ],
+)
+def test_options(make: Make, cfg: dict[str, Any], colour: str, expected: str) -> None:
+    assert caption(make(**cfg), colour) == expected
+
+
+# -- format_tags without a model ---------------------------------------------------------
+
+
+@pytest.fixture
+def tagset() -> TagSet:
+    return TagSet.from_rows([(n, c) for n, c, _, _ in TINY_TAGS])
+
+
+def probs_for(values: dict[str, float]) -> np.ndarray:
+    names = [n for n, _, _, _ in TINY_TAGS]
+    p = np.zeros(len(names), dtype=np.float32)
+    for k, v in values.items():
+        p[names.index(k)] = v
+    return p
+
+
+def test_threshold_is_inclusive(tagset: TagSet) -> None:
+    p = probs_for({"solo": 0.5, "no_humans": 0.49})
+    assert format_tags(p, tagset, WDTaggerConfig(general_threshold=0.5)) == "solo"
+
+
+def test_general_sorted_by_probability(tagset: TagSet) -> None:
+    p = probs_for({"solo": 0.5, "no_humans": 0.9, "red_background": 0.7})
+    assert format_tags(p, tagset, WDTaggerConfig()) == "no humans, red background, solo"
+
+
+def test_character_mcut_has_a_floor_of_0_15(tagset: TagSet) -> None:
+    p = probs_for({"hatsune_miku": 0.14, "ganyu_(genshin_impact)": 0.01})
+    assert mcut_threshold(np.array([0.14, 0.01])) == pytest.approx(0.075)
+    assert format_tags(p, tagset, WDTaggerConfig(character_mcut=True)) == ""
+    p = probs_for({"hatsune_miku": 0.3, "ganyu_(genshin_impact)": 0.01})
+    assert format_tags(p, tagset, WDTaggerConfig(character_mcut=True)) == "hatsune miku"
+
+
+def test_replacement_duplicates_collapse(tagset: TagSet) -> None:
+    p = probs_for({"solo": 0.9, "no_humans": 0.8})
+    cfg = WDTaggerConfig(tag_replacement=[("solo", "x"), ("no_humans", "x")])
+    assert format_tags(p, tagset, cfg) == "x"
+
+
+def test_rating_is_the_most_probable(tagset: TagSet) -> None:
+    p = probs_for({"general": 0.2, "sensitive": 0.7, "explicit": 0.6})
+    assert format_tags(p, tagset, WDTaggerConfig(rating="first")) == "sensitive"
+
+
+def test_format_rejects_wrong_width(tagset: TagSet) -> None:
+    with pytest.raises(ValueError):
+        format_tags(np.zeros(3), tagset, WDTaggerConfig())
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValidationError):
+        WDTaggerConfig(batch_size=4)  # type: ignore[call-arg]  # the worker batches
+    with pytest.raises(ValidationError):
+        WDTaggerConfig(rating="middle")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        WDTaggerConfig(tag_replacement=[["only_one"]])  # type: ignore[list-item]
+    with pytest.raises(ValidationError):
+        WDTaggerConfig(general_threshold=1.5)
+    assert WDTaggerConfig(providers=["cuda", "CPU"]).providers == [
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+
+
+# -- preprocessing -------------------------------------------------------------------------
+
+
+def prep(img: Image.Image, size: int = 448) -> np.ndarray:
+    out = preprocess(img, size)
+    assert out.dtype == np.float32 and out.shape == (size, size, 3)
+    return out
+
+
+def test_prepare_is_bgr() -> None:
+    out = prep(solid("red", (100, 100)))
+    assert out[50, 50].tolist() == [0.0, 0.0, 255.0]
+    out = prep(Image.new("RGB", (10, 10), (10, 20, 30)))
+    assert out[5, 5].tolist() == [30.0, 20.0, 10.0]
+
+
+def test_transparent_becomes_white() -> None:
+    out = prep(Image.new("RGBA", (64, 32), (255, 0, 0, 0)))
+    assert (out == 255).all()
+    half = prep(Image.new("RGBA", (64, 64), (255, 0, 0, 128)))
+    b, gr, r = half[32, 32]
+    assert r == 255 and abs(b - 127) <= 1 and abs(gr - 127) <= 1
+
+
+def test_transparent_image_tags_as_white(make: Make) -> None:
+    g = make()
+    img = Image.new("RGBA", (200, 200), (0, 0, 255, 0))  # invisible blue
+    assert g.generate([g.prepare(ImageInput(Path("t.png"), img))]) == [f"white background, {TAIL}"]
+
+
+def test_wide_image_is_centred_between_white_bars() -> None:
+    # Reference geometry: 300x100 padded to 300x300 (100 white rows above) and scaled
+    # by 448/300, so the image spans output rows 149.33..298.67. Fully covered rows
+    # 150..297 are red; the partly covered border rows stay white.
+    out = prep(solid("red", (300, 100)))
+    red, white = [0.0, 0.0, 255.0], [255.0, 255.0, 255.0]
+    for x in (0, 224, 447):
+        assert out[149, x].tolist() == white
+        assert out[150, x].tolist() == red
+        assert out[297, x].tolist() == red
+        assert out[298, x].tolist() == white
+    assert (out[:150] == 255).all() and (out[298:] == 255).all()
+    assert (out[150:298, :, 2] == 255).all() and (out[150:298, :, :2] == 0).all()
+
+
+def test_tall_image_is_centred_between_white_bars() -> None:
+    out = prep(solid("blue", (100, 400)))  # scaled to 112 x 448, left = 168
+    blue, white = [255.0, 0.0, 0.0], [255.0, 255.0, 255.0]
+    assert out[224, 167].tolist() == white
+    assert out[224, 168].tolist() == blue
+    assert out[224, 279].tolist() == blue
+    assert out[224, 280].tolist() == white
+
+
+def test_small_image_is_upscaled() -> None:
+    out = prep(solid("green", (20, 20)))
+    assert (out[:, :, 1] == 255).all() and (out[:, :, 0] == 0).all()
+
+
+def reference_preprocess(img: Image.Image, size: int = 448) -> np.ndarray:
+    """The reference space: pad to a white square first, then BICUBIC, then BGR."""
+    side = max(img.size)
+    padded = Image.new("RGB", (side, side), (255, 255, 255))
+    padded.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    if side != size:
+        padded = padded.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(padded, np.float32)[:, :, ::-1]
+
+
+@pytest.mark.parametrize(
+    ("size", "border"),
+    [((1800, 1200), (74, 373)), ((3001, 1999), (74, 373)), ((300, 100), (149, 298))],
+)
+def test_resize_first_matches_reference_pad_then_resize(
+    size: tuple[int, int], border: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize(size, Image.Resampling.BILINEAR)
+    diff = np.abs(prep(img) - reference_preprocess(img))
+    top, bottom = border
+    # Identical (up to 8-bit rounding) except in the two rows each side of the
+    # image/padding border, where the reference's bicubic kernel also sees white.
+    inside = np.r_[0 : top - 1, top + 2 : bottom - 1, bottom + 2 : 448]
+    assert diff[inside].max() <= 1.0
+    assert diff.mean() < 0.5
+
+
+def test_square_model_sized_image_is_unchanged() -> None:
+    rng = np.random.default_rng(2)
+    arr = rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)
+    assert (prep(Image.fromarray(arr)) == arr[:, :, ::-1]).all()
+
+
+def test_prepare_before_load_is_an_error() -> None:
+    with pytest.raises(RuntimeError):
+        WDTagger().prepare(ImageInput(Path("x"), solid("red")))
+
+
+# -- model contract read from the session ------------------------------------------------
+
+
+def test_batch_one_model_runs_a_batch_of_three(make: Make, tmp_path: Path) -> None:
+    g = make(build_wd_model(tmp_path / "b1", batch_dynamic=False))
+    assert g.model_info["batch"] == 1
+    colours = ["red", "blue", "yellow"]
+    got = g.generate([g.prepare(ImageInput(Path(c), solid(c))) for c in colours])
+    assert got == [f"red background, {TAIL}", f"blue background, {TAIL}", f"^_^, {TAIL}"]
+
+
+def test_input_name_read_from_session(make: Make, tmp_path: Path) -> None:
+    g = make(build_wd_model(tmp_path / "v2", input_name="input_1:0"))
+    assert g.model_info["input_name"] == "input_1:0"
+    assert caption(g, "green") == f"green background, {TAIL}"
+
+
+def test_input_size_read_from_session(make: Make, tmp_path: Path) -> None:
+    g = WDTagger(WDTaggerConfig(model=str(build_wd_model(tmp_path / "s", size=224))))
+    assert g.draft_size == 448  # before load
+    g.load()
+    assert g.draft_size == 224
+    assert g.prepare(ImageInput(Path("r"), solid("red"))).shape == (224, 224, 3)
+    assert caption(g, "red") == f"red background, {TAIL}"
+
+
+def test_unload_drops_the_session(make: Make) -> None:
+    g = make()
+    assert g.loaded
+    g.unload()
+    assert not g.loaded and g.model_info == {}
+    with pytest.raises(GenerationError):
+        g.generate([np.zeros((448, 448, 3), np.float32)])
+    g.load()
+    assert caption(g, "red") == f"red background, {TAIL}"
+
+
+def test_explicit_cpu_provider(make: Make) -> None:
+    assert make(providers=["cpu"]).model_info["providers"] == ["CPUExecutionProvider"]
+
+
+def test_unavailable_providers_only(make: Make) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ModelUnavailableError, match="providers"):
+        make(providers=["cuda"])
+
+
+def test_default_providers_follow_preference(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = WDTagger()
+    avail = ["AzureExecutionProvider", "CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert g._providers(avail) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+# -- load failures, classified by type ---------------------------------------------------
+
+
+def test_folder_missing_tags_csv(tmp_path: Path, wd_model_dir: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes((wd_model_dir / "model.onnx").read_bytes())
+    with pytest.raises(ModelUnavailableError, match=r"selected_tags\.csv") as ei:
+        WDTagger(WDTaggerConfig(model=str(tmp_path))).load()
+    assert ei.value.retryable is False
+
+
+def test_empty_folder_names_both_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match=r"model\.onnx, selected_tags\.csv"):
+        WDTagger(WDTaggerConfig(model=str(tmp_path))).load()
+
+
+def test_missing_local_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        WDTagger(WDTaggerConfig(model=str(tmp_path / "nope"))).load()
+
+
+def test_broken_onnx_is_a_loading_error(tmp_path: Path, wd_model_dir: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"this is not a protobuf")
+    (tmp_path / "selected_tags.csv").write_bytes((wd_model_dir / "selected_tags.csv").read_bytes())
+    g = WDTagger(WDTaggerConfig(model=str(tmp_path)))
+    with pytest.raises(ModelLoadingError):
+        g.load()
+    assert not g.loaded
+
+
+def test_tag_count_mismatch(tmp_path: Path, wd_model_dir: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes((wd_model_dir / "model.onnx").read_bytes())
+    lines = (wd_model_dir / "selected_tags.csv").read_text().splitlines()
+    (tmp_path / "selected_tags.csv").write_text("\n".join(lines[:-1]) + "\n")
+    with pytest.raises(ModelUnavailableError, match="15 tags but the model outputs 16"):
+        WDTagger(WDTaggerConfig(model=str(tmp_path))).load()
+
+
+def test_csv_without_category_column(tmp_path: Path, wd_model_dir: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes((wd_model_dir / "model.onnx").read_bytes())
+    (tmp_path / "selected_tags.csv").write_text("tag_id,name\n1,general\n")
+    with pytest.raises(ModelUnavailableError, match="category"):
+        WDTagger(WDTaggerConfig(model=str(tmp_path))).load()
+
+
+def test_repo_id_offline_with_empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    g = WDTagger(WDTaggerConfig(model="SmilingWolf/wd-vit-tagger-v3"), cache_dir=tmp_path)
+    with pytest.raises(ModelDownloadError) as ei:
+        g.load()
+    assert ei.value.retryable is True
+    assert not g.loaded
+
+
+def test_hub_errors_are_classified_by_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import errors as hf
+
+    def raiser(exc: BaseException) -> Callable[..., Any]:
+        def _f(*a: Any, **k: Any) -> Any:
+            raise exc
+
+        return _f
+
+    cases: list[tuple[BaseException, type[Exception]]] = [
+        (hf.LocalEntryNotFoundError("x"), ModelDownloadError),
+        (hf.OfflineModeIsEnabled("x"), ModelDownloadError),
+        (ConnectionResetError("x"), ModelDownloadError),
+        (hf.HFValidationError("x"), ModelUnavailableError),
+        (hf.EntryNotFoundError("x"), ModelUnavailableError),
+    ]
+    for exc, expected in cases:
+        monkeypatch.setattr(huggingface_hub, "hf_hub_download", raiser(exc))
+        with pytest.raises(expected):
+            wd._hub_download("a/b", "model.onnx", None, None)
+
+
+# -- discovery -----------------------------------------------------------------------------
+
+
+def test_registered_and_available() -> None:
+    found = discover()["wd_tagger"]
+    assert found.cls is WDTagger
+    assert found.availability().ok
+    assert (WDTagger.name, WDTagger.caption_type, WDTagger.weight) == ("wd_tagger", "tags", "light")
+
+
+def test_is_available_without_onnxruntime(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(wd.importlib.util, "find_spec", lambda name: None)
+    av = WDTagger.is_available()
+    assert not av.ok and "onnxruntime" in av.reason
