@@ -1,0 +1,7 @@
+"""Durable SQLite job queue and file index."""
+
+from daemon.queue.db import Database, DatabaseError
+from daemon.queue.index import CaptionRecord, FileIndex
+from daemon.queue.jobs import Job, JobQueue, JobState
+
+__all__ = ["CaptionRecord", "Database", "DatabaseError", "FileIndex", "Job", "JobQueue", "JobState"]

@@ -1,0 +1,230 @@
+"""The SQLite database behind the job queue and the file index.
+
+One connection per thread (the worker, watcher, scanner and HTTP threads all share a
+``Database``). Connections run in autocommit mode: every write is either a single
+statement or runs inside :meth:`Database.transaction` (``BEGIN IMMEDIATE``), which
+avoids the deferred-upgrade trap where a read transaction that later writes fails at
+once with "database is locked" regardless of ``busy_timeout``.
+
+WAL with ``synchronous=NORMAL``: survives a crash of the process; on power loss the
+last commits may roll back (a rolled-back job is simply redone). WAL needs a local
+disk: keep the database in the state directory, never on a watched network share.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+# Version 1. Later versions add an entry to _MIGRATIONS (from_version -> statements).
+_SCHEMA_V1 = [
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id            INTEGER PRIMARY KEY,
+        path          TEXT    NOT NULL,
+        generator     TEXT    NOT NULL,
+        priority      INTEGER NOT NULL,
+        state         TEXT    NOT NULL DEFAULT 'pending',
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        enqueued_at   REAL    NOT NULL,
+        not_before    REAL    NOT NULL DEFAULT 0,
+        lease_until   REAL,
+        error_type    TEXT,
+        error_message TEXT,
+        outcome       TEXT,
+        rerun         INTEGER NOT NULL DEFAULT 0,
+        updated_at    REAL    NOT NULL,
+        UNIQUE (path, generator)
+    )""",
+    # The claim walks this partial index in claim order and stops after LIMIT rows.
+    """CREATE INDEX IF NOT EXISTS jobs_claim
+        ON jobs (generator, priority DESC, enqueued_at, id) WHERE state = 'pending'""",
+    """CREATE INDEX IF NOT EXISTS jobs_due
+        ON jobs (generator, not_before) WHERE state = 'pending'""",
+    "CREATE INDEX IF NOT EXISTS jobs_lease ON jobs (lease_until) WHERE state = 'leased'",
+    """CREATE INDEX IF NOT EXISTS jobs_errors
+        ON jobs (updated_at) WHERE error_type IS NOT NULL""",
+    # The primary key (root, dir, name) also serves lookups by (root, dir).
+    """CREATE TABLE IF NOT EXISTS files (
+        root     TEXT    NOT NULL,
+        dir      TEXT    NOT NULL,
+        name     TEXT    NOT NULL,
+        size     INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        PRIMARY KEY (root, dir, name)
+    ) WITHOUT ROWID""",
+    # Bumped by triggers on every change to a directory's rows in ``files``, by any
+    # connection or process; lets the scanner trust its in-memory summary of a
+    # directory while the version is unchanged. Rows are never deleted (a version must
+    # never repeat).
+    """CREATE TABLE IF NOT EXISTS dir_versions (
+        root    TEXT    NOT NULL,
+        dir     TEXT    NOT NULL,
+        version INTEGER NOT NULL,
+        PRIMARY KEY (root, dir)
+    ) WITHOUT ROWID""",
+    """CREATE TRIGGER IF NOT EXISTS files_ins AFTER INSERT ON files BEGIN
+        INSERT INTO dir_versions (root, dir, version) VALUES (new.root, new.dir, 1)
+        ON CONFLICT (root, dir) DO UPDATE SET version = version + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS files_upd AFTER UPDATE ON files BEGIN
+        INSERT INTO dir_versions (root, dir, version) VALUES (old.root, old.dir, 1)
+        ON CONFLICT (root, dir) DO UPDATE SET version = version + 1;
+        INSERT INTO dir_versions (root, dir, version) VALUES (new.root, new.dir, 1)
+        ON CONFLICT (root, dir) DO UPDATE SET version = version + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS files_del AFTER DELETE ON files BEGIN
+        INSERT INTO dir_versions (root, dir, version) VALUES (old.root, old.dir, 1)
+        ON CONFLICT (root, dir) DO UPDATE SET version = version + 1;
+    END""",
+    """CREATE TABLE IF NOT EXISTS captions (
+        image_path   TEXT NOT NULL,
+        generator    TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        sidecar_path TEXT NOT NULL,
+        sidecar_hash TEXT NOT NULL,
+        written_at   REAL NOT NULL,
+        PRIMARY KEY (image_path, generator)
+    )""",
+    "CREATE INDEX IF NOT EXISTS captions_sidecar ON captions (sidecar_path)",
+]
+
+_MIGRATIONS: dict[int, list[str]] = {}
+
+
+class DatabaseError(Exception):
+    """The database cannot be used (newer schema, corrupt file)."""
+
+
+class _Holder:
+    """Owns one thread's connection; closes it when the thread's locals go away."""
+
+    __slots__ = ("__weakref__", "conn", "pid")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with suppress(sqlite3.Error):
+                self.conn.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Database:
+    """A SQLite file shared by threads (one connection each) and processes."""
+
+    def __init__(self, path: Path | str, *, busy_timeout_ms: int = 5000) -> None:
+        self.path = Path(path)
+        self.busy_timeout_ms = busy_timeout_ms
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._migrate()
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout_ms / 1000,
+            isolation_level=None,
+            check_same_thread=False,  # only so that close() may close it from elsewhere
+        )
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        return conn
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use; reopened after a fork)."""
+        holder: _Holder | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.pid == os.getpid():
+            return holder.conn
+        if self._closed:
+            raise DatabaseError(f"{self.path}: database is closed")
+        if holder is not None:  # inherited across fork: never touch the parent's handle
+            holder.conn = None  # type: ignore[assignment]
+        holder = _Holder(self._connect())
+        self._local.holder = holder
+        with self._lock:
+            self._holders.add(holder)
+        return holder.conn
+
+    def close(self) -> None:
+        """Close every thread's connection. Later use raises DatabaseError."""
+        self._closed = True
+        with self._lock:
+            holders = list(self._holders)
+        for h in holders:
+            if h.conn is not None and h.pid == os.getpid():
+                h.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers -------------------------------------------------------------------
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error).
+
+        Nested use joins the outer transaction.
+        """
+        conn = self.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def integrity_check(self) -> str:
+        """``"ok"`` or SQLite's description of the damage."""
+        rows = self.conn.execute("PRAGMA integrity_check").fetchall()
+        return "\n".join(str(r[0]) for r in rows)
+
+    def user_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        with self.transaction() as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise DatabaseError(
+                    f"{self.path}: schema version {version} is newer than this captiond "
+                    f"understands ({SCHEMA_VERSION}); upgrade captiond"
+                )
+            if version == 0:
+                for stmt in _SCHEMA_V1:
+                    conn.execute(stmt)
+                version = 1
+            while version < SCHEMA_VERSION:
+                for stmt in _MIGRATIONS[version]:
+                    conn.execute(stmt)
+                version += 1
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

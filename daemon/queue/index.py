@@ -1,0 +1,171 @@
+"""The file index (what the last scan saw) and the record of captions written.
+
+``files`` holds one row per candidate image: (root, dir, name) -> (size, mtime_ns),
+``dir`` being the directory relative to the watch root with ``/`` separators (``''``
+for the root itself). The reconcile scan compares the disk against it, one directory
+at a time.
+
+``captions`` remembers, per (image, generator), the hash of the image content that was
+captioned and the hash of the sidecar written, so that a touched-but-unchanged image is
+not captioned again and a sidecar edited by a person can be recognised. Paths are
+absolute strings.
+
+Deleting an image removes its ``files`` row and its jobs, but NOT its caption record:
+the sidecar stays on disk, and if the image comes back (moved back, a remount, a
+re-sync) the record still says the sidecar is ours and what it was written from.
+:meth:`FileIndex.forget_captions` exists for explicit clean-up only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from itertools import islice
+
+from daemon.queue.db import Database
+
+BATCH = 1000
+
+
+@dataclass(slots=True)
+class CaptionRecord:
+    image_path: str
+    generator: str
+    content_hash: str
+    sidecar_path: str
+    sidecar_hash: str
+    written_at: float
+
+
+_CAP_COLS = "image_path, generator, content_hash, sidecar_path, sidecar_hash, written_at"
+
+
+class FileIndex:
+    def __init__(self, db: Database, *, clock: Callable[[], float] = time.time) -> None:
+        self.db = db
+        self.clock = clock
+
+    # -- files ---------------------------------------------------------------------
+
+    def dir_entries(self, root: str, dir: str) -> dict[str, tuple[int, int]]:
+        """name -> (size, mtime_ns) of the indexed files directly in ``dir``."""
+        rows = self.db.conn.execute(
+            "SELECT name, size, mtime_ns FROM files WHERE root = ? AND dir = ?", (root, dir)
+        ).fetchall()
+        return {name: (size, mtime) for name, size, mtime in rows}
+
+    def dir_state(self, root: str, dir: str) -> tuple[int, list[tuple[str, int, int]]]:
+        """(version, [(name, size, mtime_ns)]) of ``dir``, read as one consistent snapshot.
+
+        The version changes whenever any connection changes the directory's rows.
+        """
+        conn = self.db.conn
+        if conn.in_transaction:
+            return self._dir_state(conn, root, dir)
+        conn.execute("BEGIN")
+        try:
+            return self._dir_state(conn, root, dir)
+        finally:
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _dir_state(
+        conn: sqlite3.Connection, root: str, dir: str
+    ) -> tuple[int, list[tuple[str, int, int]]]:
+        row = conn.execute(
+            "SELECT version FROM dir_versions WHERE root = ? AND dir = ?", (root, dir)
+        ).fetchone()
+        rows = conn.execute(
+            "SELECT name, size, mtime_ns FROM files WHERE root = ? AND dir = ?", (root, dir)
+        ).fetchall()
+        return (0 if row is None else row[0]), rows
+
+    def dir_versions(self, root: str) -> dict[str, int]:
+        """dir -> version of every directory under ``root`` ever indexed."""
+        rows = self.db.conn.execute("SELECT dir, version FROM dir_versions WHERE root = ?", (root,))
+        return dict(rows.fetchall())
+
+    def dirs(self, root: str) -> set[str]:
+        """Relative paths of the directories holding indexed files under ``root``."""
+        rows = self.db.conn.execute("SELECT DISTINCT dir FROM files WHERE root = ?", (root,))
+        return {r[0] for r in rows}
+
+    def upsert_files(self, root: str, rows: Iterable[tuple[str, str, int, int]]) -> None:
+        """Insert or update (dir, name, size, mtime_ns) rows, 1,000 per transaction."""
+        it = iter(rows)
+        while chunk := list(islice(it, BATCH)):
+            with self.db.transaction() as conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO files (root, dir, name, size, mtime_ns) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(root, d, n, s, m) for d, n, s, m in chunk],
+                )
+
+    def remove_files(self, root: str, dir: str, names: Iterable[str]) -> None:
+        it = iter(names)
+        while chunk := list(islice(it, BATCH)):
+            with self.db.transaction() as conn:
+                conn.executemany(
+                    "DELETE FROM files WHERE root = ? AND dir = ? AND name = ?",
+                    [(root, dir, n) for n in chunk],
+                )
+
+    def remove_dir(self, root: str, dir: str) -> None:
+        """Remove the files directly in ``dir`` (not those of its subdirectories)."""
+        self.db.conn.execute("DELETE FROM files WHERE root = ? AND dir = ?", (root, dir))
+
+    def remove_root(self, root: str) -> int:
+        """Remove every indexed file of a watch root (a watch removed from the config)."""
+        return self.db.conn.execute("DELETE FROM files WHERE root = ?", (root,)).rowcount
+
+    def get_file(self, root: str, dir: str, name: str) -> tuple[int, int] | None:
+        row = self.db.conn.execute(
+            "SELECT size, mtime_ns FROM files WHERE root = ? AND dir = ? AND name = ?",
+            (root, dir, name),
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def count_files(self, root: str | None = None) -> int:
+        if root is None:
+            return self.db.conn.execute("SELECT count(*) FROM files").fetchone()[0]
+        return self.db.conn.execute(
+            "SELECT count(*) FROM files WHERE root = ?", (root,)
+        ).fetchone()[0]
+
+    # -- captions ------------------------------------------------------------------
+
+    def get_caption(self, image_path: str, generator: str) -> CaptionRecord | None:
+        row = self.db.conn.execute(
+            f"SELECT {_CAP_COLS} FROM captions WHERE image_path = ? AND generator = ?",
+            (image_path, generator),
+        ).fetchone()
+        return None if row is None else CaptionRecord(*row)
+
+    def record_caption(
+        self,
+        image_path: str,
+        generator: str,
+        content_hash: str,
+        sidecar_path: str,
+        sidecar_hash: str,
+    ) -> None:
+        """Remember that ``sidecar_path`` was written from content ``content_hash``."""
+        self.db.conn.execute(
+            f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (image_path, generator, content_hash, sidecar_path, sidecar_hash, self.clock()),
+        )
+
+    def caption_by_sidecar(self, sidecar_path: str) -> CaptionRecord | None:
+        """The record of whoever wrote ``sidecar_path`` (most recent if several)."""
+        row = self.db.conn.execute(
+            f"SELECT {_CAP_COLS} FROM captions WHERE sidecar_path = ? "
+            "ORDER BY written_at DESC LIMIT 1",
+            (sidecar_path,),
+        ).fetchone()
+        return None if row is None else CaptionRecord(*row)
+
+    def forget_captions(self, image_path: str) -> None:
+        """Drop every caption record of an image. Not called on deletion (see module doc)."""
+        self.db.conn.execute("DELETE FROM captions WHERE image_path = ?", (image_path,))

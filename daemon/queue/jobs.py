@@ -1,0 +1,391 @@
+"""The durable job queue: one row per (image path, generator).
+
+States: ``pending`` -> ``leased`` (claimed by a worker) -> ``done`` | ``failed`` (not
+retryable) | ``dead`` (retries exhausted), or back to ``pending`` for a retry. Rows are
+never deleted on claim, so a crash mid-caption loses nothing: an expired lease goes back
+to ``pending``.
+
+Every write is a single statement (or a ``BEGIN IMMEDIATE`` transaction), so several
+threads and processes may enqueue and claim at once; each job is claimed once.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from itertools import islice
+
+from daemon.errors import ErrorType
+from daemon.queue.db import Database
+
+BATCH = 1000
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+@dataclass(slots=True)
+class Job:
+    id: int
+    path: str
+    generator: str
+    priority: int
+    state: JobState
+    attempts: int
+    enqueued_at: float
+    not_before: float
+    lease_until: float | None
+    error_type: str | None
+    error_message: str | None
+    outcome: str | None
+    rerun: bool
+    updated_at: float
+
+
+_COLS = (
+    "id, path, generator, priority, state, attempts, enqueued_at, not_before, "
+    "lease_until, error_type, error_message, outcome, rerun, updated_at"
+)
+
+
+def _job(row: tuple) -> Job:
+    j = Job(*row)
+    j.state = JobState(j.state)
+    j.rerun = bool(j.rerun)
+    j.not_before = float(j.not_before)
+    return j
+
+
+def _claim_order(j: Job) -> tuple[int, float, int]:
+    return (-j.priority, j.enqueued_at, j.id)
+
+
+# Upsert. In SET, column names refer to the row's values *before* the update.
+#   new                  -> pending
+#   pending              -> priority = max(old, new); age, attempts, not_before kept
+#   leased               -> rerun = 1, priority raised; ack() then re-queues it
+#   done / failed / dead -> pending afresh (attempts 0, error cleared, enqueued now)
+_ENQUEUE = """
+INSERT INTO jobs (path, generator, priority, state, attempts, enqueued_at, not_before,
+                  updated_at)
+VALUES (?1, ?2, ?3, 'pending', 0, ?4, 0, ?4)
+ON CONFLICT (path, generator) DO UPDATE SET
+    priority      = CASE WHEN state IN ('pending', 'leased')
+                         THEN max(priority, excluded.priority) ELSE excluded.priority END,
+    rerun         = CASE WHEN state = 'leased' THEN 1 ELSE rerun END,
+    attempts      = CASE WHEN state IN ('pending', 'leased') THEN attempts ELSE 0 END,
+    error_type    = CASE WHEN state IN ('pending', 'leased') THEN error_type END,
+    error_message = CASE WHEN state IN ('pending', 'leased') THEN error_message END,
+    outcome       = CASE WHEN state IN ('pending', 'leased') THEN outcome END,
+    enqueued_at   = CASE WHEN state IN ('pending', 'leased')
+                         THEN enqueued_at ELSE excluded.enqueued_at END,
+    not_before    = CASE WHEN state IN ('pending', 'leased') THEN not_before ELSE 0 END,
+    lease_until   = CASE WHEN state = 'leased' THEN lease_until END,
+    state         = CASE WHEN state = 'leased' THEN 'leased' ELSE 'pending' END,
+    updated_at    = excluded.updated_at
+"""
+
+_CLAIM = f"""
+UPDATE jobs SET state = 'leased', lease_until = ?1, attempts = attempts + 1, updated_at = ?2
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE state = 'pending' AND generator = ?3 AND not_before <= ?2
+    ORDER BY priority DESC, enqueued_at, id
+    LIMIT ?4
+)
+RETURNING {_COLS}
+"""
+
+# A rerun (the file changed while leased) always goes back to pending, afresh.
+_ACK = """
+UPDATE jobs SET
+    state         = CASE WHEN rerun THEN 'pending' ELSE 'done' END,
+    outcome       = CASE WHEN rerun THEN NULL ELSE ?1 END,
+    attempts      = CASE WHEN rerun THEN 0 ELSE attempts END,
+    not_before    = 0,
+    rerun         = 0,
+    lease_until   = NULL,
+    error_type    = NULL,
+    error_message = NULL,
+    updated_at    = ?2
+WHERE id = ?3 AND state = 'leased'
+"""
+
+# ?1 retryable, ?2 max_attempts, ?3 now, ?4 backoff_max, ?5 backoff_base, ?6 jitter
+# factor, ?7 error_type, ?8 message, ?9 id. Delay: min(max, base * 2**(attempts-1)) * jitter.
+_FAIL = """
+UPDATE jobs SET
+    state = CASE
+        WHEN rerun THEN 'pending'
+        WHEN NOT ?1 THEN 'failed'
+        WHEN attempts < ?2 THEN 'pending'
+        ELSE 'dead' END,
+    not_before = CASE
+        WHEN rerun THEN 0
+        WHEN ?1 AND attempts < ?2
+            THEN ?3 + min(?4, ?5 * (1 << min(max(attempts - 1, 0), 40))) * ?6
+        ELSE not_before END,
+    attempts      = CASE WHEN rerun THEN 0 ELSE attempts END,
+    rerun         = 0,
+    lease_until   = NULL,
+    error_type    = ?7,
+    error_message = ?8,
+    updated_at    = ?3
+WHERE id = ?9 AND state = 'leased'
+RETURNING state
+"""
+
+_RELEASE = """
+UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0), not_before = ?1,
+    lease_until = NULL, rerun = 0, updated_at = ?2
+WHERE id = ?3 AND state = 'leased'
+"""
+
+# Lease recovery. An attempt that crashed the worker counts: a job that keeps killing
+# the worker goes dead after max_attempts instead of looping forever.
+_RECOVER = f"""
+UPDATE jobs SET
+    state = CASE WHEN rerun OR attempts < ?1 THEN 'pending' ELSE 'dead' END,
+    attempts = CASE WHEN rerun THEN 0 ELSE attempts END,
+    error_type = CASE WHEN rerun OR attempts < ?1 THEN error_type
+                      ELSE '{ErrorType.WORKER_CRASH.value}' END,
+    error_message = CASE WHEN rerun OR attempts < ?1 THEN error_message
+                         ELSE 'lease expired on the last attempt (worker crashed?)' END,
+    not_before = 0, rerun = 0, lease_until = NULL, updated_at = ?2
+WHERE state = 'leased' AND lease_until < ?3
+"""
+
+
+def _chunks(items: Iterable, n: int) -> Iterable[list]:
+    it = iter(items)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+class JobQueue:
+    """Durable, de-duplicating priority queue of caption jobs.
+
+    ``clock`` and ``rng`` are injectable for tests. Priority: higher first; within a
+    priority, oldest ``enqueued_at`` first.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        max_attempts: int = 5,
+        backoff_base: float = 5.0,
+        backoff_max: float = 3600.0,
+        lease_seconds: float = 600.0,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.rng = rng
+
+    # -- producing -----------------------------------------------------------------
+
+    def enqueue(self, path: str, generator: str, priority: int) -> None:
+        self.db.conn.execute(_ENQUEUE, (path, generator, priority, self.clock()))
+
+    def enqueue_many(self, items: Iterable[tuple[str, str, int]]) -> int:
+        """Upsert (path, generator, priority) items, 1,000 per transaction.
+
+        Returns the number of items processed.
+        """
+        n = 0
+        for chunk in _chunks(items, BATCH):
+            now = self.clock()
+            with self.db.transaction() as conn:
+                conn.executemany(_ENQUEUE, [(p, g, pr, now) for p, g, pr in chunk])
+            n += len(chunk)
+        return n
+
+    # -- consuming -----------------------------------------------------------------
+
+    def claim(self, generator: str, limit: int) -> list[Job]:
+        """Lease up to ``limit`` due pending jobs of ``generator``, in priority order."""
+        now = self.clock()
+        rows = self.db.conn.execute(
+            _CLAIM, (now + self.lease_seconds, now, generator, limit)
+        ).fetchall()
+        return sorted((_job(r) for r in rows), key=_claim_order)
+
+    def ack(self, job_id: int, outcome: str = "written") -> None:
+        """Leased -> done (or back to pending when the file changed meanwhile).
+
+        No effect on a job that is no longer leased (forgotten, or lease recovered).
+        """
+        self.db.conn.execute(_ACK, (outcome, self.clock(), job_id))
+
+    def fail(self, job_id: int, error_type: str, message: str, retryable: bool) -> JobState | None:
+        """Record a failed attempt and return the job's new state.
+
+        Retryable with attempts left -> pending after backoff
+        ``min(backoff_max, backoff_base * 2**(attempts-1)) * (0.5 + rng())``; retryable but
+        exhausted -> dead; not retryable -> failed. A job whose file changed while leased
+        (rerun) goes back to pending afresh. For a job that is not leased, nothing
+        changes and its current state is returned; None if the job no longer exists.
+        """
+        now = self.clock()
+        row = self.db.conn.execute(
+            _FAIL,
+            (
+                1 if retryable else 0,
+                self.max_attempts,
+                now,
+                self.backoff_max,
+                self.backoff_base,
+                0.5 + self.rng(),
+                str(error_type),
+                message,
+                job_id,
+            ),
+        ).fetchone()
+        if row is not None:
+            return JobState(row[0])
+        cur = self.db.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if cur is None else JobState(cur[0])
+
+    def release(self, job_ids: Sequence[int], delay: float = 0.0) -> None:
+        """Leased -> pending without counting the attempt, due after ``delay`` seconds.
+
+        For jobs not processed at all (model not loaded, circuit open, shutdown).
+        """
+        if not job_ids:
+            return
+        now = self.clock()
+        with self.db.transaction() as conn:
+            conn.executemany(_RELEASE, [(now + delay, now, i) for i in job_ids])
+
+    def extend_lease(self, job_ids: Sequence[int], seconds: float | None = None) -> None:
+        if not job_ids:
+            return
+        now = self.clock()
+        until = now + (self.lease_seconds if seconds is None else seconds)
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ? AND state = 'leased'",
+                [(until, now, i) for i in job_ids],
+            )
+
+    def recover_expired(self) -> int:
+        """Leased jobs past their lease -> pending (dead if that was the last attempt)."""
+        now = self.clock()
+        return self.db.conn.execute(_RECOVER, (self.max_attempts, now, now)).rowcount
+
+    def recover_all_leased(self) -> int:
+        """At daemon start: every lease belongs to a dead process; recover them all."""
+        now = self.clock()
+        return self.db.conn.execute(_RECOVER, (self.max_attempts, now, float("inf"))).rowcount
+
+    # -- removal -------------------------------------------------------------------
+
+    def forget(self, path: str) -> int:
+        """Delete every job of ``path`` (any state); returns how many."""
+        return self.db.conn.execute("DELETE FROM jobs WHERE path = ?", (path,)).rowcount
+
+    def forget_many(self, paths: Iterable[str]) -> int:
+        """:meth:`forget` for many paths, 1,000 per transaction."""
+        n = 0
+        for chunk in _chunks(paths, BATCH):
+            with self.db.transaction() as conn:
+                before = conn.total_changes
+                conn.executemany("DELETE FROM jobs WHERE path = ?", [(p,) for p in chunk])
+                n += conn.total_changes - before
+        return n
+
+    # -- inspection ----------------------------------------------------------------
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """generator -> state -> number of jobs (every state present, zeros included)."""
+        out: dict[str, dict[str, int]] = {}
+        for gen, state, n in self.db.conn.execute(
+            "SELECT generator, state, count(*) FROM jobs GROUP BY generator, state"
+        ):
+            out.setdefault(gen, {s.value: 0 for s in JobState})[state] = n
+        return out
+
+    def outcome_counts(self) -> dict[str, dict[str, int]]:
+        """generator -> outcome -> number of done jobs."""
+        out: dict[str, dict[str, int]] = {}
+        for gen, outcome, n in self.db.conn.execute(
+            "SELECT generator, coalesce(outcome, ''), count(*) FROM jobs "
+            "WHERE state = 'done' GROUP BY generator, outcome"
+        ):
+            out.setdefault(gen, {})[outcome] = n
+        return out
+
+    def pending_generators(self) -> set[str]:
+        """Generators that have pending jobs due now."""
+        rows = self.db.conn.execute(
+            "SELECT DISTINCT generator FROM jobs WHERE state = 'pending' AND not_before <= ?",
+            (self.clock(),),
+        )
+        return {r[0] for r in rows}
+
+    def next_due(self, generator: str) -> float | None:
+        """Earliest ``not_before`` among the pending jobs of ``generator``."""
+        row = self.db.conn.execute(
+            "SELECT min(not_before) FROM jobs WHERE state = 'pending' AND generator = ?",
+            (generator,),
+        ).fetchone()
+        return row[0]
+
+    def oldest_pending_age(self) -> float | None:
+        """Seconds since the oldest pending job was enqueued; None when none pending."""
+        row = self.db.conn.execute(
+            "SELECT min(enqueued_at) FROM jobs WHERE state = 'pending'"
+        ).fetchone()
+        return None if row[0] is None else max(0.0, self.clock() - row[0])
+
+    def jobs(self, state: JobState | None = None, limit: int = 100) -> list[Job]:
+        """Jobs of one state (pending: in claim order; others: most recently updated first)."""
+        if state is None:
+            sql = f"SELECT {_COLS} FROM jobs ORDER BY updated_at DESC, id DESC LIMIT ?"
+            params: tuple = (limit,)
+        elif state == JobState.PENDING:
+            sql = (
+                f"SELECT {_COLS} FROM jobs WHERE state = 'pending' "
+                "ORDER BY priority DESC, enqueued_at, id LIMIT ?"
+            )
+            params = (limit,)
+        else:
+            sql = (
+                f"SELECT {_COLS} FROM jobs WHERE state = ? ORDER BY updated_at DESC, id DESC "
+                "LIMIT ?"
+            )
+            params = (str(state), limit)
+        return [_job(r) for r in self.db.conn.execute(sql, params)]
+
+    def recent_errors(self, limit: int = 20) -> list[Job]:
+        """Jobs carrying an error (failed, dead, or pending a retry), newest first."""
+        rows = self.db.conn.execute(
+            f"SELECT {_COLS} FROM jobs WHERE error_type IS NOT NULL "
+            "ORDER BY updated_at DESC, id DESC LIMIT ?",
+            (limit,),
+        )
+        return [_job(r) for r in rows]
+
+    def get(self, path: str, generator: str) -> Job | None:
+        row = self.db.conn.execute(
+            f"SELECT {_COLS} FROM jobs WHERE path = ? AND generator = ?", (path, generator)
+        ).fetchone()
+        return None if row is None else _job(row)
+
+    def get_by_id(self, job_id: int) -> Job | None:
+        row = self.db.conn.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else _job(row)
