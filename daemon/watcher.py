@@ -62,17 +62,22 @@ HEALTHY_AFTER_SECONDS = 30.0
 REASON_OVERFLOW = "event overflow"
 REASON_DIED = "observer died"
 REASON_STORM = "too many events"
+REASON_SWITCHED = "switched to polling"
 
 _TOUCH_EVENTS = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_MODIFIED, EVENT_TYPE_CLOSED})
 
-try:  # watchdog >= 7.1 delivers IN_Q_OVERFLOW to WatchCallback.on_queue_overflow
-    from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
-    from watchdog.observers.inotify_c import InotifyFD
+try:
+    from watchdog.observers.inotify import InotifyObserver
 
     _HAVE_INOTIFY = True
-    _HAVE_OVERFLOW_HOOK = hasattr(InotifyWatchGroup, "on_queue_overflow")
-except ImportError:  # pragma: no cover - not Linux, or an older watchdog
+except ImportError:  # pragma: no cover - not Linux
     _HAVE_INOTIFY = False
+try:  # watchdog >= 7.1 delivers IN_Q_OVERFLOW to WatchCallback.on_queue_overflow
+    from watchdog.observers.inotify import InotifyEmitter, InotifyWatchGroup
+    from watchdog.observers.inotify_c import InotifyFD
+
+    _HAVE_OVERFLOW_HOOK = _HAVE_INOTIFY and hasattr(InotifyWatchGroup, "on_queue_overflow")
+except ImportError:  # pragma: no cover - older watchdog: overflow goes undetected
     _HAVE_OVERFLOW_HOOK = False
 
 
@@ -200,7 +205,7 @@ class Settler:
 
 # --- watchdog observers ---------------------------------------------------------------
 
-if _HAVE_INOTIFY:
+if _HAVE_OVERFLOW_HOOK:
 
     @dataclass
     class _OverflowWatchGroup(InotifyWatchGroup):
@@ -330,7 +335,8 @@ class RootWatcher:
         self._clock = clock
         self._log = log.bind(root=self.name)
 
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # event bookkeeping; held briefly, never over a callback
+        self._life = threading.RLock()  # observer lifecycle: start/stop/check/update_dir_count
         self.settler = Settler(watch.settle_seconds, clock=clock)
         self._dirs: dict[Path, float] = {}  # directory hints -> due time
         self._deleted: dict[Path, None] = {}  # ordered set, drained by tick()
@@ -352,6 +358,8 @@ class RootWatcher:
         self.fstype = ""
         self.dirs: int | None = dir_count
         self.watches_needed = 0
+        self._budget: int | None = None  # inotify watches this root may use; None = unknown
+        self._limit_text = ""
         self.mode, self.reason = self._choose_mode(
             dir_count, watch_limit, mountinfo, watches_in_use
         )
@@ -380,6 +388,11 @@ class RootWatcher:
         limit = watch_limit if watch_limit is not None else inotify_watch_limit()
         if limit is not None:
             budget = max(0, limit - watch_reserve(limit) - watches_in_use)
+            self._budget = budget
+            self._limit_text = (
+                f"max_user_watches {limit}, {watch_reserve(limit)} kept free, "
+                f"{watches_in_use} used by other roots"
+            )
             if not self.watch.recursive:
                 needed = 1
             elif dir_count is not None:
@@ -388,15 +401,18 @@ class RootWatcher:
                 needed = count_dirs(self.root, stop_after=budget)
             self.dirs = needed
             if needed > budget:
-                return "polling", (
-                    f"{needed}{'+' if dir_count is None else ''} directories exceed the inotify "
-                    f"watch budget of {budget} (max_user_watches {limit}, "
-                    f"{watch_reserve(limit)} kept free, {watches_in_use} used by other roots)"
-                )
+                more = "+" if dir_count is None else ""
+                return "polling", self._over_budget(f"{needed}{more}")
             self.watches_needed = needed
         if requested == "inotify":
             return "inotify", "watch_mode = inotify"
         return "inotify", f"local filesystem ({self.fstype or 'unknown'})"
+
+    def _over_budget(self, needed: str) -> str:
+        return (
+            f"{needed} directories exceed the inotify watch budget of {self._budget} "
+            f"({self._limit_text})"
+        )
 
     def _fall_back_to_polling(self, reason: str) -> None:
         self._log.warning("watch_fallback_polling", path=str(self.root), reason=reason)
@@ -409,6 +425,7 @@ class RootWatcher:
         if self.mode == "inotify":
             if _HAVE_OVERFLOW_HOOK:
                 return _InotifyObserver(on_overflow=self._overflowed)
+            self._log.warning("overflow_undetectable", reason="watchdog lacks on_queue_overflow")
             return InotifyObserver()  # pragma: no cover - older watchdog
         return PollingObserver(timeout=self.watch.poll_interval_seconds)
 
@@ -456,20 +473,45 @@ class RootWatcher:
 
     def start(self) -> None:
         """Start watching (no-op in scan mode). A failure is logged; ``check()`` retries."""
-        if self._started:
-            return
-        self._started = True
-        if self.mode == "scan":
-            self._log.info("watch_started", path=str(self.root), mode=self.mode, reason=self.reason)
-            return
-        if self._start_observer():
-            self._log.info("watch_started", path=str(self.root), mode=self.mode, reason=self.reason)
+        with self._life:
+            if self._started or self._stopped:
+                return
+            self._started = True
+            if self.mode == "scan" or self._start_observer():
+                self._log.info(
+                    "watch_started", path=str(self.root), mode=self.mode, reason=self.reason
+                )
 
     def stop(self) -> None:
-        """Stop and join the observer; idempotent."""
-        self._stopped = True
-        observer, self._observer = self._observer, None
-        self._discard(observer)
+        """Stop and join the observer; idempotent. A stopped watcher does not start again."""
+        with self._life:
+            self._stopped = True
+            observer, self._observer = self._observer, None
+            self._discard(observer)
+
+    def update_dir_count(self, dirs: int) -> bool:
+        """Re-check the watch budget with a fresh directory count, e.g. from a full scan.
+
+        Count every directory, hidden and excluded ones too: watchdog watches them all.
+        An inotify root that no longer fits switches to polling (its new observer starts
+        at once, then ``on_rescan("switched to polling")`` covers the gap). True if it
+        switched."""
+        with self._life:
+            self.dirs = dirs
+            if self.mode != "inotify" or self._budget is None or not self.watch.recursive:
+                return False
+            if dirs <= self._budget:
+                self.watches_needed = dirs
+                return False
+            self._fall_back_to_polling(self._over_budget(str(dirs)))
+            if not self._started or self._stopped:
+                return True
+            old, self._observer = self._observer, None
+            self._discard(old)
+            restarted = self._start_observer()
+        if restarted:
+            self._call(self._on_rescan, REASON_SWITCHED)
+        return True
 
     @property
     def observer(self) -> BaseObserver | None:
@@ -487,25 +529,27 @@ class RootWatcher:
         Restarts back off exponentially (1 s .. 60 s) while they keep failing or the
         observer keeps dying within ``HEALTHY_AFTER_SECONDS``. Returns True if it restarted.
         """
-        if self.mode == "scan" or self._stopped or not self._started:
-            return False
-        now = self._clock()
-        if self._observer is not None and _observer_alive(self._observer):
-            if self._failures and now - self._observer_started_at > HEALTHY_AFTER_SECONDS:
-                self._failures = 0
-            return False
-        if now < self._next_start_at:
-            return False
-        if self._observer is not None:
-            self._log.warning("observer_died", path=str(self.root), mode=self.mode)
-            if now - self._observer_started_at < HEALTHY_AFTER_SECONDS:
-                self._failures += 1
-            self._next_start_at = now + min(RESTART_BACKOFF_MAX, 2.0 ** max(0, self._failures - 1))
-            old, self._observer = self._observer, None
-            self._discard(old)
-        if not self._start_observer():
-            return False
-        self.restarts += 1
+        with self._life:
+            if self.mode == "scan" or self._stopped or not self._started:
+                return False
+            now = self._clock()
+            if self._observer is not None and _observer_alive(self._observer):
+                if self._failures and now - self._observer_started_at > HEALTHY_AFTER_SECONDS:
+                    self._failures = 0
+                return False
+            if now < self._next_start_at:
+                return False
+            if self._observer is not None:
+                self._log.warning("observer_died", path=str(self.root), mode=self.mode)
+                if now - self._observer_started_at < HEALTHY_AFTER_SECONDS:
+                    self._failures += 1
+                backoff = min(RESTART_BACKOFF_MAX, 2.0 ** max(0, self._failures - 1))
+                self._next_start_at = now + backoff
+                old, self._observer = self._observer, None
+                self._discard(old)
+            if not self._start_observer():
+                return False
+            self.restarts += 1
         self._log.info("observer_restarted", path=str(self.root), mode=self.mode)
         self._call(self._on_rescan, REASON_DIED)
         return True
@@ -633,16 +677,20 @@ class RootWatcher:
             self._rescans.clear()
             deleted = list(self._deleted)
             self._deleted.clear()
-            dirs = [d for d, due in self._dirs.items() if due <= now]
-            for d in dirs:
+            ready = {d for d, due in self._dirs.items() if due <= now}
+            for d in ready:
                 del self._dirs[d]
+            # mkdir -p a/b/c: the hint for a (now or later) covers a/b and a/b/c
+            dirs = sorted(
+                d for d in ready if not any(p in ready or p in self._dirs for p in d.parents)
+            )
         files = self.settler.due()
         for reason in rescans:
             self._log.info("rescan_requested", reason=reason, path=str(self.root))
             self._call(self._on_rescan, reason)
         for path in deleted:
             self._call(self._on_deleted, path)
-        for path in sorted(dirs):
+        for path in dirs:
             self._call(self._on_dir, path)
         for path in files:
             self._call(self._on_file, path)
@@ -791,6 +839,11 @@ class WatchSupervisor:
             if time.monotonic() >= next_check:
                 self.check()
                 next_check = time.monotonic() + self.check_seconds
+
+    def update_dir_count(self, root: str, dirs: int) -> bool:
+        """Feed a scan's directory count back (see ``RootWatcher.update_dir_count``)."""
+        watcher = self.roots.get(root)
+        return watcher is not None and watcher.update_dir_count(dirs)
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

@@ -17,6 +17,7 @@ from daemon.watcher import (
     REASON_DIED,
     REASON_OVERFLOW,
     REASON_STORM,
+    REASON_SWITCHED,
     RootWatcher,
     Settler,
     WatchSupervisor,
@@ -241,6 +242,15 @@ def test_folder_moved_in_gives_on_dir_and_its_images(
     assert sorted(rec.of("file")) == sorted(want)  # each once; notes.txt ignored
 
 
+def test_nested_new_dirs_give_one_hint(started: RootWatcher, rec: Recorder, root: Path) -> None:
+    os.makedirs(root / "new" / "a" / "b")
+    (root / "new" / "a" / "b" / "deep.jpg").write_bytes(b"x")
+    assert pump(started, lambda: rec.of("dir") and rec.of("file"))
+    pump_for(started, 2 * SETTLE)
+    assert rec.of("dir") == [root / "new"]
+    assert rec.of("file") == [root / "new" / "a" / "b" / "deep.jpg"]
+
+
 def test_non_candidates_ignored(started: RootWatcher, rec: Recorder, root: Path) -> None:
     for name in (".hidden.jpg", "x.jpg.tmp", "y.jpg.part", "z.jpg.crdownload", "a.jpg~"):
         (root / name).write_bytes(b"x")
@@ -428,6 +438,24 @@ def test_dir_count_passed_in_is_used(root: Path, rec: Recorder) -> None:
     assert ok.mode == "inotify" and ok.watches_needed == 10
     shared = make_root(watch, rec, dir_count=10, watch_limit=100, watches_in_use=45)
     assert shared.mode == "polling"  # 100 - 50 reserved - 45 used elsewhere < 10
+
+
+def test_growing_tree_switches_to_polling(root: Path, rec: Recorder) -> None:
+    watch = make_watch(root, poll_interval_seconds=0.1)
+    rw = make_root(watch, rec, dir_count=10, watch_limit=1000)  # budget 500
+    rw.start()
+    try:
+        assert rw.mode == "inotify"
+        assert rw.update_dir_count(400) is False and rw.mode == "inotify"
+        assert rw.update_dir_count(600) is True
+        st = rw.status()
+        assert st["mode"] == "polling" and "600 directories" in st["reason"] and st["alive"]
+        assert type(rw.observer).__name__ == "PollingObserver"
+        assert rec.of("rescan") == [REASON_SWITCHED]
+        (root / "p.jpg").write_bytes(b"x")
+        assert pump(rw, lambda: rec.of("file"))
+    finally:
+        rw.stop()
 
 
 def test_network_fs_uses_polling(root: Path, rec: Recorder) -> None:
