@@ -530,3 +530,15 @@ def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
     assert all(results), "both processes should have claimed some"
     assert q.counts()["wd"]["done"] == n
     db.close()
+
+
+def test_claim_uses_the_claim_index_without_sorting(q: JobQueue) -> None:
+    from daemon.queue.jobs import _CLAIM
+
+    q.enqueue_many([(f"/{i}.jpg", "wd", i % 3) for i in range(500)])
+    q.db.conn.execute("ANALYZE")
+    plan = " ".join(
+        r[3] for r in q.db.conn.execute("EXPLAIN QUERY PLAN " + _CLAIM, (1.0, 1.0, "wd", 8))
+    )
+    assert "jobs_claim" in plan
+    assert "TEMP B-TREE" not in plan

@@ -93,10 +93,12 @@ ON CONFLICT (path, generator) DO UPDATE SET
     updated_at    = excluded.updated_at
 """
 
+# INDEXED BY: otherwise the planner may prefer jobs_due for the not_before range and
+# sort every pending job of the generator on each claim (measured: 1,400 vs 9,000/s).
 _CLAIM = f"""
 UPDATE jobs SET state = 'leased', lease_until = ?1, attempts = attempts + 1, updated_at = ?2
 WHERE id IN (
-    SELECT id FROM jobs
+    SELECT id FROM jobs INDEXED BY jobs_claim
     WHERE state = 'pending' AND generator = ?3 AND not_before <= ?2
     ORDER BY priority DESC, enqueued_at, id
     LIMIT ?4
