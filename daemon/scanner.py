@@ -389,10 +389,20 @@ class Scanner:
         flush()
 
         # Directories indexed before but not walked now: gone (or no longer watched).
-        for d in index.dirs(root):
+        # Every directory that ever had rows has a version; the summaries skip the ones
+        # already known to be empty.
+        empty = hash(frozenset())
+        for d, v in versions.items():
             if d in walked or not _under(d, top) or any(_under(d, u) for u in unreadable):
                 continue
-            gone.append((d, list(index.dir_entries(root, d))))
+            m = memo.get((root, d))
+            if m is not None and m[0] == v and m[1] == empty:
+                continue
+            version, rows = index.dir_state(root, d)
+            memo[(root, d)] = (version, hash(frozenset(rows)))
+            if rows:
+                gone.append((d, [r[0] for r in rows]))
+                modified.add(d)
 
         for rel, names in gone:
             base = os.path.join(root, rel) if rel else root
@@ -402,12 +412,10 @@ class Scanner:
             else:
                 index.remove_dir(root, rel)
             stats.removed += len(names)
-            if rel not in walked:
-                memo.pop((root, rel), None)
             log.debug("scan.removed", root=root, dir=rel, files=len(names))
 
         # Summaries of the directories changed here, so the next rescan skips them.
-        for rel in modified & walked:
+        for rel in modified:
             version, rows = index.dir_state(root, rel)
             memo[(root, rel)] = (version, hash(frozenset(rows)))
 

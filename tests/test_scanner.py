@@ -247,6 +247,11 @@ def test_removed_directory_tree(env, root: Path) -> None:
     assert index.dirs(str(root)) == {""}
     assert queue.get(str(root / "sub" / "deeper" / "d.webp"), "wd") is None
     assert st.dirs == 1
+    assert scanner.reconcile(w).removed == 0
+    mk(root / "sub" / "deeper" / "again.jpg")  # the folder comes back
+    st = scanner.reconcile(w)
+    assert (st.new, st.removed, st.dirs) == (1, 0, 3)
+    assert Scanner(index, queue).reconcile(w).new == 0  # a fresh scanner agrees
 
 
 def test_subdir_reconcile_only_touches_that_subtree(env, root: Path) -> None:
