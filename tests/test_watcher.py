@@ -25,6 +25,10 @@ from daemon.watcher import (
     watch_reserve,
 )
 
+# watchdog 7.1 warns when `mkdir -p` races its own recursive watch registration
+# (it re-adds a watch it already holds); harmless and not ours.
+pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
+
 SETTLE = 0.3
 IMAGE_EXTS = {".jpg", ".png"}
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", "~")
