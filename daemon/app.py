@@ -22,7 +22,7 @@ from daemon.queue import Database, FileIndex, JobQueue
 from daemon.scanner import Scanner, is_candidate
 from daemon.scans import ScanRequest, ScanScheduler
 from daemon.server import create_health_server
-from daemon.watcher import RootWatcher, WatchSupervisor
+from daemon.watcher import WatchSupervisor
 from daemon.worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -66,11 +66,19 @@ class Daemon:
             interval_seconds=settings.scan.interval_seconds,
             on_enqueued=self.worker.wake,
         )
-        self.watchers = WatchSupervisor([self._root_watcher(w) for w in settings.watch])
+        self.watches = {w.name: w for w in settings.watch}
+        self.watchers = WatchSupervisor(
+            settings.watch,
+            candidate=is_candidate,
+            on_file=self._on_file,
+            on_deleted=self._on_deleted,
+            on_dir=self._on_dir,
+            on_rescan=self._on_rescan,
+        )
         self.server = create_health_server(
             settings.resolved_socket_path(),
             mode=settings.socket_mode,
-            group=None,
+            group=settings.socket_group,
             status_provider=self.status,
         )
         self.notifier = Notifier()
@@ -89,33 +97,28 @@ class Daemon:
             self.warnings.append(msg)
             log.warning("state_dir_on_network_fs", path=str(self.settings.state_dir), fstype=fstype)
 
-    def _root_watcher(self, watch: Any) -> RootWatcher:
-        name = watch.name
+    def _on_file(self, root: str, path: Path) -> None:
+        if self.scanner.check_file(self.watches[root], path, priority_class=PRIORITY_NEW):
+            self.worker.wake()
 
-        def on_file(path: Path) -> None:
-            if self.scanner.check_file(watch, path, priority_class=PRIORITY_NEW):
-                self.worker.wake()
-
-        def on_deleted(path: Path) -> None:
+    def _on_deleted(self, root: str, path: Path) -> None:
+        watch = self.watches[root]
+        if is_candidate(watch, path):
             self.scanner.check_file(watch, path, priority_class=PRIORITY_NEW)
+        else:  # a folder went away: reconcile the tree around it
+            parent = path.parent if watch.path not in (path, path.parent) else None
+            self.scans.request(ScanRequest(root, parent, PRIORITY_NEW, "folder removed"))
 
-        def on_dir(path: Path) -> None:
-            self.scans.request(ScanRequest(name, path, PRIORITY_NEW, "new folder"))
+    def _on_dir(self, root: str, path: Path) -> None:
+        self.scans.request(ScanRequest(root, path, PRIORITY_NEW, "new folder"))
 
-        def on_rescan(reason: str) -> None:
-            self.scans.request(ScanRequest(name, None, PRIORITY_NEW, reason))
-
-        return RootWatcher(
-            watch,
-            candidate=lambda p: is_candidate(watch, p),
-            on_file=on_file,
-            on_deleted=on_deleted,
-            on_dir=on_dir,
-            on_rescan=on_rescan,
-        )
+    def _on_rescan(self, root: str, reason: str) -> None:
+        self.scans.request(ScanRequest(root, None, PRIORITY_NEW, reason))
 
     # -- run ------------------------------------------------------------------------
     def start(self) -> None:
+        # Claim the socket first: a second instance must fail before touching leases.
+        self.server.bind()
         if n := self.queue.recover_all_leased():
             log.warning("leases_recovered_at_start", jobs=n)
         self.worker.start()
@@ -130,8 +133,8 @@ class Daemon:
             self.progress = ProgressWatchdog(
                 self.notifier,
                 interval,
-                checks=[self._worker_progressing, lambda: self.scans.alive],
-                status_text=self._status_line,
+                checks=[self._worker_progressing, self._scanner_alive, self.watchers.is_alive],
+                status=self._status_line,
             )
             self.progress.start()
         log.info(
@@ -150,6 +153,9 @@ class Daemon:
         if busy is not None and time.monotonic() - busy > stall:
             return False
         return time.monotonic() - self.worker.heartbeat < stall
+
+    def _scanner_alive(self) -> bool:
+        return self.scans.alive
 
     def _status_line(self) -> str:
         counts = self._queue_totals()
@@ -185,7 +191,11 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, _signal)
         signal.signal(signal.SIGINT, _signal)
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         try:
             self._stop.wait()
         finally:

@@ -67,13 +67,15 @@ def run(ctx: click.Context, extra: tuple[Path, ...]) -> None:
         )
         ctx.exit(2)
     from daemon.app import Daemon
+    from daemon.queue.db import DatabaseError
+    from daemon.server import SocketPathError
 
     try:
-        daemon = Daemon(settings)
-    except (RuntimeError, OSError) as exc:
+        code = Daemon(settings).run_forever()
+    except (SocketPathError, DatabaseError, OSError) as exc:
         click.echo(f"captiond: cannot start: {exc}", err=True)
         ctx.exit(1)
-    ctx.exit(daemon.run_forever())
+    ctx.exit(code)
 
 
 @main.command("check-config")
@@ -98,6 +100,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         code, body = request(sock, "GET", "/status")
     except DaemonNotRunning:
         click.echo(f"captiond is not running (no answer on {sock})", err=True)
+        ctx.exit(1)
+    except PermissionError as exc:
+        click.echo(f"captiond: {exc}", err=True)
         ctx.exit(1)
     if code != 200:
         click.echo(f"captiond answered {code}: {body.get('error', body)}", err=True)
@@ -135,7 +140,7 @@ def format_status(s: dict[str, Any]) -> str:
         out.append(line)
     out.append("watchers:")
     for root, w in s.get("watchers", {}).items():
-        alive = "alive" if w.get("alive") else "NOT ALIVE"
+        alive = {None: "no observer", True: "alive"}.get(w.get("alive"), "NOT ALIVE")
         line = f"  {root:<14} {w.get('mode')} ({alive})"
         if w.get("reason"):
             line += f"  {w['reason']}"

@@ -167,6 +167,7 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     socket_path: Path | None = None  # default: $RUNTIME_DIRECTORY/captiond.sock or state_dir
     socket_mode: int = 0o660
+    socket_group: str | None = None  # group that may use the socket (mode 0660)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     watch: list[WatchConfig] = Field(default_factory=list)

@@ -241,10 +241,16 @@ class Worker:
             if len(items) == 1:
                 return [exc]
             if is_out_of_memory(exc):
-                half = len(items) // 2
-                self._batch_limit[gen.name] = max(1, half)
-                log.warning("out_of_memory_halving_batch", generator=gen.name, batch=len(items))
-                return self._generate(gen, items[:half]) + self._generate(gen, items[half:])
+                limit = min(len(items) // 2, self._batch_limit.get(gen.name, len(items)))
+                self._batch_limit[gen.name] = limit = max(1, limit)
+                log.warning("out_of_memory_halving_batch", generator=gen.name, batch=limit)
+                out: list[str | BaseException] = []
+                start = 0
+                while start < len(items):  # the limit may shrink again on the way
+                    step = self._batch_limit[gen.name]
+                    out += self._generate(gen, items[start : start + step])
+                    start += step
+                return out
             log.warning(
                 "batch_failed_isolating", generator=gen.name, batch=len(items), error=str(exc)
             )

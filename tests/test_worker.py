@@ -1,0 +1,148 @@
+"""The worker in-process with model-free test generators and a real SQLite queue."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Settings
+from daemon.errors import ModelDownloadError
+from daemon.generators.registry import Discovered
+from daemon.models import ModelManager
+from daemon.queue import Database, FileIndex, JobQueue
+from daemon.worker import Worker
+from tests.daemonproc import make_image, wait_for
+from tests.fakegen import EchoConfig, EchoGenerator
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, echo: dict | None = None, **worker):
+        self.root = tmp_path / "data"
+        self.root.mkdir()
+        self.settings = Settings(
+            state_dir=tmp_path / "state",
+            watch=[{"path": self.root, "generators": ["echo"], "sidecar_extension": "txt"}],
+            worker={"preload": [], "batch_size": 8, **worker},
+            queue={"backoff_base_seconds": 0.05, "backoff_max_seconds": 0.1, "max_attempts": 3},
+        )
+        self.db = Database(tmp_path / "state" / "q.db")
+        self.queue = JobQueue(self.db, backoff_base=0.05, backoff_max=0.1, max_attempts=3)
+        self.index = FileIndex(self.db)
+        cfg = EchoConfig(**(echo or {}))
+        self.models = ModelManager.build(
+            ["echo"],
+            {"echo": Discovered("echo", EchoGenerator)},
+            lambda name, cls: cfg,
+            retry_seconds=0.05,
+        )
+        self.worker = Worker(
+            settings=self.settings, queue=self.queue, index=self.index, models=self.models
+        )
+        EchoGenerator.batches.clear()
+
+    def add(self, name: str, color: str = "red") -> Path:
+        p = make_image(self.root / name, color)
+        self.queue.enqueue(str(p), "echo", 100)
+        return p
+
+    def settled(self) -> bool:
+        totals = self.queue.counts().get("echo", {})
+        return totals.get("pending", 0) == 0 and totals.get("leased", 0) == 0
+
+    def __enter__(self) -> Rig:
+        self.worker.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker.stop()
+
+
+def test_captions_written_and_recorded(tmp_path):
+    rig = Rig(tmp_path)
+    paths = [rig.add(f"i{i}.png") for i in range(5)]
+    with rig:
+        wait_for(rig.settled)
+    for p in paths:
+        assert p.with_suffix(".txt").read_text() == f"echo {p.name} 64x48.\n"
+        rec = rig.index.get_caption(str(p), "echo")
+        assert rec is not None and rec.sidecar_path == str(p.with_suffix(".txt"))
+    assert rig.queue.outcome_counts()["echo"] == {"written": 5}
+
+
+def test_out_of_memory_halves_the_batch(tmp_path):
+    rig = Rig(tmp_path, echo={"oom_above": 2})
+    for i in range(8):
+        rig.add(f"i{i}.png")
+    with rig:
+        wait_for(rig.settled)
+    assert rig.queue.outcome_counts()["echo"] == {"written": 8}
+    assert EchoGenerator.batches[:3] == [8, 4, 2]  # halved until it fits
+    assert max(EchoGenerator.batches[3:]) <= 2  # and remembered for later batches
+
+
+def test_out_of_memory_at_batch_one_is_a_retryable_failure(tmp_path):
+    rig = Rig(tmp_path, echo={"oom_above": -1})  # never fits
+    rig.add("a.png")
+    with rig:
+        wait_for(lambda: rig.queue.counts()["echo"].get("dead") == 1)
+    job = rig.queue.recent_errors(1)[0]
+    assert job.error_type == "out_of_memory" and job.attempts == 3
+
+
+def test_one_poisonous_image_fails_alone(tmp_path):
+    rig = Rig(tmp_path, echo={"fail_on": "poison"})
+    for i in range(3):
+        rig.add(f"ok{i}.png")
+    rig.add("poison.png")
+    with rig:
+        wait_for(lambda: rig.queue.outcome_counts().get("echo", {}).get("written") == 3)
+        wait_for(lambda: rig.queue.counts()["echo"].get("failed") == 1)
+    assert not (rig.root / "poison.txt").exists()
+    bad = rig.queue.recent_errors(1)[0]
+    assert Path(bad.path).name == "poison.png" and bad.error_type == "unexpected"
+
+
+def test_vanished_and_unwatched_files_fail_without_sidecar(tmp_path):
+    rig = Rig(tmp_path)
+    p = rig.add("gone.png")
+    p.unlink()
+    rig.queue.enqueue(str(tmp_path / "elsewhere.png"), "echo", 100)
+    with rig:
+        wait_for(lambda: rig.queue.counts()["echo"].get("failed") == 2)
+    assert {j.error_type for j in rig.queue.recent_errors()} == {"io"}
+
+
+def test_jobs_wait_while_the_model_cannot_load(tmp_path, monkeypatch):
+    rig = Rig(tmp_path)
+    allowed = threading.Event()
+    real_load = EchoGenerator.load
+
+    def flaky_load(self):
+        if not allowed.is_set():
+            raise ModelDownloadError("hub unreachable")
+        real_load(self)
+
+    monkeypatch.setattr(EchoGenerator, "load", flaky_load)
+    rig.add("a.png")
+    with rig:
+        slot = rig.models.get("echo")
+        wait_for(lambda: slot.failures >= 2)
+        assert rig.queue.counts()["echo"]["pending"] == 1
+        assert slot.status()["last_error"]["error_type"] == "model_download"
+        allowed.set()
+        wait_for(rig.settled)
+    assert (rig.root / "a.txt").exists()
+
+
+@pytest.mark.parametrize("policy", ["skip", "overwrite"])
+def test_existing_caption_policy(tmp_path, policy):
+    rig = Rig(tmp_path)
+    rig.settings.watch[0].existing_caption = policy
+    p = rig.add("a.png")
+    p.with_suffix(".txt").write_text("human\n")
+    with rig:
+        wait_for(rig.settled)
+    text = p.with_suffix(".txt").read_text()
+    assert text == ("human\n" if policy == "skip" else "echo a.png 64x48.\n")
