@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 # ---- wd_tagger fixtures (owner: images / wd_tagger) ------------------------------------
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 
 
 @pytest.fixture(scope="session")

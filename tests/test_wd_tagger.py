@@ -304,10 +304,10 @@ def test_resize_first_matches_reference_pad_then_resize(
     img = Image.fromarray(base).resize(size, Image.Resampling.BILINEAR)
     diff = np.abs(prep(img) - reference_preprocess(img))
     top, bottom = border
-    # Identical (up to 8-bit rounding) except in the two rows each side of the
-    # image/padding border, where the reference's bicubic kernel also sees white.
+    # Within 2 grey levels (8-bit rounding, REDUCING_GAP pre-shrink) except in the two
+    # rows each side of the image/padding border, where the reference's kernel sees white.
     inside = np.r_[0 : top - 1, top + 2 : bottom - 1, bottom + 2 : 448]
-    assert diff[inside].max() <= 1.0
+    assert diff[inside].max() <= 2.0
     assert diff.mean() < 0.5
 
 
