@@ -187,10 +187,10 @@ class Scanner:
                 raise ScanError(f"{root}: watch root is missing; not forgetting {full}") from None
             self.queue.forget(full)
             self.index.remove_files(root, rel_dir, [name])
-            log.debug("scan.file_removed", path=full, root=root)
+            log.debug("scan_file_removed", path=full, root=root)
             return False
         except OSError as exc:
-            log.warning("scan.stat_failed", path=full, root=root, error=str(exc))
+            log.warning("scan_stat_failed", path=full, root=root, error=str(exc))
             return False
         if not stat_mod.S_ISREG(st.st_mode):
             return False
@@ -205,7 +205,7 @@ class Scanner:
             try:
                 gens = self._content_changed(full, watch.generators)
             except OSError as exc:
-                log.warning("scan.hash_failed", path=full, root=root, error=str(exc))
+                log.warning("scan_hash_failed", path=full, root=root, error=str(exc))
                 return False
             items = [(full, g, prio) for g in gens]
         if items:
@@ -286,7 +286,7 @@ class Scanner:
             except (FileNotFoundError, NotADirectoryError):
                 continue  # vanished (or never there): its index entries go below
             except OSError as exc:
-                log.warning("scan.dir_unreadable", path=dpath, root=root, error=str(exc))
+                log.warning("scan_dir_unreadable", path=dpath, root=root, error=str(exc))
                 unreadable.append(rel)
                 stats.errors += 1
                 continue
@@ -301,7 +301,7 @@ class Scanner:
                                 continue  # vanished mid-walk: dropped below if indexed
                             except OSError as exc:
                                 log.warning(
-                                    "scan.stat_failed",
+                                    "scan_stat_failed",
                                     path=dpath + "/" + name,
                                     root=root,
                                     error=str(exc),
@@ -322,7 +322,7 @@ class Scanner:
                             if not check_globs or dir_ok(crel, name):
                                 stack.append((dpath + "/" + name, crel))
             except OSError as exc:  # the listing broke off (e.g. an I/O error on a share)
-                log.warning("scan.dir_unreadable", path=dpath, root=root, error=str(exc))
+                log.warning("scan_dir_unreadable", path=dpath, root=root, error=str(exc))
                 unreadable.append(rel)
                 stats.errors += 1
             finally:
@@ -346,7 +346,7 @@ class Scanner:
                     try:
                         name.encode()
                     except UnicodeEncodeError:  # not UTF-8: cannot be stored
-                        log.warning("scan.bad_name", path=dpath + "/" + name, root=root)
+                        log.warning("scan_bad_name", path=dpath + "/" + name, root=root)
                         stats.errors += 1
                         continue
                     stats.new += 1
@@ -375,7 +375,7 @@ class Scanner:
             try:
                 todo = self._content_changed(full, gens)
             except OSError as exc:
-                log.warning("scan.hash_failed", path=full, root=root, error=str(exc))
+                log.warning("scan_hash_failed", path=full, root=root, error=str(exc))
                 stats.errors += 1
                 continue
             if todo:
@@ -412,7 +412,7 @@ class Scanner:
             else:
                 index.remove_dir(root, rel)
             stats.removed += len(names)
-            log.debug("scan.removed", root=root, dir=rel, files=len(names))
+            log.debug("scan_removed", root=root, dir=rel, files=len(names))
 
         # Summaries of the directories changed here, so the next rescan skips them.
         for rel in modified:
@@ -420,8 +420,8 @@ class Scanner:
             memo[(root, rel)] = (version, hash(frozenset(rows)))
 
         stats.seconds = time.perf_counter() - t0
-        log.info(
-            "scan.done",
+        log.debug(
+            "reconcile_done",
             root=root,
             subdir=top or None,
             files=stats.files_seen,

@@ -542,3 +542,16 @@ def test_claim_uses_the_claim_index_without_sorting(q: JobQueue) -> None:
     )
     assert "jobs_claim" in plan
     assert "TEMP B-TREE" not in plan
+
+
+def test_raised_priority_ends_retry_wait(q: JobQueue, clock: FakeClock) -> None:
+    q.enqueue("/a.jpg", "wd", PRIORITY_BACKFILL)
+    q.fail(only(q).id, "model_download", "offline", retryable=True)
+    waiting = q.get("/a.jpg", "wd").not_before
+    assert waiting > clock.t
+    q.enqueue("/a.jpg", "wd", PRIORITY_BACKFILL)  # same priority: still waits
+    assert q.get("/a.jpg", "wd").not_before == waiting
+    q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT)  # a person asked: due now
+    j = q.get("/a.jpg", "wd")
+    assert (j.not_before, j.priority, j.attempts) == (0, PRIORITY_EXPLICIT, 1)
+    assert len(q.claim("wd", 1)) == 1

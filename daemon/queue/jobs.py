@@ -70,7 +70,8 @@ def _claim_order(j: Job) -> tuple[int, float, int]:
 
 # Upsert. In SET, column names refer to the row's values *before* the update.
 #   new                  -> pending
-#   pending              -> priority = max(old, new); age, attempts, not_before kept
+#   pending              -> priority = max(old, new); age and attempts kept; a raised
+#                           priority also ends a retry wait (an explicit request acts now)
 #   leased               -> rerun = 1, priority raised; ack() then re-queues it
 #   done / failed / dead -> pending afresh (attempts 0, error cleared, enqueued now)
 _ENQUEUE = """
@@ -87,7 +88,9 @@ ON CONFLICT (path, generator) DO UPDATE SET
     outcome       = CASE WHEN state IN ('pending', 'leased') THEN outcome END,
     enqueued_at   = CASE WHEN state IN ('pending', 'leased')
                          THEN enqueued_at ELSE excluded.enqueued_at END,
-    not_before    = CASE WHEN state IN ('pending', 'leased') THEN not_before ELSE 0 END,
+    not_before    = CASE WHEN state = 'leased' THEN not_before
+                         WHEN state = 'pending' AND excluded.priority <= priority THEN not_before
+                         ELSE 0 END,
     lease_until   = CASE WHEN state = 'leased' THEN lease_until END,
     state         = CASE WHEN state = 'leased' THEN 'leased' ELSE 'pending' END,
     updated_at    = excluded.updated_at
