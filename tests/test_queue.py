@@ -555,3 +555,36 @@ def test_raised_priority_ends_retry_wait(q: JobQueue, clock: FakeClock) -> None:
     j = q.get("/a.jpg", "wd")
     assert (j.not_before, j.priority, j.attempts) == (0, PRIORITY_EXPLICIT, 1)
     assert len(q.claim("wd", 1)) == 1
+
+
+def test_thread_connections_are_closed_when_threads_end(db: Database) -> None:
+    import gc
+
+    def use() -> None:
+        db.conn.execute("SELECT 1").fetchone()
+
+    for _ in range(30):
+        t = threading.Thread(target=use)
+        t.start()
+        t.join()
+    gc.collect()
+    assert len(db._holders) <= 2  # this thread's, perhaps one not yet collected
+
+
+def _child_enqueue(db: Database) -> None:
+    inherited = db._local.holder.conn  # the parent's connection, copied by fork
+    fresh = db.conn is not inherited
+    JobQueue(db).enqueue("/from_child.jpg", "wd", 0)
+    sys.exit(0 if fresh else 3)
+
+
+def test_forked_child_opens_its_own_connection(db: Database, q: JobQueue) -> None:
+    import multiprocessing
+
+    q.enqueue("/parent.jpg", "wd", 0)  # the parent's connection exists before the fork
+    p = multiprocessing.get_context("fork").Process(target=_child_enqueue, args=(db,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    assert q.get("/from_child.jpg", "wd") is not None
+    assert db.integrity_check() == "ok"
