@@ -14,8 +14,15 @@ Glob matching (``include`` / ``exclude``, :func:`fnmatch` syntax, case-sensitive
 file matches a pattern when its path relative to the root (``/`` separators) or its
 bare name matches; ``*`` also matches ``/``. A directory whose relative path or name
 matches an ``exclude`` pattern is not descended into (``exclude = ["thumbs"]`` skips
-every ``thumbs`` directory). Extensions are compared case-insensitively. Dotfiles,
-dot-directories and temporary names are never candidates.
+every ``thumbs`` directory). An ``include`` list that is empty or contains ``"*"``
+includes everything. Extensions are compared case-insensitively. Dotfiles,
+dot-directories and temporary names are never candidates. Symlinks to files are
+followed (the sidecar goes next to the link); symlinked directories are not. A file
+name that is not valid UTF-8 cannot be stored and is skipped with a warning.
+
+Caveat of the empty-root rule: a user who deletes every image AND every other entry
+of a root gets ScanError until something is put back; the index keeps the old rows
+and their jobs fail as "file not found".
 """
 
 from __future__ import annotations

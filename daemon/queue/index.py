@@ -3,7 +3,7 @@
 ``files`` holds one row per candidate image: (root, dir, name) -> (size, mtime_ns),
 ``dir`` being the directory relative to the watch root with ``/`` separators (``''``
 for the root itself). The reconcile scan compares the disk against it, one directory
-at a time.
+at a time. ``dir_versions`` (kept by triggers) changes whenever a directory's rows change.
 
 ``captions`` remembers, per (image, generator), the hash of the image content that was
 captioned and the hash of the sidecar written, so that a touched-but-unchanged image is
