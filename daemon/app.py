@@ -19,7 +19,7 @@ from daemon.models import ModelManager
 from daemon.mounts import fs_type, is_network_fs
 from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
 from daemon.queue import Database, FileIndex, JobQueue
-from daemon.scanner import Scanner, is_candidate
+from daemon.scanner import ScanError, Scanner, is_candidate
 from daemon.scans import ScanRequest, ScanScheduler
 from daemon.server import create_health_server
 from daemon.watcher import WatchSupervisor
@@ -47,7 +47,7 @@ class Daemon:
             lease_seconds=q.lease_seconds,
         )
         self.index = FileIndex(self.db)
-        self.scanner = Scanner(self.index, self.queue)
+        self.scanner = Scanner(self.index, self.queue, stale_temps_before=self.started_at)
 
         used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
         self.models = ModelManager.build(
@@ -98,13 +98,16 @@ class Daemon:
             log.warning("state_dir_on_network_fs", path=str(self.settings.state_dir), fstype=fstype)
 
     def _on_file(self, root: str, path: Path) -> None:
-        if self.scanner.check_file(self.watches[root], path, priority_class=PRIORITY_NEW):
-            self.worker.wake()
+        try:
+            if self.scanner.check_file(self.watches[root], path, priority_class=PRIORITY_NEW):
+                self.worker.wake()
+        except ScanError as exc:  # the root vanished (unmounted): forget nothing
+            log.warning("file_check_skipped", root=root, path=str(path), error=str(exc))
 
     def _on_deleted(self, root: str, path: Path) -> None:
         watch = self.watches[root]
         if is_candidate(watch, path):
-            self.scanner.check_file(watch, path, priority_class=PRIORITY_NEW)
+            self._on_file(root, path)  # check_file forgets a file that is gone
         else:  # a folder went away: reconcile the tree around it
             parent = path.parent if watch.path not in (path, path.parent) else None
             self.scans.request(ScanRequest(root, parent, PRIORITY_NEW, "folder removed"))

@@ -22,6 +22,8 @@ class PostContext:
     separator: str = ", "
     trigger_word: str = ""
     case: str = "keep"  # keep | lower | sentence
+    # False when the generator was told to keep underscores (WD: remove_underscores=false)
+    underscores_to_spaces: bool = True
 
     @property
     def is_tags(self) -> bool:
@@ -41,8 +43,14 @@ def _join_tags(tags: Sequence[str], ctx: PostContext) -> str:
 
 
 def replace_underscores(text: str, ctx: PostContext) -> str:
+    if not ctx.underscores_to_spaces:
+        return text
+
     def fix(token: str) -> str:
-        return token if token in KAOMOJI else token.replace("_", " ")
+        # Kaomoji keep theirs, also when brackets are escaped: \(o\)_\(o\)
+        if token in KAOMOJI or token.replace("\\", "") in KAOMOJI:
+            return token
+        return token.replace("_", " ")
 
     if ctx.is_tags:
         return _join_tags([fix(t) for t in _split_tags(text, ctx)], ctx)

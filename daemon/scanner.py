@@ -42,6 +42,7 @@ from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
 from daemon.hashing import hash_file
 from daemon.queue.index import FileIndex
 from daemon.queue.jobs import JobQueue
+from daemon.sidecar import TEMP_SUFFIX, is_temp_name
 
 log = structlog.get_logger(__name__)
 
@@ -167,9 +168,15 @@ class Scanner:
     which keeps SQL out of the warm rescan. Memory: about 200 bytes per directory.
     """
 
-    def __init__(self, index: FileIndex, queue: JobQueue) -> None:
+    def __init__(
+        self, index: FileIndex, queue: JobQueue, *, stale_temps_before: float | None = None
+    ) -> None:
+        """``stale_temps_before``: sidecar temp files (``sidecar.TEMP_SUFFIX``) older than
+        this Unix time are leftovers of a crash and are deleted by the walk. The daemon
+        passes its start time: no temp file of the running process is older."""
         self.index = index
         self.queue = queue
+        self.stale_temps_before = stale_temps_before
         self._memo: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- one file ------------------------------------------------------------------
@@ -220,6 +227,17 @@ class Scanner:
         self.index.upsert_files(root, [(rel_dir, name, size, mtime)])
         return bool(items)
 
+    @staticmethod
+    def _remove_stale_temp(dir_fd: int, dpath: str, name: str, before: float) -> None:
+        if not is_temp_name(name):
+            return
+        try:
+            if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime < before:
+                os.unlink(name, dir_fd=dir_fd)
+                log.info("stale_temp_removed", path=dpath + "/" + name)
+        except OSError as exc:
+            log.warning("stale_temp_not_removed", path=dpath + "/" + name, error=str(exc))
+
     def _content_changed(self, full: str, generators: list[str]) -> list[str]:
         """Generators whose recorded caption was not made from this content."""
         digest = hash_file(full)
@@ -256,6 +274,7 @@ class Scanner:
         index, queue = self.index, self.queue
         recursive = rules.recursive
         name_ok = rules.name_re.match
+        stale_before = self.stale_temps_before
         check_globs = rules.include is not None or rules.exclude is not None
         file_ok, dir_ok = rules.file_ok, rules.dir_ok
         memo = self._memo
@@ -319,6 +338,9 @@ class Scanner:
                             if st.st_mode & _S_IFMT == _S_IFREG:
                                 entries.append((name, st.st_size, st.st_mtime_ns))
                                 continue
+                        elif stale_before is not None and name.endswith(TEMP_SUFFIX):
+                            self._remove_stale_temp(fd, dpath, name, stale_before)
+                            continue
                         if recursive and name[0] != ".":
                             try:
                                 if not e.is_dir(follow_symlinks=False):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from PIL import Image
 
 from daemon.config import Settings, WatchConfig
 from daemon.errors import (
@@ -84,6 +85,8 @@ class Worker:
             name: pipeline_for(pp.steps, pp.overrides, name) for name in models.slots
         }
         self._batch_limit: dict[str, int] = {}
+        # The daemon owns its process: Pillow's own bomb check follows the config.
+        Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
         self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -266,6 +269,7 @@ class Worker:
             separator=sep,
             trigger_word=watch.trigger_word,
             case=self.settings.postprocess.case,
+            underscores_to_spaces=getattr(gen.config, "remove_underscores", True),
         )
         text = self._pipelines[gen.name](raw, ctx)
         if not text.strip():

@@ -300,3 +300,17 @@ def test_second_instance_refuses_and_leaves_the_first_alone(daemon, root, wd_mod
     assert first.healthy()
     make_image(root / "b.png", "blue")
     wait_for(lambda: (root / "b.txt").exists())
+
+
+def test_generator_options_reach_the_sidecar(daemon, root):
+    make_image(root / "a.png", "red")
+    d = daemon(
+        watch={"trigger_word": "sks"},
+        sections={"generators.wd_tagger": {"remove_underscores": False, "rating": "first"}},
+    ).start()
+    wait_for(lambda: (root / "a.txt").exists())
+    # trigger word first, then the rating, underscores kept by both tagger and pipeline
+    assert (
+        root / "a.txt"
+    ).read_text() == "sks, general, simple_background, red_background, no_humans\n"
+    wait_for(d.idle)

@@ -64,3 +64,12 @@ def test_custom_separator():
 def test_unknown_step():
     with pytest.raises(ValueError, match="unknown post-processing steps"):
         Pipeline(["nope"])
+
+
+def test_escaped_kaomoji_keep_underscores():
+    assert Pipeline(["replace_underscores"])(r"\(o\)_\(o\), x_y", TAGS) == r"\(o\)_\(o\), x y"
+
+
+def test_generator_keeping_underscores_is_respected():
+    ctx = PostContext(caption_type="tags", underscores_to_spaces=False)
+    assert Pipeline(["replace_underscores"])("long_hair, x_x", ctx) == "long_hair, x_x"

@@ -450,3 +450,24 @@ def test_check_file_deleted_forgets_it(env, root: Path) -> None:
     assert index.count_files() == 3
     st = scanner.reconcile(w)  # and the rescan agrees
     assert (st.new, st.removed) == (0, 0)
+
+
+# -- leftovers of a crash ------------------------------------------------------------------
+
+
+def test_stale_sidecar_temps_are_removed_fresh_ones_kept(env, root: Path) -> None:
+    _, index, queue = env
+    old = mk(root / "sub" / ".c.txt.0a1b2c3d.captiond.tmp", b"half")
+    os.utime(old, (1_000_000, 1_000_000))
+    fresh = mk(root / ".a.txt.deadbeef.captiond.tmp", b"being written")
+    other = mk(root / ".hidden.tmp", b"not ours")
+    os.utime(other, (1_000_000, 1_000_000))
+    scanner = Scanner(index, queue, stale_temps_before=2_000_000_000)
+    os.utime(fresh, (2_100_000_000, 2_100_000_000))  # newer than the daemon's start
+    scanner.reconcile(watch_of(root))
+    assert not old.exists()
+    assert fresh.exists() and other.exists()
+    # without a cut-off nothing is deleted
+    os.utime(fresh, (1_000_000, 1_000_000))
+    Scanner(index, queue).reconcile(watch_of(root))
+    assert fresh.exists()
