@@ -86,14 +86,14 @@ class DaemonProcess:
         self.log = workdir / "daemon.log"
         self.env = env or {}
         watch = {"settle_seconds": 0.3, "sidecar_extension": "txt"} | (watch or {})
-        lines = [
-            f"state_dir = {toml_value(str(self.state_dir))}",
-            f"cache_dir = {toml_value(str(workdir / 'cache'))}",
-            f"socket_path = {toml_value(str(self.socket))}",
-            'log_format = "json"',
-            'log_level = "debug"',
-        ]
-        lines += [f"{k} = {toml_value(v)}" for k, v in (top or {}).items()]
+        top = {
+            "state_dir": str(self.state_dir),
+            "cache_dir": str(workdir / "cache"),
+            "socket_path": str(self.socket),
+            "log_format": "json",
+            "log_level": "debug",
+        } | (top or {})
+        lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
         sections = {
             "queue": {"backoff_base_seconds": 0.2, "backoff_max_seconds": 1.0},
             "worker": {"batch_size": 4, "load_retry_seconds": 0.5},
