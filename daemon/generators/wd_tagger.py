@@ -38,6 +38,7 @@ from daemon.generators.base import (
     ImageInput,
     WeightClass,
 )
+from daemon.postprocess import KAOMOJI  # they keep their underscores (wd-tagger.md)
 
 MODEL_FILENAME = "model.onnx"
 TAGS_FILENAME = "selected_tags.csv"
@@ -50,31 +51,6 @@ REDUCING_GAP = 2.0
 CATEGORY_RATING = 9
 CATEGORY_GENERAL = 0
 CATEGORY_CHARACTER = 4
-
-# Tags that keep their underscores when ``remove_underscores`` is on (wd-tagger.md).
-KAOMOJI = frozenset(
-    [
-        "0_0",
-        "(o)_(o)",
-        "+_+",
-        "+_-",
-        "._.",
-        "<o>_<o>",
-        "<|>_<|>",
-        "=_=",
-        ">_<",
-        "3_3",
-        "6_9",
-        ">_o",
-        "@_@",
-        "^_^",
-        "o_o",
-        "u_u",
-        "x_x",
-        "|_|",
-        "||_||",
-    ]
-)
 
 # Default provider preference; only those onnxruntime reports as available are used.
 # TensorRT is left out of the default (minutes of engine building on first use, and
