@@ -1,0 +1,55 @@
+"""Daemon wiring that needs no subprocess."""
+
+import subprocess
+import sys
+
+import daemon.app as app_module
+from daemon.config import Settings
+
+
+def test_warns_when_the_database_is_on_a_network_filesystem(tmp_path, monkeypatch):
+    monkeypatch.setattr(app_module, "fs_type", lambda path: "nfs4")
+    settings = Settings(state_dir=tmp_path / "state", socket_path=tmp_path / "s.sock")
+    d = app_module.Daemon(settings)
+    try:
+        assert any("network filesystem (nfs4)" in w for w in d.warnings)
+        assert d.status()["warnings"] == d.warnings
+    finally:
+        d.db.close()
+
+
+def test_local_state_dir_gives_no_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(app_module, "fs_type", lambda path: "ext4")
+    d = app_module.Daemon(Settings(state_dir=tmp_path / "s", socket_path=tmp_path / "s.sock"))
+    try:
+        assert d.warnings == []
+    finally:
+        d.db.close()
+
+
+def test_help_lists_every_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon", "--help"], capture_output=True, text=True, timeout=30
+    ).stdout
+    for word in ("run", "status", "check-config", "--config"):
+        assert word in out
+    run_help = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert "--watch" in run_help and "foreground" in run_help
+
+
+def test_run_without_folders_is_a_clear_error(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"state_dir = '{tmp_path / 'st'}'\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "run"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "no folders to watch" in proc.stderr
