@@ -32,7 +32,31 @@ def configure_logging(
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    # Libraries (watchdog, onnxruntime, huggingface_hub) log through stdlib logging.
-    logging.basicConfig(
-        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s"
+    # Libraries (watchdog, huggingface_hub, ...) log through stdlib logging: render their
+    # records with the same renderer, so journald gets one JSON line per record.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
     )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.WARNING))
+    _quiet_huggingface_handler()
+
+
+def _quiet_huggingface_handler() -> None:
+    """huggingface_hub adds its own stderr handler; let its records reach ours only."""
+    try:
+        from huggingface_hub.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_root = hf_logging.get_logger()
+    hf_root.handlers.clear()
+    hf_root.propagate = True

@@ -49,3 +49,18 @@ def test_console_output_on_a_terminal():
     text = out.decode(errors="replace")
     assert "caption_written" in text and "job_id" in text
     assert not text.lstrip().startswith("{")
+
+
+def test_library_records_are_rendered_once_as_json():
+    snippet = (
+        "from daemon.logs import configure_logging; import logging;"
+        "configure_logging('info', 'json');"
+        "from huggingface_hub.utils import logging as hl;"
+        "hl.get_logger('huggingface_hub.utils._http').warning('Retrying in 1s')"
+    )
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines() if "Retrying" in line]
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["event"] == "Retrying in 1s" and rec["level"] == "warning"
+    assert rec["logger"] == "huggingface_hub.utils._http"
