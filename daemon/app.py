@@ -131,11 +131,10 @@ class Daemon:
             self.scans.request_all("start", PRIORITY_BACKFILL)
         self.server.start()
         self.notifier.ready()
-        interval = watchdog_interval()
-        if interval is not None:
+        if self.notifier.enabled:  # STATUS= always; WATCHDOG=1 when systemd asks for it
             self.progress = ProgressWatchdog(
                 self.notifier,
-                interval,
+                watchdog_interval(),
                 checks=[self._worker_progressing, self._scanner_alive, self.watchers.is_alive],
                 status=self._status_line,
             )
@@ -149,13 +148,7 @@ class Daemon:
         )
 
     def _worker_progressing(self) -> bool:
-        if not self.worker.alive:
-            return False
-        stall = self.settings.worker.stall_seconds
-        busy = self.worker.busy_since
-        if busy is not None and time.monotonic() - busy > stall:
-            return False
-        return time.monotonic() - self.worker.heartbeat < stall
+        return self.worker.progressing(self.settings.worker.stall_seconds)
 
     def _scanner_alive(self) -> bool:
         return self.scans.alive
@@ -183,7 +176,8 @@ class Daemon:
         self.watchers.stop()
         self.scans.stop()
         self.worker.stop()
-        self.models.unload_all()
+        if not self.worker.alive:  # else a load or generate() still runs; we exit anyway
+            self.models.unload_all()
         self.db.close()
         log.info("captiond_stopped")
 

@@ -19,7 +19,6 @@ def _settings(ctx: click.Context, extra_watches: tuple[Path, ...] = ()) -> Setti
     except ConfigError as exc:
         click.echo(f"captiond: invalid configuration\n{exc}", err=True)
         ctx.exit(2)
-        raise AssertionError("unreachable") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +48,7 @@ def main(ctx: click.Context, config: Path | None) -> None:
     "-w",
     "extra",
     multiple=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Also watch this folder with the default settings (repeatable).",
 )
 @click.pass_context
@@ -95,14 +94,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
     settings = _settings(ctx)
     from daemon.server import DaemonNotRunning, request
 
-    sock = settings.resolved_socket_path()
-    try:
-        code, body = request(sock, "GET", "/status")
-    except DaemonNotRunning:
-        click.echo(f"captiond is not running (no answer on {sock})", err=True)
-        ctx.exit(1)
-    except PermissionError as exc:
-        click.echo(f"captiond: {exc}", err=True)
+    tried = settings.client_socket_paths()
+    for sock in tried:
+        try:
+            code, body = request(sock, "GET", "/status")
+            break
+        except DaemonNotRunning:
+            continue
+        except OSError as exc:  # permission denied, timed out
+            click.echo(f"captiond: {sock}: {exc}", err=True)
+            ctx.exit(1)
+    else:
+        where = ", ".join(str(p) for p in tried)
+        click.echo(f"captiond is not running (no answer on {where})", err=True)
         ctx.exit(1)
     if code != 200:
         click.echo(f"captiond answered {code}: {body.get('error', body)}", err=True)

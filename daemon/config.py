@@ -10,6 +10,7 @@ and the key; the CLI prints it and exits 2.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,9 @@ PRIORITY_BACKFILL = 0
 
 class ConfigError(Exception):
     """A configuration problem, already phrased for a person."""
+
+
+_EXT_RE = re.compile(r"[\w+-]+(\.[\w+-]+)*")
 
 
 class _Section(BaseModel):
@@ -78,6 +82,17 @@ class WatchConfig(_Section):
     def _defaults(self) -> WatchConfig:
         if not self.name:
             self.name = self.path.name or "root"
+        exts = (
+            [self.sidecar_extension]
+            if isinstance(self.sidecar_extension, str)
+            else list((self.sidecar_extension or {}).values())
+        )
+        for ext in exts:
+            e = ext.lstrip(".")
+            if not _EXT_RE.fullmatch(e):
+                raise ValueError(f"sidecar_extension {ext!r}: letters, digits, - and _ only")
+            if e.lower() in self.image_extensions:
+                raise ValueError(f"sidecar_extension {ext!r} is an image extension")
         if isinstance(self.sidecar_extension, str):
             self.sidecar_extension = self.sidecar_extension.lstrip(".")
         elif isinstance(self.sidecar_extension, dict):
@@ -186,12 +201,31 @@ class Settings(BaseSettings):
     def _expand(cls, v: Path | None) -> Path | None:
         return None if v is None else Path(os.path.expandvars(str(v))).expanduser().absolute()
 
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, v: Any) -> Any:
+        if isinstance(v, str):  # "0660" or "660" from the environment: octal
+            try:
+                return int(v, 8)
+            except ValueError:
+                raise ValueError("write the mode in octal, e.g. 0o660") from None
+        if isinstance(v, int) and not 0 <= v <= 0o777:
+            raise ValueError("write the mode in octal, e.g. 0o660 (not 660)")
+        return v
+
     @model_validator(mode="after")
     def _check_watches(self) -> Settings:
         names = [w.name for w in self.watch]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"watch names must be unique; repeated: {sorted(dup)}")
+        for a in self.watch:
+            for b in self.watch:
+                if a is not b and b.path.is_relative_to(a.path):
+                    raise ValueError(
+                        f"watch {b.name!r} ({b.path}) lies inside watch {a.name!r} ({a.path}); "
+                        "watched folders may not overlap"
+                    )
         return self
 
     @classmethod
@@ -207,11 +241,23 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     def resolved_socket_path(self) -> Path:
+        """Where the daemon listens."""
         if self.socket_path is not None:
             return self.socket_path
         if d := os.environ.get("RUNTIME_DIRECTORY"):
             return Path(d.split(":")[0]) / "captiond.sock"
         return self.state_dir / "captiond.sock"
+
+    def client_socket_paths(self) -> list[Path]:
+        """Where a client looks, in order: the daemon may run under systemd (system or
+        user service, socket in its RuntimeDirectory) while the CLI does not."""
+        if self.socket_path is not None:
+            return [self.socket_path]
+        paths = [self.resolved_socket_path(), Path("/run/captiond/captiond.sock")]
+        if xdg := os.environ.get("XDG_RUNTIME_DIR"):
+            paths.append(Path(xdg) / "captiond" / "captiond.sock")
+        paths.append(self.state_dir / "captiond.sock")
+        return list(dict.fromkeys(paths))
 
     @property
     def db_path(self) -> Path:
@@ -278,6 +324,8 @@ def load_settings(
     if extra_watches:
         watches = [*data.get("watch", []), *({"path": str(p)} for p in extra_watches)]
         data = {**data, "watch": watches}
+    if any(k.startswith("CAPTIOND_") and k != "CAPTIOND_CONFIG" for k in os.environ):
+        source += " (+ CAPTIOND_* environment)"
     try:
         settings = Settings(**data)
     except ValidationError as exc:

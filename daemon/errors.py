@@ -3,6 +3,7 @@ with a retryable flag; message text is never inspected."""
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from dataclasses import dataclass
 from enum import StrEnum
@@ -123,6 +124,6 @@ def classify(exc: BaseException) -> Classified:
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         # The image vanished or was replaced: nothing to retry.
         return Classified(ErrorType.IO, False, message)
-    if isinstance(exc, OSError):
+    if isinstance(exc, (OSError, sqlite3.OperationalError)):  # incl. "database is locked"
         return Classified(ErrorType.IO, True, message)
     return Classified(ErrorType.UNEXPECTED, False, message)

@@ -197,8 +197,7 @@ class Scanner:
         try:
             st = os.stat(full)
         except FileNotFoundError:
-            if not os.path.isdir(root):
-                raise ScanError(f"{root}: watch root is missing; not forgetting {full}") from None
+            self._check_root(root)  # an unmounted share looks like deleted files
             self.queue.forget(full)
             self.index.remove_files(root, rel_dir, [name])
             log.debug("scan_file_removed", path=full, root=root)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +47,18 @@ class ScanScheduler:
         self.last: dict[str, dict[str, Any]] = {}
         self.heartbeat = time.monotonic()
         self.scanning: str | None = None
+        self._next_periodic = time.monotonic() + interval_seconds
 
     def request(self, req: ScanRequest) -> None:
         with self._cond:
-            key = (req.root, req.subdir)
-            old = self._pending.get(key)
-            if old is None or req.priority_class > old.priority_class:
-                self._pending[key] = req
+            self._request_locked(req)
             self._cond.notify()
+
+    def _request_locked(self, req: ScanRequest) -> None:
+        key = (req.root, req.subdir)
+        old = self._pending.get(key)
+        if old is None or req.priority_class > old.priority_class:
+            self._pending[key] = req
 
     def request_all(self, reason: str, priority_class: int = PRIORITY_BACKFILL) -> None:
         for name in self.watches:
@@ -77,26 +81,29 @@ class ScanScheduler:
 
     def _next(self) -> ScanRequest | None:
         with self._cond:
-            deadline = time.monotonic() + (self.interval if self.interval > 0 else 3600.0)
-            while not self._pending and not self._stop:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if self.interval > 0:
-                        for name in self.watches:
-                            self._pending[(name, None)] = ScanRequest(name, None, reason="periodic")
-                    else:
-                        deadline = time.monotonic() + 3600.0
-                    continue
-                self._cond.wait(min(remaining, 5.0))
+            while not self._stop:
+                now = time.monotonic()
+                if self.interval > 0 and now >= self._next_periodic:
+                    # Due even while hints keep arriving: periodic scans are not postponed.
+                    self._next_periodic = now + self.interval
+                    for name in self.watches:
+                        self._request_locked(ScanRequest(name, None, reason="periodic"))
+                if self._pending:
+                    break
+                wait = self._next_periodic - now if self.interval > 0 else 5.0
+                self._cond.wait(max(0.01, min(wait, 5.0)))
                 self.heartbeat = time.monotonic()
             if self._stop:
                 return None
-            # Whole-root scans first; a subtree scan is implied by its root's scan.
+            # Whole-root scans first; a subtree scan is implied by its root's scan, which
+            # inherits the highest priority of what it absorbs.
             key = min(self._pending, key=lambda k: k[1] is not None)
             req = self._pending.pop(key)
             if req.subdir is None:
                 for k in [k for k in self._pending if k[0] == req.root]:
-                    self._pending.pop(k)
+                    absorbed = self._pending.pop(k)
+                    if absorbed.priority_class > req.priority_class:
+                        req = replace(req, priority_class=absorbed.priority_class)
             return req
 
     def _run(self) -> None:
@@ -138,5 +145,6 @@ class ScanScheduler:
 
 
 def _stats(stats: Any) -> dict[str, Any]:
-    fields = ("files_seen", "new", "changed", "touched", "removed", "dirs", "seconds")
-    return {f: getattr(stats, f) for f in fields if hasattr(stats, f)}
+    out = asdict(stats)
+    out.pop("root", None)
+    return out

@@ -38,6 +38,8 @@ class Action(StrEnum):
 class Decision:
     action: Action
     text: str = ""
+    prev_hash: str | None = None  # hash of what the write replaces (recorded as ours)
+    base_text: str | None = None  # a person's caption kept under append/prepend
 
 
 def candidate_paths(image: Path, ext: str) -> tuple[Path, Path]:
@@ -49,10 +51,15 @@ def stem_siblings(image: Path, image_extensions: list[str]) -> list[Path]:
     """Other images in the same folder with the same stem (``a.png`` beside ``a.jpg``)."""
     found = []
     for ext in image_extensions:
-        for variant in {ext.lower(), ext.upper()}:
+        for variant in sorted({ext.lower(), ext.upper()}):
             other = image.with_name(f"{image.stem}.{variant}")
-            if other.name != image.name and other.exists():
-                found.append(other)
+            if other.name == image.name or not other.exists():
+                continue
+            # On a case-insensitive filesystem (SMB, casefolded ext4) a.JPG is a.jpg.
+            with contextlib.suppress(OSError):
+                if os.path.samefile(other, image):
+                    continue
+            found.append(other)
     return found
 
 
@@ -74,11 +81,29 @@ def merge(existing: str, new: str, policy: str, *, tags: bool, separator: str) -
     return f"{existing} {new}" if policy == "append" else f"{new} {existing}"
 
 
+def precheck(
+    *,
+    existing: bytes | None,
+    ours: frozenset[str],
+    seen_before: bool,
+    policy: str,
+    force: bool = False,
+) -> Action | None:
+    """The outcome when it does not depend on the new caption (so the model can be
+    skipped): EXISTS or EDITED; None when a caption may be written."""
+    if existing is None or force or hash_bytes(existing) in ours:
+        return None
+    if seen_before:
+        return Action.EDITED
+    return Action.EXISTS if policy == "skip" else None
+
+
 def decide(
     *,
     new_text: str,
     existing: bytes | None,
-    recorded_hash: str | None,
+    ours: frozenset[str] = frozenset(),
+    base_text: str | None = None,
     seen_before: bool,
     policy: str,
     tags: bool,
@@ -88,29 +113,37 @@ def decide(
     """What to do with a sidecar. Pure: no I/O.
 
     existing: the file's current bytes, None if there is no file.
-    recorded_hash: hash captiond recorded for this sidecar path, None if it never wrote it.
+    ours: hashes of content at this path that captiond wrote (see CaptionRecord).
+    base_text: a person's caption that an earlier append/prepend merged with.
     seen_before: captiond has captioned this image before (under any sidecar path).
     """
+
+    def final(base: str | None) -> str:
+        if base and policy in ("append", "prepend"):
+            return merge(base, new_text, policy, tags=tags, separator=separator)
+        return new_text
+
+    early = precheck(
+        existing=existing, ours=ours, seen_before=seen_before, policy=policy, force=force
+    )
+    if early is not None:
+        return Decision(early)
     if existing is None:
-        return Decision(Action.WRITE, new_text)
+        return Decision(Action.WRITE, final(base_text), base_text=base_text)
+    existing_hash = hash_bytes(existing)
     existing_text = existing.decode("utf-8", errors="replace")
-    if existing_text.rstrip("\n") == new_text.rstrip("\n"):
-        # Also covers a crash between the atomic write and recording it.
-        return Decision(Action.UNCHANGED, new_text)
     if force:
-        return Decision(Action.WRITE, new_text)
-    if recorded_hash is not None:
-        if hash_bytes(existing) == recorded_hash:
-            return Decision(Action.WRITE, new_text)
-        return Decision(Action.EDITED)
-    if seen_before:
-        return Decision(Action.EDITED)
-    if policy == "skip":
-        return Decision(Action.EXISTS)
+        return Decision(Action.WRITE, new_text, prev_hash=existing_hash)
+    if existing_hash in ours:
+        text = final(base_text)
+        if text.rstrip("\n") == existing_text.rstrip("\n"):
+            return Decision(Action.UNCHANGED, text, base_text=base_text)
+        return Decision(Action.WRITE, text, prev_hash=existing_hash, base_text=base_text)
+    # First sight of a caption captiond did not write, and the policy allows a write.
     if policy == "overwrite":
-        return Decision(Action.WRITE, new_text)
-    merged = merge(existing_text, new_text, policy, tags=tags, separator=separator)
-    return Decision(Action.WRITE, merged)
+        return Decision(Action.WRITE, new_text, prev_hash=existing_hash)
+    base = existing_text.strip()
+    return Decision(Action.WRITE, final(base), prev_hash=existing_hash, base_text=base)
 
 
 def read_existing(path: Path) -> bytes | None:
@@ -120,51 +153,64 @@ def read_existing(path: Path) -> bytes | None:
         return None
 
 
-def write_atomic(path: Path, text: str, *, owner_of: Path | None = None) -> str:
-    """Write ``text`` (plus one trailing newline) atomically; return its content hash.
+@dataclass(slots=True)
+class Staged:
+    """A sidecar written and fsynced under a temp name, not yet in place."""
 
-    Temp file in the same folder, fsync, ``os.replace``, fsync of the folder. The new
-    file keeps the mode of the file it replaces (else 0666 & ~umask), and when running
-    as root it is given to the owner of ``owner_of`` (the image).
+    tmp: Path
+    target: Path
+    digest: str
+
+    def commit(self) -> None:
+        """Rename into place and fsync the folder."""
+        os.replace(self.tmp, self.target)
+        dir_fd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def discard(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp)
+
+
+def stage(path: Path, text: str, *, owner_of: Path | None = None) -> Staged:
+    """Write ``text`` (plus one trailing newline) to a temp file beside ``path`` and fsync.
+
+    A new file gets 0666 minus the umask; a replaced file keeps its mode. When running
+    as root the file is given to the owner of ``owner_of`` (the image).
     """
     data = (text.rstrip("\n") + "\n").encode("utf-8")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
-        mode = path.stat().st_mode & 0o7777
+        mode: int | None = path.stat().st_mode & 0o7777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        mode = None
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fchmod(fh.fileno(), mode)
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)
             if owner_of is not None and os.geteuid() == 0:
                 st = owner_of.stat()
                 os.fchown(fh.fileno(), st.st_uid, st.st_gid)
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    return Staged(tmp, path, hash_bytes(data))
+
+
+def write_atomic(path: Path, text: str, *, owner_of: Path | None = None) -> str:
+    """Write a sidecar atomically (temp file, fsync, rename, fsync folder); its hash."""
+    staged = stage(path, text, owner_of=owner_of)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return hash_bytes(data)
-
-
-def remove_stale_temps(folder: Path) -> int:
-    """Delete temp files a crash left behind in one folder; return how many."""
-    removed = 0
-    with contextlib.suppress(OSError), os.scandir(folder) as it:
-        for entry in it:
-            if is_temp_name(entry.name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry.path)
-                    removed += 1
-    return removed
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    return staged.digest

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,29 +32,47 @@ from daemon.errors import (
 from daemon.generators.base import Generator, ImageInput
 from daemon.hashing import hash_bytes
 from daemon.images import decode_image
-from daemon.models import ModelManager
+from daemon.models import ModelManager, ModelSlot
 from daemon.postprocess import Pipeline, PostContext, pipeline_for
-from daemon.queue import FileIndex, Job, JobQueue
+from daemon.queue import CaptionRecord, FileIndex, Job, JobQueue
 from daemon.sidecar import (
     Action,
     candidate_paths,
     decide,
+    precheck,
     read_existing,
+    stage,
     stem_siblings,
-    write_atomic,
 )
 
 log = structlog.get_logger(__name__)
 
 PIPELINE_DEPTH = 2  # batches decoding ahead of the model
-RECOVER_EVERY_SECONDS = 30.0
+LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Where an image's caption goes, and what of that file is captiond's."""
+
+    target: Path
+    record: CaptionRecord | None
+    ours: frozenset[str]
+
+
+@dataclass(slots=True)
+class _Prepared:
+    plan: _Plan
+    value: Any = None  # the generator's prepared input
+    content_hash: str = ""
+    skip: Action | None = None  # decided before generation: no model call needed
 
 
 @dataclass(slots=True)
 class _Item:
     job: Job
     watch: WatchConfig | None
-    future: Future[tuple[Any, str]] | None = None
+    future: Future[_Prepared] | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +112,7 @@ class Worker:
         self._rr = 0
         self.heartbeat = time.monotonic()
         self.busy_since: float | None = None
+        self.loading_since: float | None = None
         self.stem_clashes: deque[dict[str, str]] = deque(maxlen=50)
         self.captions_written = 0
 
@@ -117,37 +136,66 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     # -- main loop ------------------------------------------------------------------
+    # This process is the only one holding leases (the socket lock keeps a second
+    # daemon out), so leases are recovered at start only, never under a running batch.
     def _run(self) -> None:
-        self.models.preload(self.settings.worker.preload)
+        self._load_all(self.settings.worker.preload)
         inflight: deque[_Batch] = deque()
-        last_recover = 0.0
         while not self._stop.is_set():
             self.heartbeat = time.monotonic()
-            if self.heartbeat - last_recover > RECOVER_EVERY_SECONDS:
-                if n := self.queue.recover_expired():
-                    log.warning("leases_recovered", jobs=n)
-                last_recover = self.heartbeat
+            batch: _Batch | None = None
             try:
                 while len(inflight) < PIPELINE_DEPTH and not self._stop.is_set():
-                    batch = self._claim_next()
-                    if batch is None:
+                    claimed = self._claim_next()
+                    if claimed is None:
                         break
-                    inflight.append(batch)
+                    inflight.append(claimed)
                 if not inflight:
                     self._wake.wait(1.0)
                     self._wake.clear()
                     continue
-                self._process(inflight.popleft())
+                batch = inflight.popleft()
+                self._process(batch)
             except Exception:
-                # A bug here must not kill the worker; leases expire and jobs return.
+                # A bug here must not kill the worker or strand the batch's jobs.
                 log.exception("worker_loop_error")
+                if batch is not None:
+                    self._release([batch])
                 self._stop.wait(1.0)
         self._release(inflight)
 
-    def _release(self, inflight: deque[_Batch]) -> None:
-        ids = [it.job.id for b in inflight for it in b.items]
-        if ids:
+    def _release(self, batches: Iterable[_Batch]) -> None:
+        """Jobs not finished go back to the queue (only leased ones are touched)."""
+        ids = [it.job.id for b in batches for it in b.items]
+        try:
             self.queue.release(ids)
+        except Exception:
+            log.exception("release_failed", jobs=len(ids))
+
+    def _load_all(self, names: Iterable[str]) -> None:
+        for name in names:
+            if slot := self.models.get(name):
+                self._ensure_loaded(slot)
+
+    def _ensure_loaded(self, slot: ModelSlot) -> bool:
+        """Load under the watchdog's eye: a load counts as progress for a while."""
+        if slot.ready:
+            return True
+        self.loading_since = time.monotonic()
+        try:
+            return slot.ensure_loaded()
+        finally:
+            self.loading_since = None
+            self.heartbeat = time.monotonic()
+
+    def progressing(self, stall_seconds: float) -> bool:
+        """For the systemd watchdog: the loop turns, or a model load is under way."""
+        if not self.alive:
+            return False
+        now = time.monotonic()
+        if self.loading_since is not None:
+            return now - self.loading_since < max(stall_seconds, LOAD_STALL_SECONDS)
+        return now - self.heartbeat < stall_seconds
 
     def _claim_next(self) -> _Batch | None:
         """Claim and start preparing a batch for the next generator with due work."""
@@ -157,7 +205,7 @@ class Worker:
         for offset in range(len(names)):
             name = names[(self._rr + offset) % len(names)]
             slot = self.models.get(name)
-            if slot is None or not slot.ensure_loaded():
+            if slot is None or not self._ensure_loaded(slot):
                 continue  # jobs wait in the queue until the model can load
             self._rr = (self._rr + offset + 1) % max(1, len(names))
             gen = slot.generator
@@ -182,10 +230,20 @@ class Worker:
         return None
 
     # -- per image, in the decode pool -----------------------------------------------
-    def _prepare(self, gen: Generator, item: _Item) -> tuple[Any, str]:
+    def _prepare(self, gen: Generator, item: _Item) -> _Prepared:
+        """Read, hash and decode one image, unless its sidecar rules out a write."""
         if item.watch is None:
             raise FileNotFoundError(f"{item.job.path} is no longer under a watched folder")
         path = Path(item.job.path)
+        plan = self._plan(gen, item)
+        skip = precheck(
+            existing=read_existing(plan.target),
+            ours=plan.ours,
+            seen_before=plan.record is not None,
+            policy=item.watch.existing_caption,
+        )
+        if skip is not None:
+            return _Prepared(plan, skip=skip)
         before = os.stat(path)
         data = path.read_bytes()
         after = os.stat(path)
@@ -202,33 +260,48 @@ class Worker:
                 raise FileChangingError("unreadable image, modified moments ago") from None
             raise
         context = {"name": path.stem, "folder": path.parent.name}
-        return gen.prepare(ImageInput(path, image, context)), hash_bytes(data)
+        prepared = gen.prepare(ImageInput(path, image, context))
+        return _Prepared(plan, value=prepared, content_hash=hash_bytes(data))
+
+    def _plan(self, gen: Generator, item: _Item) -> _Plan:
+        assert item.watch is not None
+        image = Path(item.job.path)
+        record = self.index.get_caption(item.job.path, gen.name)
+        ext = item.watch.extension_for(gen.name, gen.caption_type)
+        target = self._target(image, ext, item.watch, record)
+        if target == image:
+            raise ValueError(f"sidecar path {target} would be the image itself")
+        ours = record.owned_hashes(str(target)) if record else frozenset()
+        return _Plan(target, record, ours)
 
     # -- per batch, on the worker thread -----------------------------------------------
     def _process(self, batch: _Batch) -> None:
         gen = batch.generator
-        ready: list[tuple[_Item, Any, str]] = []
+        ready: list[tuple[_Item, _Prepared]] = []
         for item in batch.items:
             assert item.future is not None
             try:
-                prepared, content_hash = item.future.result()
+                prepared = item.future.result()
             except Exception as exc:
                 self._fail(item.job, exc, gen.name)
                 continue
-            ready.append((item, prepared, content_hash))
+            if prepared.skip is not None:
+                self._skipped(gen, item, prepared.plan, prepared.skip)
+            else:
+                ready.append((item, prepared))
         if not ready:
             return
         self.busy_since = time.monotonic()
         try:
-            results = self._generate(gen, [p for _, p, _ in ready])
+            results = self._generate(gen, [p.value for _, p in ready])
         finally:
             self.busy_since = None
-        for (item, _, content_hash), result in zip(ready, results, strict=True):
+        for (item, prepared), result in zip(ready, results, strict=True):
             if isinstance(result, BaseException):
                 self._fail(item.job, result, gen.name)
                 continue
             try:
-                self._finish(gen, item, result, content_hash)
+                self._finish(gen, item, prepared, result)
             except Exception as exc:
                 self._fail(item.job, exc, gen.name)
 
@@ -259,7 +332,12 @@ class Worker:
             )
             return [r for it in items for r in self._generate(gen, [it])]
 
-    def _finish(self, gen: Generator, item: _Item, raw: str, content_hash: str) -> None:
+    def _finish(self, gen: Generator, item: _Item, prepared: _Prepared, raw: str) -> None:
+        """Post-process, apply the sidecar rules, write atomically, record, ack.
+
+        The record is written before the rename: after a crash in between, the file on
+        disk (the old content, ``prev_hash``) still counts as ours.
+        """
         job, watch = item.job, item.watch
         assert watch is not None
         image = Path(job.path)
@@ -274,44 +352,78 @@ class Worker:
         text = self._pipelines[gen.name](raw, ctx)
         if not text.strip():
             raise GenerationError(f"{gen.name} produced an empty caption")
-        target = self._target(image, watch.extension_for(gen.name, gen.caption_type), watch)
-        record = self.index.get_caption(job.path, gen.name)
+        plan = self._plan(gen, item)  # again: the folder may have changed meanwhile
+        record = plan.record
         decision = decide(
             new_text=text,
-            existing=read_existing(target),
-            recorded_hash=(
-                record.sidecar_hash if record and record.sidecar_path == str(target) else None
-            ),
+            existing=read_existing(plan.target),
+            ours=plan.ours,
+            base_text=record.base_text if record and plan.ours else None,
             seen_before=record is not None,
             policy=watch.existing_caption,
             tags=ctx.is_tags,
             separator=sep,
         )
-        bound = log.bind(job_id=job.id, path=job.path, generator=gen.name, sidecar=str(target))
-        if decision.action in (Action.WRITE, Action.UNCHANGED):
-            if decision.action is Action.WRITE:
-                digest = write_atomic(target, decision.text, owner_of=image)
-                self.captions_written += 1
-            else:
-                digest = hash_bytes(target.read_bytes())
-            self.index.record_caption(job.path, gen.name, content_hash, str(target), digest)
-            bound.info("caption_written" if decision.action is Action.WRITE else "caption_same")
-        elif decision.action is Action.EDITED:
+        if decision.action not in (Action.WRITE, Action.UNCHANGED):
+            self._skipped(gen, item, plan, decision.action)
+            return
+        bound = log.bind(job_id=job.id, path=job.path, generator=gen.name, sidecar=str(plan.target))
+        if decision.action is Action.UNCHANGED:
+            digest = hash_bytes(plan.target.read_bytes())
+            self.index.record_caption(
+                job.path,
+                gen.name,
+                prepared.content_hash,
+                str(plan.target),
+                digest,
+                prev_hash=record.prev_hash if record else None,
+                base_text=decision.base_text,
+            )
+            bound.info("caption_same")
+        else:
+            staged = stage(plan.target, decision.text, owner_of=image)
+            try:
+                self.index.record_caption(
+                    job.path,
+                    gen.name,
+                    prepared.content_hash,
+                    str(plan.target),
+                    staged.digest,
+                    prev_hash=decision.prev_hash,
+                    base_text=decision.base_text,
+                )
+                staged.commit()
+            except BaseException:
+                staged.discard()
+                raise
+            self.captions_written += 1
+            bound.info("caption_written")
+        self.queue.ack(job.id, decision.action.value)
+
+    def _skipped(self, gen: Generator, item: _Item, plan: _Plan, action: Action) -> None:
+        bound = log.bind(
+            job_id=item.job.id, path=item.job.path, generator=gen.name, sidecar=str(plan.target)
+        )
+        if action is Action.EDITED:
             bound.warning("caption_edited_left_alone")
         else:
             bound.info("caption_exists_skipped")
-        self.queue.ack(job.id, decision.action.value)
+        self.queue.ack(item.job.id, action.value)
 
-    def _target(self, image: Path, ext: str, watch: WatchConfig) -> Path:
+    def _target(
+        self, image: Path, ext: str, watch: WatchConfig, record: CaptionRecord | None
+    ) -> Path:
         stem_form, name_form = candidate_paths(image, ext)
+        if record is not None and record.sidecar_path in (str(stem_form), str(name_form)):
+            return Path(record.sidecar_path)  # an image keeps the sidecar it has
         if watch.sidecar_naming == "name":
             return name_form
         siblings = stem_siblings(image, watch.image_extensions)
         if not siblings:
             return stem_form
         owner = self.index.caption_by_sidecar(str(stem_form))
-        if owner is not None and owner.image_path == str(image):
-            return stem_form
+        if owner is None and min([image, *siblings], key=lambda p: p.name) == image:
+            return stem_form  # unowned: the first name in sort order takes it
         clash = {
             "image": str(image),
             "sidecar": str(name_form),

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import daemon.app as app_module
 from daemon.config import Settings
@@ -53,3 +54,39 @@ def test_run_without_folders_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "no folders to watch" in proc.stderr
+
+
+def test_corrupt_database_is_a_clear_error(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "captiond.db").write_bytes(b"this is not a database" * 100)
+    root = tmp_path / "pics"
+    root.mkdir()
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f"state_dir = '{state}'\nsocket_path = '{tmp_path / 's.sock'}'\n"
+        f"[[watch]]\npath = '{root}'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "cannot open the queue database" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_client_looks_for_the_socket_where_services_put_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    s = Settings(state_dir=tmp_path / "st")
+    assert s.client_socket_paths() == [
+        tmp_path / "st" / "captiond.sock",
+        Path("/run/captiond/captiond.sock"),
+        tmp_path / "xdg" / "captiond" / "captiond.sock",
+    ]
+    assert Settings(socket_path=tmp_path / "x.sock").client_socket_paths() == [
+        tmp_path / "x.sock"
+    ]

@@ -69,6 +69,10 @@ def test_lookup_order(tmp_path, monkeypatch):
         ("[generators.nope]\nx = 1\n", "generators.nope: unknown generator"),
         ("[[watch]]\npath = '/a/x'\n[[watch]]\npath = '/b/x'\n", "watch names must be unique"),
         ("[worker\n", "not valid TOML"),
+        ("[[watch]]\npath = '/x'\nsidecar_extension = 'png'\n", "is an image extension"),
+        ("[[watch]]\npath = '/x'\nsidecar_extension = '../x'\n", "letters, digits"),
+        ("[[watch]]\npath = '/x'\n[[watch]]\npath = '/x/sub'\n", "may not overlap"),
+        ("socket_mode = 660\n", "socket_mode: write the mode in octal"),
     ],
 )
 def test_invalid_config_messages(tmp_path, text, expected):
@@ -115,3 +119,14 @@ def test_cli_missing_config_file_exits_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "config file not found" in proc.stderr
+
+
+def test_socket_mode_from_environment_is_octal(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIOND_SOCKET_MODE", "0660")
+    assert load_settings(write(tmp_path, "")).socket_mode == 0o660
+
+
+def test_environment_errors_name_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIOND_LOG_LEVEL", "LOUD")
+    with pytest.raises(ConfigError, match=r"CAPTIOND_\* environment\): log_level"):
+        load_settings(write(tmp_path, ""))

@@ -205,12 +205,19 @@ def test_stem_clash(daemon, root):
     assert "blue background" in (root / "a.png.txt").read_text()
     clashes = d.status()["worker"]["stem_clashes"]
     assert [c["image"] for c in clashes] == [str(root / "a.png")]
-    # two new images sharing a stem at once: neither takes the stem name
-    make_image(root / "b.jpg", "green")
+    # two new images sharing a stem at once: the first name in sort order takes it
     make_image(root / "b.png", "green")
-    wait_for(lambda: {"b.jpg.txt", "b.png.txt"} <= set(sidecars(root)))
+    make_image(root / "b.jpg", "blue")
+    wait_for(lambda: {"b.txt", "b.png.txt"} <= set(sidecars(root)))
     wait_for(d.idle)
-    assert "b.txt" not in sidecars(root)
+    assert "blue background" in (root / "b.txt").read_text()
+    assert "b.jpg.txt" not in sidecars(root)
+    # the clash ends (a.jpg deleted) and a.png changes: it keeps its own sidecar
+    (root / "a.jpg").unlink()
+    (root / "a.png").write_bytes(image_bytes("green"))
+    wait_for(lambda: "green background" in (root / "a.png.txt").read_text())
+    wait_for(d.idle)
+    assert "red background" in (root / "a.txt").read_text()
 
 
 def test_model_download_failure_keeps_jobs_waiting(daemon, root):

@@ -1,6 +1,5 @@
 import os
 import stat
-from pathlib import Path
 
 import pytest
 
@@ -10,22 +9,20 @@ from daemon.sidecar import (
     candidate_paths,
     decide,
     merge,
-    remove_stale_temps,
+    precheck,
+    stage,
     stem_siblings,
     write_atomic,
 )
 
 
 def d(**kw):
-    base = dict(
-        new_text="new",
-        existing=None,
-        recorded_hash=None,
-        seen_before=False,
-        policy="skip",
-        tags=True,
-    )
+    base = dict(new_text="new", existing=None, seen_before=False, policy="skip", tags=True)
     return decide(**(base | kw))
+
+
+def h(data: bytes) -> frozenset[str]:
+    return frozenset({hash_bytes(data)})
 
 
 def test_no_file_is_written():
@@ -34,8 +31,10 @@ def test_no_file_is_written():
 
 def test_foreign_caption_policy_first_sight():
     assert d(existing=b"mine\n").action is Action.EXISTS
-    assert d(existing=b"mine\n", policy="overwrite").text == "new"
-    assert d(existing=b"a, b\n", policy="append").text == "a, b, new"
+    r = d(existing=b"mine\n", policy="overwrite")
+    assert (r.text, r.prev_hash, r.base_text) == ("new", hash_bytes(b"mine\n"), None)
+    r = d(existing=b"a, b\n", policy="append")
+    assert (r.text, r.base_text) == ("a, b, new", "a, b")
     assert d(existing=b"a, b\n", policy="prepend").text == "new, a, b"
     assert d(existing=b"a man", policy="append", tags=False).text == "a man new"
 
@@ -47,23 +46,62 @@ def test_foreign_caption_after_captiond_saw_the_image_is_never_touched():
 
 def test_our_unedited_caption_is_replaced():
     ours = b"old, tags\n"
-    r = d(existing=ours, recorded_hash=hash_bytes(ours), seen_before=True)
-    assert r.action is Action.WRITE and r.text == "new"
+    r = d(existing=ours, ours=h(ours), seen_before=True)
+    assert r.action is Action.WRITE and r.text == "new" and r.prev_hash == hash_bytes(ours)
 
 
 def test_our_caption_edited_by_a_person_is_left_alone():
     r = d(
         existing=b"old, tags, fixed by hand\n",
-        recorded_hash=hash_bytes(b"old, tags\n"),
+        ours=h(b"old, tags\n"),
         seen_before=True,
         policy="overwrite",
     )
     assert r.action is Action.EDITED
 
 
-def test_identical_content_counts_as_ours():
-    # e.g. a crash between the atomic replace and recording it
-    assert d(existing=b"new\n", seen_before=True).action is Action.UNCHANGED
+def test_identical_content_of_ours_is_unchanged_but_foreign_is_not_adopted():
+    assert d(existing=b"new\n", ours=h(b"new\n"), seen_before=True).action is Action.UNCHANGED
+    assert d(existing=b"new\n", seen_before=True).action is Action.EDITED
+
+
+def test_append_keeps_the_persons_text_when_the_image_changes():
+    # first sight: a person's caption, append policy
+    first = d(existing=b"my own words\n", policy="append", tags=False, new_text="a red car.")
+    assert first.text == "my own words a red car."
+    written = (first.text + "\n").encode()
+    # the image changes: ours is replaced, the person's words stay in front
+    again = d(
+        existing=written,
+        ours=h(written),
+        base_text=first.base_text,
+        seen_before=True,
+        policy="append",
+        tags=False,
+        new_text="a blue car.",
+    )
+    assert again.action is Action.WRITE
+    assert again.text == "my own words a blue car."
+    assert again.base_text == "my own words"
+
+
+def test_crash_between_record_and_rename_keeps_the_old_file_ours():
+    # the record already names the new hash, the disk still has the old (prev) content
+    old = b"old, tags\n"
+    r = d(existing=old, ours=frozenset({hash_bytes(b"new\n"), hash_bytes(old)}), seen_before=True)
+    assert r.action is Action.WRITE
+
+
+def test_precheck_skips_the_model_only_when_the_outcome_is_certain():
+    assert precheck(existing=None, ours=frozenset(), seen_before=True, policy="skip") is None
+    assert precheck(existing=b"x", ours=frozenset(), seen_before=False, policy="skip") is (
+        Action.EXISTS
+    )
+    assert precheck(existing=b"x", ours=frozenset(), seen_before=True, policy="append") is (
+        Action.EDITED
+    )
+    assert precheck(existing=b"x", ours=h(b"x"), seen_before=True, policy="skip") is None
+    assert precheck(existing=b"x", ours=frozenset(), seen_before=False, policy="append") is None
 
 
 def test_force_overwrites():
@@ -114,13 +152,17 @@ def test_write_atomic_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
-def test_remove_stale_temps(tmp_path):
-    (tmp_path / ".a.txt.1234abcd.captiond.tmp").write_text("half")
-    (tmp_path / "a.txt").write_text("keep")
-    (tmp_path / ".hidden").write_text("keep")
-    assert remove_stale_temps(tmp_path) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "a.txt"]
+def test_stage_then_discard_leaves_nothing(tmp_path):
+    staged = stage(tmp_path / "a.txt", "x")
+    assert staged.tmp.exists() and not (tmp_path / "a.txt").exists()
+    staged.discard()
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_unreadable_folder_is_not_an_error(tmp_path: Path):
-    assert remove_stale_temps(tmp_path / "missing") == 0
+def test_new_sidecar_mode_follows_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640

@@ -51,6 +51,13 @@ class Rig:
         totals = self.queue.counts().get("echo", {})
         return totals.get("pending", 0) == 0 and totals.get("leased", 0) == 0
 
+    def restart(self) -> Rig:
+        """A fresh worker on the same queue, index and models (a daemon restart)."""
+        self.worker = Worker(
+            settings=self.settings, queue=self.queue, index=self.index, models=self.models
+        )
+        return self
+
     def __enter__(self) -> Rig:
         self.worker.start()
         return self
@@ -146,3 +153,55 @@ def test_existing_caption_policy(tmp_path, policy):
         wait_for(rig.settled)
     text = p.with_suffix(".txt").read_text()
     assert text == ("human\n" if policy == "skip" else "echo a.png 64x48.\n")
+
+
+def test_existing_caption_skips_the_model_entirely(tmp_path):
+    rig = Rig(tmp_path)
+    p = rig.add("a.png")
+    p.with_suffix(".txt").write_text("human\n")
+    with rig:
+        wait_for(rig.settled)
+    assert EchoGenerator.batches == []  # decided before decoding and generating
+    assert rig.queue.outcome_counts()["echo"] == {"caption_exists": 1}
+
+
+def test_append_keeps_the_persons_words_when_the_image_changes(tmp_path):
+    rig = Rig(tmp_path)
+    rig.settings.watch[0].existing_caption = "append"
+    p = rig.add("a.png")
+    p.with_suffix(".txt").write_text("my own words\n")
+    with rig:
+        wait_for(rig.settled)
+        assert p.with_suffix(".txt").read_text() == "my own words echo a.png 64x48.\n"
+        make_image(p, "blue", size=(80, 60))
+        rig.queue.enqueue(str(p), "echo", 100)
+        rig.worker.wake()
+        wait_for(lambda: "80x60" in p.with_suffix(".txt").read_text())
+    assert p.with_suffix(".txt").read_text() == "my own words echo a.png 80x60.\n"
+
+
+def test_crash_after_recording_before_rename_is_recovered(tmp_path, monkeypatch):
+    from daemon import sidecar
+
+    rig = Rig(tmp_path)
+    p = rig.add("a.png")
+    with rig:
+        wait_for(rig.settled)
+    first = p.with_suffix(".txt").read_text()
+
+    def job():
+        return rig.queue.get(str(p), "echo")
+
+    # The image changes; the rename fails right after the new hash was recorded.
+    make_image(p, "blue", size=(80, 60))
+    rig.queue.enqueue(str(p), "echo", 100)
+    with monkeypatch.context() as m:
+        m.setattr(sidecar.Staged, "commit", lambda self: (_ for _ in ()).throw(OSError(5, "EIO")))
+        with rig.restart():
+            wait_for(lambda: job().state == "pending" and job().error_type == "io")
+    assert p.with_suffix(".txt").read_text() == first  # old content; the record moved on
+    with rig.restart():  # the retry still recognises the old content as captiond's
+        wait_for(lambda: job().state == "done")
+    assert job().outcome == "written"
+    assert "80x60" in p.with_suffix(".txt").read_text()
+    assert [x.name for x in rig.root.iterdir() if x.name.startswith(".")] == []

@@ -90,6 +90,8 @@ _SCHEMA_V1 = [
         sidecar_path TEXT NOT NULL,
         sidecar_hash TEXT NOT NULL,
         written_at   REAL NOT NULL,
+        prev_hash    TEXT,  -- content captiond replaced with this sidecar (crash safety)
+        base_text    TEXT,  -- a person's caption that append/prepend merged with
         PRIMARY KEY (image_path, generator)
     )""",
     "CREATE INDEX IF NOT EXISTS captions_sidecar ON captions (sidecar_path)",
@@ -131,7 +133,14 @@ class Database:
         self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._closed = False
-        self._migrate()
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as exc:  # not a database, corrupt, unreadable
+            self.close()
+            raise DatabaseError(
+                f"{self.path}: cannot open the queue database: {exc}. Move the file aside "
+                "to start with an empty queue (captions already written are kept)."
+            ) from exc
 
     # -- connections ---------------------------------------------------------------
 

@@ -37,9 +37,20 @@ class CaptionRecord:
     sidecar_path: str
     sidecar_hash: str
     written_at: float
+    prev_hash: str | None = None
+    base_text: str | None = None
+
+    def owned_hashes(self, sidecar_path: str) -> frozenset[str]:
+        """Hashes of content at ``sidecar_path`` that captiond may replace."""
+        if self.sidecar_path != sidecar_path:
+            return frozenset()
+        return frozenset(h for h in (self.sidecar_hash, self.prev_hash) if h)
 
 
-_CAP_COLS = "image_path, generator, content_hash, sidecar_path, sidecar_hash, written_at"
+_CAP_COLS = (
+    "image_path, generator, content_hash, sidecar_path, sidecar_hash, written_at, "
+    "prev_hash, base_text"
+)
 
 
 class FileIndex:
@@ -150,11 +161,27 @@ class FileIndex:
         content_hash: str,
         sidecar_path: str,
         sidecar_hash: str,
+        *,
+        prev_hash: str | None = None,
+        base_text: str | None = None,
     ) -> None:
-        """Remember that ``sidecar_path`` was written from content ``content_hash``."""
+        """Remember that ``sidecar_path`` is (about to be) written from ``content_hash``.
+
+        The worker records before it renames the sidecar into place, so ``prev_hash``
+        (what was there before) still counts as ours if it crashes in between.
+        """
         self.db.conn.execute(
-            f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
-            (image_path, generator, content_hash, sidecar_path, sidecar_hash, self.clock()),
+            f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                image_path,
+                generator,
+                content_hash,
+                sidecar_path,
+                sidecar_hash,
+                self.clock(),
+                prev_hash,
+                base_text,
+            ),
         )
 
     def caption_by_sidecar(self, sidecar_path: str) -> CaptionRecord | None:
