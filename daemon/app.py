@@ -124,6 +124,8 @@ class Daemon:
         self.server.bind()
         if n := self.queue.recover_all_leased():
             log.warning("leases_recovered_at_start", jobs=n)
+        if n := self.queue.prune(self._job_configured):
+            log.info("jobs_pruned", jobs=n, reason="folder or generator no longer configured")
         self.worker.start()
         self.watchers.start()  # before the scan, so nothing slips between them
         self.scans.start()
@@ -146,6 +148,10 @@ class Daemon:
             socket=str(self.settings.resolved_socket_path()),
             roots=[str(w.path) for w in self.settings.watch],
         )
+
+    def _job_configured(self, path: str, generator: str) -> bool:
+        watch = self.settings.watch_for(path)
+        return watch is not None and generator in watch.generators
 
     def _worker_progressing(self) -> bool:
         return self.worker.progressing(self.settings.worker.stall_seconds)

@@ -259,6 +259,14 @@ class Settings(BaseSettings):
         paths.append(self.state_dir / "captiond.sock")
         return list(dict.fromkeys(paths))
 
+    def watch_for(self, path: str) -> WatchConfig | None:
+        """The watch whose folder holds ``path`` (absolute)."""
+        for w in self.watch:  # folders never overlap (validated), so at most one matches
+            root = str(w.path).rstrip("/")
+            if path == root or path.startswith(root + "/"):
+                return w
+        return None
+
     @property
     def db_path(self) -> Path:
         return self.state_dir / "captiond.db"

@@ -96,8 +96,6 @@ class Worker:
         self.index = index
         self.models = models
         self._clock = clock
-        # Longest root first, so nested roots resolve to the innermost watch.
-        self._watches = sorted(settings.watch, key=lambda w: len(str(w.path)), reverse=True)
         pp = settings.postprocess
         self._pipelines: dict[str, Pipeline] = {
             name: pipeline_for(pp.steps, pp.overrides, name) for name in models.slots
@@ -216,17 +214,10 @@ class Worker:
                 continue
             batch = _Batch(gen)
             for job in jobs:
-                item = _Item(job, self._watch_for(job.path))
+                item = _Item(job, self.settings.watch_for(job.path))
                 item.future = self._pool.submit(self._prepare, gen, item)
                 batch.items.append(item)
             return batch
-        return None
-
-    def _watch_for(self, path: str) -> WatchConfig | None:
-        for w in self._watches:
-            root = str(w.path)
-            if path == root or path.startswith(root.rstrip("/") + "/"):
-                return w
         return None
 
     # -- per image, in the decode pool -----------------------------------------------

@@ -588,3 +588,18 @@ def test_forked_child_opens_its_own_connection(db: Database, q: JobQueue) -> Non
     assert p.exitcode == 0
     assert q.get("/from_child.jpg", "wd") is not None
     assert db.integrity_check() == "ok"
+
+
+def test_prune_drops_unconfigured_jobs_but_not_leased_ones(tmp_path):
+    from daemon.queue import Database, JobQueue
+
+    q = JobQueue(Database(tmp_path / "q.db"))
+    q.enqueue_many([("/a/1.png", "wd", 0), ("/a/2.png", "old", 0), ("/gone/3.png", "wd", 0)])
+    q.enqueue("/gone/4.png", "wd", 0)
+    leased = q.claim("wd", 10)
+    assert len(leased) == 3
+    q.ack(leased[0].id)
+    assert q.prune(lambda path, gen: path.startswith("/a/") and gen == "wd") == 1
+    assert q.get("/a/2.png", "old") is None
+    assert q.get("/a/1.png", "wd") is not None
+    assert q.get("/gone/3.png", "wd") is not None  # leased: left for its worker

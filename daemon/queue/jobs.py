@@ -313,6 +313,18 @@ class JobQueue:
                 n += conn.total_changes - before
         return n
 
+    def prune(self, keep: Callable[[str, str], bool]) -> int:
+        """Delete the jobs (not leased ones) for which ``keep(path, generator)`` is False:
+        jobs of a folder or generator removed from the configuration."""
+        rows = self.db.conn.execute(
+            "SELECT id, path, generator FROM jobs WHERE state != 'leased'"
+        ).fetchall()
+        drop = [(i,) for i, path, gen in rows if not keep(path, gen)]
+        for chunk in _chunks(drop, BATCH):
+            with self.db.transaction() as conn:
+                conn.executemany("DELETE FROM jobs WHERE id = ?", chunk)
+        return len(drop)
+
     # -- inspection ----------------------------------------------------------------
 
     def counts(self) -> dict[str, dict[str, int]]:
