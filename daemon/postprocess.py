@@ -11,6 +11,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from daemon.vlm_text import clean_vlm_output
+
 # Kaomoji keep their underscores (from the WD tagger reference).
 _KAOMOJI_LIST = "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x"
 KAOMOJI = frozenset([*_KAOMOJI_LIST.split(" "), "|_|", "||_||"])
@@ -127,6 +129,7 @@ STEPS: dict[str, Step] = {
     "terminal_punctuation": terminal_punctuation,
     "trigger_word": trigger_word,
     "dedupe_tags": dedupe_tags,
+    "clean_vlm_output": clean_vlm_output,
 }
 
 

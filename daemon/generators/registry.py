@@ -14,6 +14,7 @@ from daemon.generators.base import Availability, Generator
 
 BUILTINS: dict[str, str] = {
     "wd_tagger": "daemon.generators.wd_tagger:WDTagger",
+    "vlm": "daemon.generators.vlm:VLMGenerator",
 }
 
 ENTRY_POINT_GROUP = "captiond.generators"

@@ -221,7 +221,9 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
         from huggingface_hub import errors as hf_errors
         from huggingface_hub import snapshot_download
     except ImportError as exc:
-        raise ModelUnavailableError(f"huggingface_hub is not installed; cannot fetch {model}") from exc
+        raise ModelUnavailableError(
+            f"huggingface_hub is not installed; cannot fetch {model}"
+        ) from exc
 
     def opt(name: str) -> tuple[type[BaseException], ...]:
         cls = getattr(hf_errors, name, None)
@@ -229,7 +231,9 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
 
     offline = opt("LocalEntryNotFoundError") + opt("OfflineModeIsEnabled")
     gated = opt("GatedRepoError")
-    missing = opt("RepositoryNotFoundError") + opt("RevisionNotFoundError") + opt("HFValidationError")
+    missing = (
+        opt("RepositoryNotFoundError") + opt("RevisionNotFoundError") + opt("HFValidationError")
+    )
     transient = opt("HfHubHTTPError") + opt("XetDownloadError") + _network_errors() + (OSError,)
     where = f"{model}{'@' + revision if revision else ''}"
 
@@ -599,7 +603,9 @@ class VLMGenerator(Generator):
     ) -> list[str]:
         import torch
 
-        images: list[Any] = [[b.image] for b in batch] if fam.nested_images else [b.image for b in batch]
+        images: list[Any] = (
+            [[b.image] for b in batch] if fam.nested_images else [b.image for b in batch]
+        )
         inputs = processor(
             text=[b.text for b in batch], images=images, padding=True, return_tensors="pt"
         )
@@ -612,7 +618,9 @@ class VLMGenerator(Generator):
         with torch.inference_mode():
             out = model.generate(**inputs, **self._generate_kwargs())
         if getattr(model.config, "is_encoder_decoder", False):
-            return [self._florence_text(processor, row, b) for row, b in zip(out, batch, strict=True)]
+            return [
+                self._florence_text(processor, row, b) for row, b in zip(out, batch, strict=True)
+            ]
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = processor.batch_decode(new, skip_special_tokens=True)
         return [t.strip() for t in texts]

@@ -1,0 +1,320 @@
+"""Tiny random vision-language models saved to folders, for offline tests and benchmarks.
+
+Each builder writes processor + model (``save_pretrained``) into one folder that
+``AutoProcessor`` / ``AutoModelForImageTextToText`` load back with no network. The
+weights are random (seeded), so the text is gibberish: tests assert structure,
+determinism and batching, never meaning. Random models often emit EOS at once, so
+callers set ``min_new_tokens``.
+
+Recipes: /work/shared/reference/offline-models.md (transformers 5.x). Heavy imports
+happen inside the builders so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Plain words for the word-level vocabulary; the model picks among them at random.
+_WORDS = (
+    "a an the of and with in on at is are to this that image picture photo shows "
+    "person woman man girl boy cat dog tree sky red green blue white black yellow "
+    "sitting standing holding wearing dress shirt hat hair long short smiling outdoor "
+    "indoor room table chair window street car grass water field flower book cup light "
+    "describe detail what does it caption tags name folder one two three , . : ? !"
+)
+WORDS = tuple(_WORDS.split())
+
+# A chat template that renders content lists (image + text parts) for any role.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | upper }}:"
+    "{% if message['content'] is string %} {{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %} <image>{% else %} {{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+IDEFICS3_CHAT_TEMPLATE = (
+    "<|im_start|>"
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}:"
+    "{% if message['content'] is string %} {{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% else %} {{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_utterance>{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _tokenizer(specials: list[str], *, extra: dict[str, str] | None = None, **named: str) -> Any:
+    """Word-level fast tokenizer: ``specials`` first (ids 0..), then WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in [*specials, *WORDS]:
+        vocab.setdefault(tok, len(vocab))
+    unk = named.get("unk_token", "<unk>")
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    kwargs: dict[str, Any] = dict(named)
+    if extra:
+        kwargs["extra_special_tokens"] = extra
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", **kwargs)
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def build_llava(
+    folder: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 32,
+    patch: int = 8,
+    seed: int = 0,
+) -> Path:
+    """A LLaVA (CLIP vision tower + Llama) model; JoyCaption's ``-hf-llava`` layout."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    _seed(seed)
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    tok = _tokenizer(
+        specials, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vocab = len(tok)
+    improc = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS, dropped by the "default" strategy
+        chat_template=CHAT_TEMPLATE,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=max(1, vision_hidden // 16),
+            image_size=image_size,
+            patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_index=image_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    _set_generation_ids(model, tok)
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_idefics3(
+    folder: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    image_size: int = 64,
+    patch: int = 16,
+    scale_factor: int = 2,
+    seed: int = 0,
+) -> Path:
+    """An Idefics3 / SmolVLM model (SigLIP-like vision + pixel shuffle + Llama)."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        LlamaConfig,
+    )
+    from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
+
+    _seed(seed)
+    grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
+    specials = [
+        "<pad>",
+        "<unk>",
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<fake_token_around_image>",
+        "<image>",
+        "<global-img>",
+        *grid,
+    ]
+    tok = _tokenizer(
+        specials,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        extra={
+            "fake_image_token": "<fake_token_around_image>",
+            "image_token": "<image>",
+            "end_of_utterance_token": "<end_of_utterance>",
+            "global_image_token": "<global-img>",
+        },
+    )
+    image_id = tok.convert_tokens_to_ids("<image>")
+    seq_len = (image_size // patch) ** 2 // (scale_factor**2)
+    improc = Idefics3ImageProcessor(
+        do_image_splitting=False,
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+    )
+    processor = Idefics3Processor(
+        image_processor=improc,
+        tokenizer=tok,
+        image_seq_len=seq_len,
+        chat_template=IDEFICS3_CHAT_TEMPLATE,
+    )
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=max(1, vision_hidden // 16),
+            image_size=image_size,
+            patch_size=patch,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=1024,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=image_id,
+        scale_factor=scale_factor,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = Idefics3ForConditionalGeneration(config).eval()
+    _set_generation_ids(model, tok)
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def build_florence2(
+    folder: Path, *, d_model: int = 32, layers: int = 2, image_size: int = 64, seed: int = 0
+) -> Path:
+    """A Florence-2 model (DaViT vision + BART encoder-decoder)."""
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+    from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
+
+    _seed(seed)
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+    tok = _tokenizer(
+        specials,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra={"image_token": "<image>"},
+    )
+    image_id = tok.convert_tokens_to_ids("<image>")
+    improc = CLIPImageProcessor(
+        size={"height": image_size, "width": image_size},
+        do_center_crop=False,
+        crop_size={"height": image_size, "width": image_size},
+    )
+    improc.image_seq_length = (image_size // 32) ** 2 + 1
+    processor = Florence2Processor(
+        image_processor=improc, tokenizer=tok, post_processor_config={"pure_text": {}}
+    )
+    dims = (8, 16, 16, d_model)
+    config = Florence2Config(
+        vision_config=Florence2VisionConfig(
+            depths=(1, 1, 1, 1),
+            embed_dim=dims,
+            num_heads=(1, 2, 2, 4),
+            num_groups=(1, 2, 2, 4),
+            window_size=2,
+            projection_dim=d_model,
+            drop_path_rate=0.0,
+        ),
+        text_config=BartConfig(
+            vocab_size=len(tok),
+            d_model=d_model,
+            encoder_layers=layers,
+            decoder_layers=layers,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=d_model * 2,
+            decoder_ffn_dim=d_model * 2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.eos_token_id,
+            forced_eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=image_id,
+    )
+    model = Florence2ForConditionalGeneration(config).eval()
+    _set_generation_ids(model, tok)
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _set_generation_ids(model: Any, tok: Any) -> None:
+    gc = model.generation_config
+    gc.pad_token_id = tok.pad_token_id
+    gc.eos_token_id = tok.eos_token_id
+    if tok.bos_token_id is not None:
+        gc.bos_token_id = tok.bos_token_id
+
+
+BUILDERS = {"llava": build_llava, "idefics3": build_idefics3, "florence2": build_florence2}
