@@ -50,14 +50,21 @@ IDEFICS3_CHAT_TEMPLATE = (
 )
 
 
-def _tokenizer(specials: list[str], *, extra: dict[str, str] | None = None, **named: str) -> Any:
-    """Word-level fast tokenizer: ``specials`` first (ids 0..), then WORDS."""
+def _tokenizer(
+    specials: list[str], *, extra: dict[str, str] | None = None, vocab_size: int = 0, **named: str
+) -> Any:
+    """Word-level fast tokenizer: ``specials`` first (ids 0..), then WORDS, then filler
+    words ``w0, w1, ...`` up to ``vocab_size`` (for benchmarks of realistic shape)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
     for tok in [*specials, *WORDS]:
         vocab.setdefault(tok, len(vocab))
+    filler = 0
+    while len(vocab) < vocab_size:
+        vocab.setdefault(f"w{filler}", len(vocab))
+        filler += 1
     unk = named.get("unk_token", "<unk>")
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -84,6 +91,7 @@ def build_llava(
     vision_layers: int = 2,
     image_size: int = 32,
     patch: int = 8,
+    vocab_size: int = 0,
     seed: int = 0,
 ) -> Path:
     """A LLaVA (CLIP vision tower + Llama) model; JoyCaption's ``-hf-llava`` layout."""
@@ -99,7 +107,12 @@ def build_llava(
     _seed(seed)
     specials = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
     tok = _tokenizer(
-        specials, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        specials,
+        vocab_size=vocab_size,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
     )
     image_id = tok.convert_tokens_to_ids("<image>")
     vocab = len(tok)
@@ -127,7 +140,7 @@ def build_llava(
         text_config=LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden,
-            intermediate_size=hidden * 2,
+            intermediate_size=hidden * 8 // 3,
             num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=heads,
