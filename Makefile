@@ -6,13 +6,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?=
 PYTEST_ARGS ?=
+# Optional parts installed into the venv; the tests need all of them.
+EXTRAS ?= test,vlm
 
 .PHONY: setup system-deps run test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 setup: $(VENV)/.installed

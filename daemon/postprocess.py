@@ -26,6 +26,8 @@ class PostContext:
     case: str = "keep"  # keep | lower | sentence
     # False when the generator was told to keep underscores (WD: remove_underscores=false)
     underscores_to_spaces: bool = True
+    max_words: int = 0  # clean_vlm_output truncates prose at a sentence boundary (0 = off)
+    prompt: str = ""  # the generator's prompt, so clean_vlm_output can strip an echo
 
     @property
     def is_tags(self) -> bool:
