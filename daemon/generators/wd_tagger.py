@@ -399,15 +399,19 @@ class WDTagger(Generator):
     def load(self) -> None:
         if self.loaded:
             return
+        # Files first: a daemon whose model cannot be fetched never pays for onnxruntime.
+        model_path, tags_path = self._resolve_files()
+        tags = read_tags_csv(tags_path)
         try:
             import onnxruntime as ort
         except ImportError as exc:
             raise ModelUnavailableError("onnxruntime is not installed") from exc
-        model_path, tags_path = self._resolve_files()
-        tags = read_tags_csv(tags_path)
         providers = self._providers(ort.get_available_providers())
         opts = ort.SessionOptions()
         opts.log_severity_level = 3  # errors only
+        # Idle intra-op threads must not spin: on a CPU they would steal the cores that
+        # decode the next batch (measured: +10% end to end on 2 cores).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.config.intra_op_threads:
             opts.intra_op_num_threads = self.config.intra_op_threads
         try:
