@@ -1,7 +1,7 @@
 """Queue throughput: captiond's JobQueue beside huey's SqliteStorage, same run, same disk.
 
 Run: ``.venv/bin/python bench/bench_queue.py [--runs 3]``. Every measurement uses a
-fresh database in a temp dir (local disk). Results go to bench/RESULTS-queue.md.
+fresh database in a temp dir (local disk). It prints a Markdown section for bench/README.md.
 
 - enqueue, batched: ``enqueue_many`` (1,000 per transaction), 50,000 jobs.
 - enqueue, single: ``enqueue`` one commit each, 5,000 jobs (huey only has this form).
@@ -207,7 +207,7 @@ def main() -> None:
             "is written); huey's dequeue is one delete and no ack.",
             "",
         ]
-        (HERE / "RESULTS-queue.md").write_text("\n".join(text))
+        print("\n".join(text))  # paste into bench/README.md
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python bench/bench_scan.py [--files N] [--per-dir N] [--runs N]``.
 The tree lives in bench/.data/tree-<N> and is reused when present. Results are written
-to bench/RESULTS-scan.md.
+to standard output (a Markdown section for bench/README.md).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def main() -> None:
             "(page cache 2 MB per connection), not in Python objects.",
             "",
         ]
-        (HERE / "RESULTS-scan.md").write_text("\n".join(lines))
+        print("\n".join(lines))  # paste into bench/README.md
 
 
 if __name__ == "__main__":
