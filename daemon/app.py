@@ -56,6 +56,8 @@ class Daemon:
             lambda name, cls: generator_config(settings, name, cls),
             cache_dir=settings.cache_dir,
             retry_seconds=settings.worker.load_retry_seconds,
+            residency=settings.residency,
+            log_args=(settings.log_level, settings.log_format),
         )
         self.worker = Worker(
             settings=settings, queue=self.queue, index=self.index, models=self.models
@@ -220,6 +222,7 @@ class Daemon:
                 "oldest_pending_seconds": None if oldest is None else round(oldest, 1),
             },
             "generators": self.models.status(),
+            "residency": self.models.summary(),
             "watchers": self.watchers.status(),
             "scans": self.scans.status(),
             "worker": self.worker.status(),

@@ -133,6 +133,58 @@ class WorkerConfig(_Section):
     stall_seconds: float = Field(600.0, gt=0)
 
 
+_DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
+_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_keep_alive(v: Any) -> Any:
+    """Ollama-style keep_alive: seconds or "30s"/"5m"/"1h"; 0 = unload after the batch,
+    negative = never unload. Returns seconds (-1.0 for never)."""
+    if isinstance(v, str):
+        m = _DURATION_RE.fullmatch(v)
+        if m is None:
+            raise ValueError(f"keep_alive {v!r}: write seconds, or e.g. '30s', '5m', '1h', -1")
+        v = float(m.group(1)) * _UNITS[m.group(2)]
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return -1.0 if v < 0 else float(v)
+    return v
+
+
+class ModelPolicy(_Section):
+    """``[residency.models.<generator>]``: per-generator residency settings."""
+
+    keep_alive: float | None = None  # default: residency.keep_alive (heavy), -1 (light)
+    memory_mb: float | None = Field(None, ge=0)  # footprint estimate before the first load
+    isolate: bool | None = None  # own process; default: residency.isolate_heavy for heavy
+
+    _keep_alive = field_validator("keep_alive", mode="before")(
+        classmethod(lambda cls, v: parse_keep_alive(v))
+    )
+
+
+class ResidencyConfig(_Section):
+    """Which models stay in memory, and how failures of a model are contained."""
+
+    # Idle lifetime of heavy models (light ones stay warm unless set per model).
+    keep_alive: float = 300.0
+    max_resident_heavy: int = Field(1, ge=1)
+    # Sum of resident models' footprints (GPU memory under CUDA, else RAM); 0 = no budget.
+    memory_budget_mb: float = Field(0.0, ge=0)
+    # A busy model is not evicted for another before it has been resident this long.
+    min_resident_seconds: float = Field(60.0, ge=0)
+    # Heavy models run in a child process that exits on unload (measured: bench_unload).
+    isolate_heavy: bool = True
+    # An image that crashes the model's process this many times ends dead (worker_crash).
+    crash_attempts: int = Field(3, ge=1)
+    breaker_threshold: int = Field(5, ge=1)  # consecutive load/generation failures
+    breaker_cooldown_seconds: float = Field(120.0, gt=0)
+    models: dict[str, ModelPolicy] = Field(default_factory=dict)
+
+    _keep_alive = field_validator("keep_alive", mode="before")(
+        classmethod(lambda cls, v: parse_keep_alive(v))
+    )
+
+
 class PostProcessConfig(_Section):
     steps: list[str] = Field(
         default_factory=lambda: [
@@ -189,6 +241,7 @@ class Settings(BaseSettings):
     queue: QueueConfig = Field(default_factory=QueueConfig)
     scan: ScanConfig = Field(default_factory=ScanConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
     postprocess: PostProcessConfig = Field(default_factory=PostProcessConfig)
     # generator name -> its settings table, validated against the generator's schema
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -377,6 +430,9 @@ def _check_generators(settings: Settings) -> None:
     for g in settings.worker.preload:
         if g not in known:
             problems.append(f"worker.preload: unknown generator {g!r}")
+    for g in settings.residency.models:
+        if g not in known:
+            problems.append(f"residency.models: unknown generator {g!r}")
     if problems:
         raise ConfigError("\n".join(f"{settings.source}: {p}" for p in problems))
 

@@ -91,6 +91,17 @@ class OutOfMemoryError(CaptionError):
     retryable = True
 
 
+class WorkerCrashError(CaptionError):
+    """The process running the model died (segfault, abort, killed for memory).
+
+    Retryable: the worker process is restarted and the image retried on its own; an
+    image that crashes it ``residency.crash_attempts`` times ends ``dead``.
+    """
+
+    error_type = ErrorType.WORKER_CRASH
+    retryable = True
+
+
 @dataclass(frozen=True, slots=True)
 class Classified:
     error_type: ErrorType

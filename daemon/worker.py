@@ -143,6 +143,8 @@ class Worker:
             self.heartbeat = time.monotonic()
             batch: _Batch | None = None
             try:
+                # residency: idle unloading; models with a batch claimed stay
+                self.models.tick(busy={b.generator.name for b in inflight})
                 while len(inflight) < PIPELINE_DEPTH and not self._stop.is_set():
                     claimed = self._claim_next()
                     if claimed is None:
@@ -426,6 +428,8 @@ class Worker:
         return name_form
 
     def _fail(self, job: Job, exc: BaseException, generator: str) -> None:
+        if self.models.job_failed(self.queue, job.id, exc):
+            return  # the model cannot run now: back to the queue, no attempt used
         c = classify(exc)
         state = self.queue.fail(job.id, c.error_type.value, c.message, c.retryable)
         log.warning(

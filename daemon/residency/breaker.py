@@ -1,0 +1,97 @@
+"""A circuit breaker per generator.
+
+Closed: work flows. After ``threshold`` consecutive failures (loads or generate()
+calls) it opens for ``cooldown`` seconds: the generator's jobs wait in the queue
+instead of burning attempts. Then it is half-open: the next attempt is a probe; a
+success closes it, a failure opens it again (the cool-down doubles, up to an hour).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from daemon.errors import Classified
+
+MAX_COOLDOWN_SECONDS = 3600.0
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Not thread-safe by itself: the model manager calls it under its lock."""
+
+    def __init__(
+        self,
+        threshold: int = 5,
+        cooldown: float = 120.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.threshold = threshold
+        self.base_cooldown = cooldown
+        self.cooldown = cooldown
+        self._clock = clock
+        self.state = BreakerState.CLOSED
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self.last_error: Classified | None = None
+        self.last_failure_kind = ""
+        self.times_opened = 0
+
+    def allows(self) -> bool:
+        """May work (a load or a batch) be attempted now? Moves open -> half-open."""
+        if self.state is BreakerState.OPEN:
+            assert self.opened_at is not None
+            if self._clock() - self.opened_at < self.cooldown:
+                return False
+            self.state = BreakerState.HALF_OPEN
+        return True
+
+    def success(self) -> None:
+        if self.state is not BreakerState.CLOSED or self.consecutive:
+            self.state = BreakerState.CLOSED
+            self.consecutive = 0
+            self.cooldown = self.base_cooldown
+
+    def failure(self, kind: str, error: Classified) -> bool:
+        """Record a failure; True when this failure opened the breaker."""
+        self.consecutive += 1
+        self.last_error = error
+        self.last_failure_kind = kind
+        if self.state is BreakerState.HALF_OPEN:
+            self.cooldown = min(self.cooldown * 2, MAX_COOLDOWN_SECONDS)
+            return self._open()
+        if self.state is BreakerState.CLOSED and self.consecutive >= self.threshold:
+            return self._open()
+        return False
+
+    def _open(self) -> bool:
+        self.state = BreakerState.OPEN
+        self.opened_at = self._clock()
+        self.times_opened += 1
+        return True
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "state": self.state.value,
+            "consecutive_failures": self.consecutive,
+            "threshold": self.threshold,
+            "times_opened": self.times_opened,
+        }
+        if self.state is BreakerState.OPEN and self.opened_at is not None:
+            left = self.cooldown - (self._clock() - self.opened_at)
+            out["retry_in_seconds"] = max(0.0, round(left, 1))
+        if self.last_error is not None:
+            out["last_error"] = {
+                "kind": self.last_failure_kind,
+                "error_type": self.last_error.error_type.value,
+                "message": self.last_error.message,
+            }
+        return out

@@ -1,0 +1,54 @@
+"""Memory readings from /proc (no psutil), and whether NVIDIA GPUs are present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def rss_mb(pid: int | None = None) -> float | None:
+    """Resident set size of a process in MB (VmRSS); None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid or 'self'}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def mem_available_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def cuda_present() -> bool:
+    """An NVIDIA driver is loaded: the memory budget then counts GPU memory.
+
+    Read from /proc so the daemon's own process never imports torch for it.
+    """
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
+def gpu_footprint_mb() -> float | None:
+    """GPU memory this process's torch holds (reserved by its caching allocator),
+    if torch is imported and CUDA initialised; else None."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_initialized():
+            return None
+        return sum(torch.cuda.memory_reserved(i) for i in range(torch.cuda.device_count())) / (
+            1024 * 1024
+        )
+    except Exception:
+        return None

@@ -1,0 +1,246 @@
+"""ModelManager residency, in-process (no child processes): loading once under
+concurrent demand, keep_alive, the heavy cap and the memory budget, the breaker,
+download progress."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from daemon.config import ResidencyConfig
+from daemon.generators.registry import Discovered
+from daemon.models import ModelManager, ModelState, ModelWaitError
+from daemon.residency.breaker import BreakerState
+from tests.daemonproc import wait_for
+from tests.fakegen import EchoConfig
+from tests.residency_gens import HeavyEcho, ProgressGenerator
+
+
+def heavy(name: str, **attrs) -> type[HeavyEcho]:
+    return type(f"Heavy_{name}", (HeavyEcho,), {"name": name, "loads": 0, **attrs})
+
+
+def manager(classes, *, retry_seconds=60.0, **residency) -> ModelManager:
+    res = ResidencyConfig(**{"isolate_heavy": False, "min_resident_seconds": 0, **residency})
+    return _build(classes, res, retry_seconds)
+
+
+def _build(classes, res, retry_seconds):
+    m = ModelManager.build(
+        [c.name for c in classes],
+        {c.name: Discovered(c.name, c) for c in classes},
+        lambda name, cls: EchoConfig(),
+        retry_seconds=retry_seconds,
+        residency=res,
+    )
+    m.memory_kind = "ram"
+    return m
+
+
+def use(m: ModelManager, name: str) -> list[str]:
+    slot = m.get(name)
+    assert slot is not None and slot.generator is not None
+    return slot.generator.generate([("a.png", (1, 1))])
+
+
+def test_two_concurrent_demands_load_a_model_once():
+    cls = heavy("vlm", load_delay=0.4)
+    m = manager([cls])
+    slot = m.get("vlm")
+    results: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(slot.ensure_loaded(wait=True)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    # and the worker's own non-blocking demand meanwhile: it sees "loading", no second load
+    time.sleep(0.1)
+    assert slot.ensure_loaded() is False
+    assert m.status()["vlm"]["state"] == "loading"
+    for t in threads:
+        t.join()
+    assert results == [True, True]
+    assert cls.loads == 1
+    assert m.list()[0]["name"] == "vlm" and m.list()[0]["state"] == "loaded"
+
+
+def test_heavy_model_loads_in_the_background():
+    cls = heavy("vlm", load_delay=0.3)
+    m = manager([cls])
+    slot = m.get("vlm")
+    assert slot.ensure_loaded() is False  # the worker goes on; the jobs wait
+    assert slot.state is ModelState.LOADING
+    wait_for(lambda: slot.ready)
+    assert cls.loads == 1 and use(m, "vlm") == ["echo a.png 1x1"]
+
+
+def test_idle_keep_alive_unloads_and_status_shows_it():
+    m = manager([heavy("vlm")], keep_alive=0.3)
+    slot = m.get("vlm")
+    assert slot.ensure_loaded(wait=True)
+    use(m, "vlm")
+    m.tick()
+    st = m.status()["vlm"]
+    assert st["state"] == "loaded" and 0 < st["unload_in_seconds"] <= 0.3
+    time.sleep(0.35)
+    m.tick(busy={"vlm"})  # a batch of it is claimed: it stays
+    assert slot.state is ModelState.LOADED
+    m.tick()
+    st = m.status()["vlm"]
+    assert st["state"] == "unloaded" and st["last_unload"] == "idle" and st["unloads"] == 1
+    assert not slot.raw.loaded and m.list() == []
+
+
+def test_keep_alive_zero_unloads_after_the_batch_and_minus_one_never():
+    m = manager([heavy("zero"), heavy("never")], keep_alive=0, max_resident_heavy=2)
+    m.get("never").policy = type(m.get("never").policy)(keep_alive=-1.0)
+    for name in ("zero", "never"):
+        assert m.get(name).ensure_loaded(wait=True)
+        use(m, name)
+    m.tick()
+    assert m.get("zero").state is ModelState.UNLOADED
+    assert m.get("never").state is ModelState.LOADED
+    assert m.status()["never"]["keep_alive"] == -1.0
+
+
+def test_a_model_reloads_when_a_claimed_batch_finds_it_unloaded():
+    cls = heavy("vlm")
+    m = manager([cls])
+    assert m.get("vlm").ensure_loaded(wait=True)
+    m.unload("vlm")
+    assert use(m, "vlm") == ["echo a.png 1x1"]  # generate() loads it again
+    assert cls.loads == 2
+
+
+def test_the_cap_evicts_the_least_recently_used_idle_model():
+    a, b, c = heavy("a"), heavy("b"), heavy("c")
+    m = manager([a, b, c], max_resident_heavy=2)
+    assert m.get("a").ensure_loaded(wait=True)
+    assert m.get("b").ensure_loaded(wait=True)
+    use(m, "b")
+    use(m, "a")  # b is now the least recently used
+    assert m.get("c").ensure_loaded(wait=True)
+    states = {n: s["state"] for n, s in m.status().items()}
+    assert states == {"a": "loaded", "b": "unloaded", "c": "loaded"}
+    assert m.status()["b"]["last_unload"] == "evicted for c"
+    assert m.summary()["resident_heavy"] == 2
+
+
+def test_a_busy_model_is_not_evicted_and_the_newcomer_waits():
+    a, b = heavy("a"), heavy("b")
+    m = manager([a, b], max_resident_heavy=1)
+    assert m.get("a").ensure_loaded(wait=True)
+    m.tick(busy={"a"})  # a batch of a is claimed in the worker
+    assert m.get("b").ensure_loaded(wait=True) is False
+    st = m.status()["b"]
+    assert st["state"] == "waiting" and "heavy models resident" in st["waiting_for"]
+    assert b.loads == 0
+    m.tick()  # a's batches are done
+    assert m.get("b").ensure_loaded(wait=True)
+    assert m.get("a").state is ModelState.UNLOADED
+
+
+def test_a_busy_model_yields_after_its_time_slice():
+    a, b = heavy("a"), heavy("b")
+    m = manager([a, b], max_resident_heavy=1, min_resident_seconds=0.2)
+    assert m.get("a").ensure_loaded(wait=True)
+    m.tick(busy={"a"})
+    assert not m.get("b").ensure_loaded(wait=True)  # waits
+    assert m.get("a").ready  # within its slice: a keeps taking batches
+    time.sleep(0.25)
+    assert m.get("a").ready is False  # past its slice with b waiting: no new batches
+    m.tick()
+    use(m, "a")  # its claimed batch still runs
+    m.tick()
+    time.sleep(0.01)
+    assert m.get("b").ensure_loaded(wait=True)
+
+
+def test_the_memory_budget_evicts_the_least_recently_used_idle_model():
+    a, b, c = heavy("a"), heavy("b"), heavy("c")
+    m = manager(
+        [a, b, c],
+        max_resident_heavy=3,
+        memory_budget_mb=100,
+        models={"a": {"memory_mb": 40}, "b": {"memory_mb": 40}, "c": {"memory_mb": 50}},
+    )
+    for n in ("a", "b"):
+        assert m.get(n).ensure_loaded(wait=True)
+        m.get(n).footprint_mb = None  # keep the estimates (in-process RSS is noisy)
+    use(m, "a")
+    assert m.get("c").ensure_loaded(wait=True)  # 40 + 40 + 50 > 100: b goes (LRU)
+    m.get("c").footprint_mb = None
+    assert {n: s["state"] for n, s in m.status().items()} == {
+        "a": "loaded",
+        "b": "unloaded",
+        "c": "loaded",
+    }
+    assert m.summary()["memory_used_mb"] == 90
+
+
+def test_a_model_that_does_not_fit_waits_while_the_others_are_pinned():
+    a, b = heavy("a"), heavy("b")
+    m = manager(
+        [a, b],
+        max_resident_heavy=2,
+        memory_budget_mb=100,
+        models={"a": {"memory_mb": 80, "keep_alive": -1}, "b": {"memory_mb": 50}},
+    )
+    assert m.get("a").ensure_loaded(wait=True)
+    m.get("a").footprint_mb = None
+    assert m.get("b").ensure_loaded(wait=True) is False
+    st = m.status()["b"]
+    assert st["state"] == "waiting" and "budget" in st["waiting_for"]
+
+
+def test_failed_loads_open_the_breaker_then_a_probe_closes_it():
+    cls = heavy("vlm", fail_loads=True)
+    m = manager([cls], retry_seconds=0.01, breaker_threshold=2, breaker_cooldown_seconds=0.3)
+    slot = m.get("vlm")
+    for _ in range(2):
+        assert slot.ensure_loaded(wait=True) is False
+        time.sleep(0.03)
+    assert slot.breaker.state is BreakerState.OPEN
+    br = m.status()["vlm"]["breaker"]
+    assert (
+        br["state"] == "open" and br["last_error"]["message"] == "RuntimeError: weights are corrupt"
+    )
+    assert slot.ensure_loaded(wait=True) is False and cls.loads == 2  # no attempt while open
+    with pytest.raises(ModelWaitError):
+        slot.generator.generate([("a.png", (1, 1))])
+    cls.fail_loads = False
+    time.sleep(0.3)
+    assert slot.ensure_loaded(wait=True)  # the half-open probe
+    assert slot.breaker.state is BreakerState.CLOSED and cls.loads == 3
+
+
+def test_explicit_preload_and_unload():
+    cls = heavy("vlm")
+    m = manager([cls], keep_alive=0)
+    st = m.preload("vlm", wait=True, keep_alive=-1)
+    assert st["state"] == "loaded" and st["keep_alive"] == -1.0
+    m.tick()
+    assert m.get("vlm").state is ModelState.LOADED  # pinned by the preload
+    assert m.unload("vlm")["state"] == "unloaded"
+    assert m.status()["vlm"]["keep_alive"] == 0.0  # the override ends with the unload
+    with pytest.raises(KeyError):
+        m.preload("nope")
+
+
+def test_download_progress_shows_while_loading():
+    m = _build([ProgressGenerator], ResidencyConfig(isolate_heavy=False), 60.0)
+    ProgressGenerator.release.clear()
+    slot = m.get("downloading")
+    assert slot.ensure_loaded() is False
+    try:
+        wait_for(lambda: (m.status()["downloading"].get("progress") or {}).get("percent") == 40.0)
+        st = m.status()["downloading"]
+        assert st["state"] == "loading" and st["progress"]["total_mb"] == 10.0
+        assert st["progress"]["file"] == "model.safetensors"
+    finally:
+        ProgressGenerator.release.set()
+    wait_for(lambda: slot.ready)
+    assert "progress" not in m.status()["downloading"]
