@@ -15,6 +15,7 @@ from daemon.generators.base import Availability, Generator
 BUILTINS: dict[str, str] = {
     "wd_tagger": "daemon.generators.wd_tagger:WDTagger",
     "vlm": "daemon.generators.vlm:VLMGenerator",
+    "multi_person": "daemon.generators.multi_person:MultiPersonGenerator",
 }
 
 ENTRY_POINT_GROUP = "captiond.generators"
