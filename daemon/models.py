@@ -597,19 +597,21 @@ class ModelManager:
                 slots.append(ModelSlot(name, None, reason=avail.reason))
                 continue
             spec = res.models.get(name) or ModelPolicy()
-            heavy = found.cls.weight is WeightClass.HEAVY
+            config = make_config(name, found.cls)
+            # Weight from an instance: settings may make a generator heavy (multi_person).
+            local = found.cls(config, cache_dir=cache_dir)
+            heavy = local.weight is WeightClass.HEAVY
             isolate = spec.isolate if spec.isolate is not None else heavy and res.isolate_heavy
             keep = (
                 spec.keep_alive
                 if spec.keep_alive is not None
                 else (res.keep_alive if heavy else -1.0)
             )
-            config = make_config(name, found.cls)
             gen: Generator | ChildGenerator
             if isolate:
                 gen = ChildGenerator(found.cls, config, cache_dir=cache_dir, log_args=log_args)
             else:
-                gen = found.cls(config, cache_dir=cache_dir)
+                gen = local
             slots.append(
                 ModelSlot(
                     name,

@@ -203,10 +203,11 @@ class ChildGenerator:
         self.config = self._shadow.config
         self.cache_dir = cache_dir
         self.name = cls.name
-        self.caption_type = cls.caption_type
+        # From the instance: a generator's settings may change them (multi_person's mode).
+        self.caption_type = self._shadow.caption_type
         self.description = cls.description
         self.version = cls.version
-        self.weight = cls.weight
+        self.weight = self._shadow.weight
         self.ref = class_ref(cls)
         self.log_args = log_args
         self.on_progress = on_progress
