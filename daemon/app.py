@@ -13,7 +13,11 @@ from typing import Any
 import structlog
 
 from daemon import __version__
+from daemon.api import register_api
+from daemon.api.runtime import RuntimeSettings
+from daemon.api.security import load_token
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, Settings, generator_config
+from daemon.control import Control, apply_runtime_settings
 from daemon.generators.registry import discover
 from daemon.models import ModelManager
 from daemon.mounts import fs_type, is_network_fs
@@ -47,6 +51,9 @@ class Daemon:
             lease_seconds=q.lease_seconds,
         )
         self.index = FileIndex(self.db)
+        # Settings changed through the API, applied over the file before parts are built.
+        self.runtime = RuntimeSettings.load(settings.runtime_settings_path)
+        self.warnings += apply_runtime_settings(settings, self.runtime)
         self.scanner = Scanner(self.index, self.queue, stale_temps_before=self.started_at)
 
         used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
@@ -83,6 +90,11 @@ class Daemon:
             group=settings.socket_group,
             status_provider=self.status,
         )
+        self.control = Control(self, self.runtime)
+        register_api(self.server, self.control)
+        if settings.api.tcp.enabled:  # off by default; bearer token from a 0600 file
+            tcp = settings.api.tcp
+            self.server.enable_tcp(tcp.host, tcp.port, load_token(tcp.token_file))
         self.notifier = Notifier()
         self.progress: ProgressWatchdog | None = None
 

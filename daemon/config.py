@@ -211,6 +211,49 @@ class PostProcessConfig(_Section):
         return self
 
 
+class TcpConfig(_Section):
+    """Optional HTTP listener on TCP, for tools that cannot speak to a Unix socket.
+
+    Off by default. Every request needs ``Authorization: Bearer <token>`` with the
+    token read from ``token_file``, which must be owned by the daemon's user and
+    have mode 0600 (the daemon refuses to start otherwise).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(7000, ge=0, le=65535)  # 0: any free port (tests)
+    token_file: Path | None = None
+
+    @field_validator("token_file")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(os.path.expandvars(str(v))).expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _needs_token(self) -> TcpConfig:
+        if self.enabled and self.token_file is None:
+            raise ValueError("api.tcp.enabled needs api.tcp.token_file (a file with mode 0600)")
+        return self
+
+
+class ApiConfig(_Section):
+    # Members of this group (besides root and the daemon's own user) may use the
+    # mutating endpoints; anyone who can open the socket may read.
+    admin_group: str | None = None
+    # A synchronous caption request answers {queued: true} after this long.
+    sync_wait_seconds: float = Field(30.0, ge=0)
+    max_batch_items: int = Field(10_000, ge=1)
+    # Settings changed through the API (caption types, generator configs, post-
+    # processing, paused roots); default <state_dir>/runtime-settings.json.
+    settings_file: Path | None = None
+    tcp: TcpConfig = Field(default_factory=TcpConfig)
+
+    @field_validator("settings_file")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return None if v is None else Path(os.path.expandvars(str(v))).expanduser().absolute()
+
+
 def _default_state_dir() -> Path:
     if d := os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
         return Path(d.split(":")[0])
@@ -243,6 +286,7 @@ class Settings(BaseSettings):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
     postprocess: PostProcessConfig = Field(default_factory=PostProcessConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
     # generator name -> its settings table, validated against the generator's schema
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -324,6 +368,10 @@ class Settings(BaseSettings):
     def db_path(self) -> Path:
         return self.state_dir / "captiond.db"
 
+    @property
+    def runtime_settings_path(self) -> Path:
+        return self.api.settings_file or self.state_dir / "runtime-settings.json"
+
 
 def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     """The config file to use, by the documented order; None when there is none."""
@@ -402,26 +450,26 @@ def _check_generators(settings: Settings) -> None:
 
     known = discover()
     problems: list[str] = []
-    for name, table in settings.generators.items():
+    caption_types: dict[str, str] = {}  # from instances: settings may change the type
+    for name, found in known.items():
+        if found.cls is None:
+            continue  # reported as unavailable at run time
+        if name in settings.generators or any(name in w.generators for w in settings.watch):
+            try:
+                config = found.cls.config_model(**settings.generators.get(name, {}))
+            except ValidationError as exc:
+                for e in exc.errors():
+                    problems.append(f"generators.{name}.{_loc(e['loc'])}: {e['msg']}")
+                continue
+            caption_types[name] = found.cls(config).caption_type
+    for name in settings.generators:
         if name not in known:
             problems.append(f"generators.{name}: unknown generator (known: {sorted(known)})")
-            continue
-        cls = known[name].cls
-        if cls is None:
-            continue  # reported as unavailable at run time
-        try:
-            cls.config_model(**table)
-        except ValidationError as exc:
-            for e in exc.errors():
-                problems.append(f"generators.{name}.{_loc(e['loc'])}: {e['msg']}")
     for i, w in enumerate(settings.watch):
         for g in w.generators:
             if g not in known:
                 problems.append(f"watch[{i}].generators: unknown generator {g!r}")
-        exts = [
-            w.extension_for(g, known[g].cls.caption_type if known.get(g) and known[g].cls else g)
-            for g in w.generators
-        ]
+        exts = [w.extension_for(g, caption_types.get(g, g)) for g in w.generators]
         if len(set(exts)) != len(exts):
             problems.append(
                 f"watch[{i}].sidecar_extension: two generators would write the same "

@@ -8,6 +8,14 @@ Every error is JSON: ``{"error": ..., "error_type": ..., "retryable": ...}``.
 
 Each connection's peer credentials (SO_PEERCRED) are on ``Request.peer`` so that
 handlers can authorise on them. ``request()`` is the matching client.
+
+A ``Response`` with ``stream`` (an iterator of byte chunks) is sent with chunked
+transfer encoding as the chunks come; a ``None`` chunk only checks whether the client
+is still there. When it is gone the iterator is closed (``GeneratorExit`` inside a
+generator), so a handler can cancel work nobody waits for.
+
+``enable_tcp()`` adds an optional TCP listener serving the same routes; every request
+on it must carry ``Authorization: Bearer <token>`` (``Request.auth == "token"``).
 """
 
 from __future__ import annotations
@@ -17,17 +25,19 @@ import dataclasses
 import enum
 import fcntl
 import grp
+import hmac
 import http.client
 import json
 import os
 import re
+import select
 import socket
 import socketserver
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import date, datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -143,6 +153,7 @@ class Request:
     body: bytes
     peer: PeerCredentials | None
     params: dict[str, str] = dataclasses.field(default_factory=dict)  # from {name} patterns
+    auth: str | None = None  # "peer" (Unix socket, see ``peer``) or "token" (TCP, bearer)
 
     def json(self) -> Any:
         """The body parsed as JSON; an empty body is ``None``; invalid JSON -> 400."""
@@ -166,6 +177,8 @@ class Response:
     body: Any = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     content_type: str = "application/json"
+    # Sent chunk by chunk (chunked encoding) instead of ``body``; None = "client there?"
+    stream: Iterator[bytes | None] | None = None
 
     def encode(self) -> bytes:
         if self.body is None:
@@ -292,6 +305,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        if self.connection.family != socket.AF_UNIX:
+            self.peer = None  # TCP: authorised by the bearer token instead
+            return
         try:
             self.peer = peer_credentials(self.connection)
         except OSError:
@@ -358,12 +374,28 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 return
             length -= len(chunk)
 
+    def _check_token(self) -> None:
+        token: bytes | None = getattr(self.server, "token", None)
+        if token is None:
+            return
+        header = self.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+            self.close_connection = True  # the body (if any) is not read
+            raise HTTPError(
+                401,
+                "missing or wrong bearer token",
+                headers={"WWW-Authenticate": 'Bearer realm="captiond"'},
+            )
+
     def _dispatch(self) -> None:
         started = time.perf_counter()
         split = urlsplit(self.path)
         path = split.path or "/"
         route: Route | None = None
+        tcp = getattr(self.server, "token", None) is not None
         try:
+            self._check_token()
             body = self._read_body()
             route, params = self.server.control.router.match(self.command, path)
             req = Request(
@@ -374,6 +406,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 body=body,
                 peer=self.peer,
                 params=params,
+                auth="token" if tcp else "peer",
             )
             resp = to_response(route.handler(req))
             payload = resp.encode()  # serialisation errors are handler errors too
@@ -389,7 +422,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
             )
             resp = HTTPError(500, f"internal error: {type(exc).__name__}: {exc}").to_response()
             payload = resp.encode()
-        self._send(resp, head=self.command == "HEAD", payload=payload)
+        if resp.stream is not None:
+            self._send_stream(resp, head=self.command == "HEAD")
+        else:
+            self._send(resp, head=self.command == "HEAD", payload=payload)
         log.debug(
             "control_request",
             method=self.command,
@@ -413,6 +449,62 @@ class _RequestHandler(BaseHTTPRequestHandler):
         if payload and not head:
             self.wfile.write(payload)
 
+    def _client_gone(self) -> bool:
+        """The client closed its end (EOF or reset) while we stream to it."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _send_stream(self, resp: Response, *, head: bool) -> None:
+        stream = resp.stream
+        assert stream is not None
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        if not head:
+            self.send_header("Transfer-Encoding", "chunked")
+        for name, value in resp.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        gone = head
+        try:
+            while not gone:
+                try:
+                    chunk = next(stream)
+                except StopIteration:
+                    break
+                if chunk is None:
+                    gone = self._client_gone()
+                    continue
+                if not chunk:
+                    continue
+                try:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+                except OSError:
+                    gone = True
+            if not gone:
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+        except OSError:
+            gone = True
+        except Exception:
+            log.exception("control_stream_failed", path=self.path)
+            gone = True  # the chunked body is broken: the client must not reuse it
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # GeneratorExit in the handler's generator: it cancels its work
+        if gone:
+            self.close_connection = True
+
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
 
 
@@ -424,6 +516,21 @@ class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
     def __init__(self, control: ControlServer) -> None:
         self.control = control
         super().__init__(str(control.path), _RequestHandler, bind_and_activate=False)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("control_connection_failed")
+
+
+class _TCPHTTPServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, control: ControlServer, address: tuple[str, int], token: bytes) -> None:
+        self.control = control
+        self.token = token
+        super().__init__(address, _RequestHandler, bind_and_activate=True)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("control_connection_failed")
@@ -456,6 +563,19 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._lock_fd: int | None = None
         self._inode: tuple[int, int] | None = None
+        self._tcp_config: tuple[str, int, bytes] | None = None
+        self._tcp: _TCPHTTPServer | None = None
+        self._tcp_thread: threading.Thread | None = None
+
+    def enable_tcp(self, host: str, port: int, token: bytes) -> None:
+        """Also serve on TCP ``host:port`` from ``start()``; requests need the token."""
+        if not token:
+            raise ValueError("a TCP listener needs a non-empty token")
+        self._tcp_config = (host, port, token)
+
+    @property
+    def tcp_address(self) -> tuple[str, int] | None:
+        return None if self._tcp is None else self._tcp.server_address[:2]
 
     # routing
     def add_route(self, method: str, path: str, handler: Handler) -> Route:
@@ -520,9 +640,27 @@ class ControlServer:
         )
         self._thread.start()
         log.info("control_socket_listening", path=str(self.path), mode=oct(self.mode))
+        if self._tcp_config is not None:
+            host, port, token = self._tcp_config
+            self._tcp = _TCPHTTPServer(self, (host, port), token)
+            self._tcp_thread = threading.Thread(
+                target=self._tcp.serve_forever,
+                kwargs={"poll_interval": 0.1},
+                name="control-tcp",
+                daemon=True,
+            )
+            self._tcp_thread.start()
+            log.info("control_tcp_listening", address=f"{host}:{self._tcp.server_address[1]}")
 
     def stop(self) -> None:
         """Stop serving, close the socket and remove the file (if it is still ours)."""
+        tcp, self._tcp = self._tcp, None
+        if tcp is not None:
+            tcp.shutdown()
+            if self._tcp_thread is not None:
+                self._tcp_thread.join(timeout=5)
+                self._tcp_thread = None
+            tcp.server_close()
         server, self._server = self._server, None
         if server is None:
             return

@@ -33,7 +33,7 @@ from daemon.generators.base import Generator, ImageInput
 from daemon.hashing import hash_bytes
 from daemon.images import decode_image
 from daemon.models import ModelManager, ModelSlot
-from daemon.postprocess import Pipeline, PostContext, pipeline_for
+from daemon.postprocess import PostContext, pipeline_for
 from daemon.queue import CaptionRecord, FileIndex, Job, JobQueue
 from daemon.sidecar import (
     Action,
@@ -74,6 +74,36 @@ class _Item:
     watch: WatchConfig | None
     future: Future[_Prepared] | None = None
 
+    @property
+    def force(self) -> bool:
+        return bool(self.job.options and self.job.options.get("force"))
+
+    @property
+    def post_process(self) -> bool:
+        return not (self.job.options and self.job.options.get("post_process") is False)
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """What became of one claimed job, for whoever asked for it (the API).
+
+    ``state``: the job's state afterwards (``done``; ``pending`` when a retry is due;
+    ``failed``; ``dead``). ``outcome`` is the done job's outcome (``written``...).
+    """
+
+    job_id: int
+    path: str
+    generator: str
+    options: dict[str, Any] | None
+    state: str
+    outcome: str | None = None
+    caption: str | None = None
+    caption_type: str | None = None
+    sidecar: str | None = None
+    error_type: str | None = None
+    error: str | None = None
+    retryable: bool = False
+
 
 @dataclass(slots=True)
 class _Batch:
@@ -90,16 +120,15 @@ class Worker:
         index: FileIndex,
         models: ModelManager,
         clock: Callable[[], float] = time.time,
+        on_result: Callable[[JobResult], None] | None = None,
     ):
         self.settings = settings
         self.queue = queue
         self.index = index
         self.models = models
         self._clock = clock
-        pp = settings.postprocess
-        self._pipelines: dict[str, Pipeline] = {
-            name: pipeline_for(pp.steps, pp.overrides, name) for name in models.slots
-        }
+        self.on_result = on_result  # called on the worker thread: must not block
+        self.set_postprocess(settings.postprocess)
         self._batch_limit: dict[str, int] = {}
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
@@ -113,6 +142,27 @@ class Worker:
         self.loading_since: float | None = None
         self.stem_clashes: deque[dict[str, str]] = deque(maxlen=50)
         self.captions_written = 0
+        self.paused = False  # no job is claimed
+        self.paused_roots: frozenset[str] = frozenset()  # no job under these is claimed
+        self._calls: deque[Callable[[], None]] = deque()
+
+    def set_postprocess(self, pp: Any) -> None:
+        """Use another post-processing configuration for the captions finished next."""
+        pipelines = {name: pipeline_for(pp.steps, pp.overrides, name) for name in self.models.slots}
+        self._postprocess, self._pipelines = pp, pipelines
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the worker thread between batches, with no batch in flight
+        (batches claimed ahead go back to the queue first)."""
+        self._calls.append(fn)
+        self._wake.set()
+
+    def sidecar_target(self, path: str, generator: Generator) -> Path:
+        """Where ``generator``'s caption of the image at ``path`` goes (or is)."""
+        watch = self.settings.watch_for(path)
+        if watch is None:
+            raise FileNotFoundError(f"{path} is not under a watched folder")
+        return self._plan_for(generator, path, watch).target
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -145,7 +195,13 @@ class Worker:
             try:
                 # residency: idle unloading; models with a batch claimed stay
                 self.models.tick(busy={b.generator.name for b in inflight})
-                while len(inflight) < PIPELINE_DEPTH and not self._stop.is_set():
+                if self._calls:
+                    self._release(inflight)
+                    inflight.clear()
+                    self._run_calls()
+                while (
+                    len(inflight) < PIPELINE_DEPTH and not self._stop.is_set() and not self.paused
+                ):
                     claimed = self._claim_next()
                     if claimed is None:
                         break
@@ -163,6 +219,14 @@ class Worker:
                     self._release([batch])
                 self._stop.wait(1.0)
         self._release(inflight)
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn = self._calls.popleft()
+            try:
+                fn()
+            except Exception:
+                log.exception("worker_call_failed")
 
     def _release(self, batches: Iterable[_Batch]) -> None:
         """Jobs not finished go back to the queue (only leased ones are touched)."""
@@ -211,7 +275,7 @@ class Worker:
             gen = slot.generator
             assert gen is not None
             limit = self._batch_limit.get(name, self.settings.worker.batch_size)
-            jobs = self.queue.claim(name, limit)
+            jobs = self.queue.claim(name, limit, exclude_prefixes=sorted(self.paused_roots))
             if not jobs:
                 continue
             batch = _Batch(gen)
@@ -234,6 +298,7 @@ class Worker:
             ours=plan.ours,
             seen_before=plan.record is not None,
             policy=item.watch.existing_caption,
+            force=item.force,
         )
         if skip is not None:
             return _Prepared(plan, skip=skip)
@@ -258,10 +323,13 @@ class Worker:
 
     def _plan(self, gen: Generator, item: _Item) -> _Plan:
         assert item.watch is not None
-        image = Path(item.job.path)
-        record = self.index.get_caption(item.job.path, gen.name)
-        ext = item.watch.extension_for(gen.name, gen.caption_type)
-        target = self._target(image, ext, item.watch, record)
+        return self._plan_for(gen, item.job.path, item.watch)
+
+    def _plan_for(self, gen: Generator, path: str, watch: WatchConfig) -> _Plan:
+        image = Path(path)
+        record = self.index.get_caption(path, gen.name)
+        ext = watch.extension_for(gen.name, gen.caption_type)
+        target = self._target(image, ext, watch, record)
         if target == image:
             raise ValueError(f"sidecar path {target} would be the image itself")
         ours = record.owned_hashes(str(target)) if record else frozenset()
@@ -339,10 +407,10 @@ class Worker:
             caption_type=gen.caption_type,
             separator=sep,
             trigger_word=watch.trigger_word,
-            case=self.settings.postprocess.case,
+            case=self._postprocess.case,
             underscores_to_spaces=getattr(gen.config, "remove_underscores", True),
         )
-        text = self._pipelines[gen.name](raw, ctx)
+        text = self._pipelines[gen.name](raw, ctx) if item.post_process else raw.strip()
         if not text.strip():
             raise GenerationError(f"{gen.name} produced an empty caption")
         plan = self._plan(gen, item)  # again: the folder may have changed meanwhile
@@ -356,6 +424,7 @@ class Worker:
             policy=watch.existing_caption,
             tags=ctx.is_tags,
             separator=sep,
+            force=item.force,
         )
         if decision.action not in (Action.WRITE, Action.UNCHANGED):
             self._skipped(gen, item, plan, decision.action)
@@ -391,7 +460,28 @@ class Worker:
                 raise
             self.captions_written += 1
             bound.info("caption_written")
-        self.queue.ack(job.id, decision.action.value)
+        self.queue.ack(job.id, decision.action.value, options=job.options)
+        self._report(
+            JobResult(
+                job.id,
+                job.path,
+                gen.name,
+                job.options,
+                "done",
+                outcome=decision.action.value,
+                caption=decision.text,
+                caption_type=gen.caption_type,
+                sidecar=str(plan.target),
+            )
+        )
+
+    def _report(self, result: JobResult) -> None:
+        if self.on_result is None or not result.options:
+            return  # only explicit requests (they carry options) are waited for
+        try:
+            self.on_result(result)
+        except Exception:
+            log.exception("result_callback_failed", job_id=result.job_id)
 
     def _skipped(self, gen: Generator, item: _Item, plan: _Plan, action: Action) -> None:
         bound = log.bind(
@@ -401,7 +491,22 @@ class Worker:
             bound.warning("caption_edited_left_alone")
         else:
             bound.info("caption_exists_skipped")
-        self.queue.ack(item.job.id, action.value)
+        job = item.job
+        self.queue.ack(job.id, action.value, options=job.options)
+        existing = read_existing(plan.target) if job.options else None
+        self._report(
+            JobResult(
+                job.id,
+                job.path,
+                gen.name,
+                job.options,
+                "done",
+                outcome=action.value,
+                caption=None if existing is None else existing.decode("utf-8", "replace"),
+                caption_type=gen.caption_type,
+                sidecar=str(plan.target),
+            )
+        )
 
     def _target(
         self, image: Path, ext: str, watch: WatchConfig, record: CaptionRecord | None
@@ -442,6 +547,18 @@ class Worker:
             retryable=c.retryable,
             state=str(state),
         )
+        self._report(
+            JobResult(
+                job.id,
+                job.path,
+                generator,
+                job.options,
+                str(state) if state is not None else "gone",
+                error_type=c.error_type.value,
+                error=c.message,
+                retryable=c.retryable,
+            )
+        )
 
     def status(self) -> dict[str, Any]:
         return {
@@ -451,5 +568,7 @@ class Worker:
                 round(time.monotonic() - self.busy_since, 1) if self.busy_since else None
             ),
             "captions_written": self.captions_written,
+            "paused": self.paused,
+            "paused_roots": sorted(self.paused_roots),
             "stem_clashes": list(self.stem_clashes),
         }

@@ -40,6 +40,7 @@ _SCHEMA_V1 = [
         outcome       TEXT,
         rerun         INTEGER NOT NULL DEFAULT 0,
         updated_at    REAL    NOT NULL,
+        options       TEXT,  -- JSON of an explicit request: force, post_process, request
         UNIQUE (path, generator)
     )""",
     # The claim walks this partial index in claim order and stops after LIMIT rows.

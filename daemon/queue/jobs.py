@@ -11,6 +11,7 @@ threads and processes may enqueue and claim at once; each job is claimed once.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -48,11 +49,12 @@ class Job:
     outcome: str | None
     rerun: bool
     updated_at: float
+    options: dict | None = None  # an explicit request's options (force, post_process...)
 
 
 _COLS = (
     "id, path, generator, priority, state, attempts, enqueued_at, not_before, "
-    "lease_until, error_type, error_message, outcome, rerun, updated_at"
+    "lease_until, error_type, error_message, outcome, rerun, updated_at, options"
 )
 
 
@@ -61,7 +63,12 @@ def _job(row: tuple) -> Job:
     j.state = JobState(j.state)
     j.rerun = bool(j.rerun)
     j.not_before = float(j.not_before)
+    j.options = json.loads(j.options) if j.options else None
     return j
+
+
+def _options_json(options: dict | None) -> str | None:
+    return json.dumps(options, sort_keys=True, separators=(",", ":")) if options else None
 
 
 def _claim_order(j: Job) -> tuple[int, float, int]:
@@ -74,11 +81,15 @@ def _claim_order(j: Job) -> tuple[int, float, int]:
 #                           priority also ends a retry wait (an explicit request acts now)
 #   leased               -> rerun = 1, priority raised; ack() then re-queues it
 #   done / failed / dead -> pending afresh (attempts 0, error cleared, enqueued now)
+# options (an explicit request's JSON) replace the old ones when given; an enqueue
+# without options keeps those of a pending/leased job and clears those of a finished one.
 _ENQUEUE = """
 INSERT INTO jobs (path, generator, priority, state, attempts, enqueued_at, not_before,
-                  updated_at)
-VALUES (?1, ?2, ?3, 'pending', 0, ?4, 0, ?4)
+                  updated_at, options)
+VALUES (?1, ?2, ?3, 'pending', 0, ?4, 0, ?4, ?5)
 ON CONFLICT (path, generator) DO UPDATE SET
+    options       = CASE WHEN state IN ('pending', 'leased')
+                         THEN coalesce(excluded.options, options) ELSE excluded.options END,
     priority      = CASE WHEN state IN ('pending', 'leased')
                          THEN max(priority, excluded.priority) ELSE excluded.priority END,
     rerun         = CASE WHEN state = 'leased' THEN 1 ELSE rerun END,
@@ -109,9 +120,11 @@ WHERE id IN (
 RETURNING {_COLS}
 """
 
-# A rerun (the file changed while leased) always goes back to pending, afresh.
+# A rerun (the file changed while leased) always goes back to pending, afresh. Its
+# options are kept only when a new request replaced those of the finished run (?4).
 _ACK = """
 UPDATE jobs SET
+    options       = CASE WHEN rerun AND options IS NOT ?4 THEN options END,
     state         = CASE WHEN rerun THEN 'pending' ELSE 'done' END,
     outcome       = CASE WHEN rerun THEN NULL ELSE ?1 END,
     attempts      = CASE WHEN rerun THEN 0 ELSE attempts END,
@@ -169,6 +182,17 @@ WHERE state = 'leased' AND lease_until < ?3
 """
 
 
+def _narrow(sql: str, params: list, generator: str | None, prefix: str | None) -> tuple[str, list]:
+    if generator is not None:
+        sql += " AND generator = ?"
+        params.append(generator)
+    if prefix is not None:
+        prefix = prefix.rstrip("/")
+        sql += " AND path >= ? AND path < ?"
+        params += [prefix + "/", prefix + "0"]
+    return sql, params
+
+
 def _chunks(items: Iterable, n: int) -> Iterable[list]:
     it = iter(items)
     while chunk := list(islice(it, n)):
@@ -203,8 +227,19 @@ class JobQueue:
 
     # -- producing -----------------------------------------------------------------
 
-    def enqueue(self, path: str, generator: str, priority: int) -> None:
-        self.db.conn.execute(_ENQUEUE, (path, generator, priority, self.clock()))
+    def enqueue(
+        self, path: str, generator: str, priority: int, *, options: dict | None = None
+    ) -> Job:
+        """Upsert one job; returns it as it is now. ``options`` (JSON-able) travel with
+        the job to the worker (an explicit request's ``force``, ``post_process``...)."""
+        with self.db.transaction() as conn:
+            conn.execute(
+                _ENQUEUE, (path, generator, priority, self.clock(), _options_json(options))
+            )
+            row = conn.execute(
+                f"SELECT {_COLS} FROM jobs WHERE path = ? AND generator = ?", (path, generator)
+            ).fetchone()
+        return _job(row)
 
     def enqueue_many(self, items: Iterable[tuple[str, str, int]]) -> int:
         """Upsert (path, generator, priority) items, 1,000 per transaction.
@@ -215,26 +250,41 @@ class JobQueue:
         for chunk in _chunks(items, BATCH):
             now = self.clock()
             with self.db.transaction() as conn:
-                conn.executemany(_ENQUEUE, [(p, g, pr, now) for p, g, pr in chunk])
+                conn.executemany(_ENQUEUE, [(p, g, pr, now, None) for p, g, pr in chunk])
             n += len(chunk)
         return n
 
     # -- consuming -----------------------------------------------------------------
 
-    def claim(self, generator: str, limit: int) -> list[Job]:
-        """Lease up to ``limit`` due pending jobs of ``generator``, in priority order."""
+    def claim(
+        self, generator: str, limit: int, *, exclude_prefixes: Sequence[str] = ()
+    ) -> list[Job]:
+        """Lease up to ``limit`` due pending jobs of ``generator``, in priority order.
+
+        ``exclude_prefixes``: folders (absolute, no trailing slash) whose jobs are not
+        claimed (paused roots).
+        """
         now = self.clock()
-        rows = self.db.conn.execute(
-            _CLAIM, (now + self.lease_seconds, now, generator, limit)
-        ).fetchall()
+        sql, params = _CLAIM, [now + self.lease_seconds, now, generator, limit]
+        if exclude_prefixes:
+            clause = "".join(
+                f" AND NOT (path >= ?{5 + 2 * i} AND path < ?{6 + 2 * i})"
+                for i in range(len(exclude_prefixes))
+            )
+            sql = sql.replace("AND not_before <= ?2", "AND not_before <= ?2" + clause)
+            for prefix in exclude_prefixes:
+                prefix = prefix.rstrip("/")
+                params += [prefix + "/", prefix + "0"]  # '0' sorts right after '/'
+        rows = self.db.conn.execute(sql, params).fetchall()
         return sorted((_job(r) for r in rows), key=_claim_order)
 
-    def ack(self, job_id: int, outcome: str = "written") -> None:
+    def ack(self, job_id: int, outcome: str = "written", *, options: dict | None = None) -> None:
         """Leased -> done (or back to pending when the file changed meanwhile).
 
-        No effect on a job that is no longer leased (forgotten, or lease recovered).
+        ``options``: those the finished run was claimed with (cleared unless a new
+        request replaced them meanwhile). No effect on a job that is no longer leased.
         """
-        self.db.conn.execute(_ACK, (outcome, self.clock(), job_id))
+        self.db.conn.execute(_ACK, (outcome, self.clock(), job_id, _options_json(options)))
 
     def fail(self, job_id: int, error_type: str, message: str, retryable: bool) -> JobState | None:
         """Record a failed attempt and return the job's new state.
@@ -324,6 +374,78 @@ class JobQueue:
             with self.db.transaction() as conn:
                 conn.executemany("DELETE FROM jobs WHERE id = ?", chunk)
         return len(drop)
+
+    # -- control (the API) ---------------------------------------------------------
+
+    def retry(
+        self,
+        states: Iterable[str] = ("failed", "dead"),
+        *,
+        generator: str | None = None,
+        prefix: str | None = None,
+    ) -> int:
+        """Failed/dead jobs -> pending afresh (attempts 0, error kept until the run)."""
+        states = [str(s) for s in states if str(s) in ("failed", "dead")]
+        if not states:
+            return 0
+        sql = (
+            "UPDATE jobs SET state = 'pending', attempts = 0, not_before = 0, rerun = 0, "
+            "lease_until = NULL, outcome = NULL, updated_at = ? "
+            f"WHERE state IN ({','.join('?' * len(states))})"
+        )
+        params: list = [self.clock(), *states]
+        sql, params = _narrow(sql, params, generator, prefix)
+        return self.db.conn.execute(sql, params).rowcount
+
+    def purge(
+        self,
+        states: Iterable[str] = ("done", "failed", "dead"),
+        *,
+        generator: str | None = None,
+        prefix: str | None = None,
+    ) -> int:
+        """Delete jobs in ``states`` (never leased ones); returns how many."""
+        states = [str(s) for s in states if str(s) != "leased"]
+        if not states:
+            return 0
+        sql = f"DELETE FROM jobs WHERE state IN ({','.join('?' * len(states))})"
+        sql, params = _narrow(sql, list(states), generator, prefix)
+        return self.db.conn.execute(sql, params).rowcount
+
+    def cancel(self, job_id: int, restore: Job | None, options: dict | None) -> bool:
+        """Undo an explicit enqueue while the job is still pending with ``options``:
+        the row returns to ``restore`` (its state before the request) or is deleted
+        when there was none. False when the job already started, finished or changed."""
+        opts = _options_json(options)
+        with self.db.transaction() as conn:
+            if restore is None:
+                cur = conn.execute(
+                    "DELETE FROM jobs WHERE id = ? AND state = 'pending' AND options IS ?",
+                    (job_id, opts),
+                )
+                return cur.rowcount == 1
+            r = restore
+            cur = conn.execute(
+                "UPDATE jobs SET state = ?, priority = ?, attempts = ?, enqueued_at = ?, "
+                "not_before = ?, error_type = ?, error_message = ?, outcome = ?, options = ?, "
+                "rerun = 0, lease_until = NULL, updated_at = ? "
+                "WHERE id = ? AND state = 'pending' AND options IS ?",
+                (
+                    str(r.state) if r.state != JobState.LEASED else "pending",
+                    r.priority,
+                    r.attempts,
+                    r.enqueued_at,
+                    r.not_before,
+                    r.error_type,
+                    r.error_message,
+                    r.outcome,
+                    _options_json(r.options),
+                    self.clock(),
+                    job_id,
+                    opts,
+                ),
+            )
+            return cur.rowcount == 1
 
     # -- inspection ----------------------------------------------------------------
 

@@ -1,0 +1,229 @@
+"""Who may do what, and which files a request may name.
+
+Paths: an API path is ``ROOTNAME/sub/file.png`` (``_/file.png`` when there is one
+watched root). It is checked lexically first (no NUL, no absolute path, no ``.``,
+``..`` or empty segment: refused before the filesystem is asked anything), then on
+disk: the file and its folder must resolve (symlinks followed) inside the root's real
+path, be a regular file with one of the watch's image extensions and be a file the
+watch captions (no dotfiles, excluded globs...). Only then is anything read or written.
+
+Authorisation: reads are for anyone who can open the socket (its mode and group
+decide). Mutating endpoints need root, the daemon's own user, or a member of
+``[api].admin_group`` (the peer's primary group from SO_PEERCRED, its supplementary
+groups from ``/proc/<pid>/status`` when that process still has the peer's uid, or the
+group's member list for the peer's user name). On the TCP listener the bearer token
+(checked by the server before routing) grants everything.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.config import WatchConfig
+from daemon.scanner import is_candidate
+from daemon.server import HTTPError, PeerCredentials, Request, SocketPathError
+
+SINGLE_ROOT = "_"
+
+
+class StartupError(SocketPathError):
+    """The API cannot start as configured (token file, admin group); a clear message."""
+
+
+# ---------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    watch: WatchConfig
+    path: Path  # absolute, under watch.path, as the scanner names it (links not resolved)
+    rel: str  # ROOTNAME/sub/file.png as the client should name it
+
+
+def api_path(watch: WatchConfig, path: Path | str, single_root: bool = False) -> str:
+    """The API name of a file under ``watch`` (``ROOTNAME/sub/file.png``)."""
+    rel = Path(path).relative_to(watch.path).as_posix()
+    return f"{watch.name}/{rel}"
+
+
+def _inside(child: str, root: str) -> bool:
+    return child == root or child.startswith(root.rstrip("/") + "/")
+
+
+def split_api_path(watches: list[WatchConfig], rel: str) -> tuple[WatchConfig, list[str]]:
+    """Lexical checks only: which watch, and the path segments below it."""
+    if "\x00" in rel:
+        raise HTTPError(422, "the path contains a NUL byte")
+    if rel.startswith("/") or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
+        raise HTTPError(403, "absolute paths are refused: name a file as ROOT/sub/file.png")
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise HTTPError(403, "'.', '..' and empty path segments are refused")
+    if "\\" in rel:
+        raise HTTPError(403, "backslashes are refused in paths")
+    root, rest = parts[0], parts[1:]
+    if root == SINGLE_ROOT and len(watches) == 1:
+        watch = watches[0]
+    else:
+        found = [w for w in watches if w.name == root]
+        if not found:
+            names = ", ".join(sorted(w.name for w in watches))
+            hint = " ('_' needs exactly one watched root)" if root == SINGLE_ROOT else ""
+            raise HTTPError(404, f"no watched root named {root!r}{hint}; roots: {names}")
+        watch = found[0]
+    if not rest:
+        raise HTTPError(422, "the path names a root, not an image: ROOT/sub/file.png")
+    return watch, rest
+
+
+def resolve_image(watches: list[WatchConfig], rel: str, *, must_exist: bool = True) -> ImageRef:
+    """An image named by the API, checked to be inside its root (see the module doc)."""
+    watch, rest = split_api_path(watches, rel)
+    lexical = watch.path.joinpath(*rest)
+    exts = set(watch.image_extensions)
+    if lexical.suffix.lower().lstrip(".") not in exts:
+        raise HTTPError(422, f"not an image: {'/'.join(rest)} (extensions: {sorted(exts)})")
+    root_real = os.path.realpath(watch.path)
+    parent_real = os.path.realpath(lexical.parent)
+    real = os.path.realpath(lexical)
+    if not _inside(parent_real, root_real) or not _inside(real, root_real):
+        raise HTTPError(403, "the path leaves its watched root (via a symlink)")
+    if Path(real).suffix.lower().lstrip(".") not in exts:
+        raise HTTPError(422, "not an image: the link points at a file of another type")
+    if not is_candidate(watch, lexical):
+        raise HTTPError(
+            422, "this watch does not caption that file (hidden, temporary or excluded)"
+        )
+    if must_exist:
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise HTTPError(404, f"no such image: {watch.name}/{'/'.join(rest)}") from None
+        except OSError as exc:
+            raise HTTPError(404, f"cannot stat the image: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise HTTPError(422, "not a regular file")
+    return ImageRef(watch, lexical, f"{watch.name}/{'/'.join(rest)}")
+
+
+def check_sidecar_path(ref: ImageRef, target: Path) -> None:
+    """A sidecar we are about to write or remove: beside the image, not a link or folder."""
+    if target.parent != ref.path.parent:
+        raise HTTPError(403, "the sidecar would not be beside its image")
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise HTTPError(403, f"{target.name} is a symlink; refusing to follow or replace it")
+    if not stat.S_ISREG(st.st_mode):
+        raise HTTPError(409, f"{target.name} exists and is not a regular file")
+
+
+# -------------------------------------------------------------------- authorisation
+
+
+def resolve_admin_group(name: str | None) -> int | None:
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise StartupError(f"[api].admin_group {name!r} does not exist") from None
+
+
+def _proc_groups(pid: int, uid: int) -> set[int] | None:
+    """Supplementary groups of ``pid`` if it still runs as ``uid`` (pid reuse check)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    uids: list[int] = []
+    groups: set[int] = set()
+    for line in text.splitlines():
+        if line.startswith("Uid:"):
+            uids = [int(x) for x in line.split()[1:]]
+        elif line.startswith("Groups:"):
+            groups = {int(x) for x in line.split()[1:]}
+    if len(uids) < 2 or uids[1] != uid:  # effective uid
+        return None
+    return groups
+
+
+def peer_in_group(peer: PeerCredentials, gid: int) -> bool:
+    if peer.gid == gid:
+        return True
+    groups = _proc_groups(peer.pid, peer.uid)
+    if groups is not None and gid in groups:
+        return True
+    try:
+        user = pwd.getpwuid(peer.uid)
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return user.pw_gid == gid or user.pw_name in group.gr_mem
+
+
+class Authoriser:
+    def __init__(self, admin_gid: int | None, own_uid: int | None = None) -> None:
+        self.admin_gid = admin_gid
+        self.own_uid = os.geteuid() if own_uid is None else own_uid
+
+    def may_mutate(self, request: Request) -> bool:
+        if request.auth == "token":
+            return True
+        peer = request.peer
+        if peer is None:
+            return False
+        if peer.uid in (0, self.own_uid):
+            return True
+        return self.admin_gid is not None and peer_in_group(peer, self.admin_gid)
+
+    def require_admin(self, request: Request) -> None:
+        if not self.may_mutate(request):
+            who = f"uid {request.peer.uid}" if request.peer else "this client"
+            raise HTTPError(
+                403,
+                f"{who} may read but not change anything: run as root or the daemon's user, "
+                "or join the [api].admin_group",
+                "forbidden",
+            )
+
+
+def load_token(path: Path | None) -> bytes:
+    """The TCP listener's bearer token; refuses a file others could read or write."""
+    if path is None:
+        raise StartupError("[api.tcp] is enabled but token_file is not set")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise StartupError(f"[api.tcp].token_file {path} does not exist") from None
+    except OSError as exc:
+        raise StartupError(f"[api.tcp].token_file {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StartupError(f"[api.tcp].token_file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise StartupError(
+                f"[api.tcp].token_file {path} has mode {oct(st.st_mode & 0o777)}; "
+                f"it must be 0600 (chmod 600 {path})"
+            )
+        if st.st_uid != os.geteuid():
+            raise StartupError(
+                f"[api.tcp].token_file {path} must be owned by the daemon's user "
+                f"(uid {os.geteuid()}), not uid {st.st_uid}"
+            )
+        token = os.read(fd, 4096).strip()
+    finally:
+        os.close(fd)
+    if len(token) < 16:
+        raise StartupError(f"[api.tcp].token_file {path}: the token must be 16+ characters")
+    return token
