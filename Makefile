@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATASET ?=
 PYTEST_ARGS ?=
 # Optional parts installed into the venv; the tests need all of them.
-EXTRAS ?= test,vlm
+EXTRAS ?= test,vlm,people
 
 .PHONY: setup system-deps run test lint bench clean
 

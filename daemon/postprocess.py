@@ -68,10 +68,16 @@ def trim(text: str, ctx: PostContext) -> str:
 
 
 _WS = re.compile(r"\s+")
+_BLANKS = re.compile(r"[^\S\n]+")
 
 
 def collapse_spaces(text: str, ctx: PostContext) -> str:
-    return _WS.sub(" ", text)
+    """One space between words. Prose keeps its line breaks (one caption per line, as
+    multi_person writes them); empty lines go."""
+    if ctx.is_tags:
+        return _WS.sub(" ", text)
+    lines = (_BLANKS.sub(" ", line).strip() for line in text.split("\n"))
+    return "\n".join(line for line in lines if line)
 
 
 _SPACE_BEFORE = re.compile(r"\s+([,;:!?]|\.(?!\d))")

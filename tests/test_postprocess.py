@@ -61,6 +61,12 @@ def test_custom_separator():
     assert Pipeline(["replace_underscores", "dedupe_tags"])("a_b | c | a_b", ctx) == "a b | c"
 
 
+def test_prose_keeps_line_breaks():
+    text = "sksA:  a woman  in red. \n\n  sksB: a man.\nScene: a   park"
+    out = Pipeline(DEFAULT)(text, PROSE)
+    assert out == "sksA: a woman in red.\nsksB: a man.\nScene: a park."
+
+
 def test_unknown_step():
     with pytest.raises(ValueError, match="unknown post-processing steps"):
         Pipeline(["nope"])
