@@ -12,7 +12,7 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__
+from daemon import __version__, metrics
 from daemon.api import register_api
 from daemon.api.runtime import RuntimeSettings
 from daemon.api.security import load_token
@@ -25,7 +25,7 @@ from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
 from daemon.queue import Database, FileIndex, JobQueue
 from daemon.scanner import ScanError, Scanner, is_candidate
 from daemon.scans import ScanRequest, ScanScheduler
-from daemon.server import create_health_server
+from daemon.server import Request, Response, create_health_server
 from daemon.watcher import WatchSupervisor
 from daemon.worker import Worker
 
@@ -92,6 +92,8 @@ class Daemon:
         )
         self.control = Control(self, self.runtime)
         register_api(self.server, self.control)
+        metrics.register_daemon(self.status)
+        self.server.add_route("GET", "/metrics", self._metrics)
         if settings.api.tcp.enabled:  # off by default; bearer token from a 0600 file
             tcp = settings.api.tcp
             self.server.enable_tcp(tcp.host, tcp.port, load_token(tcp.token_file))
@@ -162,6 +164,10 @@ class Daemon:
             socket=str(self.settings.resolved_socket_path()),
             roots=[str(w.path) for w in self.settings.watch],
         )
+
+    @staticmethod
+    def _metrics(request: Request) -> Response:
+        return Response(200, metrics.render(), content_type=metrics.CONTENT_TYPE)
 
     def _job_configured(self, path: str, generator: str) -> bool:
         watch = self.settings.watch_for(path)

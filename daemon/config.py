@@ -197,6 +197,8 @@ class PostProcessConfig(_Section):
         ]
     )
     case: Literal["keep", "lower", "sentence"] = "keep"
+    # clean_vlm_output cuts prose to this many words at a sentence boundary; 0 = no limit
+    max_words: int = Field(0, ge=0)
     # generator name -> its own list of steps
     overrides: dict[str, list[str]] = Field(default_factory=dict)
 

@@ -86,6 +86,14 @@ class FileChangingError(CaptionError):
     retryable = True
 
 
+class DependencyPendingError(CaptionError):
+    """The job needs another job's result first (a VLM prompt's ``{tags}``): it goes
+    back to the queue without using an attempt."""
+
+    error_type = ErrorType.GENERATION
+    retryable = True
+
+
 class OutOfMemoryError(CaptionError):
     error_type = ErrorType.OUT_OF_MEMORY
     retryable = True

@@ -11,6 +11,7 @@ The default list of image extensions lives in
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -23,6 +24,23 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 * MAX_IMAGE_PIXEL
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _RGB_CONVERTIBLE = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+
+
+# Only these decoders are tried: fewer parsers exposed to untrusted files, and plugins
+# that other libraries register (ultralytics adds a HEIF opener that fails without
+# pi_heif) cannot turn "not an image" into an import error.
+DECODE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "DIB", "GIF", "TIFF", "AVIF")
+
+
+# Pillow's own open(), taken before anything patches it: ultralytics replaces
+# Image.open with a wrapper that tries to pip-install a HEIF plugin on unknown files.
+_OPEN = Image.open
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+    Image.init()
+    return tuple(f for f in DECODE_FORMATS if f in Image.OPEN)
 
 
 def decode_image(
@@ -41,10 +59,10 @@ def decode_image(
     if not data:
         raise BadImageError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _OPEN(io.BytesIO(data), formats=_formats())
     except Image.DecompressionBombError as exc:
         raise BadImageError(f"image too large (decompression bomb): {exc}") from exc
-    except UnidentifiedImageError as exc:
+    except (UnidentifiedImageError, ImportError) as exc:  # ImportError: a patched open()
         raise BadImageError("not a recognised image format") from exc
     except MemoryError:
         raise

@@ -21,9 +21,11 @@ from typing import Any
 import structlog
 from PIL import Image
 
+from daemon import metrics
 from daemon.config import Settings, WatchConfig
 from daemon.errors import (
     BadImageError,
+    DependencyPendingError,
     FileChangingError,
     GenerationError,
     classify,
@@ -34,7 +36,7 @@ from daemon.hashing import hash_bytes
 from daemon.images import decode_image
 from daemon.models import ModelManager, ModelSlot
 from daemon.postprocess import PostContext, pipeline_for
-from daemon.queue import CaptionRecord, FileIndex, Job, JobQueue
+from daemon.queue import CaptionRecord, FileIndex, Job, JobQueue, JobState
 from daemon.sidecar import (
     Action,
     candidate_paths,
@@ -49,6 +51,7 @@ log = structlog.get_logger(__name__)
 
 PIPELINE_DEPTH = 2  # batches decoding ahead of the model
 LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
+DEPENDENCY_DELAY_SECONDS = 5.0  # a {tags} prompt waits this long for the tagger's job
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,10 @@ class Worker:
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
         self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
+        # Sidecars are written, recorded and acked on their own thread, so that the model
+        # thread goes on with the next batch while a write waits for fsync.
+        self._writer = ThreadPoolExecutor(1, "captiond-write")
+        self._writing: deque[Future[None]] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -175,6 +182,7 @@ class Worker:
         if self._thread is not None:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -198,6 +206,7 @@ class Worker:
                 if self._calls:
                     self._release(inflight)
                     inflight.clear()
+                    self._drain_writes(0)
                     self._run_calls()
                 while (
                     len(inflight) < PIPELINE_DEPTH and not self._stop.is_set() and not self.paused
@@ -219,6 +228,12 @@ class Worker:
                     self._release([batch])
                 self._stop.wait(1.0)
         self._release(inflight)
+        self._drain_writes(0)
+
+    def _drain_writes(self, keep: int) -> None:
+        """Wait until at most ``keep`` batches are still being written."""
+        while len(self._writing) > keep:
+            self._writing.popleft().result()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -317,9 +332,58 @@ class Worker:
             if self._clock() - after.st_mtime < max(item.watch.settle_seconds, 1.0) * 2:
                 raise FileChangingError("unreadable image, modified moments ago") from None
             raise
+        content_hash = hash_bytes(data)
         context = {"name": path.stem, "folder": path.parent.name}
+        if "tags" in gen.context_keys:
+            context["tags"] = self._tags_for(gen, item, content_hash)
         prepared = gen.prepare(ImageInput(path, image, context))
-        return _Prepared(plan, value=prepared, content_hash=hash_bytes(data))
+        return _Prepared(plan, value=prepared, content_hash=content_hash)
+
+    def _tags_for(self, gen: Generator, item: _Item, content_hash: str) -> str:
+        """The watch's tagger's caption of this very content, for a ``{tags}`` prompt.
+
+        Computed once by the tagger's own job and read back from its sidecar (a
+        person's edits to it included); until that job is done this job waits."""
+        watch, path = item.watch, item.job.path
+        assert watch is not None
+        tagger = next(
+            (
+                g
+                for g in watch.generators
+                if g != gen.name
+                and (slot := self.models.get(g)) is not None
+                and slot.generator is not None
+                and slot.generator.caption_type == "tags"
+            ),
+            None,
+        )
+        if tagger is None:
+            raise GenerationError(
+                f"the prompt of {gen.name} uses {{tags}}, but watch {watch.name!r} has no "
+                "tagging generator (add wd_tagger to its generators, listed first)"
+            )
+        record = self.index.get_caption(path, tagger)
+        if record is not None and record.content_hash == content_hash:
+            text = read_existing(Path(record.sidecar_path))
+            if text is not None:
+                return text.decode("utf-8", "replace").strip()
+        job = self.queue.get(path, tagger)
+        if job is None or job.state in (JobState.DONE, JobState.FAILED, JobState.DEAD):
+            if job is not None and job.state is not JobState.DONE:
+                raise GenerationError(f"{tagger} failed on this image: {job.error_message}")
+            if job is not None and job.outcome in (Action.EXISTS.value, Action.EDITED.value):
+                # The tagger left a person's sidecar alone: those are the tags.
+                target = self._plan_for_name(tagger, path, watch)
+                if target is not None and (text := read_existing(target)) is not None:
+                    return text.decode("utf-8", "replace").strip()
+            self.queue.enqueue(path, tagger, item.job.priority)
+        raise DependencyPendingError(f"waiting for {tagger}'s tags")
+
+    def _plan_for_name(self, name: str, path: str, watch: WatchConfig) -> Path | None:
+        slot = self.models.get(name)
+        if slot is None or slot.generator is None:
+            return None
+        return self._plan_for(slot.generator, path, watch).target
 
     def _plan(self, gen: Generator, item: _Item) -> _Plan:
         assert item.watch is not None
@@ -343,6 +407,10 @@ class Worker:
             assert item.future is not None
             try:
                 prepared = item.future.result()
+            except DependencyPendingError as exc:
+                log.debug("job_deferred", job_id=item.job.id, path=item.job.path, reason=str(exc))
+                self.queue.release([item.job.id], delay=DEPENDENCY_DELAY_SECONDS)
+                continue
             except Exception as exc:
                 self._fail(item.job, exc, gen.name)
                 continue
@@ -352,19 +420,35 @@ class Worker:
                 ready.append((item, prepared))
         if not ready:
             return
-        self.busy_since = time.monotonic()
+        self.busy_since = started = time.monotonic()
         try:
             results = self._generate(gen, [p.value for _, p in ready])
         finally:
             self.busy_since = None
+        seconds = time.monotonic() - started
+        metrics.GENERATION_SECONDS.labels(gen.name).observe(seconds)
+        metrics.IMAGE_SECONDS.labels(gen.name).observe(seconds / len(ready))
+        self._drain_writes(1)  # at most one batch behind: bounded memory, prompt acks
+        self._writing.append(self._writer.submit(self._finish_all, gen, ready, results))
+
+    def _finish_all(
+        self,
+        gen: Generator,
+        ready: list[tuple[_Item, _Prepared]],
+        results: list[str | BaseException],
+    ) -> None:
+        """On the writer thread: one sidecar per image; a failure fails its job only."""
         for (item, prepared), result in zip(ready, results, strict=True):
-            if isinstance(result, BaseException):
-                self._fail(item.job, result, gen.name)
-                continue
             try:
-                self._finish(gen, item, prepared, result)
+                if isinstance(result, BaseException):
+                    self._fail(item.job, result, gen.name)
+                else:
+                    self._finish(gen, item, prepared, result)
             except Exception as exc:
-                self._fail(item.job, exc, gen.name)
+                try:
+                    self._fail(item.job, exc, gen.name)
+                except Exception:  # the job stays leased and returns at the next start
+                    log.exception("job_fail_not_recorded", job_id=item.job.id)
 
     def _generate(self, gen: Generator, items: Sequence[Any]) -> list[str | BaseException]:
         try:
@@ -409,6 +493,8 @@ class Worker:
             trigger_word=watch.trigger_word,
             case=self._postprocess.case,
             underscores_to_spaces=getattr(gen.config, "remove_underscores", True),
+            max_words=self._postprocess.max_words,
+            prompt=getattr(gen, "prompt", "") or "",
         )
         text = self._pipelines[gen.name](raw, ctx) if item.post_process else raw.strip()
         if not text.strip():
@@ -459,6 +545,7 @@ class Worker:
                 staged.discard()
                 raise
             self.captions_written += 1
+            metrics.CAPTIONS_WRITTEN.labels(gen.name).inc()
             bound.info("caption_written")
         self.queue.ack(job.id, decision.action.value, options=job.options)
         self._report(
@@ -536,6 +623,7 @@ class Worker:
         if self.models.job_failed(self.queue, job.id, exc):
             return  # the model cannot run now: back to the queue, no attempt used
         c = classify(exc)
+        metrics.FAILURES.labels(generator, c.error_type.value).inc()
         state = self.queue.fail(job.id, c.error_type.value, c.message, c.retryable)
         log.warning(
             "job_failed",

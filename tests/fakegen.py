@@ -56,3 +56,20 @@ class EchoGenerator(Generator):
 def crash_if_marked(name: str) -> None:
     if "CRASH" in name:
         os.abort()
+
+
+class TagEchoGenerator(EchoGenerator):
+    """A prose generator whose prompt uses {tags}: it echoes them."""
+
+    name = "tagecho"
+    caption_type = "caption"
+
+    @property
+    def context_keys(self) -> frozenset[str]:
+        return frozenset({"tags"})
+
+    def prepare(self, item: ImageInput) -> Any:
+        return item.context["tags"]
+
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        return [f"an image with {tags}" for tags in batch]

@@ -87,6 +87,4 @@ def test_client_looks_for_the_socket_where_services_put_it(tmp_path, monkeypatch
         Path("/run/captiond/captiond.sock"),
         tmp_path / "xdg" / "captiond" / "captiond.sock",
     ]
-    assert Settings(socket_path=tmp_path / "x.sock").client_socket_paths() == [
-        tmp_path / "x.sock"
-    ]
+    assert Settings(socket_path=tmp_path / "x.sock").client_socket_paths() == [tmp_path / "x.sock"]

@@ -321,3 +321,33 @@ def test_generator_options_reach_the_sidecar(daemon, root):
         root / "a.txt"
     ).read_text() == "sks, general, simple_background, red_background, no_humans\n"
     wait_for(d.idle)
+
+
+def test_metrics_endpoint(daemon, root):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from daemon.server import UnixHTTPConnection
+
+    make_image(root / "a.png", "red")
+    (root / "bad.png").write_text("not an image")
+    old = time.time() - 60
+    os.utime(root / "bad.png", (old, old))
+    d = daemon().start()
+    wait_for(lambda: d.totals().get("failed") == 1 and (root / "a.txt").exists())
+    wait_for(d.idle)
+    conn = UnixHTTPConnection(d.socket)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("Content-Type").startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(resp.read().decode())
+        for s in fam.samples
+    }
+    assert samples[("captiond_captions_written_total", (("generator", "wd_tagger"),))] == 1
+    key = ("captiond_failures_total", (("error_type", "bad_image"), ("generator", "wd_tagger")))
+    assert samples[key] == 1
+    assert samples[("captiond_jobs", (("generator", "wd_tagger"), ("state", "failed")))] == 1
+    assert samples[("captiond_model_loaded", (("generator", "wd_tagger"),))] == 1
+    assert samples[("captiond_generation_seconds_count", (("generator", "wd_tagger"),))] >= 1

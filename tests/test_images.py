@@ -167,3 +167,27 @@ def test_16bit_greyscale_is_scaled_not_clipped() -> None:
     img = decode_image(data)
     assert img.mode == "RGB"
     assert img.getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_foreign_pil_plugins_are_not_tried(monkeypatch):
+    from PIL import Image
+
+    def broken_accept(prefix: bytes) -> bool:
+        raise ImportError("No module named 'pi_heif'")
+
+    monkeypatch.setitem(Image.OPEN, "FAKEHEIF", (lambda fp, fn: None, broken_accept))
+    monkeypatch.setattr(Image, "ID", [*Image.ID, "FAKEHEIF"])
+    with pytest.raises(BadImageError, match="not a recognised image"):
+        decode_image(b"this is text, not an image")
+
+
+def test_a_patched_pil_open_is_not_used(monkeypatch):
+    from PIL import Image
+
+    def patched_open(*args, **kwargs):
+        raise ImportError("No module named 'pi_heif'")  # what ultralytics' patch may do
+
+    monkeypatch.setattr(Image, "open", patched_open)
+    with pytest.raises(BadImageError, match="not a recognised image"):
+        decode_image(b"this is text, not an image")
+    assert decode_image(encode(Image.new("RGB", (8, 8)), "PNG")).size == (8, 8)

@@ -205,3 +205,45 @@ def test_crash_after_recording_before_rename_is_recovered(tmp_path, monkeypatch)
     assert job().outcome == "written"
     assert "80x60" in p.with_suffix(".txt").read_text()
     assert [x.name for x in rig.root.iterdir() if x.name.startswith(".")] == []
+
+
+def test_tags_prompt_reuses_the_taggers_caption(tmp_path, wd_model_dir):
+    from daemon.generators.wd_tagger import WDTagger
+    from tests.fakegen import TagEchoGenerator
+
+    root = tmp_path / "data"
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        watch=[
+            {
+                "path": root,
+                "generators": ["tagecho", "wd_tagger"],  # order does not matter
+                "sidecar_extension": {"wd_tagger": "txt", "tagecho": "caption"},
+            }
+        ],
+        worker={"preload": [], "batch_size": 4},
+        generators={"wd_tagger": {"model": str(wd_model_dir)}},
+    )
+    db = Database(tmp_path / "state" / "q.db")
+    queue, index = JobQueue(db), FileIndex(db)
+    models = ModelManager.build(
+        ["tagecho", "wd_tagger"],
+        {
+            "tagecho": Discovered("tagecho", TagEchoGenerator),
+            "wd_tagger": Discovered("wd_tagger", WDTagger),
+        },
+        lambda name, cls: cls.config_model(**settings.generators.get(name, {})),
+    )
+    img = make_image(root / "a.png", "red")
+    queue.enqueue(str(img), "tagecho", 100)  # the VLM-like job first; no tagger job yet
+    worker = Worker(settings=settings, queue=queue, index=index, models=models)
+    worker.start()
+    try:
+        wait_for(lambda: (root / "a.caption").exists(), timeout=30)
+    finally:
+        worker.stop()
+    tags = (root / "a.txt").read_text().strip()
+    assert "red background" in tags
+    assert (root / "a.caption").read_text() == f"an image with {tags}.\n"
+    job = queue.get(str(img), "tagecho")
+    assert job.state == "done" and job.attempts == 1  # waiting used no attempts

@@ -32,13 +32,16 @@ def coco_names() -> dict[int, str]:
 
 
 def build_yolo(
-    dest: Path, arch: str = "yolov8n.yaml", *, names: dict[int, str] | None = None
+    dest: Path, arch: str = "yolov8n.yaml", *, names: dict[int, str] | None = None, seed: int = 0
 ) -> Path:
     """Save a random-weight ``arch`` model with ``names`` (default COCO) into ``dest``;
-    returns the ``.pt`` path (named after the yaml)."""
+    returns the ``.pt`` path (named after the yaml). Seeded: the same weights, and so
+    the same detections, on every run."""
     offline_env()
+    import torch
     from ultralytics import YOLO
 
+    torch.manual_seed(seed)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     model = YOLO(arch)

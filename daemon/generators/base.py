@@ -75,6 +75,12 @@ class Generator(ABC):
         return None
 
     @property
+    def context_keys(self) -> frozenset[str]:
+        """Context variables this generator needs besides ``name`` and ``folder``:
+        ``tags`` asks the worker for a light tagger's tags of the same image."""
+        return frozenset()
+
+    @property
     @abstractmethod
     def loaded(self) -> bool: ...
 

@@ -372,6 +372,10 @@ class VLMGenerator(Generator):
         return fam.default_prompt if fam is not None else FAMILIES["llava"].default_prompt
 
     @property
+    def context_keys(self) -> frozenset[str]:
+        return frozenset(prompt_variables(self.prompt) - {"name", "folder"})
+
+    @property
     def max_image_side(self) -> int:
         if self.config.max_image_side is not None:
             return self.config.max_image_side

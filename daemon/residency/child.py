@@ -187,6 +187,12 @@ class ChildGenerator:
 
     isolated = True
 
+    def __getattr__(self, attr: str) -> Any:
+        # Settings-derived properties (prompt, context_keys) from the unloaded shadow.
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self._shadow, attr)
+
     def __init__(
         self,
         cls: type[Generator],
