@@ -147,12 +147,52 @@ def endpoints(c: Control) -> list[Endpoint]:
         body = s.parse_body(req, s.PurgeRequest, required=False)
         return {"count": c.purge(body.root, body.generator, list(body.states))}
 
+    def models_list(req: Request) -> dict[str, Any]:
+        return {"models": c.models.list(), "residency": c.models.summary()}
+
+    def model_name(req: Request) -> str:
+        name = req.params["name"]
+        if c.models.get(name) is None:
+            raise s.APIError(404, f"no generator {name!r} is in use", "not_found")
+        return name
+
+    def model_load(req: Request) -> dict[str, Any]:
+        body = s.parse_body(req, s.ModelLoadRequest, required=False)
+        return c.models.preload(model_name(req), wait=body.wait, keep_alive=body.keep_alive)
+
+    def model_unload(req: Request) -> dict[str, Any]:
+        return c.models.unload(model_name(req))
+
     gen_q = [
         Query("generator", description="generator name (default: the root's first)"),
         Query("force", "boolean", description="replace an existing caption (default false)"),
         Query("post_process", "boolean", description="run post-processing (default true)"),
     ]
     return [
+        Endpoint(
+            "GET",
+            "/api/models",
+            "Models in memory or loading, most recently used first",
+            "models",
+            handler=models_list,
+        ),
+        Endpoint(
+            "POST",
+            "/api/models/{name}/load",
+            "Load a generator's model now (keep_alive: seconds, -1 = keep)",
+            "models",
+            admin=True,
+            body=s.ModelLoadRequest,
+            handler=model_load,
+        ),
+        Endpoint(
+            "POST",
+            "/api/models/{name}/unload",
+            "Unload a generator's model after its running batch",
+            "models",
+            admin=True,
+            handler=model_unload,
+        ),
         Endpoint(
             "GET",
             "/api/generators",

@@ -107,6 +107,11 @@ class PostProcessUpdate(_Body):
     overrides: dict[str, list[str]] | None = None
 
 
+class ModelLoadRequest(_Body):
+    wait: bool = False  # answer when the load finished
+    keep_alive: float | None = None  # seconds this load stays; -1 = until unloaded
+
+
 class QueueTarget(_Body):
     root: str | None = Field(None, max_length=1024)
     generator: str | None = Field(None, max_length=200)

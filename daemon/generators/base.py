@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from daemon.errors import ModelUnavailableError
+
 
 class WeightClass(StrEnum):
     LIGHT = "light"  # loaded at start and kept warm
@@ -73,6 +75,12 @@ class Generator(ABC):
     def draft_size(self) -> int | None:
         """Smallest side the model needs, so decoders may use JPEG draft mode."""
         return None
+
+    def fetch(self) -> str:
+        """Download the model into the cache without loading it (``captiond models
+        pull``, for machines that are offline later); returns where it is. Raises
+        ModelDownloadError / ModelUnavailableError like load()."""
+        raise ModelUnavailableError(f"{self.name} has nothing to download ahead of time")
 
     @property
     def context_keys(self) -> frozenset[str]:

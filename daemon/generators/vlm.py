@@ -411,6 +411,9 @@ class VLMGenerator(Generator):
                 "set trust_remote_code = true in [generators.vlm] (and pin revision)"
             )
 
+    def fetch(self) -> str:
+        return str(self._resolve_folder())
+
     def _resolve_folder(self) -> Path:
         cache = self.cache_dir / "hf" if self.cache_dir is not None else None
         return pull(self.config.model.strip(), self.config.revision, cache)

@@ -369,6 +369,9 @@ class WDTagger(Generator):
 
     # -- loading --------------------------------------------------------------------
 
+    def fetch(self) -> str:
+        return str(self._resolve_files()[0].parent)
+
     def _resolve_files(self) -> tuple[Path, Path]:
         model = self.config.model.strip()
         local = Path(model).expanduser()

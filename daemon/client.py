@@ -1,0 +1,106 @@
+"""The CLI's side of the control socket: find the daemon, call it, stream from it.
+
+Errors come back as ``ClientError`` with a message for a person; the CLI prints it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from daemon.config import Settings
+from daemon.server import DaemonNotRunning, UnixHTTPConnection, request
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, status: int = 0, body: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body or {}
+
+
+class Client:
+    def __init__(self, settings: Settings, timeout: float = 60.0):
+        self.settings = settings
+        self.timeout = timeout
+        self._socket: Path | None = None
+
+    @property
+    def socket(self) -> Path:
+        """The first configured/conventional socket that answers."""
+        if self._socket is None:
+            tried = self.settings.client_socket_paths()
+            for path in tried:
+                try:
+                    request(path, "GET", "/health", timeout=5)
+                except DaemonNotRunning:
+                    continue
+                except OSError as exc:
+                    raise ClientError(f"{path}: {exc}") from None
+                self._socket = path
+                break
+            else:
+                where = ", ".join(str(p) for p in tried)
+                raise ClientError(
+                    f"captiond is not running (no answer on {where}); start it with "
+                    "`captiond run`, or use `captiond caption DIR --once` without a daemon"
+                )
+        return self._socket
+
+    def call(self, method: str, url: str, body: Any = None) -> dict[str, Any]:
+        """One request; a 4xx/5xx answer raises ClientError with the daemon's message."""
+        data = None if body is None else json.dumps(body).encode()
+        try:
+            status, answer = request(self.socket, method, url, data, timeout=self.timeout)
+        except (DaemonNotRunning, OSError) as exc:
+            raise ClientError(f"{self.socket}: {exc}") from None
+        if status >= 400:
+            raise ClientError(describe_error(answer), status, answer)
+        return answer
+
+    def stream(self, url: str, body: Any) -> Iterator[dict[str, Any]]:
+        """POST and yield the ``data: {json}`` events of a streaming answer."""
+        conn = UnixHTTPConnection(self.socket, timeout=None)  # images may take long
+        try:
+            conn.request(
+                "POST",
+                url,
+                body=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+            )
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                answer = json.loads(resp.read() or b"{}")
+                raise ClientError(describe_error(answer), resp.status, answer)
+            while line := resp.readline():
+                line = line.strip()
+                if line.startswith(b"data:"):
+                    yield json.loads(line[5:])
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+def describe_error(answer: dict[str, Any]) -> str:
+    """The daemon's error answer for a person, with field errors one per line."""
+    text = f"{answer.get('error_type', 'error')}: {answer.get('error', answer)}"
+    for d in answer.get("details") or []:
+        if isinstance(d, dict):
+            loc = ".".join(str(p) for p in d.get("loc", []))
+            text += f"\n  {loc}: {d.get('msg')}"
+    return text
+
+
+def api_path(settings: Settings, path: Path) -> str:
+    """A local file as the API names it: ``ROOTNAME/sub/file.png``."""
+    resolved = path.expanduser().absolute()
+    watch = settings.watch_for(str(resolved))
+    if watch is None:
+        roots = ", ".join(str(w.path) for w in settings.watch) or "none configured"
+        raise ClientError(f"{path} is not in a watched folder ({roots})")
+    rel = resolved.relative_to(watch.path).as_posix()
+    return quote(f"{watch.name}/{rel}")
