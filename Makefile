@@ -41,9 +41,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check daemon tests bench
 
 bench: setup
-	$(PY) bench/bench_queue.py
-	$(PY) bench/bench_scan.py
-	$(PY) bench/bench_tagging.py
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache bench/.data
