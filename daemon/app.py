@@ -16,9 +16,14 @@ from daemon import __version__, metrics
 from daemon.api import register_api
 from daemon.api.runtime import RuntimeSettings
 from daemon.api.security import load_token
-from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, Settings, generator_config
+from daemon.config import (
+    PRIORITY_BACKFILL,
+    PRIORITY_NEW,
+    Settings,
+    discover_generators,
+    generator_config,
+)
 from daemon.control import Control, apply_runtime_settings
-from daemon.generators.registry import discover
 from daemon.models import ModelManager
 from daemon.mounts import fs_type, is_network_fs
 from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
@@ -59,7 +64,7 @@ class Daemon:
         used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
         self.models = ModelManager.build(
             used,
-            discover(),
+            discover_generators(settings),
             lambda name, cls: generator_config(settings, name, cls),
             cache_dir=settings.cache_dir,
             retry_seconds=settings.worker.load_retry_seconds,

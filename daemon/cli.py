@@ -511,12 +511,11 @@ def models_pull(ctx: click.Context, generator: str) -> None:
 
     Works without a daemon; uses [generators.NAME] from the configuration.
     """
-    from daemon.config import generator_config
+    from daemon.config import discover_generators, generator_config
     from daemon.errors import CaptionError
-    from daemon.generators.registry import discover
 
     settings = _settings(ctx)
-    found = discover().get(generator)
+    found = discover_generators(settings).get(generator)
     if found is None or found.cls is None:
         _fail(ctx, ValueError(found.error if found else f"unknown generator {generator!r}"))
         return

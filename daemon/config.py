@@ -448,17 +448,26 @@ def load_settings(
 
 def _check_generators(settings: Settings) -> None:
     """Validate generator tables against each generator's schema and watch references."""
-    from daemon.generators.registry import discover
+    from daemon.generators.registry import USE_KEY, discover
 
-    known = discover()
+    plain = discover()
+    known = discover_generators(settings)
     problems: list[str] = []
+    for name, table in settings.generators.items():
+        base = table.get(USE_KEY)
+        if base is None:
+            continue
+        if name in plain:
+            problems.append(f"generators.{name}.use: {name} is a generator itself; pick a new name")
+        elif base not in plain:
+            problems.append(f"generators.{name}.use: unknown generator {base!r}")
     caption_types: dict[str, str] = {}  # from instances: settings may change the type
     for name, found in known.items():
         if found.cls is None:
             continue  # reported as unavailable at run time
         if name in settings.generators or any(name in w.generators for w in settings.watch):
             try:
-                config = found.cls.config_model(**settings.generators.get(name, {}))
+                config = generator_config(settings, name, found.cls)
             except ValidationError as exc:
                 for e in exc.errors():
                     problems.append(f"generators.{name}.{_loc(e['loc'])}: {e['msg']}")
@@ -488,5 +497,13 @@ def _check_generators(settings: Settings) -> None:
 
 
 def generator_config(settings: Settings, name: str, cls: type) -> Any:
-    """The validated settings object for one generator."""
-    return cls.config_model(**settings.generators.get(name, {}))
+    """The validated settings object for one generator (or named instance)."""
+    table = {k: v for k, v in settings.generators.get(name, {}).items() if k != "use"}
+    return cls.config_model(**table)
+
+
+def discover_generators(settings: Settings) -> dict[str, Any]:
+    """Built-in and plug-in generators plus the named instances of this configuration."""
+    from daemon.generators.registry import discover, with_instances
+
+    return with_instances(discover(), settings.generators)

@@ -51,8 +51,10 @@ from daemon.config import (
     PostProcessConfig,
     Settings,
     WatchConfig,
+    discover_generators,
+    generator_config,
 )
-from daemon.generators.registry import Discovered, discover
+from daemon.generators.registry import Discovered
 from daemon.hashing import hash_bytes, hash_file
 from daemon.models import ModelSlot, ModelState
 from daemon.postprocess import STEPS
@@ -88,13 +90,15 @@ def apply_runtime_settings(settings: Settings, runtime: RuntimeSettings) -> list
     """Put persisted API changes over the configuration file, before the parts are
     built. Entries that no longer validate are skipped with a warning (returned)."""
     warnings = []
-    known = discover()
+    known = discover_generators(settings)
     for name, table in runtime.generators.items():
         found = known.get(name)
         merged = settings.generators.get(name, {}) | table
         if found is not None and found.cls is not None:
             try:
-                found.cls.config_model.model_validate(merged)
+                found.cls.config_model.model_validate(
+                    {k: v for k, v in merged.items() if k != "use"}
+                )
             except ValidationError as exc:
                 warnings.append(f"runtime settings for generator {name} ignored: {exc}")
                 continue
@@ -126,7 +130,7 @@ class Control:
         self.runtime = runtime
         self.requests = RequestRegistry(self.queue)
         self.auth = Authoriser(resolve_admin_group(self.settings.api.admin_group))
-        self.discovered: dict[str, Discovered] = discover()
+        self.discovered: dict[str, Discovered] = discover_generators(self.settings)
         self._lock = threading.Lock()  # serialises changes to settings
         self.worker.on_result = self.requests.on_result
         names = {w.name for w in self.watches}
@@ -199,9 +203,7 @@ class Control:
                 config = gen.config.model_dump(mode="json")
             elif cls is not None:
                 try:
-                    config = cls.config_model.model_validate(
-                        self.settings.generators.get(name, {})
-                    ).model_dump(mode="json")
+                    config = generator_config(self.settings, name, cls).model_dump(mode="json")
                 except ValidationError:
                     config = None
             out.append(
@@ -573,7 +575,9 @@ class Control:
         with self._lock:
             merged = self.settings.generators.get(name, {}) | body
             try:
-                config = cls.config_model.model_validate(merged)
+                config = cls.config_model.model_validate(
+                    {k: v for k, v in merged.items() if k != "use"}
+                )
             except ValidationError as exc:
                 raise APIError(
                     422,

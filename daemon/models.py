@@ -115,6 +115,11 @@ class ManagedGenerator:
         self._inner = inner
 
     @property
+    def name(self) -> str:
+        """The slot's name: a named instance (``use = ...``) is not its class's name."""
+        return self._slot.name
+
+    @property
     def inner(self) -> Any:
         return self._inner
 

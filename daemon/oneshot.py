@@ -14,8 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.config import PRIORITY_EXPLICIT, Settings, WatchConfig, generator_config
-from daemon.generators.registry import discover
+from daemon.config import (
+    PRIORITY_EXPLICIT,
+    Settings,
+    WatchConfig,
+    discover_generators,
+    generator_config,
+)
 from daemon.models import ModelManager
 from daemon.queue import Database, FileIndex, JobQueue, JobState
 from daemon.scanner import Scanner
@@ -97,7 +102,7 @@ def _run(
             queue.enqueue(job.path, job.generator, PRIORITY_EXPLICIT, options={"force": True})
     models = ModelManager.build(
         watch.generators,
-        discover(),
+        discover_generators(settings),
         lambda name, cls: generator_config(settings, name, cls),
         cache_dir=settings.cache_dir,
         retry_seconds=settings.worker.load_retry_seconds,

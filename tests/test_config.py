@@ -130,3 +130,20 @@ def test_environment_errors_name_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CAPTIOND_LOG_LEVEL", "LOUD")
     with pytest.raises(ConfigError, match=r"CAPTIOND_\* environment\): log_level"):
         load_settings(write(tmp_path, ""))
+
+
+def test_named_instances(tmp_path):
+    ok = load_settings(
+        write(
+            tmp_path,
+            "[generators.people_a]\nuse = 'wd_tagger'\ngeneral_threshold = 0.5\n"
+            "[[watch]]\npath = '/x'\ngenerators = ['people_a']\n",
+        )
+    )
+    assert ok.watch[0].generators == ["people_a"]
+    with pytest.raises(ConfigError, match=r"generators.p.use: unknown generator 'nope'"):
+        load_settings(write(tmp_path, "[generators.p]\nuse = 'nope'\n"))
+    with pytest.raises(ConfigError, match="is a generator itself"):
+        load_settings(write(tmp_path, "[generators.wd_tagger]\nuse = 'wd_tagger'\n"))
+    with pytest.raises(ConfigError, match=r"generators.p.general_threshold"):
+        load_settings(write(tmp_path, "[generators.p]\nuse = 'wd_tagger'\ngeneral_threshold = 2\n"))

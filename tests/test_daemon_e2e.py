@@ -351,3 +351,27 @@ def test_metrics_endpoint(daemon, root):
     assert samples[("captiond_jobs", (("generator", "wd_tagger"), ("state", "failed")))] == 1
     assert samples[("captiond_model_loaded", (("generator", "wd_tagger"),))] == 1
     assert samples[("captiond_generation_seconds_count", (("generator", "wd_tagger"),))] >= 1
+
+
+def test_named_generator_instances_per_watch(daemon, root, wd_model_dir):
+    make_image(root / "a.png", "red")
+    d = daemon(
+        watch={
+            "generators": ["wd_tagger", "strict"],
+            "sidecar_extension": {"wd_tagger": "txt", "strict": "strict"},
+        },
+        sections={
+            "generators.strict": {
+                "use": "wd_tagger",
+                "model": str(wd_model_dir),
+                "general_threshold": 0.55,
+            }
+        },
+    ).start()
+    wait_for(lambda: (root / "a.txt").exists() and (root / "a.strict").exists())
+    assert (root / "a.txt").read_text() == "simple background, red background, no humans\n"
+    assert (root / "a.strict").read_text() == "simple background\n"
+    wait_for(d.idle)
+    status = d.status()
+    assert status["generators"]["strict"]["state"] == "loaded"
+    assert status["queue"]["outcomes"]["strict"] == {"written": 1}

@@ -7,8 +7,10 @@ A generator whose module fails to import is reported, not fatal.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import Any
 
 from daemon.generators.base import Availability, Generator
 
@@ -42,6 +44,26 @@ def _load_ref(ref: str) -> type[Generator]:
     if not (isinstance(cls, type) and issubclass(cls, Generator)):
         raise TypeError(f"{ref} is not a Generator subclass")
     return cls
+
+
+USE_KEY = "use"
+
+
+def with_instances(
+    found: dict[str, Discovered], tables: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Discovered]:
+    """Add named instances: ``[generators.people_a] use = "multi_person"`` is another
+    multi_person with its own settings, to list in a watch's ``generators``."""
+    out = dict(found)
+    for name, table in tables.items():
+        base = table.get(USE_KEY)
+        if base is None or name in found:
+            continue
+        if not isinstance(base, str) or base not in found:
+            out[name] = Discovered(name, None, f"use = {base!r} names no generator")
+        else:
+            out[name] = Discovered(name, found[base].cls, found[base].error)
+    return out
 
 
 def discover() -> dict[str, Discovered]:
