@@ -4,7 +4,7 @@ stdlib HTTP server on a Unix socket measured in the same run for comparison.
 
     .venv/bin/python bench/bench_api.py [--health N] [--captions N]
 
-Prints Markdown (paste into bench/RESULTS-api.md).
+Prints Markdown (copy the numbers into bench/README.md, section "Control API").
 """
 
 from __future__ import annotations
