@@ -20,7 +20,7 @@ One ``ModelSlot`` per generator in use, owned by the ``ModelManager``.
   so that two heavy models with work take turns instead of starving or thrashing.
 - Heavy models run in a child process (``daemon.residency.child``) that exits on
   unload: in-process unloading does not give the runtime's memory back
-  (bench/RESULTS-unload.md). A crashed child is restarted on the next demand; an
+  (bench/README.md, "Memory after unload"). A crashed child is restarted on the next demand; an
   image that crashes it ``crash_attempts`` times ends ``dead`` as ``worker_crash``.
 - At most one ``generate()`` at a time per model and per device.
 - A circuit breaker per generator (``daemon.residency.breaker``): after N
