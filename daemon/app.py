@@ -70,6 +70,7 @@ class Daemon:
             retry_seconds=settings.worker.load_retry_seconds,
             residency=settings.residency,
             log_args=(settings.log_level, settings.log_format),
+            generate_timeout=settings.worker.stall_seconds,
         )
         self.worker = Worker(
             settings=settings, queue=self.queue, index=self.index, models=self.models

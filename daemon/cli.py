@@ -219,7 +219,7 @@ def _caption_daemon(
                 watch = settings.watch_for(str(f.absolute()))
                 if p.is_dir() and (watch is None or not is_candidate(watch, f)):
                     continue
-                items.append(api_path(settings, f).replace("%2F", "/"))
+                items.append(api_path(settings, f))
         if not items:
             _fail(ctx, ClientError("no images to caption"))
         body = {
@@ -238,6 +238,10 @@ def _caption_daemon(
                     bar.update(1)
                 elif event.get("type") == "complete":
                     summary = event
+        if not summary or len(results) != len(items):
+            raise ClientError(
+                f"the daemon stopped answering after {len(results)} of {len(items)} images"
+            )
     except ClientError as exc:
         _fail(ctx, exc)
     failed = [r for r in results if not r.get("success") and not r.get("skipped")]

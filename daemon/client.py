@@ -6,11 +6,11 @@ Errors come back as ``ClientError`` with a message for a person; the CLI prints 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from daemon.config import Settings
 from daemon.server import DaemonNotRunning, UnixHTTPConnection, request
@@ -80,6 +80,8 @@ class Client:
                 line = line.strip()
                 if line.startswith(b"data:"):
                     yield json.loads(line[5:])
+        except (http.client.HTTPException, OSError, ValueError) as exc:
+            raise ClientError(f"the daemon's answer broke off: {exc!r}") from None
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
@@ -103,4 +105,4 @@ def api_path(settings: Settings, path: Path) -> str:
         roots = ", ".join(str(w.path) for w in settings.watch) or "none configured"
         raise ClientError(f"{path} is not in a watched folder ({roots})")
     rel = resolved.relative_to(watch.path).as_posix()
-    return quote(f"{watch.name}/{rel}")
+    return f"{watch.name}/{rel}"  # as is in a JSON body; quote() it for a URL

@@ -94,6 +94,14 @@ class DependencyPendingError(CaptionError):
     retryable = True
 
 
+class UnsafeSidecarError(CaptionError):
+    """The sidecar path is a symlink, a FIFO, a device or too large: never read or
+    replaced (it could leak another file into a dataset or stall the daemon)."""
+
+    error_type = ErrorType.IO
+    retryable = False
+
+
 class OutOfMemoryError(CaptionError):
     error_type = ErrorType.OUT_OF_MEMORY
     retryable = True

@@ -104,6 +104,12 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+# Failures that say nothing about the model's health: they do not feed the breaker.
+_PER_IMAGE = frozenset(
+    {ErrorType.BAD_IMAGE, ErrorType.IO, ErrorType.CAPTION_EXISTS, ErrorType.CAPTION_EDITED}
+)
+
+
 class ManagedGenerator:
     """What the worker holds as ``slot.generator``: the generator (or its child-process
     proxy) with the slot's bookkeeping around ``prepare()`` and ``generate()``.
@@ -422,6 +428,10 @@ class ModelSlot:
                 self._gone(c.message)
             if is_out_of_memory(exc) and size > 1:
                 return  # the worker halves the batch: not a failure of the model yet
+            if c.error_type in _PER_IMAGE or (
+                c.error_type is ErrorType.GENERATION and not c.retryable
+            ):
+                return  # the image's fault (or its prompt's), not the model's
             opened = self.breaker.failure("generate", c)
             self.last_error = c
         if opened:
@@ -587,7 +597,10 @@ class ModelManager:
         retry_seconds: float = 60.0,
         residency: ResidencyConfig | None = None,
         log_args: tuple[str, str] | None = None,
+        generate_timeout: float | None = None,
     ) -> ModelManager:
+        """``generate_timeout``: a child process whose generate() takes longer is killed
+        and restarted (its batch is retried image by image); None = no limit."""
         res = residency or ResidencyConfig()
         slots = []
         for name in dict.fromkeys(names):
@@ -614,7 +627,13 @@ class ModelManager:
             )
             gen: Generator | ChildGenerator
             if isolate:
-                gen = ChildGenerator(found.cls, config, cache_dir=cache_dir, log_args=log_args)
+                gen = ChildGenerator(
+                    found.cls,
+                    config,
+                    cache_dir=cache_dir,
+                    log_args=log_args,
+                    generate_timeout=generate_timeout,
+                )
             else:
                 gen = local
             slots.append(

@@ -65,6 +65,10 @@ def run_once(
     poll_seconds: float = 0.2,
 ) -> OneShotResult:
     watch = watch_for_folder(settings, folder, generator)
+    if state_dir is not None and state_dir.expanduser().absolute() == settings.state_dir:
+        raise ValueError(
+            f"--state-dir {state_dir} is the daemon's own state directory; pick another"
+        )
     with tempfile.TemporaryDirectory(prefix="captiond-once-") as tmp:
         state = state_dir or Path(tmp)
         local = settings.model_copy(
@@ -97,6 +101,12 @@ def _run(
     index = FileIndex(db)
     queue.recover_all_leased()
     Scanner(index, queue).reconcile(watch, priority_class=PRIORITY_EXPLICIT)
+    prefix = str(watch.path).rstrip("/") + "/"
+
+    def here(path: str) -> bool:  # a kept --state-dir may hold other folders' jobs
+        return path.startswith(prefix)
+
+    queue.prune(lambda path, gen: here(path) and gen in watch.generators)
     if force:  # everything in the folder, captioned before or not
         for job in queue.jobs(limit=10_000_000):
             queue.enqueue(job.path, job.generator, PRIORITY_EXPLICIT, options={"force": True})
@@ -108,6 +118,7 @@ def _run(
         retry_seconds=settings.worker.load_retry_seconds,
         residency=settings.residency,
         log_args=(settings.log_level, settings.log_format),
+        generate_timeout=settings.worker.stall_seconds,
     )
     worker = Worker(settings=settings, queue=queue, index=index, models=models)
     result = OneShotResult()
@@ -129,7 +140,8 @@ def _run(
             time.sleep(poll_seconds)
     finally:
         worker.stop()
-        models.unload_all()
+        if not worker.alive:  # else a load or generate() is still running: leave it
+            models.unload_all()
     for by in queue.outcome_counts().values():
         for outcome, n in by.items():
             result.outcomes[outcome] = result.outcomes.get(outcome, 0) + n

@@ -16,12 +16,15 @@ too counts as a person's caption.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from daemon.errors import UnsafeSidecarError
 from daemon.hashing import hash_bytes
 
 TEMP_SUFFIX = ".captiond.tmp"
@@ -146,11 +149,32 @@ def decide(
     return Decision(Action.WRITE, final(base), prev_hash=existing_hash, base_text=base)
 
 
+MAX_SIDECAR_BYTES = 1 << 20
+
+
 def read_existing(path: Path) -> bytes | None:
+    """A sidecar's bytes; None when there is none. Symlinks, FIFOs, devices and files
+    over 1 MiB raise UnsafeSidecarError: never followed, blocked on or read whole."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeSidecarError(f"{path} is a symbolic link: left alone") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeSidecarError(f"{path} is not a regular file: left alone")
+        if st.st_size > MAX_SIDECAR_BYTES:
+            raise UnsafeSidecarError(f"{path} is larger than 1 MiB: left alone")
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 @dataclass(slots=True)
@@ -184,7 +208,8 @@ def stage(path: Path, text: str, *, owner_of: Path | None = None) -> Staged:
     data = (text.rstrip("\n") + "\n").encode("utf-8")
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
-        mode: int | None = path.stat().st_mode & 0o7777
+        st = os.lstat(path)
+        mode: int | None = st.st_mode & 0o7777 if stat.S_ISREG(st.st_mode) else None
     except FileNotFoundError:
         mode = None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)

@@ -70,8 +70,8 @@ def test_generators_config_types_and_logs(running):
 def test_caption_now_with_progress_and_force(running):
     d, root = running
     make_image(root / "sub" / "b.png", "blue")
-    make_image(root / "sub" / "c.png", "green")
-    wait_for(lambda: (root / "sub" / "c.txt").exists())
+    make_image(root / "sub" / "c (1) é.png", "green")  # needs quoting in a URL
+    wait_for(lambda: (root / "sub" / "c (1) é.txt").exists())
     wait_for(d.idle)
     # existing captions are skipped without --force
     out = cli(d.config, "caption", str(root / "sub"))
@@ -160,3 +160,23 @@ def test_models_pull(tmp_path, wd_model_dir):
     )
     out = cli(cfg, "models", "pull", "wd_tagger")
     assert out.returncode == 1 and "model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_caption_once_with_a_kept_state_dir_reports_only_its_folder(tmp_path, wd_model_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "bad.png").parent.mkdir()
+    (a / "bad.png").write_text("nope")
+    os.utime(a / "bad.png", (time.time() - 60, time.time() - 60))
+    make_image(b / "ok.png", "red")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f"state_dir = '{tmp_path / 'st'}'\n[generators.wd_tagger]\nmodel = '{wd_model_dir}'\n"
+    )
+    keep = tmp_path / "once-state"
+    assert cli(cfg, "caption", "--once", "--state-dir", str(keep), str(a)).returncode == 1
+    out = cli(cfg, "caption", "--once", "--state-dir", str(keep), str(b), "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["errors"] == [] and result["outcomes"] == {"written": 1}
+    refused = cli(cfg, "caption", "--once", "--state-dir", str(tmp_path / "st"), str(b))
+    assert refused.returncode == 2 and "daemon's own state directory" in refused.stderr

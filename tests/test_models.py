@@ -244,3 +244,24 @@ def test_download_progress_shows_while_loading():
         ProgressGenerator.release.set()
     wait_for(lambda: slot.ready)
     assert "progress" not in m.status()["downloading"]
+
+
+def test_per_image_failures_do_not_open_the_breaker():
+    from daemon.errors import BadImageError, GenerationError
+
+    cls = heavy("vlm")
+    m = manager([cls], breaker_threshold=2)
+    slot = m.get("vlm")
+    assert slot.ensure_loaded(wait=True)
+    for exc in (BadImageError("truncated"), GenerationError("bad prompt"), BadImageError("x")):
+        if isinstance(exc, GenerationError):
+            exc.retryable = False  # a per-image prompt problem
+        cls.generate = lambda self, batch, exc=exc: (_ for _ in ()).throw(exc)
+        with pytest.raises(type(exc)):
+            use(m, "vlm")
+    assert slot.breaker.state is BreakerState.CLOSED
+    cls.generate = lambda self, batch: (_ for _ in ()).throw(RuntimeError("CUDA error"))
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            use(m, "vlm")
+    assert slot.breaker.state is BreakerState.OPEN  # the model's own failures do

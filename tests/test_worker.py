@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -247,3 +248,24 @@ def test_tags_prompt_reuses_the_taggers_caption(tmp_path, wd_model_dir):
     assert (root / "a.caption").read_text() == f"an image with {tags}.\n"
     job = queue.get(str(img), "tagecho")
     assert job.state == "done" and job.attempts == 1  # waiting used no attempts
+
+
+def test_symlinked_or_fifo_sidecars_are_never_read_or_replaced(tmp_path):
+    rig = Rig(tmp_path)
+    rig.settings.watch[0].existing_caption = "append"
+    secret = tmp_path / "secret"
+    secret.write_text("TOP-SECRET\n")
+    a = rig.add("a.png")
+    a.with_suffix(".txt").symlink_to(secret)
+    b = rig.add("b.png")
+    os.mkfifo(b.with_suffix(".txt"))
+    c = rig.add("c.png")  # the queue goes on
+    with rig:
+        wait_for(lambda: rig.queue.counts()["echo"].get("failed") == 2)
+        wait_for(lambda: c.with_suffix(".txt").exists())
+    assert a.with_suffix(".txt").is_symlink() and secret.read_text() == "TOP-SECRET\n"
+    regular = [p for p in rig.root.glob("*.txt") if p.is_file() and not p.is_symlink()]
+    assert regular and all("TOP-SECRET" not in p.read_text() for p in regular)
+    errors = {Path(j.path).name: j for j in rig.queue.recent_errors()}
+    assert errors["a.png"].error_type == "io" and "symbolic link" in errors["a.png"].error_message
+    assert "not a regular file" in errors["b.png"].error_message
