@@ -54,6 +54,7 @@ from daemon.config import (
     discover_generators,
     generator_config,
 )
+from daemon.generators.base import WeightClass
 from daemon.generators.registry import Discovered
 from daemon.hashing import hash_bytes, hash_file
 from daemon.models import ModelSlot, ModelState
@@ -73,6 +74,18 @@ HUMAN_EDIT = "human-edit"
 _EXT_RE = re.compile(r"[\w+-]+(\.[\w+-]+)*")
 BATCH_POLL_SECONDS = 0.5
 SYNC_SLICE_SECONDS = 0.25
+# Settings that choose code or weights to load (a model folder or repository may carry
+# Python code or pickles; .pt detectors are torch pickles): config.toml only, never the
+# API, which admin-group members and TCP token holders may use.
+FILE_ONLY_KEYS = (
+    "model",
+    "revision",
+    "trust_remote_code",
+    "detector_model",
+    "tagger",
+    "describer",
+    "use",
+)
 
 # error_type -> HTTP status of a failed explicit request
 _STATUS = {
@@ -93,6 +106,13 @@ def apply_runtime_settings(settings: Settings, runtime: RuntimeSettings) -> list
     known = discover_generators(settings)
     for name, table in runtime.generators.items():
         found = known.get(name)
+        locked = sorted(k for k in table if k in FILE_ONLY_KEYS)
+        if locked:  # written by an older version: the configuration file decides these
+            warnings.append(
+                f"runtime settings for generator {name}: {', '.join(locked)} ignored "
+                "(set only in config.toml)"
+            )
+            table = {k: v for k, v in table.items() if k not in FILE_ONLY_KEYS}
         merged = settings.generators.get(name, {}) | table
         if found is not None and found.cls is not None:
             try:
@@ -376,6 +396,7 @@ class Control:
         total = len(body.items)
         counts = {"successful": 0, "failed": 0, "skipped": 0}
         pending: dict[str, tuple[int, CaptionRequest]] = {}
+        seen: dict[tuple[str, str], int] = {}  # (image, generator) -> first item index
         started = time.monotonic()
 
         def item_event(index: int, result: dict[str, Any]) -> bytes:
@@ -396,6 +417,24 @@ class Control:
                 try:
                     ref = resolve_image(self.watches, rel)
                     slot = self._generator_for(ref.watch, body.generator)
+                    key = (str(ref.path), slot.name)
+                    if (first := seen.get(key)) is not None:
+                        # One job per image: a second request would fold into the first.
+                        yield item_event(
+                            i,
+                            {
+                                "success": False,
+                                "skipped": True,
+                                "path": ref.rel,
+                                "generator": slot.name,
+                                "duplicate_of": first,
+                                "error": f"the same image as item {first}",
+                                "error_type": "duplicate",
+                                "retryable": False,
+                            },
+                        )
+                        continue
+                    seen[key] = i
                     if not force and (target := self._existing_conflict(ref, slot)) is not None:
                         yield item_event(
                             i,
@@ -516,6 +555,11 @@ class Control:
         ctype = self._check_type(ctype)
         if "\x00" in caption:
             raise APIError(422, "the caption contains a NUL character")
+        # On the worker's writer thread: serialised with its read-decide-write of the
+        # same sidecar, so neither overwrites the other's file or record.
+        return self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
+
+    def _write_caption(self, ref: ImageRef, ctype: str, caption: str) -> dict[str, Any]:
         target, generators = self._sidecar_for(ref, ctype)
         check_sidecar_path(ref, target)
         staged = stage(target, caption, owner_of=ref.path)
@@ -547,6 +591,9 @@ class Control:
 
     def delete_caption(self, ref: ImageRef, ctype: str) -> dict[str, Any]:
         ctype = self._check_type(ctype)
+        return self.worker.run_on_writer(lambda: self._delete_caption(ref, ctype))
+
+    def _delete_caption(self, ref: ImageRef, ctype: str) -> dict[str, Any]:
         target, _ = self._sidecar_for(ref, ctype)
         check_sidecar_path(ref, target)
         try:
@@ -573,7 +620,10 @@ class Control:
                 503, f"generator {name} is unavailable: {found.error}", "model_unavailable"
             )
         with self._lock:
-            merged = self.settings.generators.get(name, {}) | body
+            current = self.settings.generators.get(name, {})
+            if "use" in body and body["use"] != current.get("use"):
+                raise self._file_only(name, "use")
+            merged = current | body
             try:
                 config = cls.config_model.model_validate(
                     {k: v for k, v in merged.items() if k != "use"}
@@ -584,12 +634,67 @@ class Control:
                     f"invalid configuration for {name}: {exc.error_count()} problem(s)",
                     details=validation_details(exc),
                 ) from None
+            old = self._current_config(name, cls)
+            new_json = config.model_dump(mode="json")
+            old_json = old.model_dump(mode="json") if old is not None else {}
+            for key in FILE_ONLY_KEYS:
+                if key in body and key != "use" and new_json.get(key) != old_json.get(key):
+                    raise self._file_only(name, key)
+            self._check_same_kind(name, cls, config, old, body)
             self.settings.generators[name] = merged
-            self.runtime.generators[name] = merged
+            # Only what the API may change is persisted: config.toml keeps the rest.
+            self.runtime.generators[name] = {
+                k: v for k, v in merged.items() if k not in FILE_ONLY_KEYS
+            }
             self.runtime.save()
         applied = self._reset_generator(name, cls, config)
         log.info("generator_config_changed", generator=name, applied=applied)
         return {"generator": name, "config": config.model_dump(mode="json"), "applied": applied}
+
+    @staticmethod
+    def _file_only(name: str, key: str) -> APIError:
+        return APIError(
+            403,
+            f"{key} of generator {name} can only be set in the configuration file: it "
+            f"chooses code or weights to load; edit [generators.{name}] in config.toml "
+            "and restart captiond",
+            "forbidden",
+        )
+
+    def _current_config(self, name: str, cls: type) -> Any:
+        slot = self.models.get(name)
+        raw = getattr(slot, "raw", None) if slot is not None else None
+        if raw is not None and getattr(raw, "config", None) is not None:
+            return raw.config
+        try:
+            return generator_config(self.settings, name, cls)
+        except ValidationError:
+            return None
+
+    def _check_same_kind(
+        self, name: str, cls: type, config: Any, old: Any, body: dict[str, Any]
+    ) -> None:
+        """409 when the new settings give the generator another caption type or weight
+        class: the slot, its residency policy and sidecar names were built for the old."""
+        slot = self.models.get(name)
+        raw = getattr(slot, "raw", None) if slot is not None else None
+        if raw is None:
+            if old is None:
+                return
+            raw = cls(old)
+        new = cls(config)  # constructors only keep the config: nothing is loaded
+        before = (raw.caption_type, WeightClass(raw.weight))
+        after = (new.caption_type, WeightClass(new.weight))
+        if before == after:
+            return
+        keys = ", ".join(sorted(body)) or "these settings"
+        raise APIError(
+            409,
+            f"restart required: changing {keys} changes the caption type/weight of {name} "
+            f"({before[0]}/{before[1].value} -> {after[0]}/{after[1].value}); set it in "
+            "config.toml and restart captiond",
+            "conflict",
+        )
 
     def _reset_generator(self, name: str, cls: type, config: Any) -> bool:
         """Give the slot's generator the new config between batches, unloaded: it is

@@ -51,6 +51,7 @@ from daemon import __version__
 log = structlog.get_logger("captiond.server")
 
 MAX_BODY_BYTES = 1024 * 1024
+MAX_CONNECTIONS = 64  # connections served at once (a thread each); more get a 503
 DRAIN_LIMIT_BYTES = 8 * 1024 * 1024  # an oversized body up to this is read and dropped
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
@@ -508,7 +509,53 @@ class _RequestHandler(BaseHTTPRequestHandler):
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _dispatch
 
 
-class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s"
+)
+
+
+class _ConnectionLimit:
+    """At most ``control.max_connections`` connections served at once (one thread
+    each); beyond that a connection gets a 503 JSON answer and is closed at once."""
+
+    control: ControlServer
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.control._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # type: ignore[misc]
+        except BaseException:
+            self.control._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            self.control._slots.release()
+
+    def _refuse(self, request: Any) -> None:
+        limit = self.control.max_connections
+        body = json.dumps(
+            error_body(
+                f"too many connections (limit {limit}); try again shortly",
+                "unavailable",
+                retryable=True,
+            )
+        ).encode()
+        log.warning("control_connection_refused", limit=limit)
+        try:
+            request.settimeout(0.5)  # the accepting thread must not be held up
+            request.sendall(_BUSY % (len(body), body))
+        except OSError:
+            pass
+        self.shutdown_request(request)  # type: ignore[attr-defined]
+
+
+class _UnixHTTPServer(_ConnectionLimit, socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
     block_on_close = False  # stop() must not wait for idle keep-alive clients
     request_queue_size = 64
@@ -521,7 +568,7 @@ class _UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
         log.exception("control_connection_failed")
 
 
-class _TCPHTTPServer(socketserver.ThreadingTCPServer):
+class _TCPHTTPServer(_ConnectionLimit, socketserver.ThreadingTCPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
@@ -553,8 +600,12 @@ class ControlServer:
         mode: int = 0o660,
         group: str | None = None,
         max_body: int = MAX_BODY_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.path = Path(path).absolute()
+        self.max_connections = max_connections
+        # Shared by the Unix and TCP listeners: one thread per connection, bounded.
+        self._slots = threading.BoundedSemaphore(max_connections)
         self.mode = mode
         self.group = group
         self.max_body = max_body

@@ -164,6 +164,16 @@ class Worker:
         self._calls.append(fn)
         self._wake.set()
 
+    def run_on_writer(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the sidecar writer thread and return its result (or raise its
+        exception): it is then serialised with the worker's own sidecar writes. Inline
+        once the worker has stopped (nothing else writes then)."""
+        try:
+            future = self._writer.submit(fn)
+        except RuntimeError:  # shut down
+            return fn()
+        return future.result()
+
     def sidecar_target(self, path: str, generator: Generator) -> Path:
         """Where ``generator``'s caption of the image at ``path`` goes (or is)."""
         watch = self.settings.watch_for(path)

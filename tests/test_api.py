@@ -599,3 +599,29 @@ def test_openapi_describes_every_route(daemon):
             assert "default" in op["responses"]  # errors: {error, error_type, retryable}
             for ref in json.dumps(op).split('"$ref": "#/components/schemas/')[1:]:
                 assert ref.split('"')[0] in spec["components"]["schemas"]
+
+
+def test_same_image_twice_in_a_batch_and_in_two_requests(daemon, root):
+    d = daemon().start()
+    wait_for(lambda: ready(d))
+    make_image(root / "dup.png", "red")
+    wait_for(lambda: (root / "dup.txt").exists())
+    wait_for(lambda: ready(d))
+    events = list(stream(d, {"items": ["_/dup.png", "data/dup.png"], "config": {"force": True}}))
+    end = events[-1]
+    assert end["type"] == "complete", events  # used to wait forever
+    assert (end["processed"], end["successful"], end["skipped"], end["failed"]) == (2, 1, 1, 0)
+    dup = [e["item_result"] for e in events if e["type"] == "item_complete" and e["index"] == 1]
+    assert dup[0]["error_type"] == "duplicate" and dup[0]["duplicate_of"] == 0
+    # two requests for one image while paused: both finish once it runs
+    assert call(d, "POST", "/api/queue/pause", {})[0] == 200
+    url = "/api/generate-caption/_/dup.png?force=1"
+    ids = [call(d, "POST", url)[1]["request_id"] for _ in "ab"]
+    assert call(d, "POST", "/api/queue/resume", {})[0] == 200
+    for rid in ids:
+        wait_for(
+            lambda rid=rid: (
+                call(d, "GET", f"/api/caption-request-status/{rid}")[1]["state"] == "completed"
+            ),
+            timeout=20,
+        )

@@ -4,6 +4,7 @@ files, per-job options in the queue (cancel restores, claim skips paused roots).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -96,7 +97,7 @@ def test_queue_options_cancel_restores_and_paused_roots(tmp_path: Path) -> None:
     assert job.id == before.id and job.priority == 200 and job.options["force"] is True
     # a later scanner enqueue keeps the request's options
     q.enqueue_many([("/r/a.png", "g", 0)])
-    assert q.get("/r/a.png", "g").options == {"request": "x", "force": True}
+    assert q.get("/r/a.png", "g").options == {"request": "x", "force": True, "requeued": True}
     assert q.cancel(job.id, before, {"request": "x", "force": True})
     after = q.get("/r/a.png", "g")
     assert (after.priority, after.options, after.state) == (100, None, "pending")
@@ -113,3 +114,251 @@ def test_queue_options_cancel_restores_and_paused_roots(tmp_path: Path) -> None:
     q.fail(q.claim("g", 1)[0].id, "bad_image", "x", False)
     assert q.retry(prefix="/r") == 1 and q.get("/r/a.png", "g").state == "pending"
     assert q.purge(["done"]) == 1 and q.get("/other/c.png", "g") is None
+
+
+def test_cancel_after_a_rescan_requeued_the_job_keeps_it_pending(tmp_path: Path) -> None:
+    """The scanner re-queued the job (the image changed) while the request waited:
+    cancelling must not put back the old ``done`` state (the change would be lost)."""
+    now = [1000.0]
+    q = JobQueue(Database(tmp_path / "q.db"), clock=lambda: now[0])
+    q.enqueue("/r/a.png", "g", 100)
+    j = q.claim("g", 1)[0]
+    q.ack(j.id, "written")
+    done = q.get("/r/a.png", "g")
+    assert done.state == "done"
+    opts = {"request": "x", "force": False}
+    now[0] += 1
+    q.enqueue("/r/a.png", "g", 200, options=opts)
+    now[0] += 1
+    q.enqueue_many([("/r/a.png", "g", 100)])  # the scanner: the image changed
+    assert q.cancel(j.id, done, opts)
+    after = q.get("/r/a.png", "g")
+    assert (after.state, after.options) == ("pending", None)
+    # the same for a request on a new image: the scanner's job stays
+    q.enqueue("/r/b.png", "g", 200, options={"request": "y"})
+    q.enqueue_many([("/r/b.png", "g", 100)])
+    assert q.cancel(q.get("/r/b.png", "g").id, None, {"request": "y"})
+    assert q.get("/r/b.png", "g").state == "pending"
+    # not re-queued: the done state comes back (nothing to caption)
+    q.enqueue("/r/c.png", "h", 100)
+    q.ack(q.claim("h", 1)[0].id, "written")
+    before = q.get("/r/c.png", "h")
+    q.enqueue("/r/c.png", "h", 200, options={"request": "z"})
+    assert q.cancel(before.id, before, {"request": "z"})
+    assert q.get("/r/c.png", "h").state == "done"
+
+
+# ----------------------------------------------------------- request registry
+
+
+def _registry(tmp_path: Path, **kw):
+    from daemon.api.requests import RequestRegistry
+
+    q = JobQueue(Database(tmp_path / "r.db"))
+    return q, RequestRegistry(q, **kw)
+
+
+def _create(reg, path: str = "/r/a.png"):
+    return reg.create(
+        path=path,
+        rel="ds/" + path.rsplit("/", 1)[-1],
+        generator="g",
+        caption_type="tags",
+        priority=200,
+        force=False,
+        post_process=True,
+    )
+
+
+def _done(job):
+    from daemon.worker import JobResult
+
+    return JobResult(job.id, job.path, "g", job.options, "done", outcome="written", caption="x")
+
+
+def test_two_requests_for_one_image_both_finish(tmp_path: Path) -> None:
+    q, reg = _registry(tmp_path)
+    first, second = _create(reg), _create(reg)
+    assert first.job_id == second.job_id
+    job = q.claim("g", 1)[0]
+    assert job.options["request"] == second.id  # the second replaced the first's options
+    assert reg.get(first.id).state == "processing"  # follows the second
+    reg.on_result(_done(job))
+    assert first.state == second.state == "completed"
+    assert reg.wait(first, 0.1) and first.result["request_id"] == first.id
+
+
+def test_a_request_whose_job_vanished_fails_instead_of_waiting_forever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import daemon.api.requests as requests_module
+
+    monkeypatch.setattr(requests_module, "GONE_GRACE_SECONDS", 0.0)
+    q, reg = _registry(tmp_path)
+    req = _create(reg)
+    assert q.purge(["pending"]) == 1
+    assert reg.get(req.id).state == "failed" and req.result["error_type"] == "job_gone"
+    # the job finished without it (its options replaced by an unknown run): failed too
+    other = _create(reg, "/r/b.png")
+    q.ack(q.claim("g", 1)[0].id, "written", options=None)
+    assert reg.wait_any([other], 0.05) == [other] and other.state == "failed"
+    # a follower can be cancelled on its own; the job stays for the later request
+    a, b = _create(reg, "/r/c.png"), _create(reg, "/r/c.png")
+    assert reg.cancel(a) == "cancelled" and b.state == "queued"
+    assert q.get("/r/c.png", "g").options["request"] == b.id
+
+
+def test_registry_prune_is_cheap_and_bounded(tmp_path: Path) -> None:
+    q, reg = _registry(tmp_path, max_finished=100)
+    reqs = [_create(reg, f"/r/{i}.png") for i in range(300)]
+    for job in q.claim("g", 300):
+        reg.on_result(_done(job))
+    assert all(r.state == "completed" for r in reqs)
+    assert len(reg._requests) == 100 and len(reg._finished) == 100
+    assert [r.id for r in reg.all()] == [r.id for r in reqs[-100:]]
+    calls = []
+    orig = q.get_many
+    monkey = lambda ids: calls.append(1) or orig(ids)  # noqa: E731
+    q.get_many = monkey  # type: ignore[method-assign]
+    more = [_create(reg, f"/r/m{i}.png") for i in range(50)]
+    calls.clear()
+    assert len(reg.all()) == 150 and len(calls) == 1  # one query, not one per request
+    assert all(r.state == "queued" for r in more)
+
+
+# ------------------------------------------------------- control, in process
+
+
+@pytest.fixture
+def control(tmp_path: Path, wd_model_dir: Path):
+    import daemon.app as app_module
+    from daemon.config import Settings
+
+    root = tmp_path / "pics"
+    make_image(root / "a.png")
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        socket_path=tmp_path / "s.sock",
+        watch=[WatchConfig(path=root, name="ds", sidecar_extension="txt")],
+        generators={
+            "wd_tagger": {"model": str(wd_model_dir)},
+            "multi_person": {"mode": "lora_tags"},
+        },
+    )
+    d = app_module.Daemon(settings)
+    try:
+        yield d.control
+    finally:
+        d.worker.stop(1)
+        d.db.close()
+
+
+def test_code_bearing_settings_are_config_file_only(control) -> None:
+    from daemon.api.schemas import APIError
+
+    for name, body in [
+        ("wd_tagger", {"model": "/tmp/evil"}),
+        ("wd_tagger", {"revision": "main"}),
+        ("vlm", {"trust_remote_code": True}),
+        ("multi_person", {"detector_model": "/tmp/evil.pt"}),
+        ("multi_person", {"tagger": {"model": "/tmp/evil"}}),
+        ("multi_person", {"describer": {"trust_remote_code": True}}),
+        ("wd_tagger", {"use": "vlm"}),
+    ]:
+        with pytest.raises(APIError) as exc:
+            control.set_generator_config(name, body)
+        key = next(iter(body))
+        assert exc.value.status == 403, (name, body)
+        assert key in exc.value.message and "config.toml" in exc.value.message
+    # the same value as now is no change; other settings still may be changed
+    model = control.settings.generators["wd_tagger"]["model"]
+    out = control.set_generator_config("wd_tagger", {"model": model, "max_tags": 3})
+    assert out["config"]["max_tags"] == 3
+    assert "model" not in control.runtime.generators["wd_tagger"]  # config.toml decides
+
+
+def test_a_change_of_caption_type_or_weight_needs_a_restart(control) -> None:
+    from daemon.api.schemas import APIError
+
+    with pytest.raises(APIError) as exc:
+        control.set_generator_config("multi_person", {"mode": "fine_tune_caption"})
+    assert exc.value.status == 409 and "restart required" in exc.value.message
+    assert "mode" in exc.value.message
+    assert control.settings.generators["multi_person"] == {"mode": "lora_tags"}
+
+
+def test_api_caption_writes_run_on_the_writer_thread(control, monkeypatch) -> None:
+    import threading
+
+    from daemon.api.security import resolve_image
+
+    seen = []
+    real = control.index.record_caption
+
+    def spy(*a, **kw):
+        seen.append(threading.current_thread().name)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(control.index, "record_caption", spy)
+    ref = resolve_image(control.watches, "ds/a.png")
+    assert control.write_caption(ref, "txt", "mine")["success"]
+    assert seen and all(n.startswith("captiond-write") for n in seen), seen
+    import os as _os
+
+    deleted = []
+    real_unlink = _os.unlink
+
+    def unlink_spy(p, *a, **kw):
+        deleted.append(threading.current_thread().name)
+        return real_unlink(p, *a, **kw)
+
+    monkeypatch.setattr("daemon.control.os.unlink", unlink_spy)
+    assert control.delete_caption(ref, "txt")["success"]
+    assert deleted and deleted[0].startswith("captiond-write")
+
+
+def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
+    import http.client
+    import json
+    import socket
+
+    from daemon.server import ControlServer, UnixHTTPConnection
+
+    server = ControlServer(tmp_path / "c.sock", max_connections=4)
+    server.add_route("GET", "/x", lambda req: {"ok": True})
+    server.start()
+    idle = []
+    try:
+        for _ in range(4):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(server.path))
+            idle.append(s)
+        time.sleep(0.3)  # each holds a thread, waiting for a request line
+        c = UnixHTTPConnection(server.path, timeout=5)
+        c.request("GET", "/x")
+        r = c.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 503 and body["error_type"] == "unavailable" and body["retryable"]
+        c.close()
+        for s in idle:
+            s.close()
+        idle.clear()
+
+        def ok() -> bool:
+            c = UnixHTTPConnection(server.path, timeout=5)
+            try:
+                c.request("GET", "/x")
+                return c.getresponse().status == 200
+            except (OSError, http.client.HTTPException):
+                return False
+            finally:
+                c.close()
+
+        deadline = time.monotonic() + 5
+        while not ok():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()

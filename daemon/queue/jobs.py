@@ -83,12 +83,16 @@ def _claim_order(j: Job) -> tuple[int, float, int]:
 #   done / failed / dead -> pending afresh (attempts 0, error cleared, enqueued now)
 # options (an explicit request's JSON) replace the old ones when given; an enqueue
 # without options keeps those of a pending/leased job and clears those of a finished one.
+# On a pending job it also marks them ``"requeued": true``: the file needs captioning
+# for its own sake now, so cancelling the request must not put back a finished state.
 _ENQUEUE = """
 INSERT INTO jobs (path, generator, priority, state, attempts, enqueued_at, not_before,
                   updated_at, options)
 VALUES (?1, ?2, ?3, 'pending', 0, ?4, 0, ?4, ?5)
 ON CONFLICT (path, generator) DO UPDATE SET
-    options       = CASE WHEN state IN ('pending', 'leased')
+    options       = CASE WHEN state = 'pending' AND excluded.options IS NULL AND options IS NOT NULL
+                         THEN json_set(options, '$.requeued', json('true'))
+                         WHEN state IN ('pending', 'leased')
                          THEN coalesce(excluded.options, options) ELSE excluded.options END,
     priority      = CASE WHEN state IN ('pending', 'leased')
                          THEN max(priority, excluded.priority) ELSE excluded.priority END,
@@ -413,23 +417,35 @@ class JobQueue:
         return self.db.conn.execute(sql, params).rowcount
 
     def cancel(self, job_id: int, restore: Job | None, options: dict | None) -> bool:
-        """Undo an explicit enqueue while the job is still pending with ``options``:
-        the row returns to ``restore`` (its state before the request) or is deleted
-        when there was none. False when the job already started, finished or changed."""
-        opts = _options_json(options)
+        """Undo an explicit enqueue while the job is still pending with the request's
+        options: the row returns to ``restore`` (its state before the request) or is
+        deleted when there was none. When the job was enqueued again since (the scanner
+        found the image changed: ``requeued``), it stays pending, without the request's
+        options, instead of going back to a finished state or away. False when the job
+        already started, finished or belongs to another request."""
+        rid = (options or {}).get("request")
         with self.db.transaction() as conn:
-            if restore is None:
-                cur = conn.execute(
-                    "DELETE FROM jobs WHERE id = ? AND state = 'pending' AND options IS ?",
-                    (job_id, opts),
-                )
-                return cur.rowcount == 1
+            row = conn.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return False
+            job = _job(row)
+            if job.state != JobState.PENDING or (job.options or {}).get("request") != rid:
+                return False
+            requeued = bool((job.options or {}).get("requeued"))
             r = restore
-            cur = conn.execute(
+            if requeued and (r is None or r.state not in (JobState.PENDING, JobState.LEASED)):
+                conn.execute(
+                    "UPDATE jobs SET options = NULL, priority = ?, updated_at = ? WHERE id = ?",
+                    (job.priority if r is None else r.priority, self.clock(), job_id),
+                )
+                return True
+            if r is None:
+                conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                return True
+            conn.execute(
                 "UPDATE jobs SET state = ?, priority = ?, attempts = ?, enqueued_at = ?, "
                 "not_before = ?, error_type = ?, error_message = ?, outcome = ?, options = ?, "
-                "rerun = 0, lease_until = NULL, updated_at = ? "
-                "WHERE id = ? AND state = 'pending' AND options IS ?",
+                "rerun = 0, lease_until = NULL, updated_at = ? WHERE id = ?",
                 (
                     str(r.state) if r.state != JobState.LEASED else "pending",
                     r.priority,
@@ -442,10 +458,9 @@ class JobQueue:
                     _options_json(r.options),
                     self.clock(),
                     job_id,
-                    opts,
                 ),
             )
-            return cur.rowcount == 1
+            return True
 
     # -- inspection ----------------------------------------------------------------
 
@@ -524,6 +539,15 @@ class JobQueue:
             f"SELECT {_COLS} FROM jobs WHERE path = ? AND generator = ?", (path, generator)
         ).fetchone()
         return None if row is None else _job(row)
+
+    def get_many(self, job_ids: Iterable[int]) -> dict[int, Job]:
+        """Jobs by id (missing ids are absent), 500 per query."""
+        out: dict[int, Job] = {}
+        for chunk in _chunks(job_ids, 500):
+            sql = f"SELECT {_COLS} FROM jobs WHERE id IN ({','.join('?' * len(chunk))})"
+            for row in self.db.conn.execute(sql, chunk):
+                out[row[0]] = _job(row)
+        return out
 
     def get_by_id(self, job_id: int) -> Job | None:
         row = self.db.conn.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
