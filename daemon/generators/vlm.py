@@ -45,6 +45,7 @@ from daemon.generators.base import (
     ImageInput,
     WeightClass,
 )
+from daemon.generators.hub import hub_errors, looks_like_path
 from daemon.generators.vlm_families import (
     FAMILIES,
     FAMILY_NAMES,
@@ -185,23 +186,6 @@ def check_prompt_for_family(
 # -- model files ----------------------------------------------------------------------
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = []
-    for module, attr in (
-        ("httpx2", "HTTPError"),
-        ("httpx", "HTTPError"),
-        ("requests", "RequestException"),
-    ):
-        cls = getattr(sys.modules.get(module), attr, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~", "\\")) or model.count("/") > 1 or "\\" in model
-
-
 def pull(model: str, revision: str | None = None, cache_dir: Path | None = None) -> Path:
     """Download a hub repository's transformers files into ``cache_dir`` (normally
     ``<cache_dir>/hf``) and return the snapshot folder; a local folder is returned as is.
@@ -215,26 +199,12 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
     local = Path(model).expanduser()
     if local.is_dir():
         return local
-    if _looks_like_path(model) or local.exists():
+    if looks_like_path(model) or local.exists():
         raise ModelUnavailableError(f"model folder {local} does not exist")
-    try:
-        from huggingface_hub import errors as hf_errors
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:
-        raise ModelUnavailableError(
-            f"huggingface_hub is not installed; cannot fetch {model}"
-        ) from exc
+    errs = hub_errors(model)
+    from huggingface_hub import snapshot_download
 
-    def opt(name: str) -> tuple[type[BaseException], ...]:
-        cls = getattr(hf_errors, name, None)
-        return (cls,) if isinstance(cls, type) else ()
-
-    offline = opt("LocalEntryNotFoundError") + opt("OfflineModeIsEnabled")
-    gated = opt("GatedRepoError")
-    missing = (
-        opt("RepositoryNotFoundError") + opt("RevisionNotFoundError") + opt("HFValidationError")
-    )
-    transient = opt("HfHubHTTPError") + opt("XetDownloadError") + _network_errors() + (OSError,)
+    offline, gated, missing, transient = errs.offline, errs.gated, errs.missing, errs.transient
     where = f"{model}{'@' + revision if revision else ''}"
 
     def fetch(ignore: list[str]) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from daemon.generators.base import (
     ImageInput,
     WeightClass,
 )
+from daemon.generators.hub import hub_errors, looks_like_path
 from daemon.postprocess import KAOMOJI  # they keep their underscores (wd-tagger.md)
 
 MODEL_FILENAME = "model.onnx"
@@ -247,44 +247,14 @@ def _display(name: str, config: WDTaggerConfig, replacements: dict[str, str]) ->
     return text
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """HTTP client error types of the clients huggingface_hub has imported."""
-    found: list[type[BaseException]] = []
-    for module, attr in (
-        ("httpx2", "HTTPError"),
-        ("httpx", "HTTPError"),
-        ("requests", "RequestException"),
-    ):
-        cls = getattr(sys.modules.get(module), attr, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
-
-
 def _hub_download(
     repo_id: str, filename: str, revision: str | None, cache_dir: Path | None
 ) -> Path:
     """hf_hub_download with failures mapped by exception type to captiond's errors."""
-    try:
-        from huggingface_hub import errors as hf_errors
-        from huggingface_hub import hf_hub_download
-    except ImportError as exc:
-        raise ModelUnavailableError(
-            f"huggingface_hub is not installed; cannot fetch {repo_id}"
-        ) from exc
+    errs = hub_errors(repo_id)
+    from huggingface_hub import hf_hub_download
 
-    def opt(name: str) -> tuple[type[BaseException], ...]:
-        cls = getattr(hf_errors, name, None)
-        return (cls,) if isinstance(cls, type) else ()
-
-    offline = opt("LocalEntryNotFoundError") + opt("OfflineModeIsEnabled")
-    missing = (
-        opt("RepositoryNotFoundError")
-        + opt("RevisionNotFoundError")
-        + opt("EntryNotFoundError")
-        + opt("HFValidationError")
-    )
-    transient = opt("HfHubHTTPError") + opt("XetDownloadError") + _network_errors() + (OSError,)
+    offline, missing, transient = errs.offline, errs.gated + errs.missing, errs.transient
     try:
         return Path(
             hf_hub_download(
@@ -308,10 +278,6 @@ def _hub_download(
         raise ModelDownloadError(
             f"downloading {filename} of {repo_id} failed ({type(exc).__name__})"
         ) from exc
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~", "\\")) or model.count("/") > 1 or "\\" in model
 
 
 class WDTagger(Generator):
@@ -381,7 +347,7 @@ class WDTagger(Generator):
             if missing:
                 raise ModelUnavailableError(f"model folder {local} lacks {', '.join(missing)}")
             return files
-        if _looks_like_path(model) or local.exists():
+        if looks_like_path(model) or local.exists():
             raise ModelUnavailableError(f"model folder {local} does not exist")
         cache = self.cache_dir / "hf" if self.cache_dir is not None else None
         rev = self.config.revision
