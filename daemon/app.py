@@ -214,8 +214,12 @@ class Daemon:
         log.info("captiond_stopped")
 
     def run_forever(self) -> int:
+        received: list[int] = []
+
         def _signal(signum: int, _frame: Any) -> None:
-            log.info("signal", signal=signal.Signals(signum).name)
+            # Only set the event here: logging from a signal handler can deadlock on a
+            # lock the interrupted main thread holds.
+            received.append(signum)
             self._stop.set()
 
         signal.signal(signal.SIGTERM, _signal)
@@ -227,6 +231,8 @@ class Daemon:
             raise
         try:
             self._stop.wait()
+            if received:
+                log.info("signal", signal=signal.Signals(received[0]).name)
         finally:
             self.stop()
         return 0

@@ -278,7 +278,9 @@ def test_put_and_delete_caption_is_a_persons_caption(daemon, root):
     assert (root / "p.txt").read_text() == "my words\n"
     # the image changes: captiond must leave the person's caption alone
     (root / "p.png").write_bytes(image_bytes("blue"))
-    wait_for(lambda: d.status()["queue"]["outcomes"]["wd_tagger"].get("caption_edited") == 1)
+    wait_for(
+        lambda: d.status()["queue"]["outcomes"].get("wd_tagger", {}).get("caption_edited") == 1
+    )
     assert (root / "p.txt").read_text() == "my words\n"
     # an unknown type, wrong types, malformed JSON: 4xx
     assert call(d, "PUT", "/api/caption/_/p.png", {"type": "zzz", "caption": "x"})[0] == 422

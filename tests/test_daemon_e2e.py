@@ -178,7 +178,9 @@ def test_edited_and_foreign_sidecars_are_left_alone(daemon, root):
     # a person edits captiond's caption, then the image changes
     (root / "mine.txt").write_text("red background, hand-fixed\n")
     (root / "mine.png").write_bytes(image_bytes("blue"))
-    wait_for(lambda: d.status()["queue"]["outcomes"]["wd_tagger"].get("caption_edited") == 1)
+    wait_for(
+        lambda: d.status()["queue"]["outcomes"].get("wd_tagger", {}).get("caption_edited") == 1
+    )
     assert (root / "mine.txt").read_text() == "red background, hand-fixed\n"
     outcomes = d.status()["queue"]["outcomes"]["wd_tagger"]
     assert outcomes.get("caption_exists") == 1
