@@ -36,6 +36,8 @@ from daemon.worker import Worker
 
 log = structlog.get_logger(__name__)
 
+STOP_TIMEOUT_SECONDS = 45.0  # below the unit's TimeoutStopSec=60
+
 
 class Daemon:
     def __init__(self, settings: Settings):
@@ -218,7 +220,10 @@ class Daemon:
 
         def _signal(signum: int, _frame: Any) -> None:
             # Only set the event here: logging from a signal handler can deadlock on a
-            # lock the interrupted main thread holds.
+            # lock the interrupted main thread holds. A second signal exits at once:
+            # nothing is lost (sidecars are atomic, claimed jobs return at the next start).
+            if received:
+                os._exit(128 + signum)
             received.append(signum)
             self._stop.set()
 
@@ -234,8 +239,19 @@ class Daemon:
             if received:
                 log.info("signal", signal=signal.Signals(received[0]).name)
         finally:
+            # A shutdown that hangs (a stuck NFS read, a wedged model) must not outlive
+            # systemd's patience: exit hard after STOP_TIMEOUT_SECONDS.
+            timer = threading.Timer(STOP_TIMEOUT_SECONDS, self._stop_timed_out)
+            timer.daemon = True
+            timer.start()
             self.stop()
+            timer.cancel()
         return 0
+
+    @staticmethod
+    def _stop_timed_out() -> None:
+        log.error("shutdown_timed_out", seconds=STOP_TIMEOUT_SECONDS, action="exiting now")
+        os._exit(1)
 
     # -- status -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -88,3 +88,51 @@ def test_client_looks_for_the_socket_where_services_put_it(tmp_path, monkeypatch
         tmp_path / "xdg" / "captiond" / "captiond.sock",
     ]
     assert Settings(socket_path=tmp_path / "x.sock").client_socket_paths() == [tmp_path / "x.sock"]
+
+
+SHUTDOWN_SCRIPT = """
+import sys, time
+import daemon.app as app
+from daemon.config import Settings
+app.STOP_TIMEOUT_SECONDS = float(sys.argv[2])
+d = app.Daemon(Settings(state_dir=sys.argv[1], socket_path=sys.argv[1] + "/s.sock"))
+d.start = lambda: print("started", flush=True)
+d.stop = lambda: time.sleep(100)  # a shutdown that hangs
+d.run_forever()
+"""
+
+
+def _hanging_daemon(tmp_path, stop_timeout: float):
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHUTDOWN_SCRIPT, str(tmp_path), str(stop_timeout)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGTERM)
+    return proc, time.monotonic()
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    import signal
+    import time
+
+    proc, t0 = _hanging_daemon(tmp_path, 60)
+    time.sleep(0.5)
+    assert proc.poll() is None  # stopping (hangs)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 128 + signal.SIGTERM
+    assert time.monotonic() - t0 < 10
+
+
+def test_a_hanging_shutdown_is_cut_short(tmp_path):
+    import time
+
+    proc, t0 = _hanging_daemon(tmp_path, 1.0)
+    assert proc.wait(20) == 1
+    assert time.monotonic() - t0 < 15
+    assert "shutdown_timed_out" in proc.stdout.read()  # structlog default: stdout
