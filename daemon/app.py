@@ -235,7 +235,11 @@ class Daemon:
             self.stop()
             raise
         try:
-            self._stop.wait()
+            # Wake up now and then: a signal the kernel hands to another thread only
+            # runs its Python handler once the main thread wakes (a plain wait() can
+            # sleep through SIGTERM for ever).
+            while not self._stop.wait(0.5):
+                pass
             if received:
                 log.info("signal", signal=signal.Signals(received[0]).name)
         finally:

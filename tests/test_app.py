@@ -136,3 +136,24 @@ def test_a_hanging_shutdown_is_cut_short(tmp_path):
     assert proc.wait(20) == 1
     assert time.monotonic() - t0 < 15
     assert "shutdown_timed_out" in proc.stdout.read()  # structlog default: stdout
+
+
+def test_sigterm_delivered_to_another_thread_still_stops_the_daemon(tmp_path):
+    script = """
+import signal, sys, threading, time
+import daemon.app as app
+from daemon.config import Settings
+d = app.Daemon(Settings(state_dir=sys.argv[1], socket_path=sys.argv[1] + "/s.sock"))
+d.start = lambda: None
+d.stop = lambda: print("stopped", flush=True)
+other = threading.Thread(target=time.sleep, args=(30,), daemon=True)
+other.start()
+# the kernel may hand a process-directed signal to any thread: force a non-main one
+threading.Timer(0.5, signal.pthread_kill, (other.ident, signal.SIGTERM)).start()
+d.run_forever()
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=20
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped" in proc.stdout
