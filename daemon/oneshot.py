@@ -47,10 +47,17 @@ def watch_for_folder(settings: Settings, folder: Path, generator: str | None) ->
     data = base.model_dump() if base is not None else {}
     data |= {"path": folder, "name": folder.name or "root"}
     if generator:
-        data["generators"] = [generator]
+        names = [generator]
+        found = discover_generators(settings).get(generator)
+        if found is not None and found.cls is not None:
+            gen = found.cls(generator_config(settings, generator, found.cls))
+            if "tags" in gen.context_keys:  # its prompt needs a tagger's tags first
+                taggers = [g for g in data.get("generators", ["wd_tagger"]) if g != generator]
+                names = [*(taggers[:1] or ["wd_tagger"]), generator]
+        data["generators"] = names
         ext = data.get("sidecar_extension")
         if isinstance(ext, dict):
-            data["sidecar_extension"] = ext.get(generator)
+            data["sidecar_extension"] = {g: ext[g] for g in names if g in ext} or None
     return WatchConfig.model_validate(data)
 
 

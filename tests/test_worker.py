@@ -269,3 +269,20 @@ def test_symlinked_or_fifo_sidecars_are_never_read_or_replaced(tmp_path):
     errors = {Path(j.path).name: j for j in rig.queue.recent_errors()}
     assert errors["a.png"].error_type == "io" and "symbolic link" in errors["a.png"].error_message
     assert "not a regular file" in errors["b.png"].error_message
+
+
+def test_once_with_a_tags_prompt_keeps_the_tagger(tmp_path, wd_model_dir, monkeypatch):
+    from daemon.generators import registry
+    from daemon.oneshot import run_once
+
+    monkeypatch.setitem(registry.BUILTINS, "tagecho", "tests.fakegen:TagEchoGenerator")
+    folder = tmp_path / "set"
+    make_image(folder / "a.png", "red")
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        generators={"wd_tagger": {"model": str(wd_model_dir)}},
+        worker={"preload": []},
+    )
+    result = run_once(settings, folder, generator="tagecho")
+    assert result.errors == [] and result.outcomes == {"written": 2}
+    assert (folder / "a.caption").read_text().startswith("an image with simple background")
