@@ -19,7 +19,6 @@ import os
 import platform
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cpuinfo import cpu_name
 from huey.storage import SqliteStorage
 
 from daemon.queue import Database, JobQueue
@@ -39,14 +39,7 @@ N_CLAIM = 20_000
 
 
 def machine() -> str:
-    model = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln), ""
-        )
-    except OSError:
-        pass
+    model = cpu_name()
     return (
         f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, "
         f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.release()}"

@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import structlog
+from cpuinfo import cpu_name
 
 from daemon.config import WatchConfig
 from daemon.queue import Database, FileIndex, JobQueue
@@ -62,14 +63,7 @@ def time_find(root: Path) -> float:
 
 
 def machine() -> str:
-    model = ""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in out.splitlines() if "Model name" in ln), ""
-        )
-    except OSError:
-        pass
+    model = cpu_name()
     return (
         f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, "
         f"SQLite {sqlite3.sqlite_version}, {platform.system()} {platform.release()}"

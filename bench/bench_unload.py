@@ -35,6 +35,8 @@ for p in (HERE, ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+from cpuinfo import cpu_name  # noqa: E402  (bench/ is on sys.path when run)
+
 from daemon.generators.base import Generator, GeneratorConfig, WeightClass  # noqa: E402
 
 DATA = HERE / ".data"
@@ -161,14 +163,7 @@ def run_case(isolate: bool, weights: Path, width: int, layers: int, cycles: int)
 
 
 def machine() -> str:
-    model = ""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in text.splitlines() if "Model name" in ln), ""
-        )
-    except OSError:
-        pass
+    model = cpu_name()
     import torch
 
     mem = Path("/proc/meminfo").read_text().splitlines()[0].split()[1]

@@ -20,8 +20,6 @@ from daemon.config import (
     PRIORITY_BACKFILL,
     PRIORITY_NEW,
     Settings,
-    discover_generators,
-    generator_config,
 )
 from daemon.control import Control, apply_runtime_settings
 from daemon.models import ModelManager
@@ -49,14 +47,7 @@ class Daemon:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         self._check_state_dir()
         self.db = Database(settings.db_path)
-        q = settings.queue
-        self.queue = JobQueue(
-            self.db,
-            max_attempts=q.max_attempts,
-            backoff_base=q.backoff_base_seconds,
-            backoff_max=q.backoff_max_seconds,
-            lease_seconds=q.lease_seconds,
-        )
+        self.queue = JobQueue(self.db, **settings.queue.queue_kwargs())
         self.index = FileIndex(self.db)
         # Settings changed through the API, applied over the file before parts are built.
         self.runtime = RuntimeSettings.load(settings.runtime_settings_path)
@@ -64,16 +55,7 @@ class Daemon:
         self.scanner = Scanner(self.index, self.queue, stale_temps_before=self.started_at)
 
         used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
-        self.models = ModelManager.build(
-            used,
-            discover_generators(settings),
-            lambda name, cls: generator_config(settings, name, cls),
-            cache_dir=settings.cache_dir,
-            retry_seconds=settings.worker.load_retry_seconds,
-            residency=settings.residency,
-            log_args=(settings.log_level, settings.log_format),
-            generate_timeout=settings.worker.stall_seconds,
-        )
+        self.models = ModelManager.for_settings(settings, used)
         self.worker = Worker(
             settings=settings, queue=self.queue, index=self.index, models=self.models
         )

@@ -117,6 +117,15 @@ class QueueConfig(_Section):
     backoff_max_seconds: float = Field(3600.0, gt=0)
     lease_seconds: float = Field(600.0, gt=0)
 
+    def queue_kwargs(self) -> dict[str, float]:
+        """Keyword arguments for ``JobQueue`` (which knows nothing of configuration)."""
+        return {
+            "max_attempts": self.max_attempts,
+            "backoff_base": self.backoff_base_seconds,
+            "backoff_max": self.backoff_max_seconds,
+            "lease_seconds": self.lease_seconds,
+        }
+
 
 class ScanConfig(_Section):
     on_start: bool = True

@@ -46,7 +46,7 @@ from typing import Any
 
 import structlog
 
-from daemon.config import ModelPolicy, ResidencyConfig
+from daemon.config import ModelPolicy, ResidencyConfig, Settings
 from daemon.errors import (
     CaptionError,
     Classified,
@@ -651,6 +651,23 @@ class ModelManager:
             memory_budget_mb=res.memory_budget_mb,
             min_resident_seconds=res.min_resident_seconds,
             crash_attempts=res.crash_attempts,
+        )
+
+    @classmethod
+    def for_settings(cls, settings: Settings, names: Iterable[str]) -> ModelManager:
+        """The slots for ``names`` as the configuration describes them (daemon and
+        ``caption --once`` alike)."""
+        from daemon.config import discover_generators, generator_config  # config -> registry
+
+        return cls.build(
+            names,
+            discover_generators(settings),
+            lambda name, gen_cls: generator_config(settings, name, gen_cls),
+            cache_dir=settings.cache_dir,
+            retry_seconds=settings.worker.load_retry_seconds,
+            residency=settings.residency,
+            log_args=(settings.log_level, settings.log_format),
+            generate_timeout=settings.worker.stall_seconds,
         )
 
     def get(self, name: str) -> ModelSlot | None:

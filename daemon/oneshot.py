@@ -97,14 +97,7 @@ def _run(
     poll_seconds: float,
 ) -> OneShotResult:
     started = time.monotonic()
-    q = settings.queue
-    queue = JobQueue(
-        db,
-        max_attempts=q.max_attempts,
-        backoff_base=q.backoff_base_seconds,
-        backoff_max=q.backoff_max_seconds,
-        lease_seconds=q.lease_seconds,
-    )
+    queue = JobQueue(db, **settings.queue.queue_kwargs())
     index = FileIndex(db)
     queue.recover_all_leased()
     Scanner(index, queue).reconcile(watch, priority_class=PRIORITY_EXPLICIT)
@@ -117,16 +110,7 @@ def _run(
     if force:  # everything in the folder, captioned before or not
         for job in queue.jobs(limit=10_000_000):
             queue.enqueue(job.path, job.generator, PRIORITY_EXPLICIT, options={"force": True})
-    models = ModelManager.build(
-        watch.generators,
-        discover_generators(settings),
-        lambda name, cls: generator_config(settings, name, cls),
-        cache_dir=settings.cache_dir,
-        retry_seconds=settings.worker.load_retry_seconds,
-        residency=settings.residency,
-        log_args=(settings.log_level, settings.log_format),
-        generate_timeout=settings.worker.stall_seconds,
-    )
+    models = ModelManager.for_settings(settings, watch.generators)
     worker = Worker(settings=settings, queue=queue, index=index, models=models)
     result = OneShotResult()
     worker.start()

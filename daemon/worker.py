@@ -557,20 +557,7 @@ class Worker:
             self.captions_written += 1
             metrics.CAPTIONS_WRITTEN.labels(gen.name).inc()
             bound.info("caption_written")
-        self.queue.ack(job.id, decision.action.value, options=job.options)
-        self._report(
-            JobResult(
-                job.id,
-                job.path,
-                gen.name,
-                job.options,
-                "done",
-                outcome=decision.action.value,
-                caption=decision.text,
-                caption_type=gen.caption_type,
-                sidecar=str(plan.target),
-            )
-        )
+        self._done(gen, job, decision.action, plan.target, decision.text)
 
     def _report(self, result: JobResult) -> None:
         if self.on_result is None or not result.options:
@@ -589,8 +576,15 @@ class Worker:
         else:
             bound.info("caption_exists_skipped")
         job = item.job
-        self.queue.ack(job.id, action.value, options=job.options)
         existing = read_existing(plan.target) if job.options else None
+        caption = None if existing is None else existing.decode("utf-8", "replace")
+        self._done(gen, job, action, plan.target, caption)
+
+    def _done(
+        self, gen: Generator, job: Job, action: Action, target: Path, caption: str | None
+    ) -> None:
+        """Ack the job and tell an explicit request (if any) how it ended."""
+        self.queue.ack(job.id, action.value, options=job.options)
         self._report(
             JobResult(
                 job.id,
@@ -599,9 +593,9 @@ class Worker:
                 job.options,
                 "done",
                 outcome=action.value,
-                caption=None if existing is None else existing.decode("utf-8", "replace"),
+                caption=caption,
                 caption_type=gen.caption_type,
-                sidecar=str(plan.target),
+                sidecar=str(target),
             )
         )
 
