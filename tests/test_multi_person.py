@@ -198,7 +198,7 @@ def test_isolate_greys_other_people_by_box_but_never_the_person() -> None:
     b = Person((60, 30, 150, 90))  # overlaps a at x 60..80
     arr[20:80, 20:80] = RGB["red"]
     arr[30:90, 80:150] = RGB["blue"]
-    crop = isolate_person(arr, [a, b], 0, padding=10, fill=128)
+    crop = np.asarray(isolate_person(arr, [a, b], 0, padding=10, fill=128))
     assert crop.shape == (80, 80, 3)  # (10..90) x (10..90)
     # a's own box is untouched, also where b's box overlaps it
     assert (crop[10:70, 10:70] == RGB["red"]).all()
@@ -217,16 +217,16 @@ def test_isolate_and_spotlight_follow_masks() -> None:
     a = Person((10, 10, 50, 50), mask=ma)
     b = Person((10, 10, 50, 50), mask=mb)
     assert person_mask(a, (0, 0, 60, 60)).sum() == 40 * 20
-    crop = isolate_person(arr, [a, b], 0, padding=0, fill=7)
+    crop = np.asarray(isolate_person(arr, [a, b], 0, padding=0, fill=7))
     assert (crop[:, :20] == 200).all() and (crop[:, 20:] == 7).all()
-    lit = spotlight_person(arr, [a, b], 1, padding=5, dim=0.3)
+    lit = np.asarray(spotlight_person(arr, [a, b], 1, padding=5, dim=0.3))
     assert lit.shape == (50, 50, 3)
     assert (lit[5:45, 25:45] == 200).all()  # b itself: opaque
     assert (lit[5:45, 5:25] == 60).all()  # a (outside b's mask): dimmed to 30 %
     assert (lit[0:5] == 60).all()  # background: dimmed
-    scene_arr = mask_people(arr, [a, b], dim=0.3)
+    scene_arr = np.asarray(mask_people(arr, [a, b], dim=0.3))
     assert (scene_arr[10:50, 10:50] == 60).all() and (scene_arr[:10] == 200).all()
-    greyed = mask_people(arr, [a], fill=128)
+    greyed = np.asarray(mask_people(arr, [a], fill=128))
     assert (greyed[10:50, 10:30] == 128).all() and (greyed[10:50, 30:50] == 200).all()
 
 
@@ -545,3 +545,16 @@ def test_registered_and_mode_sets_type(gender_model_dir: Path) -> None:
     ft = MultiPersonGenerator(MultiPersonConfig(mode="fine_tune_caption"))
     assert (ft.caption_type, ft.weight.value) == ("caption", "heavy")
     assert not ft.loaded
+
+
+def test_dimming_rounds_like_float_arithmetic_on_every_value() -> None:
+    """The lookup table behind the dimming gives what float32 multiply-and-round gives,
+    for every byte value, and leaves pixels outside the people untouched."""
+    arr = np.arange(256 * 3, dtype=np.uint32).reshape(16, 16, 3).astype(np.uint8)
+    arr = np.concatenate([arr, np.full((4, 16, 3), 77, np.uint8)])  # a strip with no one
+    everyone = Person((0, 0, 16, 16))
+    for factor in (0.0, 0.3, 0.35, 0.5, 1.0):
+        got = np.asarray(mask_people(arr, [everyone], dim=factor))
+        expected = np.round(arr[:16].astype(np.float32) * factor).astype(np.uint8)
+        assert (got[:16] == expected).all(), factor
+        assert (got[16:] == 77).all()

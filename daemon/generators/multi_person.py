@@ -207,40 +207,53 @@ def person_mask(person: Person, region: tuple[int, int, int, int]) -> np.ndarray
     return out
 
 
-def _dim(pixels: np.ndarray, factor: float) -> np.ndarray:
-    return np.round(pixels.astype(np.float32) * factor).astype(np.uint8)
+def _paint(
+    pixels: np.ndarray, where: np.ndarray, *, fill: int | None, dim: float | None
+) -> Image.Image:
+    """``pixels`` as an image with the ``where`` pixels set to ``fill`` or multiplied by
+    ``dim`` (rounded). Pillow's paste through a mask does the per-pixel work in C, several
+    times faster than numpy's boolean indexing on a camera-sized image."""
+    out = Image.fromarray(np.ascontiguousarray(pixels))
+    if not where.any():
+        return out
+    bands = len(out.getbands())
+    if fill is not None:
+        over = Image.new(out.mode, out.size, (fill,) * bands if bands > 1 else fill)
+    elif dim is not None:
+        lut = np.round(np.arange(256, dtype=np.float32) * np.float32(dim)).astype(np.uint8)
+        over = out.point(lut.tolist() * bands)
+    else:
+        return out
+    out.paste(over, mask=Image.fromarray(where))
+    return out
 
 
 def isolate_person(
     image: np.ndarray, people: Sequence[Person], index: int, *, padding: int, fill: int
-) -> np.ndarray:
+) -> Image.Image:
     """The padded crop of person ``index`` with the other people's pixels set to
     ``fill`` (grey), except where they overlap this person."""
     h, w = image.shape[:2]
     region = padded_region(people[index].box, padding, w, h)
     rx0, ry0, rx1, ry1 = region
-    crop = image[ry0:ry1, rx0:rx1].copy()
     own = person_mask(people[index], region)
     others = np.zeros_like(own)
     for j, p in enumerate(people):
         if j != index:
             others |= person_mask(p, region)
-    crop[others & ~own] = fill
-    return crop
+    return _paint(image[ry0:ry1, rx0:rx1], others & ~own, fill=fill, dim=None)
 
 
 def spotlight_person(
     image: np.ndarray, people: Sequence[Person], index: int, *, padding: int, dim: float
-) -> np.ndarray:
+) -> Image.Image:
     """The padded crop of person ``index``: the person as is, everything else (background
     and other people) multiplied by ``dim``."""
     h, w = image.shape[:2]
     region = padded_region(people[index].box, padding, w, h)
     rx0, ry0, rx1, ry1 = region
-    crop = image[ry0:ry1, rx0:rx1].copy()
     rest = ~person_mask(people[index], region)
-    crop[rest] = _dim(crop[rest], dim)
-    return crop
+    return _paint(image[ry0:ry1, rx0:rx1], rest, fill=None, dim=dim)
 
 
 def people_union(people: Sequence[Person], width: int, height: int) -> np.ndarray:
@@ -256,16 +269,10 @@ def mask_people(
     *,
     fill: int | None = None,
     dim: float | None = None,
-) -> np.ndarray:
+) -> Image.Image:
     """The whole image with every person set to ``fill`` or multiplied by ``dim``."""
     h, w = image.shape[:2]
-    out = image.copy()
-    where = people_union(people, w, h)
-    if fill is not None:
-        out[where] = fill
-    elif dim is not None:
-        out[where] = _dim(out[where], dim)
-    return out
+    return _paint(image, people_union(people, w, h), fill=fill, dim=dim)
 
 
 # -- aliases, gender and layout (pure) -----------------------------------------------------
@@ -626,14 +633,10 @@ class MultiPersonGenerator(Generator):
                 continue
             for i in range(len(ppl)):
                 crops.append(
-                    Image.fromarray(
-                        isolate_person(
-                            item.pixels, ppl, i, padding=cfg.padding, fill=cfg.grey_value
-                        )
-                    )
+                    isolate_person(item.pixels, ppl, i, padding=cfg.padding, fill=cfg.grey_value)
                 )
             if cfg.scene:
-                crops.append(Image.fromarray(mask_people(item.pixels, ppl, fill=cfg.grey_value)))
+                crops.append(mask_people(item.pixels, ppl, fill=cfg.grey_value))
         results = iter(self._tag_all(crops))
         out = []
         for ppl in people:
@@ -670,23 +673,20 @@ class MultiPersonGenerator(Generator):
                 prompts.append(cfg.whole_prompt)
                 continue
             for i in range(len(ppl)):
-                crop = spotlight_person(
-                    item.pixels, ppl, i, padding=cfg.padding, dim=cfg.background_dim
+                images.append(
+                    spotlight_person(
+                        item.pixels, ppl, i, padding=cfg.padding, dim=cfg.background_dim
+                    )
                 )
-                images.append(Image.fromarray(crop))
                 prompts.append(cfg.person_prompt)
                 if needs_gender(i, cfg):
                     gender_crops.append(
-                        Image.fromarray(
-                            isolate_person(
-                                item.pixels, ppl, i, padding=cfg.padding, fill=cfg.grey_value
-                            )
+                        isolate_person(
+                            item.pixels, ppl, i, padding=cfg.padding, fill=cfg.grey_value
                         )
                     )
             if cfg.scene:
-                images.append(
-                    Image.fromarray(mask_people(item.pixels, ppl, dim=cfg.scene_people_dim))
-                )
+                images.append(mask_people(item.pixels, ppl, dim=cfg.scene_people_dim))
                 prompts.append(cfg.scene_prompt)
         genders = iter(r.gender for r in self._tag_all(gender_crops)) if gender_crops else iter(())
         texts = iter(self._describe_all(images, prompts))
