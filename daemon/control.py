@@ -56,7 +56,7 @@ from daemon.config import (
 )
 from daemon.generators.base import WeightClass
 from daemon.generators.registry import Discovered
-from daemon.hashing import hash_bytes, hash_file
+from daemon.hashing import content_hash_file, sidecar_hash
 from daemon.models import ModelSlot, ModelState
 from daemon.postprocess import STEPS
 from daemon.scans import ScanRequest
@@ -571,7 +571,7 @@ class Control:
                 if rec is not None:
                     content = rec.content_hash
                 else:
-                    image_hash = image_hash or hash_file(ref.path)
+                    image_hash = image_hash or content_hash_file(ref.path)
                     content = image_hash
                 self.index.record_caption(
                     str(ref.path), g, content, str(target), f"{HUMAN_EDIT}:{staged.digest}"
@@ -827,7 +827,7 @@ class Control:
             if gen not in watch.generators or not os.path.isfile(image):
                 continue
             try:
-                current = hash_bytes(Path(sidecar).read_bytes())
+                current = sidecar_hash(Path(sidecar).read_bytes())
             except OSError:
                 continue
             if current in (digest, prev):

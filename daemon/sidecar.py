@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from daemon.errors import UnsafeSidecarError
-from daemon.hashing import hash_bytes
+from daemon.hashing import sidecar_hash
 
 TEMP_SUFFIX = ".captiond.tmp"
 
@@ -94,7 +94,7 @@ def precheck(
 ) -> Action | None:
     """The outcome when it does not depend on the new caption (so the model can be
     skipped): EXISTS or EDITED; None when a caption may be written."""
-    if existing is None or force or hash_bytes(existing) in ours:
+    if existing is None or force or sidecar_hash(existing) in ours:
         return None
     if seen_before:
         return Action.EDITED
@@ -133,7 +133,7 @@ def decide(
         return Decision(early)
     if existing is None:
         return Decision(Action.WRITE, final(base_text), base_text=base_text)
-    existing_hash = hash_bytes(existing)
+    existing_hash = sidecar_hash(existing)
     existing_text = existing.decode("utf-8", errors="replace")
     if force:
         return Decision(Action.WRITE, new_text, prev_hash=existing_hash)
@@ -227,7 +227,7 @@ def stage(path: Path, text: str, *, owner_of: Path | None = None) -> Staged:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return Staged(tmp, path, hash_bytes(data))
+    return Staged(tmp, path, sidecar_hash(data))
 
 
 def write_atomic(path: Path, text: str, *, owner_of: Path | None = None) -> str:

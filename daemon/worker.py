@@ -32,7 +32,7 @@ from daemon.errors import (
     is_out_of_memory,
 )
 from daemon.generators.base import Generator, ImageInput
-from daemon.hashing import hash_bytes
+from daemon.hashing import bytes_match, content_hash, sidecar_hash
 from daemon.images import decode_image
 from daemon.models import ModelManager, ModelSlot
 from daemon.postprocess import PostContext, pipeline_for
@@ -342,14 +342,14 @@ class Worker:
             if self._clock() - after.st_mtime < max(item.watch.settle_seconds, 1.0) * 2:
                 raise FileChangingError("unreadable image, modified moments ago") from None
             raise
-        content_hash = hash_bytes(data)
+        digest = content_hash(data)
         context = {"name": path.stem, "folder": path.parent.name}
         if "tags" in gen.context_keys:
-            context["tags"] = self._tags_for(gen, item, content_hash)
+            context["tags"] = self._tags_for(gen, item, data, digest)
         prepared = gen.prepare(ImageInput(path, image, context))
-        return _Prepared(plan, value=prepared, content_hash=content_hash)
+        return _Prepared(plan, value=prepared, content_hash=digest)
 
-    def _tags_for(self, gen: Generator, item: _Item, content_hash: str) -> str:
+    def _tags_for(self, gen: Generator, item: _Item, data: bytes, digest: str) -> str:
         """The watch's tagger's caption of this very content, for a ``{tags}`` prompt.
 
         Computed once by the tagger's own job and read back from its sidecar (a
@@ -373,7 +373,7 @@ class Worker:
                 "tagging generator (add wd_tagger to its generators, listed first)"
             )
         record = self.index.get_caption(path, tagger)
-        if record is not None and record.content_hash == content_hash:
+        if record is not None and bytes_match(data, record.content_hash, current=digest):
             text = read_existing(Path(record.sidecar_path))
             if text is not None:
                 return text.decode("utf-8", "replace").strip()
@@ -527,7 +527,7 @@ class Worker:
             return
         bound = log.bind(job_id=job.id, path=job.path, generator=gen.name, sidecar=str(plan.target))
         if decision.action is Action.UNCHANGED:
-            digest = hash_bytes(plan.target.read_bytes())
+            digest = sidecar_hash(plan.target.read_bytes())
             self.index.record_caption(
                 job.path,
                 gen.name,

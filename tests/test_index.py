@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon.hashing import hash_bytes, hash_file
+from daemon.hashing import (
+    bytes_match,
+    content_hash,
+    content_hash_file,
+    file_matches,
+    sidecar_hash,
+)
 from daemon.queue import CaptionRecord, Database, FileIndex
 
 
@@ -87,12 +93,36 @@ def test_caption_records(index: FileIndex) -> None:
     assert index.get_caption("/r/a.jpg", "blip") is None
 
 
-def test_hash_file_matches_hash_bytes(tmp_path: Path) -> None:
+def test_content_hash_of_a_file_matches_its_bytes(tmp_path: Path) -> None:
     data = bytes(range(256)) * 9000  # > 2 MiB: several chunks
     p = tmp_path / "x.bin"
     p.write_bytes(data)
-    assert hash_file(p) == hash_bytes(data)
-    assert hash_bytes(data) == hashlib.blake2b(data, digest_size=32).hexdigest()
-    assert hash_bytes(b"a") != hash_bytes(b"b")
+    assert content_hash_file(p) == content_hash(data)
+    assert content_hash(data) != content_hash(data[:-1])
+    # XXH3-128 test vectors: the algorithm is part of what the database stores
+    assert content_hash(b"") == "99aa06d3014798d86001c324468d497f"
+    assert content_hash(b"abc") == "06b05ab6733a618578af5f94892f3950"
     (tmp_path / "empty").write_bytes(b"")
-    assert hash_file(tmp_path / "empty") == hash_bytes(b"")
+    assert content_hash_file(tmp_path / "empty") == content_hash(b"")
+
+
+def test_sidecar_hash_is_still_blake2b() -> None:
+    """Sidecar hashes recorded by earlier versions must keep matching: a change here
+    would make every sidecar captiond wrote look edited by a person."""
+    assert (
+        sidecar_hash(b"tag1, tag2\n")
+        == hashlib.blake2b(b"tag1, tag2\n", digest_size=32).hexdigest()
+    )
+
+
+def test_recorded_image_hashes_of_the_old_algorithm_still_match(tmp_path: Path) -> None:
+    data = b"\xff\xd8 some jpeg" * 1000
+    p = tmp_path / "a.jpg"
+    p.write_bytes(data)
+    legacy = hashlib.blake2b(data, digest_size=32).hexdigest()
+    assert file_matches(p, legacy) and bytes_match(data, legacy)
+    assert file_matches(p, content_hash(data)) and bytes_match(data, content_hash(data))
+    other = b"another picture"
+    assert not file_matches(p, hashlib.blake2b(other, digest_size=32).hexdigest())
+    assert not bytes_match(data, hashlib.blake2b(other, digest_size=32).hexdigest())
+    assert not file_matches(p, content_hash(other)) and not bytes_match(data, content_hash(other))

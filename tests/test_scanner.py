@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
-from daemon.hashing import hash_file
+from daemon.hashing import content_hash_file
 from daemon.queue import Database, FileIndex, JobQueue, JobState
 from daemon.scanner import ScanError, Scanner, is_candidate
 
@@ -41,7 +42,7 @@ def pending_paths(queue: JobQueue, gen: str = "wd") -> set[str]:
 
 def record_captioned(index: FileIndex, path: Path, gens=GENS) -> None:
     for g in gens:
-        index.record_caption(str(path), g, hash_file(path), str(path) + ".txt", "x")
+        index.record_caption(str(path), g, content_hash_file(path), str(path) + ".txt", "x")
 
 
 @pytest.fixture
@@ -146,6 +147,27 @@ def test_touch_without_content_change_is_not_recaptioned(env, root: Path) -> Non
     assert index.get_file(str(root), "", "a.jpg")[1] == new_mtime  # stat updated
     st = scanner.reconcile(w)
     assert (st.touched, st.changed) == (0, 0)
+
+
+def test_touch_after_upgrade_with_an_old_image_hash_is_not_recaptioned(env, root: Path) -> None:
+    """Captions recorded with the BLAKE2b image hash of captiond 0.1: a touched file
+    with the same content is still recognised; changed content is re-captioned."""
+    scanner, index, queue = env
+    w = watch_of(root)
+    scanner.reconcile(w)
+    for j in queue.claim("wd", 100) + queue.claim("blip", 100):
+        queue.ack(j.id)
+    a, b = root / "a.jpg", root / "b.PNG"
+    for p in (a, b):
+        legacy = hashlib.blake2b(p.read_bytes(), digest_size=32).hexdigest()
+        for g in GENS:
+            index.record_caption(str(p), g, legacy, str(p) + ".txt", "x")
+    later = os.stat(a).st_mtime_ns + 10_000_000_000
+    os.utime(a, ns=(later, later))
+    b.write_bytes(b"a new picture")
+    st = scanner.reconcile(w)
+    assert (st.touched, st.changed) == (1, 1)
+    assert pending_paths(queue) == {str(b)}
 
 
 def test_touch_without_caption_record_enqueues(env, root: Path) -> None:

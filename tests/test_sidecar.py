@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from daemon.hashing import hash_bytes
+from daemon.hashing import sidecar_hash
 from daemon.sidecar import (
     Action,
     candidate_paths,
@@ -22,7 +22,7 @@ def d(**kw):
 
 
 def h(data: bytes) -> frozenset[str]:
-    return frozenset({hash_bytes(data)})
+    return frozenset({sidecar_hash(data)})
 
 
 def test_no_file_is_written():
@@ -32,7 +32,7 @@ def test_no_file_is_written():
 def test_foreign_caption_policy_first_sight():
     assert d(existing=b"mine\n").action is Action.EXISTS
     r = d(existing=b"mine\n", policy="overwrite")
-    assert (r.text, r.prev_hash, r.base_text) == ("new", hash_bytes(b"mine\n"), None)
+    assert (r.text, r.prev_hash, r.base_text) == ("new", sidecar_hash(b"mine\n"), None)
     r = d(existing=b"a, b\n", policy="append")
     assert (r.text, r.base_text) == ("a, b, new", "a, b")
     assert d(existing=b"a, b\n", policy="prepend").text == "new, a, b"
@@ -47,7 +47,7 @@ def test_foreign_caption_after_captiond_saw_the_image_is_never_touched():
 def test_our_unedited_caption_is_replaced():
     ours = b"old, tags\n"
     r = d(existing=ours, ours=h(ours), seen_before=True)
-    assert r.action is Action.WRITE and r.text == "new" and r.prev_hash == hash_bytes(ours)
+    assert r.action is Action.WRITE and r.text == "new" and r.prev_hash == sidecar_hash(ours)
 
 
 def test_our_caption_edited_by_a_person_is_left_alone():
@@ -88,7 +88,9 @@ def test_append_keeps_the_persons_text_when_the_image_changes():
 def test_crash_between_record_and_rename_keeps_the_old_file_ours():
     # the record already names the new hash, the disk still has the old (prev) content
     old = b"old, tags\n"
-    r = d(existing=old, ours=frozenset({hash_bytes(b"new\n"), hash_bytes(old)}), seen_before=True)
+    r = d(
+        existing=old, ours=frozenset({sidecar_hash(b"new\n"), sidecar_hash(old)}), seen_before=True
+    )
     assert r.action is Action.WRITE
 
 
@@ -126,7 +128,7 @@ def test_write_atomic(tmp_path):
     target = tmp_path / "a.txt"
     digest = write_atomic(target, "tag1, tag2")
     assert target.read_bytes() == b"tag1, tag2\n"
-    assert digest == hash_bytes(b"tag1, tag2\n")
+    assert digest == sidecar_hash(b"tag1, tag2\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
