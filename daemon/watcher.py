@@ -51,6 +51,7 @@ from daemon.mounts import fs_type, inotify_watch_limit, is_network_fs, read_moun
 log = structlog.get_logger(__name__)
 
 MAX_PENDING = 512
+MIN_TICK_SECONDS = 0.01  # the supervisor never spins faster than this
 """More settling paths than this in one root collapse into one rescan (as Syncthing)."""
 STORM_MAX_SECONDS = 60.0
 """During an endless event storm, ask for a rescan at least this often."""
@@ -193,6 +194,11 @@ class Settler:
                     entry.stat = current
                     entry.due = now + self.settle_seconds
         return settled
+
+    def next_due(self) -> float | None:
+        """The clock time at which the earliest pending path is due, if any."""
+        with self._lock:
+            return min((e.due for e in self._pending.values()), default=None)
 
     def __len__(self) -> int:
         with self._lock:
@@ -708,6 +714,10 @@ class RootWatcher:
         with self._lock:
             return len(self._dirs) + len(self._deleted) + len(self.settler)
 
+    def next_due(self) -> float | None:
+        """When the earliest pending file settles (this watcher's clock), if any."""
+        return self.settler.next_due()
+
     def status(self) -> dict[str, Any]:
         """A snapshot for ``captiond status``. ``alive`` is None in scan mode;
         ``last_event_at`` is a Unix time or None."""
@@ -832,9 +842,18 @@ class WatchSupervisor:
                 root.errors += 1
                 log.exception("watch_check_failed", root=root.name)
 
+    def _wait(self) -> float:
+        """Seconds until the next tick: ``tick_seconds``, or less when a file settles
+        sooner, so a settled file is delivered when it settles, not up to a tick later."""
+        now = time.monotonic()
+        dues = [d for r in self.roots.values() if (d := r.next_due()) is not None]
+        if not dues:
+            return self.tick_seconds
+        return min(self.tick_seconds, max(MIN_TICK_SECONDS, min(dues) - now))
+
     def _run(self) -> None:
         next_check = time.monotonic() + self.check_seconds
-        while not self._stop.wait(self.tick_seconds):
+        while not self._stop.wait(self._wait()):
             self.tick()
             if time.monotonic() >= next_check:
                 self.check()

@@ -14,6 +14,7 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 
 from daemon.config import WatchConfig
 from daemon.watcher import (
+    MIN_TICK_SECONDS,
     REASON_DIED,
     REASON_OVERFLOW,
     REASON_STORM,
@@ -554,6 +555,29 @@ def test_supervisor_runs_roots_and_restarts(tmp_path: Path) -> None:
     assert not sup.is_alive()
     assert sup.status()["a"]["alive"] is False
     assert observer is not None and not observer.is_alive()
+
+
+def test_supervisor_wakes_when_the_earliest_file_settles(tmp_path: Path) -> None:
+    """The supervisor sleeps until the earliest pending file is due (never longer than a
+    tick), so a settled file is not held back for up to a tick."""
+    a = make_watch(tmp_path / "a", name="a", settle_seconds=0.6)
+    sup = WatchSupervisor(
+        [a],
+        candidate=lambda w, p: is_image(p),
+        on_file=lambda *_: None,
+        on_deleted=lambda *_: None,
+        on_dir=lambda *_: None,
+        on_rescan=lambda *_: None,
+        tick_seconds=1.0,
+    )
+    assert sup._wait() == 1.0  # nothing pending: a whole tick
+    (tmp_path / "a" / "x.jpg").write_bytes(b"x")
+    sup.roots["a"].settler.touch(tmp_path / "a" / "x.jpg")
+    assert 0.4 < sup._wait() <= 0.6  # due in 0.6 s: wake then, not after 1 s
+    time.sleep(0.65)
+    assert sup._wait() == MIN_TICK_SECONDS  # overdue: at once (with a floor)
+    assert sup.roots["a"].settler.due() == [tmp_path / "a" / "x.jpg"]
+    assert sup._wait() == 1.0
 
 
 def test_supervisor_shares_the_watch_budget(tmp_path: Path) -> None:
