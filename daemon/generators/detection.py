@@ -12,6 +12,7 @@ imported in :meth:`YOLODetector.load`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -92,6 +93,18 @@ def select_people(
 
 
 # -- YOLO -------------------------------------------------------------------------------
+
+
+def _no_telemetry() -> None:
+    """Turn off ultralytics' usage analytics (its ``sync`` setting, on by default) for
+    this process only: a daemon does not report to a third party, and the user's
+    settings file is not rewritten."""
+    try:
+        from ultralytics.utils import events
+    except ImportError:
+        return
+    with contextlib.suppress(AttributeError):
+        events.events.enabled = False
 
 
 def ultralytics_available() -> tuple[bool, str]:
@@ -245,6 +258,7 @@ class YOLODetector:
             from ultralytics import YOLO
         except ImportError as exc:
             raise ModelUnavailableError(f"cannot import ultralytics: {exc}") from exc
+        _no_telemetry()
         path = self.resolve()
         try:
             yolo = YOLO(str(path))
