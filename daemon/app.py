@@ -26,7 +26,7 @@ from daemon.models import ModelManager
 from daemon.mounts import fs_type, is_network_fs
 from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
 from daemon.queue import Database, FileIndex, JobQueue
-from daemon.scanner import ScanError, Scanner, is_candidate
+from daemon.scanner import ScanError, Scanner, ScanStats, is_candidate
 from daemon.scans import ScanRequest, ScanScheduler
 from daemon.server import Request, Response, create_health_server
 from daemon.watcher import WatchSupervisor
@@ -64,6 +64,7 @@ class Daemon:
             settings.watch,
             interval_seconds=settings.scan.interval_seconds,
             on_enqueued=self.worker.wake,
+            on_root_scanned=self._on_root_scanned,
         )
         self.watches = {w.name: w for w in settings.watch}
         self.watchers = WatchSupervisor(
@@ -123,6 +124,13 @@ class Daemon:
 
     def _on_rescan(self, root: str, reason: str) -> None:
         self.scans.request(ScanRequest(root, None, PRIORITY_NEW, reason))
+
+    def _on_root_scanned(self, root: str, stats: ScanStats) -> None:
+        """A tree that outgrew the inotify budget since the start switches to polling.
+        The scan's count skips hidden and excluded folders (which inotify watches too),
+        so it is a lower bound: enough to notice a tree that no longer fits."""
+        if self.watchers.update_dir_count(root, stats.dirs):
+            log.warning("watch_switched_to_polling", root=root, dirs=stats.dirs)
 
     # -- run ------------------------------------------------------------------------
     def start(self) -> None:

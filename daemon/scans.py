@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from daemon.config import PRIORITY_BACKFILL, WatchConfig
-from daemon.scanner import ScanError, Scanner
+from daemon.scanner import ScanError, Scanner, ScanStats
 
 log = structlog.get_logger(__name__)
 
@@ -35,11 +35,13 @@ class ScanScheduler:
         *,
         interval_seconds: float,
         on_enqueued: Callable[[], None] = lambda: None,
+        on_root_scanned: Callable[[str, ScanStats], None] = lambda root, stats: None,
     ):
         self.scanner = scanner
         self.watches = {w.name: w for w in watches}
         self.interval = interval_seconds
         self.on_enqueued = on_enqueued
+        self.on_root_scanned = on_root_scanned  # after each whole-root scan that succeeded
         self._pending: dict[tuple[str, Path | None], ScanRequest] = {}
         self._cond = threading.Condition()
         self._stop = False
@@ -129,6 +131,11 @@ class ScanScheduler:
                     self.last[req.root] = {"ok": True, "at": time.time(), **_stats(stats)}
                 if stats.new or stats.changed:
                     self.on_enqueued()
+                if req.subdir is None:
+                    try:
+                        self.on_root_scanned(req.root, stats)
+                    except Exception:
+                        log.exception("scan_callback_failed", root=req.root)
             finally:
                 self.scanning = None
                 self.heartbeat = time.monotonic()

@@ -157,3 +157,34 @@ d.run_forever()
     )
     assert proc.returncode == 0, proc.stderr
     assert "stopped" in proc.stdout
+
+
+def test_a_tree_that_outgrew_the_watch_budget_switches_to_polling(tmp_path, monkeypatch):
+    """A whole-root scan's folder count goes back to the watcher: past the inotify budget
+    the root is polled (watchdog would silently drop the watches beyond the limit)."""
+    from daemon.config import WatchConfig
+    from daemon.scanner import ScanStats
+
+    monkeypatch.setattr(app_module, "fs_type", lambda path: "ext4")
+    root = tmp_path / "data"
+    root.mkdir()
+    settings = Settings(
+        state_dir=tmp_path / "s",
+        socket_path=tmp_path / "s.sock",
+        watch=[WatchConfig(path=root, watch_mode="inotify")],
+    )
+    d = app_module.Daemon(settings)
+    try:
+        name = settings.watch[0].name
+        watcher = d.watchers.roots[name]
+        if watcher.mode != "inotify":
+            import pytest
+
+            pytest.skip(f"no inotify here: {watcher.reason}")
+        d.scans.on_root_scanned(name, ScanStats(str(root), dirs=10))
+        assert watcher.mode == "inotify"
+        d.scans.on_root_scanned(name, ScanStats(str(root), dirs=10**9))
+        assert watcher.mode == "polling"
+        assert "exceed the inotify watch budget" in watcher.reason
+    finally:
+        d.db.close()

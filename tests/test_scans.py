@@ -85,3 +85,23 @@ def test_failed_scan_is_reported_and_the_thread_survives(tmp_path):
         assert s.alive
     finally:
         s.stop()
+
+
+def test_whole_root_scans_report_their_stats(tmp_path):
+    scanner = FakeScanner()
+    seen: list[tuple[str, int]] = []
+    s = ScanScheduler(
+        scanner,
+        watches(tmp_path),
+        interval_seconds=0,
+        on_root_scanned=lambda root, stats: seen.append((root, stats.new)),
+    )
+    s.start()
+    try:
+        s.request(ScanRequest("a", tmp_path / "a" / "sub", PRIORITY_NEW, "hint"))
+        wait_for(lambda: len(scanner.calls) == 1)
+        s.request(ScanRequest("b", None, PRIORITY_BACKFILL, "periodic"))
+        wait_for(lambda: seen)
+        assert seen == [("b", 1)]  # the subtree scan of a did not report
+    finally:
+        s.stop()
