@@ -140,6 +140,9 @@ class WorkerConfig(_Section):
     load_retry_seconds: float = Field(60.0, gt=0)
     # The systemd watchdog stops being fed when the worker makes no progress this long.
     stall_seconds: float = Field(600.0, gt=0)
+    # One image's read + decode taking longer is given up (a hung network mount): the
+    # job is retried later, its stuck thread is left behind, the others go on.
+    read_timeout_seconds: float = Field(120.0, gt=0)
 
 
 _DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")

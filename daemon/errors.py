@@ -86,6 +86,14 @@ class FileChangingError(CaptionError):
     retryable = True
 
 
+class ReadStalledError(CaptionError):
+    """Reading and decoding one image took far too long (a hung network mount): the
+    job is retried later while the rest of the queue goes on."""
+
+    error_type = ErrorType.IO
+    retryable = True
+
+
 class DependencyPendingError(CaptionError):
     """The job needs another job's result first (a VLM prompt's ``{tags}``): it goes
     back to the queue without using an attempt."""

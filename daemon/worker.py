@@ -13,7 +13,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from daemon.errors import (
     DependencyPendingError,
     FileChangingError,
     GenerationError,
+    ReadStalledError,
     classify,
     is_out_of_memory,
 )
@@ -50,6 +52,9 @@ from daemon.sidecar import (
 log = structlog.get_logger(__name__)
 
 PIPELINE_DEPTH = 2  # batches decoding ahead of the model
+# Decode threads stuck in a hung read are left behind (a blocked read cannot be
+# interrupted); past this many the pool is no longer replaced.
+MAX_ABANDONED_THREADS = 32
 LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
 DEPENDENCY_DELAY_SECONDS = 5.0  # a {tags} prompt waits this long for the tagger's job
 
@@ -136,6 +141,7 @@ class Worker:
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
         self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
+        self.abandoned_threads = 0  # decode threads left in a stalled read
         # Sidecars are written, recorded and acked on their own thread, so that the model
         # thread goes on with the next batch while a write waits for fsync.
         self._writer = ThreadPoolExecutor(1, "captiond-write")
@@ -413,10 +419,27 @@ class Worker:
     def _process(self, batch: _Batch) -> None:
         gen = batch.generator
         ready: list[tuple[_Item, _Prepared]] = []
+        timeout = self.settings.worker.read_timeout_seconds
+        deadline = time.monotonic() + timeout
         for item in batch.items:
             assert item.future is not None
             try:
-                prepared = item.future.result()
+                prepared = item.future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except FutureTimeout:
+                self._abandon_pool()
+                deadline = time.monotonic() + timeout  # the others get their own time
+                self._fail(
+                    item.job,
+                    ReadStalledError(
+                        f"reading and decoding took longer than {timeout:g} s "
+                        "(worker.read_timeout_seconds; a hung network mount?)"
+                    ),
+                    gen.name,
+                )
+                continue
+            except CancelledError:  # queued in a pool given up on: back as it was
+                self.queue.release([item.job.id])
+                continue
             except DependencyPendingError as exc:
                 log.debug("job_deferred", job_id=item.job.id, path=item.job.path, reason=str(exc))
                 self.queue.release([item.job.id], delay=DEPENDENCY_DELAY_SECONDS)
@@ -440,6 +463,18 @@ class Worker:
         metrics.IMAGE_SECONDS.labels(gen.name).observe(seconds / len(ready))
         self._drain_writes(1)  # at most one batch behind: bounded memory, prompt acks
         self._writing.append(self._writer.submit(self._finish_all, gen, ready, results))
+
+    def _abandon_pool(self) -> None:
+        """Leave a decode pool with a stuck read behind and start a fresh one; images
+        queued in the old one come back as cancelled and are released."""
+        if self.abandoned_threads >= MAX_ABANDONED_THREADS:
+            log.error("decode_pool_not_replaced", abandoned_threads=self.abandoned_threads)
+            return
+        old = self._pool
+        self._pool = ThreadPoolExecutor(self.settings.worker.decode_workers, "captiond-decode")
+        old.shutdown(wait=False, cancel_futures=True)
+        self.abandoned_threads += 1  # the stalled read's; idle threads of the old pool exit
+        log.warning("decode_pool_replaced", abandoned_threads=self.abandoned_threads)
 
     def _finish_all(
         self,

@@ -286,3 +286,41 @@ def test_once_with_a_tags_prompt_keeps_the_tagger(tmp_path, wd_model_dir, monkey
     result = run_once(settings, folder, generator="tagecho")
     assert result.errors == [] and result.outcomes == {"written": 2}
     assert (folder / "a.caption").read_text().startswith("an image with simple background")
+
+
+def test_a_hung_read_fails_alone_and_the_others_go_on(tmp_path, monkeypatch):
+    """A read that never returns (a hung network mount) is given up after
+    read_timeout_seconds: that job fails as a retryable io error, the images queued
+    behind it in the same pool are captioned by a fresh pool, nothing is lost."""
+    rig = Rig(tmp_path, read_timeout_seconds=0.5, decode_workers=2)
+    rig.queue.max_attempts = 1  # fail once and stay failed: easy to see
+    release = threading.Event()
+    original = Worker._prepare
+
+    def prepare(self, gen, item):
+        if item.job.path.endswith("hang.png"):
+            release.wait(30)
+        return original(self, gen, item)
+
+    monkeypatch.setattr(Worker, "_prepare", prepare)
+    rig.add("hang.png")
+    for i in range(6):
+        rig.add(f"ok{i}.png")
+    try:
+        with rig:
+            wait_for(lambda: rig.queue.outcome_counts().get("echo", {}).get("written") == 6)
+            wait_for(
+                lambda: (
+                    rig.queue.counts()["echo"].get("dead", 0)
+                    + rig.queue.counts()["echo"].get("failed", 0)
+                    == 1
+                )
+            )
+            assert rig.worker.abandoned_threads == 1
+    finally:
+        release.set()
+    bad = rig.queue.recent_errors(1)[0]
+    assert Path(bad.path).name == "hang.png" and bad.error_type == "io"
+    assert "longer than 0.5 s" in bad.error_message
+    assert not (rig.root / "hang.txt").exists()
+    assert all((rig.root / f"ok{i}.txt").exists() for i in range(6))
