@@ -157,6 +157,31 @@ def measure_prep(
     return out
 
 
+def measure_t_prep(gen: WDTagger, blobs: dict[Path, bytes], repeat: int) -> float:
+    """``t_prep`` alone: mean over the images of the fastest decode + prepare."""
+    size = gen.draft_size
+    return statistics.fmean(
+        _best(
+            lambda d=data, p=p: gen.prepare(ImageInput(p, decode_image(d, draft_size=size))), repeat
+        )
+        for p, data in blobs.items()
+    )
+
+
+def floor_now(
+    gen: WDTagger, model_dir: Path, blobs: dict[Path, bytes], repeat: int = 2
+) -> tuple[float, float, float]:
+    """(t_model, t_prep, floor) measured now: for a benchmark that interleaves the
+    baseline with its own rounds, so the host's drift between them cancels out."""
+    tensors = [
+        gen.prepare(ImageInput(p, decode_image(d, draft_size=gen.draft_size)))
+        for p, d in blobs.items()
+    ]
+    t_model = measure_model(model_dir, tensors, repeat)["t_model"]
+    t_prep = measure_t_prep(gen, blobs, repeat)
+    return t_model, t_prep, 1 / (t_model + t_prep / (os.cpu_count() or 1))
+
+
 def measure_threads(gen: WDTagger, blobs: dict[Path, bytes], workers: int, rounds: int) -> float:
     """Images/s for decode_image + prepare through a thread pool (no model)."""
     items = list(blobs.items()) * rounds
@@ -343,4 +368,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["EndToEnd", "end_to_end_vs_floor", "ensure_data", "main"]
+__all__ = ["EndToEnd", "end_to_end_vs_floor", "ensure_data", "floor_now", "main"]
