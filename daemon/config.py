@@ -144,6 +144,16 @@ class WorkerConfig(_Section):
     # job is retried later, its stuck thread is left behind, the others go on.
     read_timeout_seconds: float = Field(120.0, gt=0)
 
+    @model_validator(mode="after")
+    def _read_timeout_below_stall(self) -> WorkerConfig:
+        if self.read_timeout_seconds >= self.stall_seconds:
+            raise ValueError(
+                f"read_timeout_seconds ({self.read_timeout_seconds:g}) must be below "
+                f"stall_seconds ({self.stall_seconds:g}): a hung read has to be given up "
+                "before the watchdog restarts the daemon"
+            )
+        return self
+
 
 _DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -51,8 +51,9 @@ from daemon.mounts import fs_type, inotify_watch_limit, is_network_fs, read_moun
 log = structlog.get_logger(__name__)
 
 MAX_PENDING = 512
-MIN_TICK_SECONDS = 0.01  # the supervisor never spins faster than this
 """More settling paths than this in one root collapse into one rescan (as Syncthing)."""
+MIN_TICK_SECONDS = 0.01
+"""The supervisor never wakes more often than this."""
 STORM_MAX_SECONDS = 60.0
 """During an endless event storm, ask for a rescan at least this often."""
 RESTART_BACKOFF_MAX = 60.0

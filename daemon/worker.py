@@ -53,8 +53,10 @@ log = structlog.get_logger(__name__)
 
 PIPELINE_DEPTH = 2  # batches decoding ahead of the model
 # Decode threads stuck in a hung read are left behind (a blocked read cannot be
-# interrupted); past this many the pool is no longer replaced.
-MAX_ABANDONED_THREADS = 32
+# interrupted); while this many are still stuck the pool is no longer replaced, and
+# the worker waits (the systemd watchdog restarts a daemon that makes no progress).
+MAX_STUCK_THREADS = 32
+WAIT_SLICE_SECONDS = 1.0  # how often a wait for a decode checks its read timeout
 LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
 DEPENDENCY_DELAY_SECONDS = 5.0  # a {tags} prompt waits this long for the tagger's job
 
@@ -81,6 +83,8 @@ class _Item:
     job: Job
     watch: WatchConfig | None
     future: Future[_Prepared] | None = None
+    pool: ThreadPoolExecutor | None = None  # the decode pool it was submitted to
+    started: float | None = None  # monotonic time its decode thread picked it up
 
     @property
     def force(self) -> bool:
@@ -141,7 +145,7 @@ class Worker:
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
         self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
-        self.abandoned_threads = 0  # decode threads left in a stalled read
+        self._stuck: list[Future[_Prepared]] = []  # decodes given up on while running
         # Sidecars are written, recorded and acked on their own thread, so that the model
         # thread goes on with the next batch while a write waits for fsync.
         self._writer = ThreadPoolExecutor(1, "captiond-write")
@@ -312,12 +316,17 @@ class Worker:
             batch = _Batch(gen)
             for job in jobs:
                 item = _Item(job, self.settings.watch_for(job.path))
-                item.future = self._pool.submit(self._prepare, gen, item)
+                item.pool = self._pool
+                item.future = self._pool.submit(self._timed_prepare, gen, item)
                 batch.items.append(item)
             return batch
         return None
 
     # -- per image, in the decode pool -----------------------------------------------
+    def _timed_prepare(self, gen: Generator, item: _Item) -> _Prepared:
+        item.started = time.monotonic()  # the read timeout counts from here
+        return self._prepare(gen, item)
+
     def _prepare(self, gen: Generator, item: _Item) -> _Prepared:
         """Read, hash and decode one image, unless its sidecar rules out a write."""
         if item.watch is None:
@@ -419,23 +428,12 @@ class Worker:
     def _process(self, batch: _Batch) -> None:
         gen = batch.generator
         ready: list[tuple[_Item, _Prepared]] = []
-        timeout = self.settings.worker.read_timeout_seconds
-        deadline = time.monotonic() + timeout
         for item in batch.items:
             assert item.future is not None
             try:
-                prepared = item.future.result(timeout=max(0.0, deadline - time.monotonic()))
-            except FutureTimeout:
-                self._abandon_pool()
-                deadline = time.monotonic() + timeout  # the others get their own time
-                self._fail(
-                    item.job,
-                    ReadStalledError(
-                        f"reading and decoding took longer than {timeout:g} s "
-                        "(worker.read_timeout_seconds; a hung network mount?)"
-                    ),
-                    gen.name,
-                )
+                prepared = self._wait_prepared(item)
+            except ReadStalledError as exc:
+                self._fail(item.job, exc, gen.name)
                 continue
             except CancelledError:  # queued in a pool given up on: back as it was
                 self.queue.release([item.job.id])
@@ -464,17 +462,55 @@ class Worker:
         self._drain_writes(1)  # at most one batch behind: bounded memory, prompt acks
         self._writing.append(self._writer.submit(self._finish_all, gen, ready, results))
 
-    def _abandon_pool(self) -> None:
-        """Leave a decode pool with a stuck read behind and start a fresh one; images
-        queued in the old one come back as cancelled and are released."""
-        if self.abandoned_threads >= MAX_ABANDONED_THREADS:
-            log.error("decode_pool_not_replaced", abandoned_threads=self.abandoned_threads)
+    def _wait_prepared(self, item: _Item) -> _Prepared:
+        """The item's decode result. One that has been running for longer than
+        ``worker.read_timeout_seconds`` (a read stuck on a hung mount) is given up:
+        ReadStalledError, and its pool is replaced so the images queued behind it run
+        on fresh threads (they come back here as cancelled). Time spent waiting for a
+        free thread does not count."""
+        future = item.future
+        assert future is not None
+        timeout = self.settings.worker.read_timeout_seconds
+        while True:
+            started = item.started
+            if started is None and self._stop.is_set():
+                future.cancel()
+                raise CancelledError  # not started: released, the next start does it
+            left = WAIT_SLICE_SECONDS if started is None else started + timeout - time.monotonic()
+            if left <= 0 and not future.done():
+                self._give_up(item)
+                raise ReadStalledError(
+                    f"reading and decoding took longer than {timeout:g} s "
+                    "(worker.read_timeout_seconds; a hung network mount?)"
+                )
+            try:
+                result = future.result(timeout=max(0.0, min(left, WAIT_SLICE_SECONDS)))
+            except FutureTimeout:
+                continue
+            self.heartbeat = time.monotonic()
+            return result
+
+    @property
+    def stuck_threads(self) -> int:
+        """Decode threads still stuck in a read that was given up on."""
+        self._stuck = [f for f in self._stuck if not f.done()]
+        return len(self._stuck)
+
+    def _give_up(self, item: _Item) -> None:
+        """Leave ``item``'s decode thread behind; replace the decode pool if it is the
+        current one (other stalled items of the same pool share one replacement)."""
+        assert item.future is not None
+        self._stuck.append(item.future)
+        self.heartbeat = time.monotonic()  # a stalled read resolved is progress
+        if item.pool is not self._pool:
+            return
+        if self.stuck_threads > MAX_STUCK_THREADS:
+            log.error("decode_pool_not_replaced", stuck_threads=len(self._stuck))
             return
         old = self._pool
         self._pool = ThreadPoolExecutor(self.settings.worker.decode_workers, "captiond-decode")
         old.shutdown(wait=False, cancel_futures=True)
-        self.abandoned_threads += 1  # the stalled read's; idle threads of the old pool exit
-        log.warning("decode_pool_replaced", abandoned_threads=self.abandoned_threads)
+        log.warning("decode_pool_replaced", path=item.job.path, stuck_threads=len(self._stuck))
 
     def _finish_all(
         self,

@@ -73,6 +73,10 @@ def test_lookup_order(tmp_path, monkeypatch):
         ("[[watch]]\npath = '/x'\nsidecar_extension = '../x'\n", "letters, digits"),
         ("[[watch]]\npath = '/x'\n[[watch]]\npath = '/x/sub'\n", "may not overlap"),
         ("socket_mode = 660\n", "socket_mode: write the mode in octal"),
+        (
+            "[worker]\nstall_seconds = 60\nread_timeout_seconds = 90\n",
+            "read_timeout_seconds (90) must be below stall_seconds (60)",
+        ),
     ],
 )
 def test_invalid_config_messages(tmp_path, text, expected):

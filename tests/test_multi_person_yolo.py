@@ -70,14 +70,14 @@ def test_yolo_loads_and_parses_offline(
 
 
 def test_loading_turns_off_ultralytics_telemetry(yolo_dir: Path) -> None:
-    from ultralytics.utils import events
+    from ultralytics.utils.events import events
 
-    events.events.enabled = True  # as on a machine online with ultralytics' defaults
+    events.enabled = True  # as on a machine online with ultralytics' defaults
     try:
         YOLODetector(str(yolo_dir / "yolov8n.pt"), image_size=320).load()
-        assert events.events.enabled is False
+        assert events.enabled is False
     finally:
-        events.events.enabled = False
+        events.enabled = False
 
 
 def test_parse_result_on_known_tensors() -> None:

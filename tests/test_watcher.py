@@ -573,11 +573,22 @@ def test_supervisor_wakes_when_the_earliest_file_settles(tmp_path: Path) -> None
     assert sup._wait() == 1.0  # nothing pending: a whole tick
     (tmp_path / "a" / "x.jpg").write_bytes(b"x")
     sup.roots["a"].settler.touch(tmp_path / "a" / "x.jpg")
-    assert 0.4 < sup._wait() <= 0.6  # due in 0.6 s: wake then, not after 1 s
+    assert 0.2 < sup._wait() <= 0.6  # due in 0.6 s: wake then, not after 1 s
     time.sleep(0.65)
     assert sup._wait() == MIN_TICK_SECONDS  # overdue: at once (with a floor)
     assert sup.roots["a"].settler.due() == [tmp_path / "a" / "x.jpg"]
     assert sup._wait() == 1.0
+    # and the supervisor thread sleeps for what _wait() says, not a fixed tick
+    asked: list[float] = []
+    sup._wait = lambda: asked.append(0.05) or 0.05  # type: ignore[method-assign]
+    sup.start()
+    try:
+        wait_until = time.monotonic() + 0.5
+        while time.monotonic() < wait_until and len(asked) < 3:
+            time.sleep(0.02)
+        assert len(asked) >= 3  # three turns in 0.5 s with a 1 s tick_seconds
+    finally:
+        sup.stop()
 
 
 def test_supervisor_shares_the_watch_budget(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ imported in :meth:`YOLODetector.load`.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import structlog
 from PIL import Image
 
 from daemon.errors import (
@@ -30,6 +30,8 @@ from daemon.errors import (
     ModelUnavailableError,
     is_out_of_memory,
 )
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +100,16 @@ def select_people(
 def _no_telemetry() -> None:
     """Turn off ultralytics' usage analytics (its ``sync`` setting, on by default) for
     this process only: a daemon does not report to a third party, and the user's
-    settings file is not rewritten."""
-    try:
-        from ultralytics.utils import events
-    except ImportError:
-        return
-    with contextlib.suppress(AttributeError):
-        events.events.enabled = False
+    settings file is not rewritten. The object moved between ultralytics versions."""
+    for module in ("ultralytics.utils.events", "ultralytics.hub.utils"):
+        try:
+            events = getattr(importlib.import_module(module), "events", None)
+        except ImportError:
+            continue
+        if events is not None and hasattr(events, "enabled"):
+            events.enabled = False
+            return
+    log.warning("ultralytics_telemetry_unknown", hint="set sync=False in its settings")
 
 
 def ultralytics_available() -> tuple[bool, str]:
