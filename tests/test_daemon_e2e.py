@@ -377,3 +377,32 @@ def test_named_generator_instances_per_watch(daemon, root, wd_model_dir):
     status = d.status()
     assert status["generators"]["strict"]["state"] == "loaded"
     assert status["queue"]["outcomes"]["strict"] == {"written": 1}
+
+
+def test_a_hung_read_is_given_up_and_does_not_block_shutdown(daemon, root):
+    """A FIFO named like an image blocks its reader for ever, as a read on a hung
+    network mount does: the job fails as io after read_timeout_seconds, other images
+    are still captioned, and SIGTERM still stops the daemon at once (Python would
+    otherwise join the stuck thread at exit)."""
+    fifo = root / "hung.jpg"
+    os.mkfifo(fifo)
+    d = daemon(sections={"worker": {"read_timeout_seconds": 1.0, "batch_size": 2}})
+    # The scanner skips what is not a regular file; a queued job for it stands in for a
+    # file whose mount hung after it was queued.
+    from daemon.queue import Database, JobQueue
+
+    db = Database(d.state_dir / "captiond.db")
+    JobQueue(db).enqueue(str(fifo), "wd_tagger", 100)
+    db.close()
+    d.start()
+    wait_for(lambda: d.totals().get("failed", 0) + d.totals().get("dead", 0) >= 1, timeout=60)
+    error = d.status()["recent_errors"][0]
+    assert Path(error["path"]).name == "hung.jpg" and error["error_type"] == "io"
+    assert "longer than 1 s" in error["error"]
+    make_image(root / "fine.png", "green")
+    wait_for(lambda: (root / "fine.txt").exists(), timeout=30)
+    t0 = time.monotonic()
+    assert d.stop(timeout=20) == 0
+    assert time.monotonic() - t0 < 15
+    assert "exit_with_stuck_reads" in d.logs()
+    assert not (root / "hung.txt").exists()
