@@ -236,7 +236,9 @@ def pipeline_ceiling(
 
     def prep(p: Path) -> object:
         data = p.read_bytes()
-        out = gen.prepare(ImageInput(p, decode_image(data, draft_size=gen.draft_size)))
+        out = gen.prepare(
+            ImageInput(p, decode_image(data, draft_size=gen.draft_size, draft_longer_side=True))
+        )
         content_hash(data)
         return out
 

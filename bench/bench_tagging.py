@@ -140,13 +140,15 @@ def measure_prep(
     for p, data in blobs.items():
 
         def ours(data: bytes = data, p: Path = p, size: int = size) -> np.ndarray:
-            return gen.prepare(ImageInput(p, decode_image(data, draft_size=size)))
+            return gen.prepare(
+                ImageInput(p, decode_image(data, draft_size=size, draft_longer_side=True))
+            )
 
         def decode_full(data: bytes = data) -> Image.Image:
             return decode_image(data)
 
         def decode_draft(data: bytes = data, size: int = size) -> Image.Image:
-            return decode_image(data, draft_size=size)
+            return decode_image(data, draft_size=size, draft_longer_side=True)
 
         out[p.name] = {
             "decode_full": _best(decode_full, repeat),
@@ -162,7 +164,10 @@ def measure_t_prep(gen: WDTagger, blobs: dict[Path, bytes], repeat: int) -> floa
     size = gen.draft_size
     return statistics.fmean(
         _best(
-            lambda d=data, p=p: gen.prepare(ImageInput(p, decode_image(d, draft_size=size))), repeat
+            lambda d=data, p=p: gen.prepare(
+                ImageInput(p, decode_image(d, draft_size=size, draft_longer_side=True))
+            ),
+            repeat,
         )
         for p, data in blobs.items()
     )
@@ -189,7 +194,9 @@ def measure_threads(gen: WDTagger, blobs: dict[Path, bytes], workers: int, round
 
     def one(item: tuple[Path, bytes]) -> np.ndarray:
         p, data = item
-        return gen.prepare(ImageInput(p, decode_image(data, draft_size=size)))
+        return gen.prepare(
+            ImageInput(p, decode_image(data, draft_size=size, draft_longer_side=True))
+        )
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(one, items[: min(len(items), workers * 2)]))  # warm threads

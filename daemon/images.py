@@ -44,12 +44,18 @@ def _formats() -> tuple[str, ...]:
 
 
 def decode_image(
-    data: bytes, *, draft_size: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes,
+    *,
+    draft_size: int | None = None,
+    draft_longer_side: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
     """Decode ``data`` into a fully loaded ``RGB`` or ``RGBA`` image.
 
     - ``draft_size``: for JPEGs, let libjpeg decode at 1/2, 1/4 or 1/8 scale while
-      both sides stay >= ``draft_size`` (much faster for camera-sized files).
+      both sides stay >= ``draft_size`` (much faster for camera-sized files); with
+      ``draft_longer_side`` only the longer side must (for a model that pads to a
+      square first: a 4032x3024 photo then decodes at 1/8, not 1/4, for 448 px).
     - ``max_pixels``: images whose header declares more pixels are refused before
       decoding. Pillow's own process-wide limit (``Image.MAX_IMAGE_PIXELS``, twice
       of which is the default here) still applies inside ``Image.open``.
@@ -78,8 +84,13 @@ def decode_image(
         )
 
     try:
-        if draft_size and img.format in _JPEG_FORMATS and min(w, h) >= 2 * draft_size:
-            img.draft("RGB", (draft_size, draft_size))
+        if draft_size and img.format in _JPEG_FORMATS:
+            side = max(w, h) if draft_longer_side else min(w, h)
+            if side >= 2 * draft_size:
+                # libjpeg's scale keeps both sides >= the requested box: a box with the
+                # image's aspect keeps the longer side >= draft_size
+                box = (-(-draft_size * w // side), -(-draft_size * h // side))
+                img.draft("RGB", box if draft_longer_side else (draft_size, draft_size))
         img.load()
     except Image.DecompressionBombError as exc:
         raise BadImageError(f"image too large (decompression bomb): {exc}") from exc

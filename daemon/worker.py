@@ -351,7 +351,10 @@ class Worker:
             raise FileChangingError("the file changed while it was read")
         try:
             image = decode_image(
-                data, draft_size=gen.draft_size, max_pixels=self.settings.worker.max_image_pixels
+                data,
+                draft_size=gen.draft_size,
+                draft_longer_side=bool(getattr(gen, "draft_longer_side", False)),
+                max_pixels=self.settings.worker.max_image_pixels,
             )
         except BadImageError:
             if self._clock() - after.st_mtime < max(item.watch.settle_seconds, 1.0) * 2:

@@ -109,6 +109,20 @@ def test_draft_mode_shrinks_large_jpeg_but_keeps_requested_size() -> None:
     assert small.mode == "RGB"
 
 
+def test_draft_on_the_longer_side_decodes_a_phone_photo_at_one_eighth() -> None:
+    """4032x3024 (a 12 MP phone photo) for 448 px: both sides >= 448 needs 1/4; for a
+    model that pads to a square only the longer side counts, so 1/8 is enough."""
+    data = encode(noisy(4032, 3024), "JPEG", quality=85)
+    assert decode_image(data, draft_size=448).size == (1008, 756)
+    assert decode_image(data, draft_size=448, draft_longer_side=True).size == (504, 378)
+    portrait = encode(noisy(3024, 4032), "JPEG", quality=85)
+    assert decode_image(portrait, draft_size=448, draft_longer_side=True).size == (378, 504)
+    # never below the size asked for on the longer side
+    for w, h in [(3583, 2000), (3584, 2000), (7000, 900), (900, 7000)]:
+        got = decode_image(encode(noisy(w, h), "JPEG"), draft_size=448, draft_longer_side=True)
+        assert max(got.size) >= 448, (w, h, got.size)
+
+
 def test_draft_mode_leaves_small_jpeg_and_png_alone() -> None:
     jpg = encode(noisy(600, 500), "JPEG")
     assert decode_image(jpg, draft_size=448).size == (600, 500)

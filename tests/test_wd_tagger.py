@@ -100,6 +100,20 @@ def test_from_encoded_bytes_through_decode_image(make: Make) -> None:
     assert g.generate([g.prepare(ImageInput(Path("b.jpg"), img))]) == [f"blue background, {TAIL}"]
 
 
+def test_wide_jpeg_drafted_on_its_longer_side_keeps_its_tags(make: Make) -> None:
+    g = make()
+    assert g.draft_longer_side is True
+    buf = io.BytesIO()
+    solid("blue", (4032, 3024)).save(buf, "JPEG", quality=95)
+    img = decode_image(buf.getvalue(), draft_size=g.draft_size, draft_longer_side=True)
+    assert img.size == (504, 378)  # 1/8: the longer side still >= 448
+    full = decode_image(buf.getvalue())
+    drafted, reference = g.generate(
+        [g.prepare(ImageInput(Path("b.jpg"), img)), g.prepare(ImageInput(Path("b.jpg"), full))]
+    )
+    assert drafted == reference and "blue background" in drafted
+
+
 def test_generate_empty_batch(make: Make) -> None:
     assert make().generate([]) == []
 

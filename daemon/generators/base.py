@@ -76,6 +76,12 @@ class Generator(ABC):
         """Smallest side the model needs, so decoders may use JPEG draft mode."""
         return None
 
+    @property
+    def draft_longer_side(self) -> bool:
+        """True when only the longer side needs ``draft_size`` (the model pads the
+        image to a square before resizing it)."""
+        return False
+
     def fetch(self) -> str:
         """Download the model into the cache without loading it (``captiond models
         pull``, for machines that are offline later); returns where it is. Raises

@@ -318,6 +318,10 @@ class WDTagger(Generator):
         return self._size if self.loaded else DEFAULT_SIZE
 
     @property
+    def draft_longer_side(self) -> bool:
+        return True  # padded to a white square, then resized: the longer side sets the scale
+
+    @property
     def model_info(self) -> dict[str, Any]:
         """What was loaded, for status output (empty before load())."""
         if not self.loaded or self._tags is None:
