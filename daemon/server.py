@@ -683,6 +683,11 @@ class ControlServer:
         if self._server is None:
             self.bind()
         assert self._server is not None
+        if self._tcp_config is not None:
+            # Listening before anything is served: a client that saw /health answer on
+            # the socket can connect over TCP at once.
+            host, port, token = self._tcp_config
+            self._tcp = _TCPHTTPServer(self, (host, port), token)
         self._thread = threading.Thread(
             target=self._server.serve_forever,
             kwargs={"poll_interval": 0.1},
@@ -691,9 +696,7 @@ class ControlServer:
         )
         self._thread.start()
         log.info("control_socket_listening", path=str(self.path), mode=oct(self.mode))
-        if self._tcp_config is not None:
-            host, port, token = self._tcp_config
-            self._tcp = _TCPHTTPServer(self, (host, port), token)
+        if self._tcp is not None:
             self._tcp_thread = threading.Thread(
                 target=self._tcp.serve_forever,
                 kwargs={"poll_interval": 0.1},
@@ -701,7 +704,8 @@ class ControlServer:
                 daemon=True,
             )
             self._tcp_thread.start()
-            log.info("control_tcp_listening", address=f"{host}:{self._tcp.server_address[1]}")
+            host, port = self._tcp.server_address[:2]
+            log.info("control_tcp_listening", address=f"{host}:{port}")
 
     def stop(self) -> None:
         """Stop serving, close the socket and remove the file (if it is still ours)."""
