@@ -7,16 +7,16 @@
   recorded back then is still recognised as captiond's own (its hash decides whether a
   person edited it). Sidecars are small; the speed does not matter there.
 
-Image hashes recorded before the switch are BLAKE2b (64 digits); :func:`file_matches`
-checks a recorded hash with the algorithm it was made with, so an upgrade re-captions
-nothing by itself.
+Image hashes recorded before the switch are BLAKE2b (64 digits): :func:`file_hashes`
+and :func:`bytes_match` check a recorded hash with the algorithm it was made with, so
+an upgrade re-captions nothing by itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import xxhash
@@ -48,15 +48,26 @@ def sidecar_hash(data: Bytes) -> str:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
 
 
+def file_hashes(
+    path: str | os.PathLike[str], recorded: Iterable[str], *, current: str | None = None
+) -> set[str]:
+    """``path``'s content hash in each algorithm that made one of ``recorded`` (read once
+    per algorithm; ``current`` is its :func:`content_hash` when the caller has it), so
+    a hash recorded by an older captiond can be checked. Raises OSError."""
+    algorithms = {len(r) == LEGACY_CONTENT_HEX for r in recorded}
+    out = set()
+    if True in algorithms:
+        out.add(_hash_file(path, lambda: hashlib.blake2b(digest_size=DIGEST_SIZE)))
+    if False in algorithms:
+        out.add(current or content_hash_file(path))
+    return out
+
+
 def file_matches(
     path: str | os.PathLike[str], recorded: str, *, current: str | None = None
 ) -> bool:
-    """Whether ``path``'s content is the content ``recorded`` was made from, also for an
-    image hash of the old algorithm. ``current``: the file's :func:`content_hash`, when
-    the caller has it already. Raises OSError."""
-    if len(recorded) == LEGACY_CONTENT_HEX:
-        return _hash_file(path, lambda: hashlib.blake2b(digest_size=DIGEST_SIZE)) == recorded
-    return (current or content_hash_file(path)) == recorded
+    """Whether ``path``'s content is the content ``recorded`` was made from."""
+    return recorded in file_hashes(path, [recorded], current=current)
 
 
 def bytes_match(data: Bytes, recorded: str, *, current: str | None = None) -> bool:

@@ -39,7 +39,7 @@ from pathlib import Path
 import structlog
 
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
-from daemon.hashing import content_hash_file, file_matches
+from daemon.hashing import content_hash_file, file_hashes
 from daemon.queue.index import FileIndex
 from daemon.queue.jobs import JobQueue
 from daemon.sidecar import TEMP_SUFFIX, is_temp_name
@@ -239,13 +239,13 @@ class Scanner:
 
     def _content_changed(self, full: str, generators: list[str]) -> list[str]:
         """Generators whose recorded caption was not made from this content."""
-        digest = content_hash_file(full)
-        out = []
-        for g in generators:
-            rec = self.index.get_caption(full, g)
-            if rec is None or not file_matches(full, rec.content_hash, current=digest):
-                out.append(g)
-        return out
+        recorded = {g: self.index.get_caption(full, g) for g in generators}
+        have = file_hashes(
+            full,
+            [r.content_hash for r in recorded.values() if r is not None],
+            current=content_hash_file(full),
+        )
+        return [g for g, r in recorded.items() if r is None or r.content_hash not in have]
 
     # -- a whole tree --------------------------------------------------------------
 

@@ -127,11 +127,10 @@ class ScanScheduler:
                 self.last[req.root] = {"ok": False, "error": "unexpected", "at": time.time()}
             else:
                 log.info("scan_done", root=req.root, reason=req.reason, **_stats(stats))
-                if req.subdir is None:
-                    self.last[req.root] = {"ok": True, "at": time.time(), **_stats(stats)}
                 if stats.new or stats.changed:
                     self.on_enqueued()
                 if req.subdir is None:
+                    self.last[req.root] = {"ok": True, "at": time.time(), **_stats(stats)}
                     try:
                         self.on_root_scanned(req.root, stats)
                     except Exception:

@@ -353,7 +353,7 @@ class Worker:
             image = decode_image(
                 data,
                 draft_size=gen.draft_size,
-                draft_longer_side=bool(getattr(gen, "draft_longer_side", False)),
+                draft_longer_side=gen.draft_longer_side,
                 max_pixels=self.settings.worker.max_image_pixels,
             )
         except BadImageError:
