@@ -10,6 +10,9 @@ fresh database in a temp dir (local disk). It prints a Markdown section for benc
   deletes the row (no ack, a crash loses the task); it has no batch enqueue.
   By default huey leaves SQLite's ``synchronous`` at its default (FULL); captiond uses
   NORMAL. huey with ``fsync=False`` (synchronous=OFF) is shown too.
+- status counts: what ``GET /status`` asks the queue (``tally`` + ``oldest_pending_age``)
+  on 100,000 jobs (90% done), through the ``jobs_state`` index and, as the baseline in
+  the same run, the same queries with ``NOT INDEXED`` (a walk over every row).
 """
 
 from __future__ import annotations
@@ -83,6 +86,36 @@ def ours_claim_ack(tmp: str, tag: str) -> float:
     assert done == N_CLAIM, done
     q.db.close()
     return done / dt
+
+
+N_STATUS = 100_000
+
+
+def status_counts(tmp: str) -> tuple[float, float]:
+    """Median ms of /status's queue queries: (through jobs_state, NOT INDEXED)."""
+    q = fresh_queue(tmp, "status")
+    q.enqueue_many((f"/data/d{i // 1000}/img_{i:06d}.jpg", "wd_tagger", 1) for i in range(N_STATUS))
+    q.db.execute("UPDATE jobs SET state = 'done', outcome = 'written' WHERE id % 10 != 0")
+    seen: list[str] = []
+    q.db.conn.set_trace_callback(seen.append)
+    q.tally()
+    q.oldest_pending_age()
+    q.db.conn.set_trace_callback(None)
+    queries = [sql for sql in seen if sql.lstrip().upper().startswith("SELECT")]
+    scans = [sql.replace("FROM jobs", "FROM jobs NOT INDEXED") for sql in queries]
+
+    def median_ms(sqls: list[str]) -> float:
+        runs = []
+        for _ in range(10):
+            t = time.perf_counter()
+            for sql in sqls:
+                q.db.execute(sql).fetchall()
+            runs.append(time.perf_counter() - t)
+        return statistics.median(runs) * 1000
+
+    out = median_ms(queries), median_ms(scans)
+    q.db.close()
+    return out
 
 
 def _huey(tmp: str, tag: str, fsync: bool | None) -> SqliteStorage:
@@ -172,8 +205,15 @@ def main() -> None:
         "|---|---|---|---|---|",
         *rows,
     ]
+    with tempfile.TemporaryDirectory(dir=HERE / ".data") as tmp:
+        indexed_ms, scan_ms = status_counts(tmp)
+    status_line = (
+        f"/status queue queries on {N_STATUS:,} jobs: {indexed_ms:.1f} ms through jobs_state, "
+        f"{scan_ms:.1f} ms walking the table (NOT INDEXED), {scan_ms / indexed_ms:.1f}x"
+    )
     print(f"\n{machine()}\n")
     print("\n".join(table))
+    print(f"\n{status_line}")
     if not args.no_write:
         text = [
             "## Queue (bench/bench_queue.py)",
@@ -198,6 +238,7 @@ def main() -> None:
             "claim: 1,427 jobs/s at 20,000 pending, falling as the queue grows.",
             "- captiond's ack is a separate commit per job (the worker acks as each caption "
             "is written); huey's dequeue is one delete and no ack.",
+            f"- {status_line}.",
             "",
         ]
         print("\n".join(text))  # paste into bench/README.md

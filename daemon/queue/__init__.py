@@ -2,6 +2,16 @@
 
 from daemon.queue.db import Database, DatabaseError
 from daemon.queue.index import CaptionRecord, FileIndex
-from daemon.queue.jobs import Job, JobQueue, JobState
+from daemon.queue.jobs import Job, JobQueue, JobState, counts_of, outcomes_of
 
-__all__ = ["CaptionRecord", "Database", "DatabaseError", "FileIndex", "Job", "JobQueue", "JobState"]
+__all__ = [
+    "CaptionRecord",
+    "Database",
+    "DatabaseError",
+    "FileIndex",
+    "Job",
+    "JobQueue",
+    "JobState",
+    "counts_of",
+    "outcomes_of",
+]

@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-# Version 1. Later versions add an entry to _MIGRATIONS (from_version -> statements).
+# Version 1; each later version is an entry in _MIGRATIONS (from_version -> statements).
 _SCHEMA_V1 = [
     """CREATE TABLE IF NOT EXISTS jobs (
         id            INTEGER PRIMARY KEY,
@@ -98,7 +98,16 @@ _SCHEMA_V1 = [
     "CREATE INDEX IF NOT EXISTS captions_sidecar ON captions (sidecar_path)",
 ]
 
-_MIGRATIONS: dict[int, list[str]] = {}
+_MIGRATIONS: dict[int, list[str]] = {
+    # 1 -> 2: the counts behind /status, /metrics and the systemd status line (by
+    # state, generator and outcome; the oldest pending job) read this index alone
+    # instead of every row: 6x faster at 100,000 jobs. It costs the write path about a
+    # quarter of its speed (bench/README.md, Queue).
+    1: [
+        """CREATE INDEX IF NOT EXISTS jobs_state
+            ON jobs (state, generator, outcome, enqueued_at)"""
+    ],
+}
 
 
 class DatabaseError(Exception):

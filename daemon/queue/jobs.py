@@ -186,6 +186,24 @@ WHERE state = 'leased' AND lease_until < ?3
 """
 
 
+def counts_of(tally: dict[tuple[str, str, str], int]) -> dict[str, dict[str, int]]:
+    """generator -> state -> jobs, every state present, from :meth:`JobQueue.tally`."""
+    out: dict[str, dict[str, int]] = {}
+    for (gen, state, _), n in tally.items():
+        states = out.setdefault(gen, {s.value: 0 for s in JobState})
+        states[state] = states.get(state, 0) + n
+    return out
+
+
+def outcomes_of(tally: dict[tuple[str, str, str], int]) -> dict[str, dict[str, int]]:
+    """generator -> outcome -> done jobs, from :meth:`JobQueue.tally`."""
+    out: dict[str, dict[str, int]] = {}
+    for (gen, state, outcome), n in tally.items():
+        if state == JobState.DONE.value:
+            out.setdefault(gen, {})[outcome] = n
+    return out
+
+
 def _narrow(sql: str, params: list, generator: str | None, prefix: str | None) -> tuple[str, list]:
     if generator is not None:
         sql += " AND generator = ?"
@@ -464,24 +482,25 @@ class JobQueue:
 
     # -- inspection ----------------------------------------------------------------
 
+    def tally(self) -> dict[tuple[str, str, str], int]:
+        """(generator, state, outcome or "") -> number of jobs: one pass over the
+        ``jobs_state`` index, from which :meth:`counts` and :meth:`outcome_counts` are
+        derived (see :func:`counts_of` and :func:`outcomes_of`)."""
+        return {
+            (gen, state, outcome): n
+            for state, gen, outcome, n in self.db.conn.execute(
+                "SELECT state, generator, coalesce(outcome, ''), count(*) FROM jobs "
+                "GROUP BY state, generator, outcome"
+            )
+        }
+
     def counts(self) -> dict[str, dict[str, int]]:
         """generator -> state -> number of jobs (every state present, zeros included)."""
-        out: dict[str, dict[str, int]] = {}
-        for gen, state, n in self.db.conn.execute(
-            "SELECT generator, state, count(*) FROM jobs GROUP BY generator, state"
-        ):
-            out.setdefault(gen, {s.value: 0 for s in JobState})[state] = n
-        return out
+        return counts_of(self.tally())
 
     def outcome_counts(self) -> dict[str, dict[str, int]]:
         """generator -> outcome -> number of done jobs."""
-        out: dict[str, dict[str, int]] = {}
-        for gen, outcome, n in self.db.conn.execute(
-            "SELECT generator, coalesce(outcome, ''), count(*) FROM jobs "
-            "WHERE state = 'done' GROUP BY generator, outcome"
-        ):
-            out.setdefault(gen, {})[outcome] = n
-        return out
+        return outcomes_of(self.tally())
 
     def pending_generators(self) -> set[str]:
         """Generators that have pending jobs due now."""
