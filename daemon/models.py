@@ -831,9 +831,9 @@ class ModelManager:
         return self._entry(slot)
 
     def list(self) -> list[dict[str, Any]]:
-        """The models in memory or loading, most recently used first."""
-        with self._lock:
-            resident = [s for s in self.slots.values() if s.resident]
+        """The models in memory or loading, most recently used first. Like
+        :meth:`summary`, read without the manager's lock."""
+        resident = [s for s in self.slots.values() if s.resident]
         resident.sort(key=lambda s: -(s.last_used or 0.0))
         return [self._entry(s) for s in resident]
 
@@ -841,16 +841,19 @@ class ModelManager:
         return {"name": slot.name, **slot.status()}
 
     def summary(self) -> dict[str, Any]:
-        with self._lock:
-            resident = [s for s in self.slots.values() if s.resident]
-            return {
-                "memory_kind": self.memory_kind,
-                "memory_budget_mb": self.memory_budget_mb or None,
-                "memory_used_mb": round(sum(s.expected_mb() or 0.0 for s in resident), 1),
-                "max_resident_heavy": self.max_resident_heavy,
-                "resident": [s.name for s in resident],
-                "resident_heavy": sum(1 for s in resident if s.heavy),
-            }
+        """Residency for /status. Read without the manager's lock, which is held while
+        a model is evicted: stopping a model process may take ``stop_timeout`` plus
+        6 s, and status must answer meanwhile (a snapshot of plain attributes; at worst
+        it shows a model mid-transition)."""
+        resident = [s for s in self.slots.values() if s.resident]
+        return {
+            "memory_kind": self.memory_kind,
+            "memory_budget_mb": self.memory_budget_mb or None,
+            "memory_used_mb": round(sum(s.expected_mb() or 0.0 for s in resident), 1),
+            "max_resident_heavy": self.max_resident_heavy,
+            "resident": [s.name for s in resident],
+            "resident_heavy": sum(1 for s in resident if s.heavy),
+        }
 
     def unload_all(self) -> None:
         for slot in self.slots.values():

@@ -265,3 +265,32 @@ def test_per_image_failures_do_not_open_the_breaker():
         with pytest.raises(RuntimeError):
             use(m, "vlm")
     assert slot.breaker.state is BreakerState.OPEN  # the model's own failures do
+
+
+def test_status_answers_while_a_model_is_slow_to_unload():
+    """Stopping a model process can take seconds (up to stop_timeout + 6 s); the
+    manager's lock is held meanwhile, and status must not wait for it."""
+    unloading, release = threading.Event(), threading.Event()
+
+    def slow_unload(self) -> None:
+        unloading.set()
+        release.wait(10)
+        HeavyEcho.unload(self)
+
+    m = manager([heavy("slow", unload=slow_unload)], keep_alive=0)
+    slot = m.get("slow")
+    assert slot.ensure_loaded(wait=True)
+    use(m, "slow")
+    ticker = threading.Thread(target=m.tick)  # keep_alive 0: unloads under the lock
+    ticker.start()
+    try:
+        assert unloading.wait(5)
+        t0 = time.monotonic()
+        summary, listed, status = m.summary(), m.list(), m.status()
+        assert time.monotonic() - t0 < 1.0
+        assert summary["resident"] == ["slow"] and listed[0]["name"] == "slow"
+        assert status["slow"]["state"] == "loaded"
+    finally:
+        release.set()
+        ticker.join(10)
+    assert m.status()["slow"]["state"] == "unloaded" and m.list() == []
