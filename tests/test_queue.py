@@ -68,20 +68,22 @@ def test_database_pragmas_schema_and_parent_dir(tmp_path: Path) -> None:
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     assert db.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 1234
-    assert db.user_version() == 2
+    assert db.user_version() == 1
     assert db.integrity_check() == "ok"
     tables = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"jobs", "files", "captions", "dir_versions"} <= tables
     db.close()
     # reopening keeps data and version
     db2 = Database(path)
-    assert db2.user_version() == 2
+    assert db2.user_version() == 1
     db2.close()
 
 
-def test_version_1_database_migrates_and_keeps_its_jobs(tmp_path: Path) -> None:
-    """A queue written by schema 1 (no jobs_state index) opens as version 2 with the
-    index added and every job kept."""
+def test_a_database_made_before_jobs_state_gets_it_at_open_and_keeps_its_version(
+    tmp_path: Path,
+) -> None:
+    """A queue written before the status index existed gets the index at open, keeps
+    every job, and stays at schema version 1, so an earlier captiond still opens it."""
     from daemon.queue.db import _SCHEMA_V1
 
     path = tmp_path / "q.db"
@@ -97,7 +99,7 @@ def test_version_1_database_migrates_and_keeps_its_jobs(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
     db = Database(path)
-    assert db.user_version() == 2
+    assert db.user_version() == 1
     indexes = {r[0] for r in db.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert "jobs_state" in indexes
     q = JobQueue(db)
@@ -123,6 +125,37 @@ def test_status_counts_read_the_index_only(db: Database, q: JobQueue) -> None:
     for sql in selects:
         plan = " ".join(str(r[3]) for r in db.conn.execute("EXPLAIN QUERY PLAN " + sql))
         assert "COVERING INDEX jobs_state" in plan, (sql, plan)
+
+
+def test_pending_generators_probes_the_index_instead_of_reading_the_backlog(
+    db: Database, q: JobQueue, clock: FakeClock
+) -> None:
+    """The worker asks before every claim: every table access must be an index search
+    (a SCAN would read the whole backlog: 20-70 ms at 100,000 pending)."""
+    q.enqueue_many([(f"/d/{i}.jpg", g, PRIORITY_BACKFILL) for i in range(20) for g in "abc"])
+    db.execute("UPDATE jobs SET not_before = ? WHERE generator = 'b'", (clock.t + 60,))
+    q.claim("c", 20)  # all of c leased
+    assert q.pending_generators() == {"a"}
+    clock.advance(61)
+    assert q.pending_generators() == {"a", "b"}
+    seen: list[str] = []
+    db.conn.set_trace_callback(seen.append)
+    try:
+        q.pending_generators()
+    finally:
+        db.conn.set_trace_callback(None)
+    (sql,) = [s for s in seen if "WITH RECURSIVE" in s]
+    plan = [str(r[3]) for r in db.conn.execute("EXPLAIN QUERY PLAN " + sql)]
+    on_jobs = [p for p in plan if " jobs" in p]
+    assert on_jobs and all(p.startswith("SEARCH jobs USING INDEX jobs_due") for p in on_jobs), plan
+
+
+def test_tally_adds_up_null_and_empty_outcomes(db: Database, q: JobQueue) -> None:
+    q.enqueue_many([(f"/d/{i}.jpg", "wd", PRIORITY_BACKFILL) for i in range(3)])
+    db.execute("UPDATE jobs SET state = 'done', outcome = CASE WHEN id = 1 THEN '' END")
+    assert q.tally() == {("wd", "done", ""): 3}
+    assert q.counts()["wd"]["done"] == 3
+    assert q.outcome_counts() == {"wd": {"": 3}}
 
 
 def test_tally_counts_and_outcomes_agree(q: JobQueue, clock: FakeClock) -> None:
@@ -152,6 +185,28 @@ def test_database_newer_schema_refused(tmp_path: Path) -> None:
 
     with pytest.raises(DatabaseError, match="newer"):
         Database(path)
+
+
+def test_open_errors_advise_by_cause(tmp_path: Path) -> None:
+    """Only a damaged file is worth moving aside; a locked (or full) one is not."""
+    from daemon.queue import DatabaseError
+
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(DatabaseError, match="Move the file aside"):
+        Database(junk)
+    path = tmp_path / "q.db"
+    Database(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(DatabaseError) as ei:
+            Database(path, busy_timeout_ms=50)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "locked" in str(ei.value) and "was not changed" in str(ei.value)
+    assert "aside" not in str(ei.value)
 
 
 def test_transaction_rolls_back_on_error(db: Database, q: JobQueue) -> None:

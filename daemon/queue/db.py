@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 
-# Version 1; each later version is an entry in _MIGRATIONS (from_version -> statements).
+# Version 1. Later versions add an entry to _MIGRATIONS (from_version -> statements).
 _SCHEMA_V1 = [
     """CREATE TABLE IF NOT EXISTS jobs (
         id            INTEGER PRIMARY KEY,
@@ -98,16 +98,18 @@ _SCHEMA_V1 = [
     "CREATE INDEX IF NOT EXISTS captions_sidecar ON captions (sidecar_path)",
 ]
 
-_MIGRATIONS: dict[int, list[str]] = {
-    # 1 -> 2: the counts behind /status, /metrics and the systemd status line (by
-    # state, generator and outcome; the oldest pending job) read this index alone
-    # instead of every row: 6x faster at 100,000 jobs. It costs the write path about a
-    # quarter of its speed (bench/README.md, Queue).
-    1: [
-        """CREATE INDEX IF NOT EXISTS jobs_state
-            ON jobs (state, generator, outcome, enqueued_at)"""
-    ],
-}
+_MIGRATIONS: dict[int, list[str]] = {}
+
+# Additions an older captiond can live with (indexes): made at every open if missing,
+# without a version bump, so that going back to an earlier captiond keeps working.
+_ADDITIONS = [
+    # The counts behind /status, /metrics and the systemd status line (by state,
+    # generator and outcome; the oldest pending job) read this index alone instead of
+    # every row: 6x faster at 100,000 jobs. It costs the write path about a quarter of
+    # its speed (bench/README.md, Queue).
+    """CREATE INDEX IF NOT EXISTS jobs_state
+        ON jobs (state, generator, outcome, enqueued_at)""",
+]
 
 
 class DatabaseError(Exception):
@@ -145,11 +147,18 @@ class Database:
         self._closed = False
         try:
             self._migrate()
-        except sqlite3.DatabaseError as exc:  # not a database, corrupt, unreadable
+        except sqlite3.DatabaseError as exc:  # not a database, corrupt, locked, disk full
             self.close()
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # primary code
+            if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                advice = (
+                    "Move the file aside to start with an empty queue (captions already "
+                    "written are kept)."
+                )
+            else:  # locked by another process, disk full, I/O error: the file is fine
+                advice = "The file was not changed; fix the cause and start again."
             raise DatabaseError(
-                f"{self.path}: cannot open the queue database: {exc}. Move the file aside "
-                "to start with an empty queue (captions already written are kept)."
+                f"{self.path}: cannot open the queue database: {exc}. {advice}"
             ) from exc
 
     # -- connections ---------------------------------------------------------------
@@ -246,4 +255,6 @@ class Database:
                 for stmt in _MIGRATIONS[version]:
                     conn.execute(stmt)
                 version += 1
+            for stmt in _ADDITIONS:
+                conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

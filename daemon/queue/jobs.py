@@ -111,6 +111,21 @@ ON CONFLICT (path, generator) DO UPDATE SET
     updated_at    = excluded.updated_at
 """
 
+# The generators with pending jobs, one index probe each (a recursive "skip scan":
+# the next generator name after the last one), then whether any of them is due.
+_PENDING_GENERATORS = """
+WITH RECURSIVE g(name) AS (
+    SELECT (SELECT min(generator) FROM jobs INDEXED BY jobs_due WHERE state = 'pending')
+    UNION ALL
+    SELECT (SELECT min(generator) FROM jobs INDEXED BY jobs_due
+            WHERE state = 'pending' AND generator > g.name)
+    FROM g WHERE g.name IS NOT NULL
+)
+SELECT name FROM g WHERE name IS NOT NULL AND EXISTS (
+    SELECT 1 FROM jobs INDEXED BY jobs_due
+    WHERE state = 'pending' AND generator = g.name AND not_before <= ?1
+)
+"""
 # INDEXED BY: otherwise the planner may prefer jobs_due for the not_before range and
 # sort every pending job of the generator on each claim (measured: 1,400 vs 9,000/s).
 _CLAIM = f"""
@@ -486,13 +501,14 @@ class JobQueue:
         """(generator, state, outcome or "") -> number of jobs: one pass over the
         ``jobs_state`` index, from which :meth:`counts` and :meth:`outcome_counts` are
         derived (see :func:`counts_of` and :func:`outcomes_of`)."""
-        return {
-            (gen, state, outcome): n
-            for state, gen, outcome, n in self.db.conn.execute(
-                "SELECT state, generator, coalesce(outcome, ''), count(*) FROM jobs "
-                "GROUP BY state, generator, outcome"
-            )
-        }
+        out: dict[tuple[str, str, str], int] = {}
+        for state, gen, outcome, n in self.db.conn.execute(
+            "SELECT state, generator, outcome, count(*) FROM jobs "
+            "GROUP BY state, generator, outcome"
+        ):
+            key = (gen, state, outcome or "")  # NULL and "" are one outcome: add them up
+            out[key] = out.get(key, 0) + n
+        return out
 
     def counts(self) -> dict[str, dict[str, int]]:
         """generator -> state -> number of jobs (every state present, zeros included)."""
@@ -503,12 +519,11 @@ class JobQueue:
         return outcomes_of(self.tally())
 
     def pending_generators(self) -> set[str]:
-        """Generators that have pending jobs due now."""
-        rows = self.db.conn.execute(
-            "SELECT DISTINCT generator FROM jobs WHERE state = 'pending' AND not_before <= ?",
-            (self.clock(),),
-        )
-        return {r[0] for r in rows}
+        """Generators that have pending jobs due now. The worker asks before every
+        claim, so this is a skip scan over ``jobs_due``: one index probe per generator,
+        whatever the backlog (100,000 pending: 0.03 ms; a plain ``DISTINCT`` read
+        every pending entry, 20-70 ms)."""
+        return {r[0] for r in self.db.conn.execute(_PENDING_GENERATORS, (self.clock(),))}
 
     def next_due(self, generator: str) -> float | None:
         """Earliest ``not_before`` among the pending jobs of ``generator``."""
