@@ -494,12 +494,16 @@ class ModelSlot:
 
     # -- status --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        """Read without a lock (status must answer during a slow load or unload): each
+        attribute is read once into a local, so a change mid-way shows a model in
+        transition, never a None where a number was checked for."""
         gen = self.raw
         now = time.monotonic()
+        state = self.state
         out: dict[str, Any] = {
-            "state": self.state.value,
-            "loaded": self.state is ModelState.LOADED,
-            "available": self.state is not ModelState.UNAVAILABLE,
+            "state": state.value,
+            "loaded": state is ModelState.LOADED,
+            "available": state is not ModelState.UNAVAILABLE,
             "reason": self.reason,
         }
         if gen is not None:
@@ -517,35 +521,36 @@ class ModelSlot:
                 "batches": self.batches,
             }
             if self.isolated:
-                out["pid"] = gen.pid if self.state is ModelState.LOADED else None  # type: ignore[union-attr]
-        if self.load_seconds is not None:
-            out["load_seconds"] = round(self.load_seconds, 3)
-        if self.footprint_mb is not None:
-            out["memory_mb"] = round(self.footprint_mb, 1)
+                out["pid"] = gen.pid if state is ModelState.LOADED else None  # type: ignore[union-attr]
+        if (load_seconds := self.load_seconds) is not None:
+            out["load_seconds"] = round(load_seconds, 3)
+        if (footprint := self.footprint_mb) is not None:
+            out["memory_mb"] = round(footprint, 1)
         elif self.policy.memory_mb is not None:
             out["memory_mb_estimate"] = self.policy.memory_mb
-        if self.state is ModelState.LOADED and self.last_used is not None:
-            idle = now - self.last_used
+        if state is ModelState.LOADED and (last_used := self.last_used) is not None:
+            idle = now - last_used
+            busy, keep_alive = self.busy, self.keep_alive
             out["idle_seconds"] = round(idle, 1)
-            if self.keep_alive >= 0 and not self.busy:
-                out["unload_in_seconds"] = round(max(0.0, self.keep_alive - idle), 1)
-            out["busy"] = self.busy
-        if self.state is ModelState.LOADING:
-            if self.loading_since is not None:
-                out["loading_seconds"] = round(now - self.loading_since, 1)
-            if self.progress:
-                out["progress"] = dict(self.progress)
-        if self.state is ModelState.WAITING:
+            if keep_alive >= 0 and not busy:
+                out["unload_in_seconds"] = round(max(0.0, keep_alive - idle), 1)
+            out["busy"] = busy
+        if state is ModelState.LOADING:
+            if (since := self.loading_since) is not None:
+                out["loading_seconds"] = round(now - since, 1)
+            if progress := self.progress:
+                out["progress"] = dict(progress)
+        if state is ModelState.WAITING:
             out["waiting_for"] = self.waiting_for
         if self.last_unload:
             out["last_unload"] = self.last_unload
-        if self.last_error is not None:
+        if (error := self.last_error) is not None:
             out["last_error"] = {
-                "error_type": self.last_error.error_type.value,
-                "message": self.last_error.message,
-                "retryable": self.last_error.retryable,
+                "error_type": error.error_type.value,
+                "message": error.message,
+                "retryable": error.retryable,
             }
-        if self.state is ModelState.FAILED:
+        if state is ModelState.FAILED:
             out["next_retry_in_seconds"] = max(0.0, round(self.next_retry_at - self._clock(), 1))
         return out
 

@@ -236,7 +236,8 @@ class ChildGenerator:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        proc = self._proc  # read once: status asks without the lock
+        return proc.pid if proc is not None else None
 
     @property
     def draft_size(self) -> int | None:
