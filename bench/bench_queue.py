@@ -93,6 +93,15 @@ def ours_claim_ack(tmp: str, tag: str) -> float:
 N_STATUS = 100_000
 
 
+def _median_ms(fn: Callable[[], object], runs: int = 10) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
 def status_counts(tmp: str) -> tuple[float, float]:
     """Median ms of /status's queue queries: (through jobs_state, NOT INDEXED)."""
     q = fresh_queue(tmp, "status")
@@ -106,16 +115,11 @@ def status_counts(tmp: str) -> tuple[float, float]:
     queries = [sql for sql in seen if sql.lstrip().upper().startswith("SELECT")]
     scans = [sql.replace("FROM jobs", "FROM jobs NOT INDEXED") for sql in queries]
 
-    def median_ms(sqls: list[str]) -> float:
-        runs = []
-        for _ in range(10):
-            t = time.perf_counter()
-            for sql in sqls:
-                q.db.execute(sql).fetchall()
-            runs.append(time.perf_counter() - t)
-        return statistics.median(runs) * 1000
+    def run(sqls: list[str]) -> None:
+        for sql in sqls:
+            q.db.execute(sql).fetchall()
 
-    out = median_ms(queries), median_ms(scans)
+    out = _median_ms(lambda: run(queries)), _median_ms(lambda: run(scans))
     q.db.close()
     return out
 
@@ -130,18 +134,10 @@ def pending_probe(tmp: str) -> tuple[float, float]:
     )
     plain = "SELECT DISTINCT generator FROM jobs WHERE state = 'pending' AND not_before <= ?"
 
-    def median_ms(fn: Callable[[], object]) -> float:
-        runs = []
-        for _ in range(10):
-            t = time.perf_counter()
-            fn()
-            runs.append(time.perf_counter() - t)
-        return statistics.median(runs) * 1000
-
     assert q.pending_generators() == {r[0] for r in q.db.execute(plain, (q.clock(),))}
     out = (
-        median_ms(q.pending_generators),
-        median_ms(lambda: q.db.execute(plain, (q.clock(),)).fetchall()),
+        _median_ms(q.pending_generators),
+        _median_ms(lambda: q.db.execute(plain, (q.clock(),)).fetchall()),
     )
     q.db.close()
     return out

@@ -26,7 +26,7 @@ from daemon.control import Control, apply_runtime_settings
 from daemon.models import ModelManager
 from daemon.mounts import fs_type, is_network_fs
 from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
-from daemon.queue import Database, FileIndex, JobQueue, counts_of, outcomes_of
+from daemon.queue import Database, FileIndex, JobQueue, counts_of, outcomes_of, totals_of
 from daemon.scanner import ScanError, Scanner, ScanStats, is_candidate
 from daemon.scans import ScanRequest, ScanScheduler
 from daemon.server import Request, Response, create_health_server
@@ -185,16 +185,8 @@ class Daemon:
             f"{counts.get('dead', 0)} dead"
         )
 
-    def _queue_totals(
-        self, by_generator: dict[str, dict[str, int]] | None = None
-    ) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        if by_generator is None:
-            by_generator = self.queue.counts()
-        for states in by_generator.values():
-            for state, n in states.items():
-                totals[state] = totals.get(state, 0) + n
-        return totals
+    def _queue_totals(self) -> dict[str, int]:
+        return totals_of(self.queue.counts())
 
     def stop(self) -> None:
         log.info("captiond_stopping")
@@ -270,7 +262,7 @@ class Daemon:
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "config": self.settings.source,
             "queue": {
-                "totals": self._queue_totals(by_generator),
+                "totals": totals_of(by_generator),
                 "by_generator": by_generator,
                 "outcomes": outcomes_of(tally),
                 "oldest_pending_seconds": None if oldest is None else round(oldest, 1),

@@ -22,7 +22,7 @@ from daemon.config import (
     generator_config,
 )
 from daemon.models import ModelManager
-from daemon.queue import Database, FileIndex, JobQueue, JobState
+from daemon.queue import Database, FileIndex, JobQueue, JobState, totals_of
 from daemon.scanner import Scanner
 from daemon.worker import Worker
 
@@ -116,10 +116,7 @@ def _run(
     worker.start()
     try:
         while True:
-            totals: dict[str, int] = {}
-            for states in queue.counts().values():
-                for state, n in states.items():
-                    totals[state] = totals.get(state, 0) + n
+            totals = totals_of(queue.counts())
             result.total = sum(totals.values())
             open_ = totals.get("pending", 0) + totals.get("leased", 0)
             progress(result.total - open_, result.total)

@@ -2,7 +2,7 @@
 
 from daemon.queue.db import Database, DatabaseError
 from daemon.queue.index import CaptionRecord, FileIndex
-from daemon.queue.jobs import Job, JobQueue, JobState, counts_of, outcomes_of
+from daemon.queue.jobs import Job, JobQueue, JobState, counts_of, outcomes_of, totals_of
 
 __all__ = [
     "CaptionRecord",
@@ -14,4 +14,5 @@ __all__ = [
     "JobState",
     "counts_of",
     "outcomes_of",
+    "totals_of",
 ]

@@ -210,6 +210,16 @@ def counts_of(tally: dict[tuple[str, str, str], int]) -> dict[str, dict[str, int
     return out
 
 
+def totals_of(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """state -> jobs over every generator, from :meth:`JobQueue.counts` or
+    :func:`counts_of`."""
+    totals: dict[str, int] = {}
+    for states in counts.values():
+        for state, n in states.items():
+            totals[state] = totals.get(state, 0) + n
+    return totals
+
+
 def outcomes_of(tally: dict[tuple[str, str, str], int]) -> dict[str, dict[str, int]]:
     """generator -> outcome -> done jobs, from :meth:`JobQueue.tally`."""
     out: dict[str, dict[str, int]] = {}
