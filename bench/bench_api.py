@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from daemon.server import request  # noqa: E402
+from daemon.client import request  # noqa: E402
 from tests.daemonproc import DaemonProcess, make_image, wait_for  # noqa: E402
 from tests.wdmodel import build_wd_model  # noqa: E402
 

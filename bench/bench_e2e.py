@@ -229,7 +229,7 @@ def pipeline_ceiling(
     from daemon.generators.base import ImageInput
     from daemon.generators.wd_tagger import WDTagger, WDTaggerConfig
     from daemon.hashing import content_hash
-    from daemon.images import decode_image
+    from daemon.pipeline.images import decode_image
 
     gen = WDTagger(WDTaggerConfig(model=str(model_dir), providers=["cpu"]))
     gen.load()

@@ -26,7 +26,7 @@ from cpuinfo import cpu_name
 
 from daemon.config import WatchConfig
 from daemon.queue import Database, FileIndex, JobQueue
-from daemon.scanner import Scanner
+from daemon.scanning.reconcile import Scanner
 
 HERE = Path(__file__).resolve().parent
 

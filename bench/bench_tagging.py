@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
 
 from daemon.generators.base import ImageInput  # noqa: E402
 from daemon.generators.wd_tagger import WDTagger, WDTaggerConfig, format_tags  # noqa: E402
-from daemon.images import decode_image  # noqa: E402
+from daemon.pipeline.images import decode_image  # noqa: E402
 from tests.wdmodel import build_wd_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / ".data"

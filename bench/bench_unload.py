@@ -125,7 +125,7 @@ def run_case(isolate: bool, weights: Path, width: int, layers: int, cycles: int)
     from daemon.config import ResidencyConfig
     from daemon.generators.base import ImageInput
     from daemon.generators.registry import Discovered
-    from daemon.models import ModelManager
+    from daemon.residency.manager import ModelManager
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     cfg = BlobConfig(weights=str(weights), width=width, layers=layers)

@@ -14,23 +14,25 @@ from typing import Any
 import structlog
 
 from daemon import __version__, metrics
-from daemon.api import register_api
-from daemon.api.runtime import RuntimeSettings
+from daemon.api.control import Control, apply_runtime_settings
+from daemon.api.http import Request, Response
+from daemon.api.listeners import create_health_server
+from daemon.api.routes import register_api
 from daemon.api.security import load_token
 from daemon.config import (
     PRIORITY_BACKFILL,
     PRIORITY_NEW,
     Settings,
 )
-from daemon.control import Control, apply_runtime_settings
-from daemon.models import ModelManager
-from daemon.mounts import fs_type, is_network_fs
 from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
+from daemon.overrides import RuntimeSettings
 from daemon.queue import Database, FileIndex, JobQueue, counts_of, outcomes_of, totals_of
-from daemon.scanner import ScanError, Scanner, ScanStats, is_candidate
-from daemon.scans import ScanRequest, ScanScheduler
-from daemon.server import Request, Response, create_health_server
-from daemon.watcher import WatchSupervisor
+from daemon.residency.manager import ModelManager
+from daemon.scanning.reconcile import ScanError, Scanner, ScanStats
+from daemon.scanning.rules import is_candidate
+from daemon.scanning.scheduler import ScanRequest, ScanScheduler
+from daemon.watch.mounts import fs_type, is_network_fs
+from daemon.watch.watcher import WatchSupervisor
 from daemon.worker import Worker
 
 log = structlog.get_logger(__name__)

@@ -70,9 +70,9 @@ def run(ctx: click.Context, extra: tuple[Path, ...]) -> None:
             err=True,
         )
         ctx.exit(2)
+    from daemon.api.listeners import SocketPathError
     from daemon.app import Daemon
     from daemon.queue.db import DatabaseError
-    from daemon.server import SocketPathError
 
     try:
         code = Daemon(settings).run_forever()
@@ -207,7 +207,7 @@ def _caption_daemon(
     as_json: bool,
 ) -> None:
     from daemon.client import ClientError, api_path
-    from daemon.scanner import is_candidate
+    from daemon.scanning.rules import is_candidate
 
     settings = _settings(ctx)
     client = _client(ctx)

@@ -8,12 +8,85 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from daemon.config import Settings
-from daemon.server import DaemonNotRunning, UnixHTTPConnection, request
+
+
+class DaemonNotRunning(ConnectionError):
+    """No daemon listens on the socket: the file is absent or refuses connections."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"captiond is not running: {reason} ({path})")
+        self.path = path
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over AF_UNIX: the host name is only used for the Host header."""
+
+    def __init__(self, socket_path: Path | str, timeout: float = 5.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = str(socket_path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def request(
+    path: Path,
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    timeout: float = 5.0,
+) -> tuple[int, dict[str, Any]]:
+    """One request to the daemon's socket; returns (status, JSON object).
+
+    A non-object JSON answer is wrapped as ``{"data": ...}``; an empty one is ``{}``.
+    Raises DaemonNotRunning if the socket is absent or refuses, PermissionError with
+    a hint if the socket may not be opened, TimeoutError on ``timeout``.
+    """
+    path = Path(path)
+    conn = UnixHTTPConnection(path, timeout=timeout)
+    headers = {"Accept": "application/json"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        try:
+            conn.connect()
+        except FileNotFoundError:
+            raise DaemonNotRunning(path, "no socket file") from None
+        except ConnectionRefusedError:
+            raise DaemonNotRunning(path, "the socket refuses connections (stale?)") from None
+        except PermissionError:
+            raise PermissionError(
+                f"permission denied on {path}: run as the daemon's user or join its group"
+            ) from None
+        # If the server answers early (e.g. 413) and closes, sending fails with EPIPE but
+        # its answer is still readable.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            conn.request(method.upper(), url, body=body, headers=headers)
+        resp = conn.getresponse()
+        raw = resp.read()
+        status = resp.status
+    finally:
+        conn.close()
+    if not raw:
+        return status, {}
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return status, {"error": "non-JSON response", "raw": raw.decode(errors="replace")}
+    return status, data if isinstance(data, dict) else {"data": data}
 
 
 class ClientError(Exception):

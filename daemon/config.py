@@ -226,7 +226,7 @@ class PostProcessConfig(_Section):
 
     @model_validator(mode="after")
     def _known_steps(self) -> PostProcessConfig:
-        from daemon.postprocess import STEPS
+        from daemon.text.postprocess import STEPS
 
         for where, names in [("steps", self.steps), *self.overrides.items()]:
             unknown = [n for n in names if n not in STEPS]

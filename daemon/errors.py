@@ -3,6 +3,7 @@ with a retryable flag; message text is never inspected."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import sys
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ class ErrorType(StrEnum):
     MODEL_LOADING = "model_loading"
     GENERATION = "generation"
     TIMEOUT = "timeout"
+    NETWORK = "network"
     CAPTION_EXISTS = "caption_exists"
     CAPTION_EDITED = "caption_edited"
     BAD_IMAGE = "bad_image"
@@ -60,6 +62,19 @@ class GenerationError(CaptionError):
 class GenerationTimeoutError(CaptionError):
     error_type = ErrorType.TIMEOUT
     retryable = True
+
+
+class NetworkError(CaptionError):
+    """A connection to a remote (the model hub, a remote model server) failed: refused,
+    reset, a name that does not resolve, or a server that asks to come back later.
+    ``retry_after``: seconds the server asked us to wait (HTTP ``Retry-After``), if any."""
+
+    error_type = ErrorType.NETWORK
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CaptionExistsError(CaptionError):
@@ -156,6 +171,8 @@ def classify(exc: BaseException) -> Classified:
         return Classified(ErrorType.OUT_OF_MEMORY, True, message)
     if isinstance(exc, TimeoutError):
         return Classified(ErrorType.TIMEOUT, True, message)
+    if isinstance(exc, (ConnectionError, socket.gaierror, socket.herror)):
+        return Classified(ErrorType.NETWORK, True, message)
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         # The image vanished or was replaced: nothing to retry.
         return Classified(ErrorType.IO, False, message)

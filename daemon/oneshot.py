@@ -21,9 +21,9 @@ from daemon.config import (
     discover_generators,
     generator_config,
 )
-from daemon.models import ModelManager
 from daemon.queue import Database, FileIndex, JobQueue, JobState, totals_of
-from daemon.scanner import Scanner
+from daemon.residency.manager import ModelManager
+from daemon.scanning.reconcile import Scanner
 from daemon.worker import Worker
 
 

@@ -35,11 +35,8 @@ from daemon.errors import (
 )
 from daemon.generators.base import Generator, ImageInput
 from daemon.hashing import bytes_match, content_hash, sidecar_hash
-from daemon.images import decode_image
-from daemon.models import ModelManager, ModelSlot
-from daemon.postprocess import PostContext, pipeline_for
-from daemon.queue import CaptionRecord, FileIndex, Job, JobQueue, JobState
-from daemon.sidecar import (
+from daemon.pipeline.images import decode_image
+from daemon.pipeline.sidecars import (
     Action,
     candidate_paths,
     decide,
@@ -48,6 +45,10 @@ from daemon.sidecar import (
     stage,
     stem_siblings,
 )
+from daemon.queue import CaptionRecord, FileIndex, Job, JobQueue, JobState
+from daemon.residency.manager import ModelManager
+from daemon.residency.slot import ModelSlot
+from daemon.text.postprocess import PostContext, pipeline_for
 
 log = structlog.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from daemon.server import DaemonNotRunning, request
+from daemon.client import DaemonNotRunning, request
 
 REPO = Path(__file__).resolve().parent.parent
 

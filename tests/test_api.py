@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from daemon.server import UnixHTTPConnection, request
+from daemon.client import UnixHTTPConnection, request
 from tests.daemonproc import DaemonProcess, image_bytes, make_image, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.server import request
+from daemon.client import request
 from tests.daemonproc import DaemonProcess, make_image, wait_for
 
 schemathesis = pytest.importorskip("schemathesis")

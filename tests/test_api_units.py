@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from daemon.api.http import HTTPError, PeerCredentials, Request
 from daemon.api.security import Authoriser, StartupError, load_token, resolve_image
 from daemon.config import WatchConfig
 from daemon.queue import Database, JobQueue
-from daemon.server import HTTPError, PeerCredentials, Request
 from tests.daemonproc import make_image
 
 
@@ -312,7 +312,7 @@ def test_api_caption_writes_run_on_the_writer_thread(control, monkeypatch) -> No
         deleted.append(threading.current_thread().name)
         return real_unlink(p, *a, **kw)
 
-    monkeypatch.setattr("daemon.control.os.unlink", unlink_spy)
+    monkeypatch.setattr("daemon.api.control.os.unlink", unlink_spy)
     assert control.delete_caption(ref, "txt")["success"]
     assert deleted and deleted[0].startswith("captiond-write")
 
@@ -322,7 +322,8 @@ def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
     import json
     import socket
 
-    from daemon.server import ControlServer, UnixHTTPConnection
+    from daemon.api.listeners import ControlServer
+    from daemon.client import UnixHTTPConnection
 
     server = ControlServer(tmp_path / "c.sock", max_connections=4)
     server.add_route("GET", "/x", lambda req: {"ok": True})

@@ -163,7 +163,7 @@ def test_a_tree_that_outgrew_the_watch_budget_switches_to_polling(tmp_path, monk
     """A whole-root scan's folder count goes back to the watcher: past the inotify budget
     the root is polled (watchdog would silently drop the watches beyond the limit)."""
     from daemon.config import WatchConfig
-    from daemon.scanner import ScanStats
+    from daemon.scanning.reconcile import ScanStats
 
     monkeypatch.setattr(app_module, "fs_type", lambda path: "ext4")
     root = tmp_path / "data"

@@ -328,7 +328,7 @@ def test_generator_options_reach_the_sidecar(daemon, root):
 def test_metrics_endpoint(daemon, root):
     from prometheus_client.parser import text_string_to_metric_families
 
-    from daemon.server import UnixHTTPConnection
+    from daemon.client import UnixHTTPConnection
 
     make_image(root / "a.png", "red")
     (root / "bad.png").write_text("not an image")

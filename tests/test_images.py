@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from daemon.errors import BadImageError
-from daemon.images import decode_image
+from daemon.pipeline.images import decode_image
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:

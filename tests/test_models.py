@@ -11,8 +11,9 @@ import pytest
 
 from daemon.config import ResidencyConfig
 from daemon.generators.registry import Discovered
-from daemon.models import ModelManager, ModelState, ModelWaitError
 from daemon.residency.breaker import BreakerState
+from daemon.residency.manager import ModelManager
+from daemon.residency.slot import ModelState, ModelWaitError
 from tests.daemonproc import wait_for
 from tests.fakegen import EchoConfig
 from tests.residency_gens import HeavyEcho, ProgressGenerator

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.mounts import (
+from daemon.watch.mounts import (
     fs_type,
     inotify_watch_limit,
     is_network_fs,

@@ -29,7 +29,7 @@ from daemon.generators.multi_person import (
     tag_aliases,
 )
 from daemon.generators.wd_tagger import WDTaggerConfig
-from daemon.postprocess import Pipeline, PostContext
+from daemon.text.postprocess import Pipeline, PostContext
 
 try:
     from tests import wdmodel

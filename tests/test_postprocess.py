@@ -1,6 +1,6 @@
 import pytest
 
-from daemon.postprocess import Pipeline, PostContext, pipeline_for
+from daemon.text.postprocess import Pipeline, PostContext, pipeline_for
 
 TAGS = PostContext(caption_type="tags")
 PROSE = PostContext(caption_type="caption")

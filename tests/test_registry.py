@@ -26,7 +26,8 @@ def test_entry_point_generators_and_broken_ones(monkeypatch):
 
 def test_missing_dependency_disables_only_that_generator(monkeypatch):
     from daemon.generators import wd_tagger
-    from daemon.models import ModelManager, ModelState
+    from daemon.residency.manager import ModelManager
+    from daemon.residency.slot import ModelState
 
     monkeypatch.setattr(
         wd_tagger.WDTagger,

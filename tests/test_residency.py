@@ -15,10 +15,11 @@ from daemon.config import ResidencyConfig, Settings
 from daemon.errors import OutOfMemoryError, WorkerCrashError, classify
 from daemon.generators.base import ImageInput
 from daemon.generators.registry import Discovered
-from daemon.models import ModelManager, ModelState
 from daemon.queue import Database, FileIndex, JobQueue
 from daemon.residency.child import ChildGenerator
+from daemon.residency.manager import ModelManager
 from daemon.residency.memory import rss_mb
+from daemon.residency.slot import ModelState
 from daemon.worker import Worker
 from tests.daemonproc import make_image, wait_for
 from tests.fakegen import EchoConfig

@@ -12,7 +12,8 @@ import pytest
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
 from daemon.hashing import content_hash_file
 from daemon.queue import Database, FileIndex, JobQueue, JobState
-from daemon.scanner import ScanError, Scanner, is_candidate
+from daemon.scanning.reconcile import ScanError, Scanner
+from daemon.scanning.rules import is_candidate
 
 GENS = ["wd", "blip"]
 

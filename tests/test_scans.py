@@ -4,8 +4,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
-from daemon.scanner import ScanError
-from daemon.scans import ScanRequest, ScanScheduler
+from daemon.scanning.reconcile import ScanError
+from daemon.scanning.scheduler import ScanRequest, ScanScheduler
 from tests.daemonproc import wait_for
 
 

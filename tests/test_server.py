@@ -13,20 +13,15 @@ from pathlib import Path
 import pytest
 
 from daemon import __version__
-from daemon.server import (
+from daemon.api.http import HTTPError, Request, Response, Router
+from daemon.api.listeners import (
     AlreadyRunningError,
     ControlServer,
-    DaemonNotRunning,
-    HTTPError,
-    Request,
-    Response,
-    Router,
     SocketPathError,
-    UnixHTTPConnection,
     create_health_server,
     peer_credentials,
-    request,
 )
+from daemon.client import DaemonNotRunning, UnixHTTPConnection, request
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from daemon.hashing import sidecar_hash
-from daemon.sidecar import (
+from daemon.pipeline.sidecars import (
     Action,
     candidate_paths,
     decide,

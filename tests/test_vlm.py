@@ -372,7 +372,7 @@ def test_missing_torch_makes_it_unavailable(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_import_is_cheap_and_registered() -> None:
     code = (
-        "import sys, daemon.generators.vlm, daemon.vlm_text, daemon.postprocess; "
+        "import sys, daemon.generators.vlm, daemon.text.vlm, daemon.text.postprocess; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from daemon import postprocess
-from daemon.postprocess import PostContext
-from daemon.vlm_text import clean_vlm_output, split_sentences, truncate_words
+from daemon.text import postprocess
+from daemon.text.postprocess import PostContext
+from daemon.text.vlm import clean_vlm_output, split_sentences, truncate_words
 
 CTX = PostContext(caption_type="caption")
 

@@ -13,7 +13,7 @@ import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 
 from daemon.config import WatchConfig
-from daemon.watcher import (
+from daemon.watch.watcher import (
     MIN_TICK_SECONDS,
     REASON_DIED,
     REASON_OVERFLOW,

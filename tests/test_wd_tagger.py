@@ -28,7 +28,7 @@ from daemon.generators.wd_tagger import (
     mcut_threshold,
     preprocess,
 )
-from daemon.images import decode_image
+from daemon.pipeline.images import decode_image
 
 try:
     from tests.wdmodel import TINY_TAGS, build_wd_model

@@ -12,8 +12,8 @@ import pytest
 from daemon.config import Settings
 from daemon.errors import ModelDownloadError
 from daemon.generators.registry import Discovered
-from daemon.models import ModelManager
 from daemon.queue import Database, FileIndex, JobQueue
+from daemon.residency.manager import ModelManager
 from daemon.worker import Worker
 from tests.daemonproc import make_image, wait_for
 from tests.fakegen import EchoConfig, EchoGenerator
@@ -183,7 +183,7 @@ def test_append_keeps_the_persons_words_when_the_image_changes(tmp_path):
 
 
 def test_crash_after_recording_before_rename_is_recovered(tmp_path, monkeypatch):
-    from daemon import sidecar
+    from daemon.pipeline import sidecars as sidecar
 
     rig = Rig(tmp_path)
     p = rig.add("a.png")

@@ -1,6 +1,3 @@
-"""The control API on the daemon's socket: routes, schemas, path and peer security,
-explicit caption requests, persisted runtime settings, OpenAPI."""
-
-from daemon.api.routes import register_api
-
-__all__ = ["register_api"]
+"""The control API: HTTP plumbing (``http``), the socket and TCP listeners
+(``listeners``), the routes (``routes``) over the control facade (``control``), with
+explicit caption requests, schemas, path and peer security and the OpenAPI document."""

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from daemon.api import schemas as s
+from daemon.api.http import HandlerResult, Request, Response
+from daemon.api.listeners import ControlServer
 from daemon.api.security import resolve_image
-from daemon.server import ControlServer, HandlerResult, Request, Response
 
 if TYPE_CHECKING:
-    from daemon.control import Control
+    from daemon.api.control import Control
 
 
 @dataclass(frozen=True, slots=True)

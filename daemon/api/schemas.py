@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from daemon.server import HTTPError, Request, Response, error_body
+from daemon.api.http import HTTPError, Request, Response, error_body
 
 MAX_CAPTION_CHARS = 256 * 1024
 

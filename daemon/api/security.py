@@ -24,9 +24,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon.api.http import HTTPError, PeerCredentials, Request
+from daemon.api.listeners import SocketPathError
 from daemon.config import WatchConfig
-from daemon.scanner import is_candidate
-from daemon.server import HTTPError, PeerCredentials, Request, SocketPathError
+from daemon.scanning.rules import is_candidate
 
 SINGLE_ROOT = "_"
 

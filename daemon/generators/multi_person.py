@@ -55,7 +55,7 @@ from daemon.generators.base import (
 from daemon.generators.detection import Detector, Person, YOLODetector, select_people
 from daemon.generators.vlm import VLMConfig, shrink
 from daemon.generators.wd_tagger import WDTagger, WDTaggerConfig, format_tags
-from daemon.vlm_text import clean_vlm_output
+from daemon.text.vlm import clean_vlm_output
 
 # The plan's prompts (seeds/000): one sentence about the person; a short setting.
 PERSON_PROMPT = (

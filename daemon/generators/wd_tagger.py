@@ -38,7 +38,7 @@ from daemon.generators.base import (
     WeightClass,
 )
 from daemon.generators.hub import hub_errors, looks_like_path
-from daemon.postprocess import KAOMOJI  # they keep their underscores (wd-tagger.md)
+from daemon.text.tags import KAOMOJI
 
 MODEL_FILENAME = "model.onnx"
 TAGS_FILENAME = "selected_tags.csv"

@@ -1,6 +1,3 @@
-"""Model residency helpers: the circuit breaker, memory readings, hub download
-progress, and running a generator in a child process (``child.ChildGenerator``).
-
-The policy itself (which models stay loaded, eviction, keep_alive) lives in
-``daemon.models``.
-"""
+"""Model residency: which generators are in memory (``manager``), one generator's slot
+(``slot``), the circuit breaker, memory readings, hub download progress, and running a
+generator in a child process (``child``)."""

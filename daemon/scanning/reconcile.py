@@ -10,13 +10,7 @@ from disk are dropped from the index and their jobs forgotten; their sidecars st
 A root that is missing, unreadable, or empty while the index holds files for it
 (an unmounted NAS looks like that) raises :class:`ScanError` and forgets nothing.
 
-Glob matching (``include`` / ``exclude``, :func:`fnmatch` syntax, case-sensitive): a
-file matches a pattern when its path relative to the root (``/`` separators) or its
-bare name matches; ``*`` also matches ``/``. A directory whose relative path or name
-matches an ``exclude`` pattern is not descended into (``exclude = ["thumbs"]`` skips
-every ``thumbs`` directory). An ``include`` list that is empty or contains ``"*"``
-includes everything. Extensions are compared case-insensitively. Dotfiles,
-dot-directories and temporary names are never candidates. Symlinks to files are
+Which files are candidates: :mod:`daemon.scanning.rules`. Symlinks to files are
 followed (the sidecar goes next to the link); symlinked directories are not. A file
 name that is not valid UTF-8 cannot be stored and is skipped with a warning.
 
@@ -27,26 +21,23 @@ and their jobs fail as "file not found".
 
 from __future__ import annotations
 
-import fnmatch
 import os
-import re
 import stat as stat_mod
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import structlog
 
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
 from daemon.hashing import content_hash_file, file_hashes
+from daemon.pipeline.sidecars import TEMP_SUFFIX, is_temp_name
 from daemon.queue.index import FileIndex
 from daemon.queue.jobs import JobQueue
-from daemon.sidecar import TEMP_SUFFIX, is_temp_name
+from daemon.scanning.rules import is_candidate, rules_for_watch, split_path
 
 log = structlog.get_logger(__name__)
 
-TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", "~")
 FLUSH = 1000
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _S_IFMT = stat_mod.S_IFMT(0o177777)
@@ -68,89 +59,6 @@ class ScanStats:
     dirs: int = 0  # directories walked (the watcher compares this to the inotify limit)
     seconds: float = 0.0
     errors: int = 0  # directories or files that could not be read (left as they were)
-
-
-def _compile(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
-    if not patterns:
-        return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-@dataclass(frozen=True, slots=True)
-class _Rules:
-    exts: frozenset[str]
-    name_re: re.Pattern[str]  # not a dotfile, an image extension, not a temp name
-    include: re.Pattern[str] | None  # None: everything included
-    exclude: re.Pattern[str] | None
-    recursive: bool
-
-    def file_ok(self, rel: str, name: str) -> bool:
-        """Glob rules for a file (name checks are done by the caller)."""
-        inc = self.include
-        if inc is not None and not (inc.match(rel) or inc.match(name)):
-            return False
-        exc = self.exclude
-        return exc is None or not (exc.match(rel) or exc.match(name))
-
-    def dir_ok(self, rel: str, name: str) -> bool:
-        exc = self.exclude
-        return exc is None or not (exc.match(rel) or exc.match(name))
-
-
-@lru_cache(maxsize=64)
-def _rules_for(
-    exts: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...], recursive: bool
-) -> _Rules:
-    inc = None if not include or "*" in include else _compile(include)
-    # Temp suffixes are never image extensions, so "ends in an image extension" also
-    # rules out *.tmp, *.part, *.crdownload and *~.
-    keep = sorted({e.lower() for e in exts} - {t.lstrip(".") for t in TEMP_SUFFIXES} - {""})
-    alt = "|".join(re.escape(e) for e in keep) or "(?!)"
-    name_re = re.compile(rf"[^.].*\.(?:{alt})\Z", re.IGNORECASE | re.DOTALL)
-    return _Rules(frozenset(keep), name_re, inc, _compile(exclude), recursive)
-
-
-def _rules(watch: WatchConfig) -> _Rules:
-    return _rules_for(
-        tuple(watch.image_extensions),
-        tuple(watch.include),
-        tuple(watch.exclude),
-        watch.recursive,
-    )
-
-
-def _split(watch: WatchConfig, path: Path | str) -> tuple[str, str, str] | None:
-    """(root, rel_dir, name) of ``path`` under the watch root, or None if outside."""
-    root = str(watch.path)
-    p = os.path.abspath(path)
-    if not p.startswith(root.rstrip("/") + "/"):
-        return None
-    rel = p[len(root.rstrip("/")) + 1 :]
-    rel_dir, _, name = rel.rpartition("/")
-    return root, rel_dir, name
-
-
-def is_candidate(watch: WatchConfig, path: Path) -> bool:
-    """Whether ``path`` (under ``watch.path``) is an image this watch captions.
-
-    Decided from the name alone (no stat), so it also answers for deleted files.
-    """
-    parts = _split(watch, path)
-    if parts is None:
-        return False
-    _, rel_dir, name = parts
-    rules = _rules(watch)
-    if not rules.name_re.match(name):
-        return False
-    if rel_dir:
-        if not rules.recursive:
-            return False
-        acc = ""
-        for part in rel_dir.split("/"):
-            acc = f"{acc}/{part}" if acc else part
-            if part.startswith(".") or not rules.dir_ok(acc, part):
-                return False
-    return rules.file_ok(f"{rel_dir}/{name}" if rel_dir else name, name)
 
 
 def _under(d: str, top: str) -> bool:
@@ -189,7 +97,7 @@ class Scanner:
         A deleted file is dropped from the index and its jobs forgotten (unless the
         whole root is gone: then ScanError, and nothing is forgotten).
         """
-        parts = _split(watch, path)
+        parts = split_path(watch, path)
         if parts is None or not is_candidate(watch, Path(path)):
             return False
         root, rel_dir, name = parts
@@ -260,12 +168,12 @@ class Scanner:
         t0 = time.perf_counter()
         root = str(watch.path)
         stats = ScanStats(root=root)
-        rules = _rules(watch)
+        rules = rules_for_watch(watch)
         self._check_root(root)
 
         top = ""
         if subdir is not None:
-            parts = _split(watch, subdir)
+            parts = split_path(watch, subdir)
             if parts is None:
                 raise ValueError(f"{subdir} is not inside the watch root {root}")
             top = f"{parts[1]}/{parts[2]}" if parts[1] else parts[2]

@@ -46,7 +46,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import WatchConfig
-from daemon.mounts import fs_type, inotify_watch_limit, is_network_fs, read_mountinfo
+from daemon.watch.mounts import fs_type, inotify_watch_limit, is_network_fs, read_mountinfo
 
 log = structlog.get_logger(__name__)
 

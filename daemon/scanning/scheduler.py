@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from daemon.config import PRIORITY_BACKFILL, WatchConfig
-from daemon.scanner import ScanError, Scanner, ScanStats
+from daemon.scanning.reconcile import ScanError, Scanner, ScanStats
 
 log = structlog.get_logger(__name__)
 

@@ -11,11 +11,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from daemon.vlm_text import clean_vlm_output
-
-# Kaomoji keep their underscores (from the WD tagger reference).
-_KAOMOJI_LIST = "0_0 (o)_(o) +_+ +_- ._. <o>_<o> <|>_<|> =_= >_< 3_3 6_9 >_o @_@ ^_^ o_o u_u x_x"
-KAOMOJI = frozenset([*_KAOMOJI_LIST.split(" "), "|_|", "||_||"])
+from daemon.text.tags import KAOMOJI
+from daemon.text.vlm import clean_vlm_output
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,35 +1,8 @@
-"""Model residency: which generators are in memory, when they load and unload.
-
-One ``ModelSlot`` per generator in use, owned by the ``ModelManager``.
-
-- Light generators (taggers) load at start (``worker.preload``) and stay warm
-  (keep_alive -1 unless configured). Loading a light model is synchronous.
-- Heavy generators load on the first job that needs them, in a background thread:
-  the worker goes on with other generators and the heavy model's jobs wait in the
-  queue (state ``loading``, with hub download progress in ``status``). One lock for
-  all residency decisions: concurrent demand never loads one model twice.
-- Idle lifetime per model (``keep_alive``, like Ollama's): seconds after the last
-  batch; 0 = unload as soon as no batch of it is in the worker; -1 = never. The
-  worker calls ``tick()`` each loop turn.
-- ``residency.max_resident_heavy`` caps resident heavy models and
-  ``residency.memory_budget_mb`` caps the sum of resident footprints (GPU memory
-  where an NVIDIA driver is loaded, else RAM; learned from the first load, or the
-  per-model ``memory_mb`` estimate). A model that does not fit evicts idle models,
-  least recently used first; if none can go it waits (``waiting``) and its jobs
-  stay queued. A busy model yields to a waiting one after ``min_resident_seconds``
-  so that two heavy models with work take turns instead of starving or thrashing.
-- Heavy models run in a child process (``daemon.residency.child``) that exits on
-  unload: in-process unloading does not give the runtime's memory back
-  (bench/README.md, "Memory after unload"). A crashed child is restarted on the next demand; an
-  image that crashes it ``crash_attempts`` times ends ``dead`` as ``worker_crash``.
-- At most one ``generate()`` at a time per model and per device.
-- A circuit breaker per generator (``daemon.residency.breaker``): after N
-  consecutive load or generation failures its jobs wait for a cool-down instead of
-  burning attempts; a half-open probe closes it on success.
-
-For the API: ``preload(name)``, ``unload(name)``, ``list()``, ``status()``,
-``summary()``.
-"""
+"""One generator's place in memory: ``ModelSlot`` loads it under a lock, runs its
+batches one at a time, feeds its circuit breaker and unloads it; ``ManagedGenerator``
+is what the worker holds. Residency decisions across slots (room, eviction, time
+slices) belong to the manager (:mod:`daemon.residency.manager`), reached through the
+small :class:`Residency` interface."""
 
 from __future__ import annotations
 
@@ -38,15 +11,13 @@ import ctypes
 import gc
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from daemon.config import ModelPolicy, ResidencyConfig, Settings
 from daemon.errors import (
     CaptionError,
     Classified,
@@ -56,17 +27,25 @@ from daemon.errors import (
     is_out_of_memory,
 )
 from daemon.generators.base import Generator, WeightClass
-from daemon.generators.registry import Discovered
 from daemon.residency import progress
 from daemon.residency.breaker import BreakerState, CircuitBreaker
 from daemon.residency.child import ChildGenerator
-from daemon.residency.memory import cuda_present, gpu_footprint_mb, rss_mb
+from daemon.residency.memory import gpu_footprint_mb, rss_mb
 
 log = structlog.get_logger(__name__)
 
 MAX_LOAD_RETRY_SECONDS = 3600.0
-EVICT_GRACE_SECONDS = 2.0  # a model used this recently probably has its next batch coming
-WAITER_FRESH_SECONDS = 5.0  # a waiting model counts as waiting while it keeps asking
+
+
+class Residency(Protocol):
+    """What a slot asks of the manager that owns it."""
+
+    memory_kind: str
+
+    def device_lock(self, device: str) -> threading.Lock: ...
+    def _make_room(self, slot: ModelSlot) -> tuple[bool, str]: ...
+    def _after_load(self, slot: ModelSlot) -> None: ...
+    def _should_yield(self, slot: ModelSlot) -> bool: ...
 
 
 class ModelState(StrEnum):
@@ -169,7 +148,7 @@ class ModelSlot:
             policy = Policy(keep_alive=300.0 if heavy else -1.0, isolate=isolated)
         self.policy = policy
         self.breaker = breaker or CircuitBreaker()
-        self._manager: ModelManager | None = None
+        self._manager: Residency | None = None
         self._guard: threading.RLock = threading.RLock()  # the manager's, once attached
         self._run_lock = threading.Lock()  # one generate() at a time
         self._loading: threading.Event | None = None
@@ -553,318 +532,3 @@ class ModelSlot:
         if state is ModelState.FAILED:
             out["next_retry_in_seconds"] = max(0.0, round(self.next_retry_at - self._clock(), 1))
         return out
-
-
-# A job that crashed the model's process crash_attempts times goes dead at once.
-# (The queue's own fail() only goes dead after max_attempts; this belongs in JobQueue.)
-_BURY = """
-UPDATE jobs SET state = 'dead', lease_until = NULL, error_type = ?1, error_message = ?2,
-    updated_at = ?3
-WHERE id = ?4 AND state = 'leased' AND NOT rerun
-"""
-
-
-class ModelManager:
-    """Owns one slot per generator in use and every residency decision."""
-
-    def __init__(
-        self,
-        slots: Iterable[ModelSlot],
-        *,
-        max_resident_heavy: int = 1,
-        memory_budget_mb: float = 0.0,
-        min_resident_seconds: float = 300.0,
-        crash_attempts: int = 3,
-        memory_kind: str | None = None,
-    ):
-        self._lock = threading.RLock()
-        self.slots = {s.name: s for s in slots}
-        for s in self.slots.values():
-            s._manager = self
-            s._guard = self._lock
-        self.max_resident_heavy = max_resident_heavy
-        self.memory_budget_mb = memory_budget_mb
-        self.min_resident_seconds = min_resident_seconds
-        self.crash_attempts = crash_attempts
-        self.memory_kind = memory_kind or ("gpu" if cuda_present() else "ram")
-        self._device_locks: dict[str, threading.Lock] = {}
-        self._busy_names: frozenset[str] = frozenset()
-        self._crashes: OrderedDict[int, int] = OrderedDict()
-
-    @classmethod
-    def build(
-        cls,
-        names: Iterable[str],
-        discovered: dict[str, Discovered],
-        make_config: Callable[[str, type[Generator]], Any],
-        *,
-        cache_dir: Any = None,
-        retry_seconds: float = 60.0,
-        residency: ResidencyConfig | None = None,
-        log_args: tuple[str, str] | None = None,
-        generate_timeout: float | None = None,
-    ) -> ModelManager:
-        """``generate_timeout``: a child process whose generate() takes longer is killed
-        and restarted (its batch is retried image by image); None = no limit."""
-        res = residency or ResidencyConfig()
-        slots = []
-        for name in dict.fromkeys(names):
-            found = discovered.get(name)
-            if found is None or found.cls is None:
-                slots.append(
-                    ModelSlot(name, None, reason=found.error if found else "unknown generator")
-                )
-                continue
-            avail = found.availability()
-            if not avail.ok:
-                slots.append(ModelSlot(name, None, reason=avail.reason))
-                continue
-            spec = res.models.get(name) or ModelPolicy()
-            config = make_config(name, found.cls)
-            # Weight from an instance: settings may make a generator heavy (multi_person).
-            local = found.cls(config, cache_dir=cache_dir)
-            heavy = local.weight is WeightClass.HEAVY
-            isolate = spec.isolate if spec.isolate is not None else heavy and res.isolate_heavy
-            keep = (
-                spec.keep_alive
-                if spec.keep_alive is not None
-                else (res.keep_alive if heavy else -1.0)
-            )
-            gen: Generator | ChildGenerator
-            if isolate:
-                gen = ChildGenerator(
-                    found.cls,
-                    config,
-                    cache_dir=cache_dir,
-                    log_args=log_args,
-                    generate_timeout=generate_timeout,
-                )
-            else:
-                gen = local
-            slots.append(
-                ModelSlot(
-                    name,
-                    gen,
-                    retry_seconds=retry_seconds,
-                    policy=Policy(keep, spec.memory_mb, isolate),
-                    breaker=CircuitBreaker(res.breaker_threshold, res.breaker_cooldown_seconds),
-                )
-            )
-        return cls(
-            slots,
-            max_resident_heavy=res.max_resident_heavy,
-            memory_budget_mb=res.memory_budget_mb,
-            min_resident_seconds=res.min_resident_seconds,
-            crash_attempts=res.crash_attempts,
-        )
-
-    @classmethod
-    def for_settings(cls, settings: Settings, names: Iterable[str]) -> ModelManager:
-        """The slots for ``names`` as the configuration describes them (daemon and
-        ``caption --once`` alike)."""
-        from daemon.config import discover_generators, generator_config  # config -> registry
-
-        return cls.build(
-            names,
-            discover_generators(settings),
-            lambda name, gen_cls: generator_config(settings, name, gen_cls),
-            cache_dir=settings.cache_dir,
-            retry_seconds=settings.worker.load_retry_seconds,
-            residency=settings.residency,
-            log_args=(settings.log_level, settings.log_format),
-            generate_timeout=settings.worker.stall_seconds,
-        )
-
-    def get(self, name: str) -> ModelSlot | None:
-        return self.slots.get(name)
-
-    def device_lock(self, device: str) -> threading.Lock:
-        with self._lock:
-            return self._device_locks.setdefault(device, threading.Lock())
-
-    # -- residency decisions (under self._lock) --------------------------------------
-    def _evictable(self, s: ModelSlot, now: float) -> bool:
-        if s.state is not ModelState.LOADED or s.busy or s._run_lock.locked():
-            return False
-        if s.keep_alive < 0 or s.name in self._busy_names:
-            return False  # pinned, or a batch of it is claimed
-        idle = now - (s.last_used or 0.0)
-        resident_for = now - (s.loaded_at or 0.0)
-        return idle >= EVICT_GRACE_SECONDS or resident_for >= self.min_resident_seconds
-
-    def _make_room(self, slot: ModelSlot) -> tuple[bool, str]:
-        need = slot.expected_mb()
-        for _ in range(len(self.slots) + 1):
-            now = time.monotonic()
-            others = [s for s in self.slots.values() if s is not slot and s.resident]
-            heavy = [s for s in others if s.heavy]
-            over_cap = slot.heavy and len(heavy) >= self.max_resident_heavy
-            used = sum(s.expected_mb() or 0.0 for s in others)
-            budget = self.memory_budget_mb
-            over_budget = bool(budget) and bool(others) and used + (need or 0.0) > budget
-            if not over_cap and not over_budget:
-                return True, ""
-            pool = heavy if over_cap else others
-            candidates = [s for s in pool if self._evictable(s, now)]
-            victim = min(candidates, key=lambda s: s.last_used or 0.0, default=None)
-            if victim is None or not victim._try_evict(f"evicted for {slot.name}"):
-                if over_cap:
-                    names = ", ".join(s.name for s in heavy)
-                    return False, (
-                        f"{len(heavy)} of {self.max_resident_heavy} heavy models resident "
-                        f"and busy ({names})"
-                    )
-                return False, (
-                    f"needs {need or 0:.0f} MB; {max(0.0, budget - used):.0f} of the "
-                    f"{budget:.0f} MB budget free and no idle model to evict"
-                )
-            log.info("model_evicted", generator=victim.name, for_generator=slot.name)
-        return False, "no room"
-
-    def _after_load(self, slot: ModelSlot) -> None:
-        """A load measured more than estimated: evict idle models until within budget."""
-        budget = self.memory_budget_mb
-        if not budget:
-            return
-        with self._lock:
-            while True:
-                resident = [s for s in self.slots.values() if s.resident]
-                used = sum(s.expected_mb() or 0.0 for s in resident)
-                if used <= budget:
-                    return
-                now = time.monotonic()
-                pool = [s for s in resident if s is not slot and self._evictable(s, now)]
-                victim = min(pool, key=lambda s: s.last_used or 0.0, default=None)
-                if victim is None or not victim._try_evict(f"over budget after {slot.name}"):
-                    log.warning("memory_budget_exceeded", used_mb=round(used), budget_mb=budget)
-                    return
-
-    def _should_yield(self, slot: ModelSlot) -> bool:
-        """A resident model past its time slice stops taking new batches while another
-        model waits for its room, so that it goes idle and can be evicted."""
-        if slot.keep_alive < 0 or slot.loaded_at is None:
-            return False
-        now = time.monotonic()
-        if now - slot.loaded_at < self.min_resident_seconds:
-            return False
-        for s in self.slots.values():
-            if (
-                s is not slot
-                and s.state is ModelState.WAITING
-                and s.waiting_asked is not None
-                and now - s.waiting_asked < WAITER_FRESH_SECONDS
-                and ((s.heavy and slot.heavy) or self.memory_budget_mb)
-            ):
-                return True
-        return False
-
-    # -- called by the worker --------------------------------------------------------
-    def tick(self, busy: Iterable[str] = ()) -> None:
-        """Each worker loop turn: unload models idle past their keep_alive, notice
-        model processes that died while idle. ``busy``: generators with a batch
-        claimed in the worker (not unloaded under it)."""
-        now = time.monotonic()
-        with self._lock:
-            self._busy_names = frozenset(busy)
-            for s in self.slots.values():
-                if s.state is not ModelState.LOADED or s.raw is None:
-                    continue
-                if isinstance(s.raw, ChildGenerator) and (why := s.raw.exited()):
-                    s.crashes += 1
-                    s._gone(f"model process {why}")
-                    continue
-                if s.busy or s.name in self._busy_names or s._run_lock.locked():
-                    continue
-                ka = s.keep_alive
-                if ka >= 0 and now - (s.last_used or now) >= ka:
-                    s._try_evict("idle" if ka else "keep_alive 0")
-
-    def job_failed(self, queue: Any, job_id: int, exc: BaseException) -> bool:
-        """Residency's part in failing a job. True: handled, the job went back to the
-        queue without using an attempt (the model cannot run now). A crash of the
-        model's process is counted per job; at ``crash_attempts`` the job goes dead as
-        ``worker_crash`` (the worker's own fail() then finds it dead)."""
-        if isinstance(exc, ModelWaitError):
-            queue.release([job_id], delay=exc.delay)
-            return True
-        if isinstance(exc, WorkerCrashError):
-            with self._lock:
-                n = self._crashes.pop(job_id, 0) + 1
-                if n < self.crash_attempts:
-                    self._crashes[job_id] = n
-                    while len(self._crashes) > 10_000:
-                        self._crashes.popitem(last=False)
-            if n >= self.crash_attempts:
-                msg = f"crashed the model process {n} times; last: {exc}"
-                queue.db.conn.execute(
-                    _BURY, (ErrorType.WORKER_CRASH.value, msg, queue.clock(), job_id)
-                )
-        return False
-
-    # -- for the API -----------------------------------------------------------------
-    def _slot(self, name: str) -> ModelSlot:
-        slot = self.slots.get(name)
-        if slot is None:
-            raise KeyError(f"unknown generator {name!r} (in use: {sorted(self.slots)})")
-        return slot
-
-    def preload(
-        self, name: str, *, wait: bool = False, keep_alive: float | None = None
-    ) -> dict[str, Any]:
-        """Load ``name`` now (an explicit request skips the load retry back-off and the
-        breaker's cool-down). ``keep_alive`` overrides the model's idle lifetime until
-        it is unloaded (-1: keep it). ``wait``: return once loaded or failed.
-        Returns the model's status; KeyError for a generator not in use."""
-        slot = self._slot(name)
-        with self._lock:
-            if keep_alive is not None:
-                slot.keep_alive_override = -1.0 if keep_alive < 0 else float(keep_alive)
-            slot.next_retry_at = 0.0
-            if slot.breaker.state is BreakerState.OPEN:
-                slot.breaker.state = BreakerState.HALF_OPEN
-            if slot.state is ModelState.LOADED:
-                slot.last_used = time.monotonic()
-        slot.ensure_loaded(wait=wait)
-        return self._entry(slot)
-
-    def unload(self, name: str) -> dict[str, Any]:
-        """Unload ``name`` now, after its running batch (if any). A model still loading
-        is unloaded when the load ends. Its jobs reload it when they come up (use
-        keep_alive or pause the queue to keep it out). Returns its status."""
-        slot = self._slot(name)
-        slot.unload("requested")
-        return self._entry(slot)
-
-    def list(self) -> list[dict[str, Any]]:
-        """The models in memory or loading, most recently used first. Like
-        :meth:`summary`, read without the manager's lock."""
-        resident = [s for s in self.slots.values() if s.resident]
-        resident.sort(key=lambda s: -(s.last_used or 0.0))
-        return [self._entry(s) for s in resident]
-
-    def _entry(self, slot: ModelSlot) -> dict[str, Any]:
-        return {"name": slot.name, **slot.status()}
-
-    def summary(self) -> dict[str, Any]:
-        """Residency for /status. Read without the manager's lock, which is held while
-        a model is evicted: stopping a model process may take ``stop_timeout`` plus
-        6 s, and status must answer meanwhile (a snapshot of plain attributes; at worst
-        it shows a model mid-transition)."""
-        resident = [s for s in self.slots.values() if s.resident]
-        return {
-            "memory_kind": self.memory_kind,
-            "memory_budget_mb": self.memory_budget_mb or None,
-            "memory_used_mb": round(sum(s.expected_mb() or 0.0 for s in resident), 1),
-            "max_resident_heavy": self.max_resident_heavy,
-            "resident": [s.name for s in resident],
-            "resident_heavy": sum(1 for s in resident if s.heavy),
-        }
-
-    def unload_all(self) -> None:
-        for slot in self.slots.values():
-            with self._lock:
-                slot.unload_after_load = slot.state is ModelState.LOADING
-                slot._unload_locked("shutdown")
-
-    def status(self) -> dict[str, Any]:
-        return {name: slot.status() for name, slot in self.slots.items()}

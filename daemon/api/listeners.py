@@ -1,35 +1,21 @@
-"""Local control socket: HTTP/1.1 + JSON over a Unix socket, standard library only.
+"""The control API's listeners: HTTP/1.1 over a Unix socket (and an optional TCP
+listener), standard library only.
 
 ``ControlServer`` owns the socket file (stale-socket probing, mode/group, unlink on
-stop) and dispatches requests through a small route table: ``(method, pattern) ->
-handler``. A handler takes a ``Request`` and returns a ``Response``, a ``(status,
-body)`` tuple, a JSON-able body (200) or ``None`` (204); it may raise ``HTTPError``.
-Every error is JSON: ``{"error": ..., "error_type": ..., "retryable": ...}``.
-
-Each connection's peer credentials (SO_PEERCRED) are on ``Request.peer`` so that
-handlers can authorise on them. ``request()`` is the matching client.
-
-A ``Response`` with ``stream`` (an iterator of byte chunks) is sent with chunked
-transfer encoding as the chunks come; a ``None`` chunk only checks whether the client
-is still there. When it is gone the iterator is closed (``GeneratorExit`` inside a
-generator), so a handler can cancel work nobody waits for.
-
-``enable_tcp()`` adds an optional TCP listener serving the same routes; every request
-on it must carry ``Authorization: Bearer <token>`` (``Request.auth == "token"``).
+stop) and serves a :class:`~daemon.api.http.Router`. Each connection's peer
+credentials (SO_PEERCRED) are on ``Request.peer`` so that handlers can authorise on
+them. ``enable_tcp()`` adds an optional TCP listener serving the same routes; every
+request on it must carry ``Authorization: Bearer <token>`` (``Request.auth == "token"``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import enum
 import fcntl
 import grp
 import hmac
-import http.client
 import json
 import os
-import re
 import select
 import socket
 import socketserver
@@ -37,16 +23,26 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from datetime import date, datetime
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import structlog
 
 from daemon import __version__
+from daemon.api.http import (
+    Handler,
+    HTTPError,
+    PeerCredentials,
+    Request,
+    Response,
+    Route,
+    Router,
+    error_body,
+    to_response,
+)
 
 log = structlog.get_logger("captiond.server")
 
@@ -55,26 +51,6 @@ MAX_CONNECTIONS = 64  # connections served at once (a thread each); more get a 5
 DRAIN_LIMIT_BYTES = 8 * 1024 * 1024  # an oversized body up to this is read and dropped
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
-HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-
-_ERROR_TYPES: dict[int, str] = {
-    400: "bad_request",
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    409: "conflict",
-    411: "length_required",
-    413: "payload_too_large",
-    414: "bad_request",
-    415: "unsupported_media_type",
-    422: "invalid",
-    431: "bad_request",
-    500: "unexpected",
-    501: "not_implemented",
-    503: "unavailable",
-}
-
 
 # --------------------------------------------------------------------------- errors
 
@@ -87,52 +63,6 @@ class AlreadyRunningError(SocketPathError):
     """A live server already answers on the socket path."""
 
 
-class DaemonNotRunning(ConnectionError):
-    """No daemon listens on the socket: the file is absent or refuses connections."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"captiond is not running: {reason} ({path})")
-        self.path = path
-
-
-class HTTPError(Exception):
-    """Raise from a handler to answer with a JSON error."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        error_type: str | None = None,
-        *,
-        retryable: bool = False,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.error_type = error_type or _ERROR_TYPES.get(status, "error")
-        self.retryable = retryable
-        self.headers = dict(headers or {})
-
-    def to_response(self) -> Response:
-        return Response(
-            self.status, error_body(self.message, self.error_type, self.retryable), self.headers
-        )
-
-
-def error_body(message: str, error_type: str, retryable: bool = False) -> dict[str, Any]:
-    return {"error": message, "error_type": error_type, "retryable": retryable}
-
-
-# ----------------------------------------------------------------- peer credentials
-
-
-class PeerCredentials(NamedTuple):
-    pid: int
-    uid: int
-    gid: int
-
-
 _UCRED = struct.Struct("3i")
 
 
@@ -140,158 +70,6 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     """The connecting process's (pid, uid, gid), as of connect(), via SO_PEERCRED."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     return PeerCredentials(*_UCRED.unpack(raw))
-
-
-# --------------------------------------------------------------- request / response
-
-
-@dataclasses.dataclass(slots=True)
-class Request:
-    method: str
-    path: str  # raw (still percent-encoded) path, without the query
-    query: dict[str, list[str]]
-    headers: Mapping[str, str]  # case-insensitive (an http.client.HTTPMessage)
-    body: bytes
-    peer: PeerCredentials | None
-    params: dict[str, str] = dataclasses.field(default_factory=dict)  # from {name} patterns
-    auth: str | None = None  # "peer" (Unix socket, see ``peer``) or "token" (TCP, bearer)
-
-    def json(self) -> Any:
-        """The body parsed as JSON; an empty body is ``None``; invalid JSON -> 400."""
-        if not self.body:
-            return None
-        try:
-            return json.loads(self.body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
-
-    def query_one(self, name: str, default: str | None = None) -> str | None:
-        values = self.query.get(name)
-        return values[-1] if values else default
-
-
-@dataclasses.dataclass(slots=True)
-class Response:
-    """``body`` is serialised as JSON unless it is ``bytes``/``str`` (sent as is)."""
-
-    status: int = 200
-    body: Any = None
-    headers: dict[str, str] = dataclasses.field(default_factory=dict)
-    content_type: str = "application/json"
-    # Sent chunk by chunk (chunked encoding) instead of ``body``; None = "client there?"
-    stream: Iterator[bytes | None] | None = None
-
-    def encode(self) -> bytes:
-        if self.body is None:
-            return b""
-        if isinstance(self.body, bytes):
-            return self.body
-        if isinstance(self.body, str):
-            return self.body.encode()
-        return json.dumps(self.body, default=_json_default, ensure_ascii=False).encode()
-
-
-HandlerResult = Response | tuple[int, Any] | dict[str, Any] | list[Any] | None
-Handler = Callable[[Request], HandlerResult]
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, datetime | date):
-        return obj.isoformat()
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, set | frozenset | tuple):
-        return list(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def to_response(result: HandlerResult) -> Response:
-    if isinstance(result, Response):
-        return result
-    if result is None:
-        return Response(204)
-    if isinstance(result, tuple):
-        status, body = result
-        return Response(status, body)
-    return Response(200, result)
-
-
-# ------------------------------------------------------------------------- routing
-
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Route:
-    method: str
-    pattern: str
-    handler: Handler
-    regex: re.Pattern[str]
-
-
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """``/jobs/{id}`` matches one segment; ``/files/{rel:path}`` matches the rest."""
-    if not pattern.startswith("/"):
-        raise ValueError(f"route pattern must start with '/': {pattern!r}")
-    out, pos = [], 0
-    for m in _PARAM.finditer(pattern):
-        out.append(re.escape(pattern[pos : m.start()]))
-        out.append(f"(?P<{m.group(1)}>{'.+' if m.group(2) else '[^/]+'})")
-        pos = m.end()
-    out.append(re.escape(pattern[pos:]))
-    return re.compile("".join(out) + r"\Z")
-
-
-class Router:
-    """An ordered table of routes; the first matching pattern for a method wins."""
-
-    def __init__(self) -> None:
-        self.routes: list[Route] = []
-
-    def add(self, method: str, pattern: str, handler: Handler) -> Route:
-        method = method.upper()
-        if method not in HTTP_METHODS:
-            raise ValueError(f"unsupported HTTP method {method!r}")
-        if any(r.method == method and r.pattern == pattern for r in self.routes):
-            raise ValueError(f"route already registered: {method} {pattern}")
-        route = Route(method, pattern, handler, compile_pattern(pattern))
-        self.routes.append(route)
-        return route
-
-    def route(self, method: str, pattern: str) -> Callable[[Handler], Handler]:
-        def decorator(handler: Handler) -> Handler:
-            self.add(method, pattern, handler)
-            return handler
-
-        return decorator
-
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        """Raise HTTPError 404 (no pattern matches) or 405 (no route for the method)."""
-        allowed: list[str] = []
-        fallback: tuple[Route, dict[str, str]] | None = None
-        for route in self.routes:
-            m = route.regex.match(path)
-            if m is None:
-                continue
-            params = {k: unquote(v) for k, v in m.groupdict().items()}
-            if route.method == method:
-                return route, params
-            if method == "HEAD" and route.method == "GET" and fallback is None:
-                fallback = (route, params)
-            allowed.append(route.method)
-        if fallback is not None:
-            return fallback
-        if not allowed:
-            raise HTTPError(404, f"no such endpoint: {path}")
-        if "GET" in allowed:
-            allowed.append("HEAD")
-        allow = ", ".join(sorted(set(allowed)))
-        message = f"method {method} not allowed on {path} (allowed: {allow})"
-        raise HTTPError(405, message, headers={"Allow": allow})
 
 
 # -------------------------------------------------------------------------- server
@@ -854,71 +632,3 @@ def create_health_server(
         return status_provider()
 
     return server
-
-
-# -------------------------------------------------------------------------- client
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over AF_UNIX: the host name is only used for the Host header."""
-
-    def __init__(self, socket_path: Path | str, timeout: float = 5.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = str(socket_path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def request(
-    path: Path,
-    method: str,
-    url: str,
-    body: bytes | None = None,
-    timeout: float = 5.0,
-) -> tuple[int, dict[str, Any]]:
-    """One request to the daemon's socket; returns (status, JSON object).
-
-    A non-object JSON answer is wrapped as ``{"data": ...}``; an empty one is ``{}``.
-    Raises DaemonNotRunning if the socket is absent or refuses, PermissionError with
-    a hint if the socket may not be opened, TimeoutError on ``timeout``.
-    """
-    path = Path(path)
-    conn = UnixHTTPConnection(path, timeout=timeout)
-    headers = {"Accept": "application/json"}
-    if body is not None:
-        headers["Content-Type"] = "application/json"
-    try:
-        try:
-            conn.connect()
-        except FileNotFoundError:
-            raise DaemonNotRunning(path, "no socket file") from None
-        except ConnectionRefusedError:
-            raise DaemonNotRunning(path, "the socket refuses connections (stale?)") from None
-        except PermissionError:
-            raise PermissionError(
-                f"permission denied on {path}: run as the daemon's user or join its group"
-            ) from None
-        # If the server answers early (e.g. 413) and closes, sending fails with EPIPE but
-        # its answer is still readable.
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            conn.request(method.upper(), url, body=body, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-        status = resp.status
-    finally:
-        conn.close()
-    if not raw:
-        return status, {}
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return status, {"error": "non-JSON response", "raw": raw.decode(errors="replace")}
-    return status, data if isinstance(data, dict) else {"data": data}

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from pydantic import ValidationError
 
+from daemon.api.http import HTTPError, Response
 from daemon.api.requests import CaptionRequest, RequestRegistry
-from daemon.api.runtime import RuntimeSettings
 from daemon.api.schemas import (
     APIError,
     BatchItem,
@@ -57,11 +57,11 @@ from daemon.config import (
 from daemon.generators.base import WeightClass
 from daemon.generators.registry import Discovered
 from daemon.hashing import content_hash_file, sidecar_hash
-from daemon.models import ModelSlot, ModelState
-from daemon.postprocess import STEPS
-from daemon.scans import ScanRequest
-from daemon.server import HTTPError, Response
-from daemon.sidecar import candidate_paths, stage, stem_siblings
+from daemon.overrides import RuntimeSettings
+from daemon.pipeline.sidecars import candidate_paths, stage, stem_siblings
+from daemon.residency.slot import ModelSlot, ModelState
+from daemon.scanning.scheduler import ScanRequest
+from daemon.text.postprocess import STEPS
 
 if TYPE_CHECKING:
     from daemon.app import Daemon

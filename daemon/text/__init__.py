@@ -1,0 +1,1 @@
+"""Caption text: the post-processing chain, VLM output cleaning, tag facts."""
