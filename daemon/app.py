@@ -8,27 +8,24 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import structlog
 
 from daemon import __version__, metrics
-from daemon.api.control import Control, apply_runtime_settings
-from daemon.api.http import Request, Response
-from daemon.api.listeners import create_health_server
+from daemon.api.control import Control
+from daemon.api.listeners import ControlServer
 from daemon.api.routes import register_api
 from daemon.api.security import load_token
-from daemon.config import (
-    PRIORITY_BACKFILL,
-    PRIORITY_NEW,
-    Settings,
-)
+from daemon.conditions import STATE, SYSTEMIC_ERRNOS, WRITE_KINDS, Condition, Conditions
+from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, Settings
+from daemon.confined import Folder, Root, resolver_mode
 from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
-from daemon.overrides import RuntimeSettings
+from daemon.overrides import Overrides, apply_overrides
 from daemon.queue import Database, FileIndex, JobQueue, counts_of, outcomes_of, totals_of
 from daemon.residency.manager import ModelManager
-from daemon.scanning.reconcile import ScanError, Scanner, ScanStats
+from daemon.scanning.intake import Intake
+from daemon.scanning.reconcile import ScanError, Scanner
 from daemon.scanning.rules import is_candidate
 from daemon.scanning.scheduler import ScanRequest, ScanScheduler
 from daemon.watch.mounts import fs_type, is_network_fs
@@ -42,55 +39,92 @@ STOP_TIMEOUT_SECONDS = 45.0  # below the unit's TimeoutStopSec=60
 
 class Daemon:
     def __init__(self, settings: Settings):
-        self.settings = settings
         self.started_at = time.time()
         self._stop = threading.Event()
         self.warnings: list[str] = []
 
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self._check_state_dir()
         self.db = Database(settings.db_path)
         self.queue = JobQueue(self.db, **settings.queue.queue_kwargs())
         self.index = FileIndex(self.db)
         # Settings changed through the API, applied over the file before parts are built.
-        self.runtime = RuntimeSettings.load(settings.runtime_settings_path)
-        self.warnings += apply_runtime_settings(settings, self.runtime)
-        self.scanner = Scanner(self.index, self.queue, stale_temps_before=self.started_at)
+        self.file_settings = settings.model_copy(deep=True)
+        self.overrides = Overrides.load(settings.runtime_settings_path)
+        self.warnings += apply_overrides(settings, self.overrides)
+        self.settings = settings
+        self._check_state_dir()
+        self.watches = {w.name: w for w in settings.watch}
+        network = frozenset(w.name for w in settings.watch if _network(w.path))
+        self.scanner = Scanner(
+            self.index, self.queue, stale_temps_before=self.started_at, network_roots=network
+        )
+        self.conditions = Conditions(self._probe, self._cleared, network_scopes=network)
 
         used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
         self.models = ModelManager.for_settings(settings, used)
         self.worker = Worker(
-            settings=settings, queue=self.queue, index=self.index, models=self.models
+            settings=settings,
+            queue=self.queue,
+            index=self.index,
+            models=self.models,
+            systemic=self._systemic,
+            held_roots=self._held_roots,
+            intake_open=lambda: self.conditions.state_ok,
         )
         self.scans = ScanScheduler(
             self.scanner,
             settings.watch,
             interval_seconds=settings.scan.interval_seconds,
             on_enqueued=self.worker.wake,
-            on_root_scanned=self._on_root_scanned,
+            on_root_scanned=lambda root, stats: self.intake.on_root_scanned(root, stats),
+            on_failed=self._scan_failed,
+            skip=lambda root: self.conditions.affects(root),
         )
-        self.watches = {w.name: w for w in settings.watch}
+        self.intake = Intake(
+            settings.watch,
+            self.scanner,
+            self.scans,
+            wake=self.worker.wake,
+            report=self.conditions.report,
+            dir_count_changed=lambda root, dirs: self.watchers.update_dir_count(root, dirs),
+        )
         self.watchers = WatchSupervisor(
             settings.watch,
             candidate=is_candidate,
-            on_file=self._on_file,
-            on_deleted=self._on_deleted,
-            on_dir=self._on_dir,
-            on_rescan=self._on_rescan,
+            on_file=self.intake.on_file,
+            on_deleted=self.intake.on_deleted,
+            on_dir=self.intake.on_dir,
+            on_rescan=self.intake.on_rescan,
         )
-        self.server = create_health_server(
-            settings.resolved_socket_path(),
-            mode=settings.socket_mode,
-            group=settings.socket_group,
-            status_provider=self.status,
+        self.server = ControlServer(
+            settings.resolved_socket_path(), mode=settings.socket_mode, group=settings.socket_group
         )
-        self.control = Control(self, self.runtime)
-        register_api(self.server, self.control)
+        self.control = Control(
+            settings=settings,
+            queue=self.queue,
+            index=self.index,
+            worker=self.worker,
+            models=self.models,
+            scans=self.scans,
+            overrides=self.overrides,
+            file_settings=self.file_settings,
+            conditions=self.conditions.active,
+        )
+        register_api(
+            self.server.router,
+            self.control,
+            status=self.status,
+            health=self.health,
+            metrics=lambda: (metrics.render(), metrics.CONTENT_TYPE),
+        )
         metrics.register_daemon(self.status)
-        self.server.add_route("GET", "/metrics", self._metrics)
         if settings.api.tcp.enabled:  # off by default; bearer token from a 0600 file
             tcp = settings.api.tcp
             self.server.enable_tcp(tcp.host, tcp.port, load_token(tcp.token_file))
+        for slot in self.models.slots.values():  # e.g. a remote server over plain http
+            for w in getattr(slot.raw, "warnings", lambda: [])():
+                self.warnings.append(f"{slot.name}: {w}")
+                log.warning("generator_warning", generator=slot.name, warning=w)
         self.notifier = Notifier()
         self.progress: ProgressWatchdog | None = None
 
@@ -107,33 +141,52 @@ class Daemon:
             self.warnings.append(msg)
             log.warning("state_dir_on_network_fs", path=str(self.settings.state_dir), fstype=fstype)
 
-    def _on_file(self, root: str, path: Path) -> None:
-        try:
-            if self.scanner.check_file(self.watches[root], path, priority_class=PRIORITY_NEW):
-                self.worker.wake()
-        except ScanError as exc:  # the root vanished (unmounted): forget nothing
-            log.warning("file_check_skipped", root=root, path=str(path), error=str(exc))
+    # -- conditions of the system (a full disk, a vanished share) ----------------------------
+    def _systemic(self, path: str, exc: BaseException) -> bool:
+        """A job's failure that is a condition of the system: reported (its root, or all
+        intake, pauses) and True, so that the job goes back without using an attempt."""
+        watch = self.settings.watch_for(path)
+        scope = watch.name if watch is not None else STATE
+        if self.conditions.check(scope, exc):
+            return True
+        if isinstance(exc, FileNotFoundError) and watch is not None:
+            gone = self.scanner.root_gone(str(watch.path))
+            if gone:
+                self.conditions.report(watch.name, "vanished", gone)
+                return True
+        return False
 
-    def _on_deleted(self, root: str, path: Path) -> None:
-        watch = self.watches[root]
-        if is_candidate(watch, path):
-            self._on_file(root, path)  # check_file forgets a file that is gone
-        else:  # a folder went away: reconcile the tree around it
-            parent = path.parent if watch.path not in (path, path.parent) else None
-            self.scans.request(ScanRequest(root, parent, PRIORITY_NEW, "folder removed"))
+    def _held_roots(self) -> list[str]:
+        scopes = self.conditions.paused_scopes()
+        return [str(w.path) for name, w in self.watches.items() if name in scopes]
 
-    def _on_dir(self, root: str, path: Path) -> None:
-        self.scans.request(ScanRequest(root, path, PRIORITY_NEW, "new folder"))
+    def _scan_failed(self, root: str, exc: BaseException) -> None:
+        if isinstance(exc, ScanError):
+            self.conditions.report(root, "vanished", str(exc))
+        else:
+            self.conditions.check(root, exc)
 
-    def _on_rescan(self, root: str, reason: str) -> None:
-        self.scans.request(ScanRequest(root, None, PRIORITY_NEW, reason))
+    def _probe(self, scope: str, cond: Condition) -> str | None:
+        """None once the condition has cleared, else why not."""
+        if scope == STATE:
+            self.db.probe_write()
+            return None
+        watch = self.watches[scope]
+        if gone := self.scanner.root_gone(str(watch.path)):
+            return gone
+        if cond.kind in WRITE_KINDS:  # a small write where the sidecars go
+            with Folder(Root(str(watch.path)), "", Root(str(watch.path)).open()) as folder:
+                folder.stage(".captiond-probe", b"\0" * 4096).discard()
+        return None
 
-    def _on_root_scanned(self, root: str, stats: ScanStats) -> None:
-        """A tree that outgrew the inotify budget since the start switches to polling.
-        The scan's count skips hidden and excluded folders (which inotify watches too),
-        so it is a lower bound: enough to notice a tree that no longer fits."""
-        if self.watchers.update_dir_count(root, stats.dirs):
-            log.warning("watch_switched_to_polling", root=root, dirs=stats.dirs)
+    def _cleared(self, scope: str, cond: Condition) -> None:
+        if scope == STATE:
+            self.worker.resume_deferred()
+            self.intake.replay()
+            self.scans.request_all("state database writable again", PRIORITY_NEW)
+        else:
+            self.scans.request(ScanRequest(scope, None, PRIORITY_NEW, f"{cond.kind} cleared"))
+        self.worker.wake()
 
     # -- run ------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +196,7 @@ class Daemon:
             log.warning("leases_recovered_at_start", jobs=n)
         if n := self.queue.prune(self._job_configured):
             log.info("jobs_pruned", jobs=n, reason="folder or generator no longer configured")
+        self.conditions.start()
         self.worker.start()
         self.watchers.start()  # before the scan, so nothing slips between them
         self.scans.start()
@@ -164,11 +218,9 @@ class Daemon:
             config=self.settings.source,
             socket=str(self.settings.resolved_socket_path()),
             roots=[str(w.path) for w in self.settings.watch],
+            confinement=resolver_mode(),
+            overrides=self.overrides.active() or None,
         )
-
-    @staticmethod
-    def _metrics(request: Request) -> Response:
-        return Response(200, metrics.render(), content_type=metrics.CONTENT_TYPE)
 
     def _job_configured(self, path: str, generator: str) -> bool:
         watch = self.settings.watch_for(path)
@@ -181,14 +233,15 @@ class Daemon:
         return self.scans.alive
 
     def _status_line(self) -> str:
-        counts = self._queue_totals()
-        return (
+        counts = self.queue.totals()
+        line = (
             f"queue: {counts.get('pending', 0)} pending, {counts.get('leased', 0)} working, "
             f"{counts.get('dead', 0)} dead"
         )
-
-    def _queue_totals(self) -> dict[str, int]:
-        return totals_of(self.queue.counts())
+        for scope, c in self.conditions.active().items():
+            what = "all intake" if scope == STATE else scope
+            line += f"; PAUSED {what}: {c['message']} since {c['since_text']}, probing"
+        return line
 
     def stop(self) -> None:
         log.info("captiond_stopping")
@@ -198,6 +251,7 @@ class Daemon:
         self.server.stop()
         self.watchers.stop()
         self.scans.stop()
+        self.conditions.stop()
         self.worker.stop()
         if not self.worker.alive:  # else a load or generate() still runs; we exit anyway
             self.models.unload_all()
@@ -254,6 +308,12 @@ class Daemon:
         os._exit(1)
 
     # -- status -----------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        conditions = self.conditions.active()
+        if not conditions:
+            return {}
+        return {"status": "degraded", "conditions": conditions}
+
     def status(self) -> dict[str, Any]:
         oldest = self.queue.oldest_pending_age()
         tally = self.queue.tally()  # one pass for the three counts below
@@ -268,13 +328,18 @@ class Daemon:
                 "by_generator": by_generator,
                 "outcomes": outcomes_of(tally),
                 "oldest_pending_seconds": None if oldest is None else round(oldest, 1),
+                "failed_by_conditions": self.queue.count_systemic(SYSTEMIC_ERRNOS),
             },
+            "conditions": self.conditions.active(),
+            "intake_backlog": self.intake.backlog,
             "generators": self.models.status(),
             "residency": self.models.summary(),
             "watchers": self.watchers.status(),
             "scans": self.scans.status(),
             "worker": self.worker.status(),
             "files_indexed": self.index.count_files(),
+            "confinement": resolver_mode(),
+            "overrides": self.overrides.active(),
             "recent_errors": [
                 {
                     "path": j.path,
@@ -288,3 +353,10 @@ class Daemon:
             ],
             "warnings": self.warnings,
         }
+
+
+def _network(path: Any) -> bool:
+    try:
+        return is_network_fs(fs_type(path))
+    except OSError:
+        return False

@@ -51,6 +51,10 @@ class WatchConfig(_Section):
     sidecar_extension: str | dict[str, str] | None = None
     # ``stem``: a.jpg -> a.txt (what trainers read). ``name``: a.jpg -> a.jpg.txt.
     sidecar_naming: Literal["stem", "name"] = "stem"
+    # A file symlink is followed only when its target stays inside this root ("inside"),
+    # never ("never"), or always ("all": unsafe, whoever can write here can make captiond
+    # read any file it may read and write its tags beside the link).
+    follow_symlinks: Literal["inside", "never", "all"] = "inside"
     existing_caption: Literal["skip", "overwrite", "append", "prepend"] = "skip"
     trigger_word: str = ""
     priority: int = Field(0, ge=-50, le=50)

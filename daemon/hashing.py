@@ -26,6 +26,7 @@ DIGEST_SIZE = 32  # BLAKE2b
 LEGACY_CONTENT_HEX = 2 * DIGEST_SIZE  # image hashes recorded by captiond 0.1 (BLAKE2b)
 
 Bytes = bytes | bytearray | memoryview
+FileRef = str | os.PathLike[str] | int  # a path, or a descriptor open for reading
 
 
 class _Hash(Protocol):
@@ -38,7 +39,7 @@ def content_hash(data: Bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def content_hash_file(path: str | os.PathLike[str]) -> str:
+def content_hash_file(path: FileRef) -> str:
     """:func:`content_hash` of a file, read in 1 MiB chunks. Raises OSError."""
     return _hash_file(path, xxhash.xxh3_128)
 
@@ -48,9 +49,7 @@ def sidecar_hash(data: Bytes) -> str:
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).hexdigest()
 
 
-def file_hashes(
-    path: str | os.PathLike[str], recorded: Iterable[str], *, current: str | None = None
-) -> set[str]:
+def file_hashes(path: FileRef, recorded: Iterable[str], *, current: str | None = None) -> set[str]:
     """``path``'s content hash in each algorithm that made one of ``recorded`` (read once
     per algorithm; ``current`` is its :func:`content_hash` when the caller has it), so
     a hash recorded by an older captiond can be checked. Raises OSError."""
@@ -63,9 +62,7 @@ def file_hashes(
     return out
 
 
-def file_matches(
-    path: str | os.PathLike[str], recorded: str, *, current: str | None = None
-) -> bool:
+def file_matches(path: FileRef, recorded: str, *, current: str | None = None) -> bool:
     """Whether ``path``'s content is the content ``recorded`` was made from."""
     return recorded in file_hashes(path, [recorded], current=current)
 
@@ -77,11 +74,13 @@ def bytes_match(data: Bytes, recorded: str, *, current: str | None = None) -> bo
     return (current or content_hash(data)) == recorded
 
 
-def _hash_file(path: str | os.PathLike[str], new: Callable[[], _Hash]) -> str:
+def _hash_file(path: FileRef, new: Callable[[], _Hash]) -> str:
     h = new()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
+    if isinstance(path, int):  # an open descriptor (a confined open): from the start
+        os.lseek(path, 0, os.SEEK_SET)
+    with open(path, "rb", buffering=0, closefd=not isinstance(path, int)) as fh:
         while n := fh.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()

@@ -1,54 +1,46 @@
-"""The resident worker: claim a batch per generator, decode and prepare it in a
-thread pool while the previous batch runs on the model, generate, post-process,
-write sidecars, ack.
+"""The resident worker: scheduling around the caption pipeline.
 
-One bad image never stops the queue: a batch that fails is retried image by image
-so only the poisonous one fails; an out-of-memory error halves the batch first.
+It claims a batch per generator, plans it (:class:`~daemon.pipeline.caption.CaptionPipeline`),
+reads and decodes its images in a thread pool while the previous batch runs on the
+model, generates, and hands the batch to a writer thread that finishes it (sidecars,
+index) and acknowledges its jobs in one transaction, so that the model goes on while a
+write waits for fsync. It also gives up reads that hang (a stalled network mount), keeps
+``{tags}`` prompts waiting for their tagger, and reports results to explicit requests.
+
+One bad image never stops the queue: a batch that fails is retried image by image so
+only the poisonous one fails; an out-of-memory error halves the batch first.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
 from PIL import Image
 
-from daemon import metrics
+from daemon import faults, metrics
+from daemon.conditions import errno_of
 from daemon.config import Settings, WatchConfig
+from daemon.confined import Root
 from daemon.errors import (
-    BadImageError,
     DependencyPendingError,
-    FileChangingError,
     GenerationError,
     ReadStalledError,
     classify,
-    is_out_of_memory,
 )
-from daemon.generators.base import Generator, ImageInput
-from daemon.hashing import bytes_match, content_hash, sidecar_hash
-from daemon.pipeline.images import decode_image
-from daemon.pipeline.sidecars import (
-    Action,
-    candidate_paths,
-    decide,
-    precheck,
-    read_existing,
-    stage,
-    stem_siblings,
-)
-from daemon.queue import CaptionRecord, FileIndex, Job, JobQueue, JobState
+from daemon.hashing import bytes_match
+from daemon.pipeline.caption import CaptionPipeline, ImageTask, Item, Outcome, SidecarInfo
+from daemon.pipeline.sidecars import Action
+from daemon.queue import FileIndex, Job, JobQueue, JobState
 from daemon.residency.manager import ModelManager
 from daemon.residency.slot import ModelSlot
-from daemon.text.postprocess import PostContext, pipeline_for
 
 log = structlog.get_logger(__name__)
 
@@ -60,40 +52,6 @@ MAX_STUCK_THREADS = 32
 WAIT_SLICE_SECONDS = 1.0  # how often a wait for a decode checks its read timeout
 LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
 DEPENDENCY_DELAY_SECONDS = 5.0  # a {tags} prompt waits this long for the tagger's job
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """Where an image's caption goes, and what of that file is captiond's."""
-
-    target: Path
-    record: CaptionRecord | None
-    ours: frozenset[str]
-
-
-@dataclass(slots=True)
-class _Prepared:
-    plan: _Plan
-    value: Any = None  # the generator's prepared input
-    content_hash: str = ""
-    skip: Action | None = None  # decided before generation: no model call needed
-
-
-@dataclass(slots=True)
-class _Item:
-    job: Job
-    watch: WatchConfig | None
-    future: Future[_Prepared] | None = None
-    pool: ThreadPoolExecutor | None = None  # the decode pool it was submitted to
-    started: float | None = None  # monotonic time its decode thread picked it up
-
-    @property
-    def force(self) -> bool:
-        return bool(self.job.options and self.job.options.get("force"))
-
-    @property
-    def post_process(self) -> bool:
-        return not (self.job.options and self.job.options.get("post_process") is False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +77,31 @@ class JobResult:
 
 
 @dataclass(slots=True)
+class _Job:
+    """A claimed job and its image's way through the pipeline."""
+
+    job: Job
+    item: Item
+    future: Future[None] | None = None
+    pool: ThreadPoolExecutor | None = None  # the decode pool it was submitted to
+
+
+@dataclass(slots=True)
 class _Batch:
-    generator: Generator
-    items: list[_Item] = field(default_factory=list)
+    pipeline: CaptionPipeline
+    batch: Any  # the pipeline's Batch (its open folders)
+    jobs: list[_Job] = field(default_factory=list)
+
+
+def _task(job: Job, watch: WatchConfig) -> ImageTask:
+    opts = job.options or {}
+    return ImageTask(
+        job.path,
+        watch,
+        force=bool(opts.get("force")),
+        post_process=opts.get("post_process") is not False,
+        key=job,
+    )
 
 
 class Worker:
@@ -134,19 +114,32 @@ class Worker:
         models: ModelManager,
         clock: Callable[[], float] = time.time,
         on_result: Callable[[JobResult], None] | None = None,
+        systemic: Callable[[str, BaseException], bool] = lambda path, exc: False,
+        held_roots: Callable[[], Iterable[str]] = lambda: (),
+        intake_open: Callable[[], bool] = lambda: True,
     ):
+        """``systemic(path, exc)``: True when a job's failure is a condition of the
+        system (reported by the caller): the job goes back without using an attempt.
+        ``held_roots()``: roots whose jobs wait (a condition). ``intake_open()``: False
+        while the database cannot be written: nothing is claimed, and writes to it that
+        failed are kept until :meth:`resume_deferred`."""
         self.settings = settings
+        self.systemic = systemic
+        self.held_roots = held_roots
+        self.intake_open = intake_open
+        self._deferred: deque[Callable[[], None]] = deque()
         self.queue = queue
         self.index = index
         self.models = models
         self._clock = clock
         self.on_result = on_result  # called on the worker thread: must not block
-        self.set_postprocess(settings.postprocess)
-        self._batch_limit: dict[str, int] = {}
+        self.pipelines: dict[str, CaptionPipeline] = {}
+        for name, slot in models.slots.items():
+            self.rebuild_pipeline(name, slot)
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
         self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
-        self._stuck: list[Future[_Prepared]] = []  # decodes given up on while running
+        self._stuck: list[Future[None]] = []  # decodes given up on while running
         # Sidecars are written, recorded and acked on their own thread, so that the model
         # thread goes on with the next batch while a write waits for fsync.
         self._writer = ThreadPoolExecutor(1, "captiond-write")
@@ -164,10 +157,25 @@ class Worker:
         self.paused_roots: frozenset[str] = frozenset()  # no job under these is claimed
         self._calls: deque[Callable[[], None]] = deque()
 
+    def rebuild_pipeline(self, name: str, slot: ModelSlot | None = None) -> None:
+        """(Re)build the pipeline of generator ``name`` from its slot."""
+        slot = slot or self.models.get(name)
+        if slot is None or slot.generator is None:
+            self.pipelines.pop(name, None)
+            return
+        self.pipelines[name] = CaptionPipeline(
+            slot.generator,
+            self.index,
+            postprocess=self.settings.postprocess,
+            max_image_pixels=self.settings.worker.max_image_pixels,
+            tags=self._tags_for,
+            clock=self._clock,
+        )
+
     def set_postprocess(self, pp: Any) -> None:
         """Use another post-processing configuration for the captions finished next."""
-        pipelines = {name: pipeline_for(pp.steps, pp.overrides, name) for name in self.models.slots}
-        self._postprocess, self._pipelines = pp, pipelines
+        for p in self.pipelines.values():
+            p.set_postprocess(pp)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the worker thread between batches, with no batch in flight
@@ -185,12 +193,14 @@ class Worker:
             return fn()
         return future.result()
 
-    def sidecar_target(self, path: str, generator: Generator) -> Path:
-        """Where ``generator``'s caption of the image at ``path`` goes (or is)."""
+    def sidecar_of(self, path: str, generator: str) -> SidecarInfo:
+        """``generator``'s sidecar of the image at ``path``: where it goes (or is) and
+        what is there now."""
         watch = self.settings.watch_for(path)
-        if watch is None:
+        pipeline = self.pipelines.get(generator)
+        if watch is None or pipeline is None:
             raise FileNotFoundError(f"{path} is not under a watched folder")
-        return self._plan_for(generator, path, watch).target
+        return pipeline.sidecar_of(path, watch)
 
     # -- life cycle -------------------------------------------------------------
     def start(self) -> None:
@@ -223,14 +233,19 @@ class Worker:
             batch: _Batch | None = None
             try:
                 # residency: idle unloading; models with a batch claimed stay
-                self.models.tick(busy={b.generator.name for b in inflight})
+                self.models.tick(busy={b.pipeline.name for b in inflight})
                 if self._calls:
                     self._release(inflight)
                     inflight.clear()
                     self._drain_writes(0)
                     self._run_calls()
+                if self._deferred and self.intake_open():
+                    self.resume_deferred()
                 while (
-                    len(inflight) < PIPELINE_DEPTH and not self._stop.is_set() and not self.paused
+                    len(inflight) < PIPELINE_DEPTH
+                    and not self._stop.is_set()
+                    and not self.paused
+                    and self.intake_open()
                 ):
                     claimed = self._claim_next()
                     if claimed is None:
@@ -266,11 +281,14 @@ class Worker:
 
     def _release(self, batches: Iterable[_Batch]) -> None:
         """Jobs not finished go back to the queue (only leased ones are touched)."""
-        ids = [it.job.id for b in batches for it in b.items]
+        batches = list(batches)
+        ids = [j.job.id for b in batches for j in b.jobs]
         try:
             self.queue.release(ids)
         except Exception:
             log.exception("release_failed", jobs=len(ids))
+        for b in batches:
+            b.batch.close()
 
     def _load_all(self, names: Iterable[str]) -> None:
         for name in names:
@@ -298,201 +316,121 @@ class Worker:
         return now - self.heartbeat < stall_seconds
 
     def _claim_next(self) -> _Batch | None:
-        """Claim and start preparing a batch for the next generator with due work."""
+        """Claim, plan and start preparing a batch for the next generator with due work."""
         names = sorted(self.queue.pending_generators())
         if not names:
             return None
         for offset in range(len(names)):
             name = names[(self._rr + offset) % len(names)]
             slot = self.models.get(name)
-            if slot is None or not self._ensure_loaded(slot):
+            pipeline = self.pipelines.get(name)
+            if slot is None or pipeline is None or not self._ensure_loaded(slot):
                 continue  # jobs wait in the queue until the model can load
             self._rr = (self._rr + offset + 1) % max(1, len(names))
-            gen = slot.generator
-            assert gen is not None
-            limit = self._batch_limit.get(name, self.settings.worker.batch_size)
-            jobs = self.queue.claim(name, limit, exclude_prefixes=sorted(self.paused_roots))
+            limit = min(self.settings.worker.batch_size, pipeline.batch_limit or 1 << 30)
+            if slot.probing:
+                limit = 1  # the breaker lets one probe through: one image
+            held = sorted({*self.paused_roots, *self.held_roots()})
+            jobs = self.queue.claim(name, limit, exclude_prefixes=held)
             if not jobs:
                 continue
-            batch = _Batch(gen)
-            for job in jobs:
-                item = _Item(job, self.settings.watch_for(job.path))
-                item.pool = self._pool
-                item.future = self._pool.submit(self._timed_prepare, gen, item)
-                batch.items.append(item)
-            return batch
+            return self._start(pipeline, jobs)
         return None
 
-    # -- per image, in the decode pool -----------------------------------------------
-    def _timed_prepare(self, gen: Generator, item: _Item) -> _Prepared:
-        item.started = time.monotonic()  # the read timeout counts from here
-        return self._prepare(gen, item)
-
-    def _prepare(self, gen: Generator, item: _Item) -> _Prepared:
-        """Read, hash and decode one image, unless its sidecar rules out a write."""
-        if item.watch is None:
-            raise FileNotFoundError(f"{item.job.path} is no longer under a watched folder")
-        path = Path(item.job.path)
-        plan = self._plan(gen, item)
-        skip = precheck(
-            existing=read_existing(plan.target),
-            ours=plan.ours,
-            seen_before=plan.record is not None,
-            policy=item.watch.existing_caption,
-            force=item.force,
-        )
-        if skip is not None:
-            return _Prepared(plan, skip=skip)
-        before = os.stat(path)
-        data = path.read_bytes()
-        after = os.stat(path)
-        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or len(
-            data
-        ) != after.st_size:
-            raise FileChangingError("the file changed while it was read")
-        try:
-            image = decode_image(
-                data,
-                draft_size=gen.draft_size,
-                draft_longer_side=gen.draft_longer_side,
-                max_pixels=self.settings.worker.max_image_pixels,
+    def _start(self, pipeline: CaptionPipeline, jobs: list[Job]) -> _Batch:
+        tasks, lost = [], []
+        for job in jobs:
+            watch = self.settings.watch_for(job.path)
+            if watch is None:
+                lost.append(job)
+            else:
+                tasks.append(_task(job, watch))
+        for job in lost:
+            self._fail(
+                job,
+                FileNotFoundError(f"{job.path} is no longer under a watched folder"),
+                pipeline.name,
             )
-        except BadImageError:
-            if self._clock() - after.st_mtime < max(item.watch.settle_seconds, 1.0) * 2:
-                raise FileChangingError("unreadable image, modified moments ago") from None
-            raise
-        digest = content_hash(data)
-        context = {"name": path.stem, "folder": path.parent.name}
-        if "tags" in gen.context_keys:
-            context["tags"] = self._tags_for(gen, item, data, digest)
-        prepared = gen.prepare(ImageInput(path, image, context))
-        return _Prepared(plan, value=prepared, content_hash=digest)
-
-    def _tags_for(self, gen: Generator, item: _Item, data: bytes, digest: str) -> str:
-        """The watch's tagger's caption of this very content, for a ``{tags}`` prompt.
-
-        Computed once by the tagger's own job and read back from its sidecar (a
-        person's edits to it included); until that job is done this job waits."""
-        watch, path = item.watch, item.job.path
-        assert watch is not None
-        tagger = next(
-            (
-                g
-                for g in watch.generators
-                if g != gen.name
-                and (slot := self.models.get(g)) is not None
-                and slot.generator is not None
-                and slot.generator.caption_type == "tags"
-            ),
-            None,
-        )
-        if tagger is None:
-            raise GenerationError(
-                f"the prompt of {gen.name} uses {{tags}}, but watch {watch.name!r} has no "
-                "tagging generator (add wd_tagger to its generators, listed first)"
-            )
-        record = self.index.get_caption(path, tagger)
-        if record is not None and bytes_match(data, record.content_hash, current=digest):
-            text = read_existing(Path(record.sidecar_path))
-            if text is not None:
-                return text.decode("utf-8", "replace").strip()
-        job = self.queue.get(path, tagger)
-        if job is None or job.state in (JobState.DONE, JobState.FAILED, JobState.DEAD):
-            if job is not None and job.state is not JobState.DONE:
-                raise GenerationError(f"{tagger} failed on this image: {job.error_message}")
-            if job is not None and job.outcome in (Action.EXISTS.value, Action.EDITED.value):
-                # The tagger left a person's sidecar alone: those are the tags.
-                target = self._plan_for_name(tagger, path, watch)
-                if target is not None and (text := read_existing(target)) is not None:
-                    return text.decode("utf-8", "replace").strip()
-            self.queue.enqueue(path, tagger, item.job.priority)
-        raise DependencyPendingError(f"waiting for {tagger}'s tags")
-
-    def _plan_for_name(self, name: str, path: str, watch: WatchConfig) -> Path | None:
-        slot = self.models.get(name)
-        if slot is None or slot.generator is None:
-            return None
-        return self._plan_for(slot.generator, path, watch).target
-
-    def _plan(self, gen: Generator, item: _Item) -> _Plan:
-        assert item.watch is not None
-        return self._plan_for(gen, item.job.path, item.watch)
-
-    def _plan_for(self, gen: Generator, path: str, watch: WatchConfig) -> _Plan:
-        image = Path(path)
-        record = self.index.get_caption(path, gen.name)
-        ext = watch.extension_for(gen.name, gen.caption_type)
-        target = self._target(image, ext, watch, record)
-        if target == image:
-            raise ValueError(f"sidecar path {target} would be the image itself")
-        ours = record.owned_hashes(str(target)) if record else frozenset()
-        return _Plan(target, record, ours)
+        batch = pipeline.open(tasks)
+        pipeline.plan(batch)
+        out = _Batch(pipeline, batch)
+        for item in batch.items:
+            j = _Job(item.task.key, item)
+            if item.error is None and item.skip is None:
+                j.pool = self._pool
+                j.future = self._pool.submit(pipeline.prepare, item)
+            out.jobs.append(j)
+        return out
 
     # -- per batch, on the worker thread -----------------------------------------------
     def _process(self, batch: _Batch) -> None:
-        gen = batch.generator
-        ready: list[tuple[_Item, _Prepared]] = []
-        for item in batch.items:
-            assert item.future is not None
+        pipeline = batch.pipeline
+        ready: list[_Job] = []
+        for j in batch.jobs:
+            item = j.item
+            if item.error is not None:
+                self._fail(j.job, item.error, pipeline.name)
+                continue
+            if item.skip is not None:
+                self._skipped(pipeline, j, pipeline.skipped(item))
+                continue
             try:
-                prepared = self._wait_prepared(item)
+                self._wait_prepared(j)
             except ReadStalledError as exc:
-                self._fail(item.job, exc, gen.name)
+                self._fail(j.job, exc, pipeline.name)
                 continue
             except CancelledError:  # queued in a pool given up on: back as it was
-                self.queue.release([item.job.id])
+                self.queue.release([j.job.id])
                 continue
             except DependencyPendingError as exc:
-                log.debug("job_deferred", job_id=item.job.id, path=item.job.path, reason=str(exc))
-                self.queue.release([item.job.id], delay=DEPENDENCY_DELAY_SECONDS)
+                log.debug("job_deferred", job_id=j.job.id, path=j.job.path, reason=str(exc))
+                self.queue.release([j.job.id], delay=DEPENDENCY_DELAY_SECONDS)
                 continue
             except Exception as exc:
-                self._fail(item.job, exc, gen.name)
+                self._fail(j.job, exc, pipeline.name)
                 continue
-            if prepared.skip is not None:
-                self._skipped(gen, item, prepared.plan, prepared.skip)
-            else:
-                ready.append((item, prepared))
+            ready.append(j)
         if not ready:
+            batch.batch.close()
             return
         self.busy_since = started = time.monotonic()
         try:
-            results = self._generate(gen, [p.value for _, p in ready])
+            results = pipeline.generate([j.item.value for j in ready])
         finally:
             self.busy_since = None
         seconds = time.monotonic() - started
-        metrics.GENERATION_SECONDS.labels(gen.name).observe(seconds)
-        metrics.IMAGE_SECONDS.labels(gen.name).observe(seconds / len(ready))
+        metrics.GENERATION_SECONDS.labels(pipeline.name).observe(seconds)
+        metrics.IMAGE_SECONDS.labels(pipeline.name).observe(seconds / len(ready))
         self._drain_writes(1)  # at most one batch behind: bounded memory, prompt acks
-        self._writing.append(self._writer.submit(self._finish_all, gen, ready, results))
+        self._writing.append(self._writer.submit(self._finish_all, batch, ready, results))
 
-    def _wait_prepared(self, item: _Item) -> _Prepared:
-        """The item's decode result. One that has been running for longer than
+    def _wait_prepared(self, j: _Job) -> None:
+        """Wait for the job's decode. One running for longer than
         ``worker.read_timeout_seconds`` (a read stuck on a hung mount) is given up:
         ReadStalledError, and its pool is replaced so the images queued behind it run
         on fresh threads (they come back here as cancelled). Time spent waiting for a
         free thread does not count."""
-        future = item.future
+        future = j.future
         assert future is not None
         timeout = self.settings.worker.read_timeout_seconds
         while True:
-            started = item.started
+            started = j.item.started
             if started is None and self._stop.is_set():
                 future.cancel()
                 raise CancelledError  # not started: released, the next start does it
             left = WAIT_SLICE_SECONDS if started is None else started + timeout - time.monotonic()
             if left <= 0 and not future.done():
-                self._give_up(item)
+                self._give_up(j)
                 raise ReadStalledError(
                     f"reading and decoding took longer than {timeout:g} s "
                     "(worker.read_timeout_seconds; a hung network mount?)"
                 )
             try:
-                result = future.result(timeout=max(0.0, min(left, WAIT_SLICE_SECONDS)))
+                future.result(timeout=max(0.0, min(left, WAIT_SLICE_SECONDS)))
             except FutureTimeout:
                 continue
             self.heartbeat = time.monotonic()
-            return result
+            return
 
     @property
     def stuck_threads(self) -> int:
@@ -500,13 +438,13 @@ class Worker:
         self._stuck = [f for f in self._stuck if not f.done()]
         return len(self._stuck)
 
-    def _give_up(self, item: _Item) -> None:
-        """Leave ``item``'s decode thread behind; replace the decode pool if it is the
+    def _give_up(self, j: _Job) -> None:
+        """Leave ``j``'s decode thread behind; replace the decode pool if it is the
         current one (other stalled items of the same pool share one replacement)."""
-        assert item.future is not None
-        self._stuck.append(item.future)
+        assert j.future is not None
+        self._stuck.append(j.future)
         self.heartbeat = time.monotonic()  # a stalled read resolved is progress
-        if item.pool is not self._pool:
+        if j.pool is not self._pool:
             return
         if self.stuck_threads > MAX_STUCK_THREADS:
             log.error("decode_pool_not_replaced", stuck_threads=len(self._stuck))
@@ -514,125 +452,121 @@ class Worker:
         old = self._pool
         self._pool = ThreadPoolExecutor(self.settings.worker.decode_workers, "captiond-decode")
         old.shutdown(wait=False, cancel_futures=True)
-        log.warning("decode_pool_replaced", path=item.job.path, stuck_threads=len(self._stuck))
+        log.warning("decode_pool_replaced", path=j.job.path, stuck_threads=len(self._stuck))
 
+    # -- on the writer thread --------------------------------------------------------------
     def _finish_all(
-        self,
-        gen: Generator,
-        ready: list[tuple[_Item, _Prepared]],
-        results: list[str | BaseException],
+        self, batch: _Batch, ready: list[_Job], results: list[str | BaseException]
     ) -> None:
-        """On the writer thread: one sidecar per image; a failure fails its job only."""
-        for (item, prepared), result in zip(ready, results, strict=True):
-            try:
-                if isinstance(result, BaseException):
-                    self._fail(item.job, result, gen.name)
-                else:
-                    self._finish(gen, item, prepared, result)
-            except Exception as exc:
-                try:
-                    self._fail(item.job, exc, gen.name)
-                except Exception:  # the job stays leased and returns at the next start
-                    log.exception("job_fail_not_recorded", job_id=item.job.id)
-
-    def _generate(self, gen: Generator, items: Sequence[Any]) -> list[str | BaseException]:
+        """Sidecars and index for the batch, then one transaction of acks; a failure
+        fails its job only."""
+        pipeline = batch.pipeline
         try:
-            captions = gen.generate(items)
-            if len(captions) != len(items):
-                raise GenerationError(
-                    f"{gen.name} returned {len(captions)} captions for {len(items)} images"
-                )
-            return list(captions)
-        except Exception as exc:
-            if len(items) == 1:
-                return [exc]
-            if is_out_of_memory(exc):
-                limit = min(len(items) // 2, self._batch_limit.get(gen.name, len(items)))
-                self._batch_limit[gen.name] = limit = max(1, limit)
-                log.warning("out_of_memory_halving_batch", generator=gen.name, batch=limit)
-                out: list[str | BaseException] = []
-                start = 0
-                while start < len(items):  # the limit may shrink again on the way
-                    step = self._batch_limit[gen.name]
-                    out += self._generate(gen, items[start : start + step])
-                    start += step
-                return out
-            log.warning(
-                "batch_failed_isolating", generator=gen.name, batch=len(items), error=str(exc)
-            )
-            return [r for it in items for r in self._generate(gen, [it])]
-
-    def _finish(self, gen: Generator, item: _Item, prepared: _Prepared, raw: str) -> None:
-        """Post-process, apply the sidecar rules, write atomically, record, ack.
-
-        The record is written before the rename: after a crash in between, the file on
-        disk (the old content, ``prev_hash``) still counts as ours.
-        """
-        job, watch = item.job, item.watch
-        assert watch is not None
-        image = Path(job.path)
-        sep = getattr(gen.config, "separator", ", ")
-        ctx = PostContext(
-            caption_type=gen.caption_type,
-            separator=sep,
-            trigger_word=watch.trigger_word,
-            case=self._postprocess.case,
-            underscores_to_spaces=getattr(gen.config, "remove_underscores", True),
-            max_words=self._postprocess.max_words,
-            prompt=getattr(gen, "prompt", "") or "",
-        )
-        text = self._pipelines[gen.name](raw, ctx) if item.post_process else raw.strip()
-        if not text.strip():
-            raise GenerationError(f"{gen.name} produced an empty caption")
-        plan = self._plan(gen, item)  # again: the folder may have changed meanwhile
-        record = plan.record
-        decision = decide(
-            new_text=text,
-            existing=read_existing(plan.target),
-            ours=plan.ours,
-            base_text=record.base_text if record and plan.ours else None,
-            seen_before=record is not None,
-            policy=watch.existing_caption,
-            tags=ctx.is_tags,
-            separator=sep,
-            force=item.force,
-        )
-        if decision.action not in (Action.WRITE, Action.UNCHANGED):
-            self._skipped(gen, item, plan, decision.action)
-            return
-        bound = log.bind(job_id=job.id, path=job.path, generator=gen.name, sidecar=str(plan.target))
-        if decision.action is Action.UNCHANGED:
-            digest = sidecar_hash(plan.target.read_bytes())
-            self.index.record_caption(
-                job.path,
-                gen.name,
-                prepared.content_hash,
-                str(plan.target),
-                digest,
-                prev_hash=record.prev_hash if record else None,
-                base_text=decision.base_text,
-            )
-            bound.info("caption_same")
-        else:
-            staged = stage(plan.target, decision.text, owner_of=image)
             try:
-                self.index.record_caption(
-                    job.path,
-                    gen.name,
-                    prepared.content_hash,
-                    str(plan.target),
-                    staged.digest,
-                    prev_hash=decision.prev_hash,
-                    base_text=decision.base_text,
-                )
-                staged.commit()
-            except BaseException:
-                staged.discard()
+                outcomes = pipeline.finish([j.item for j in ready], results)
+            except Exception as exc:  # a bug: every job of the batch fails, none is lost
+                log.exception("finish_failed", generator=pipeline.name)
+                outcomes = [Outcome(j.item.task, error=exc) for j in ready]
+            done: list[tuple[Job, Outcome]] = []
+            for j, outcome in zip(ready, outcomes, strict=True):
+                if outcome.error is not None:
+                    self._fail_safely(j.job, outcome.error, pipeline.name)
+                else:
+                    done.append((j.job, outcome))
+            self._ack_all(pipeline, done)
+        finally:
+            batch.batch.close()
+
+    def _fail_safely(self, job: Job, exc: BaseException, generator: str) -> None:
+        try:
+            self._fail(job, exc, generator)
+        except Exception:  # the job stays leased and returns at the next start
+            log.exception("job_fail_not_recorded", job_id=job.id)
+
+    def _ack_all(self, pipeline: CaptionPipeline, done: list[tuple[Job, Outcome]]) -> None:
+        if not done:
+            return
+
+        def ack() -> None:
+            half = len(done) // 2
+            with self.queue.transaction():
+                for i, (job, outcome) in enumerate(done):
+                    if i == half:
+                        faults.point("mid_acks")
+                    assert outcome.action is not None
+                    self.queue.ack(job.id, outcome.action.value, options=job.options)
+
+        try:
+            ack()
+        except Exception as exc:
+            if not self.systemic(done[0][0].path, exc):
                 raise
+            self._defer(ack)  # the sidecars are in place; the acks wait for the database
+        for job, outcome in done:
+            self._after_done(pipeline, job, outcome)
+
+    def _defer(self, op: Callable[[], None]) -> None:
+        """A write to the database that failed while it cannot be written: kept (in
+        memory; at worst the jobs are redone after a restart) and retried later."""
+        self._deferred.append(op)
+        log.warning("database_write_deferred", waiting=len(self._deferred))
+
+    def resume_deferred(self) -> None:
+        """Retry the database writes kept while it could not be written."""
+        while self._deferred:
+            op = self._deferred[0]
+            try:
+                op()
+            except Exception as exc:
+                log.warning(
+                    "database_write_still_failing", error=str(exc), waiting=len(self._deferred)
+                )
+                return
+            self._deferred.popleft()
+
+    def _after_done(self, pipeline: CaptionPipeline, job: Job, outcome: Outcome) -> None:
+        action = outcome.action
+        bound = log.bind(
+            job_id=job.id, path=job.path, generator=pipeline.name, sidecar=outcome.sidecar
+        )
+        if outcome.clash_with is not None:
+            clash = {
+                "image": job.path,
+                "sidecar": outcome.sidecar or "",
+                "shares_stem_with": outcome.clash_with,
+            }
+            if clash not in self.stem_clashes:
+                self.stem_clashes.append(clash)
+                log.warning("stem_clash", **clash)
+        if action is Action.WRITE:
             self.captions_written += 1
-            metrics.CAPTIONS_WRITTEN.labels(gen.name).inc()
+            metrics.CAPTIONS_WRITTEN.labels(pipeline.name).inc()
             bound.info("caption_written")
-        self._done(gen, job, decision.action, plan.target, decision.text)
+        elif action is Action.UNCHANGED:
+            bound.info("caption_same")
+        elif action is Action.EDITED:
+            bound.warning("caption_edited_left_alone")
+        else:
+            bound.info("caption_exists_skipped")
+        self._report(
+            JobResult(
+                job.id,
+                job.path,
+                pipeline.name,
+                job.options,
+                "done",
+                outcome=action.value if action else None,
+                caption=outcome.caption
+                if action in (Action.WRITE, Action.UNCHANGED) or job.options
+                else None,
+                caption_type=pipeline.generator.caption_type,
+                sidecar=outcome.sidecar,
+            )
+        )
+
+    def _skipped(self, pipeline: CaptionPipeline, j: _Job, outcome: Outcome) -> None:
+        """A job whose outcome was known without the model (a person's caption)."""
+        self._ack_all(pipeline, [(j.job, outcome)])
 
     def _report(self, result: JobResult) -> None:
         if self.on_result is None or not result.options:
@@ -642,68 +576,23 @@ class Worker:
         except Exception:
             log.exception("result_callback_failed", job_id=result.job_id)
 
-    def _skipped(self, gen: Generator, item: _Item, plan: _Plan, action: Action) -> None:
-        bound = log.bind(
-            job_id=item.job.id, path=item.job.path, generator=gen.name, sidecar=str(plan.target)
-        )
-        if action is Action.EDITED:
-            bound.warning("caption_edited_left_alone")
-        else:
-            bound.info("caption_exists_skipped")
-        job = item.job
-        existing = read_existing(plan.target) if job.options else None
-        caption = None if existing is None else existing.decode("utf-8", "replace")
-        self._done(gen, job, action, plan.target, caption)
-
-    def _done(
-        self, gen: Generator, job: Job, action: Action, target: Path, caption: str | None
-    ) -> None:
-        """Ack the job and tell an explicit request (if any) how it ended."""
-        self.queue.ack(job.id, action.value, options=job.options)
-        self._report(
-            JobResult(
-                job.id,
-                job.path,
-                gen.name,
-                job.options,
-                "done",
-                outcome=action.value,
-                caption=caption,
-                caption_type=gen.caption_type,
-                sidecar=str(target),
-            )
-        )
-
-    def _target(
-        self, image: Path, ext: str, watch: WatchConfig, record: CaptionRecord | None
-    ) -> Path:
-        stem_form, name_form = candidate_paths(image, ext)
-        if record is not None and record.sidecar_path in (str(stem_form), str(name_form)):
-            return Path(record.sidecar_path)  # an image keeps the sidecar it has
-        if watch.sidecar_naming == "name":
-            return name_form
-        siblings = stem_siblings(image, watch.image_extensions)
-        if not siblings:
-            return stem_form
-        owner = self.index.caption_by_sidecar(str(stem_form))
-        if owner is None and min([image, *siblings], key=lambda p: p.name) == image:
-            return stem_form  # unowned: the first name in sort order takes it
-        clash = {
-            "image": str(image),
-            "sidecar": str(name_form),
-            "shares_stem_with": str(siblings[0]),
-        }
-        if clash not in self.stem_clashes:
-            self.stem_clashes.append(clash)
-            log.warning("stem_clash", **clash)
-        return name_form
-
     def _fail(self, job: Job, exc: BaseException, generator: str) -> None:
+        if self.systemic(job.path, exc):
+            # A full disk, a vanished share: not this image's fault. Back to the queue
+            # without using an attempt; its root waits until the condition clears.
+            log.info("job_held", job_id=job.id, path=job.path, reason=str(exc))
+            try:
+                self.queue.release([job.id])
+            except Exception:
+                self._defer(lambda: self.queue.release([job.id]))
+            return
         if self.models.job_failed(self.queue, job.id, exc):
             return  # the model cannot run now: back to the queue, no attempt used
         c = classify(exc)
         metrics.FAILURES.labels(generator, c.error_type.value).inc()
-        state = self.queue.fail(job.id, c.error_type.value, c.message, c.retryable)
+        state = self.queue.fail(
+            job.id, c.error_type.value, c.message, c.retryable, errno=errno_of(exc)
+        )
         log.warning(
             "job_failed",
             job_id=job.id,
@@ -727,6 +616,46 @@ class Worker:
             )
         )
 
+    # -- {tags} prompts ------------------------------------------------------------------
+    def _tags_for(self, task: ImageTask, data: bytes, digest: str) -> str:
+        """The watch's tagger's caption of this very content, for a ``{tags}`` prompt.
+
+        Computed once by the tagger's own job and read back from its sidecar (a
+        person's edits to it included); until that job is done this job waits."""
+        watch, path = task.watch, task.path
+        tagger = next(
+            (
+                g
+                for g in watch.generators
+                if (p := self.pipelines.get(g)) is not None
+                and p.generator.caption_type == "tags"
+                and "tags" not in p.generator.context_keys
+            ),
+            None,
+        )
+        if tagger is None:
+            raise GenerationError(
+                f"a prompt uses {{tags}}, but watch {watch.name!r} has no tagging generator "
+                "(add wd_tagger to its generators, listed first)"
+            )
+        record = self.index.get_caption(path, tagger)
+        if record is not None and bytes_match(data, record.content_hash, current=digest):
+            text = _read_recorded(watch, record.sidecar_path)
+            if text is not None:
+                return text.decode("utf-8", "replace").strip()
+        job = self.queue.get(path, tagger)
+        if job is None or job.state in (JobState.DONE, JobState.FAILED, JobState.DEAD):
+            if job is not None and job.state is not JobState.DONE:
+                raise GenerationError(f"{tagger} failed on this image: {job.error_message}")
+            if job is not None and job.outcome in (Action.EXISTS.value, Action.EDITED.value):
+                # The tagger left a person's sidecar alone: those are the tags.
+                text = self.pipelines[tagger].sidecar_of(path, watch).data
+                if text is not None:
+                    return text.decode("utf-8", "replace").strip()
+            requester: Job | None = task.key if isinstance(task.key, Job) else None
+            self.queue.enqueue(path, tagger, requester.priority if requester else 0)
+        raise DependencyPendingError(f"waiting for {tagger}'s tags")
+
     def status(self) -> dict[str, Any]:
         return {
             "alive": self.alive,
@@ -739,3 +668,15 @@ class Worker:
             "paused_roots": sorted(self.paused_roots),
             "stem_clashes": list(self.stem_clashes),
         }
+
+
+def _read_recorded(watch: WatchConfig, sidecar_path: str) -> bytes | None:
+    """A sidecar captiond recorded, read confined to the watch's root."""
+    root = Root(str(watch.path), watch.follow_symlinks)
+    rel = root.rel(sidecar_path)
+    rel_dir, _, name = rel.rpartition("/")
+    try:
+        with root.folder(rel_dir) as folder:
+            return folder.read_sidecar(name)
+    except FileNotFoundError:
+        return None

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.api.http import HTTPError, PeerCredentials, Request
+from daemon.api.problems import Problem
 from daemon.api.security import Authoriser, StartupError, load_token, resolve_image
 from daemon.config import WatchConfig
 from daemon.queue import Database, JobQueue
@@ -40,7 +41,7 @@ def watch(tmp_path: Path) -> WatchConfig:
     ],
 )
 def test_resolve_refuses(watch: WatchConfig, rel: str, status: int) -> None:
-    with pytest.raises(HTTPError) as exc:
+    with pytest.raises(Problem) as exc:
         resolve_image([watch], rel)
     assert exc.value.status == status
 
@@ -52,7 +53,7 @@ def test_resolve_accepts_and_follows_links_only_inside(watch: WatchConfig, tmp_p
     assert resolve_image([watch], "ds/inside.png").path == watch.path / "inside.png"
     make_image(tmp_path / "out.png")
     os.symlink(tmp_path / "out.png", watch.path / "escape.png")
-    with pytest.raises(HTTPError) as exc:
+    with pytest.raises(Problem) as exc:
         resolve_image([watch], "ds/escape.png")
     assert exc.value.status == 403
 
@@ -69,7 +70,7 @@ def test_authoriser() -> None:
     assert not a.may_mutate(_req(PeerCredentials(1, 2000, 2000)))
     assert not a.may_mutate(_req(None))
     assert a.may_mutate(_req(None, auth="token"))
-    with pytest.raises(HTTPError) as exc:
+    with pytest.raises(Problem) as exc:
         a.require_admin(_req(PeerCredentials(1, 2000, 2000)))
     assert exc.value.status == 403
 
@@ -113,7 +114,7 @@ def test_queue_options_cancel_restores_and_paused_roots(tmp_path: Path) -> None:
     # retry and purge
     q.fail(q.claim("g", 1)[0].id, "bad_image", "x", False)
     assert q.retry(prefix="/r") == 1 and q.get("/r/a.png", "g").state == "pending"
-    assert q.purge(["done"]) == 1 and q.get("/other/c.png", "g") is None
+    assert len(q.purge(["done"])) == 1 and q.get("/other/c.png", "g") is None
 
 
 def test_cancel_after_a_rescan_requeued_the_job_keeps_it_pending(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_a_request_whose_job_vanished_fails_instead_of_waiting_forever(
     monkeypatch.setattr(requests_module, "GONE_GRACE_SECONDS", 0.0)
     q, reg = _registry(tmp_path)
     req = _create(reg)
-    assert q.purge(["pending"]) == 1
+    assert len(q.purge(["pending"])) == 1
     assert reg.get(req.id).state == "failed" and req.result["error_type"] == "job_gone"
     # the job finished without it (its options replaced by an unknown run): failed too
     other = _create(reg, "/r/b.png")
@@ -244,6 +245,7 @@ def control(tmp_path: Path, wd_model_dir: Path):
             "wd_tagger": {"model": str(wd_model_dir)},
             "multi_person": {"mode": "lora_tags"},
         },
+        worker={"preload": ["wd_tagger", "multi_person"]},  # in use, never started here
     )
     d = app_module.Daemon(settings)
     try:
@@ -254,7 +256,6 @@ def control(tmp_path: Path, wd_model_dir: Path):
 
 
 def test_code_bearing_settings_are_config_file_only(control) -> None:
-    from daemon.api.schemas import APIError
 
     for name, body in [
         ("wd_tagger", {"model": "/tmp/evil"}),
@@ -265,7 +266,7 @@ def test_code_bearing_settings_are_config_file_only(control) -> None:
         ("multi_person", {"describer": {"trust_remote_code": True}}),
         ("wd_tagger", {"use": "vlm"}),
     ]:
-        with pytest.raises(APIError) as exc:
+        with pytest.raises(Problem) as exc:
             control.set_generator_config(name, body)
         key = next(iter(body))
         assert exc.value.status == 403, (name, body)
@@ -274,17 +275,25 @@ def test_code_bearing_settings_are_config_file_only(control) -> None:
     model = control.settings.generators["wd_tagger"]["model"]
     out = control.set_generator_config("wd_tagger", {"model": model, "max_tags": 3})
     assert out["config"]["max_tags"] == 3
-    assert "model" not in control.runtime.generators["wd_tagger"]  # config.toml decides
+    assert "model" not in control.overrides.generators["wd_tagger"]  # config.toml decides
 
 
-def test_a_change_of_caption_type_or_weight_needs_a_restart(control) -> None:
-    from daemon.api.schemas import APIError
-
-    with pytest.raises(APIError) as exc:
-        control.set_generator_config("multi_person", {"mode": "fine_tune_caption"})
-    assert exc.value.status == 409 and "restart required" in exc.value.message
-    assert "mode" in exc.value.message
-    assert control.settings.generators["multi_person"] == {"mode": "lora_tags"}
+def test_switching_multi_person_mode_at_runtime_rebuilds_the_generator(control) -> None:
+    """The seed's users toggle lora_tags / fine_tune_caption: the generator is rebuilt
+    with its new caption type and weight (heavy, in a child process), unloaded, and the
+    change is persisted; switching back works the same way."""
+    before = control.models.get("multi_person")
+    assert (before.generator.caption_type, before.weight.value) == ("tags", "light")
+    out = control.set_generator_config("multi_person", {"mode": "fine_tune_caption"})
+    assert out["applied"] and out["config"]["mode"] == "fine_tune_caption"
+    after = control.models.get("multi_person")
+    assert after is not before and after.state.value == "unloaded"
+    assert (after.generator.caption_type, after.weight.value) == ("caption", "heavy")
+    assert after.isolated
+    assert control.worker.pipelines["multi_person"].generator.caption_type == "caption"
+    assert control.overrides.generators["multi_person"] == {"mode": "fine_tune_caption"}
+    control.set_generator_config("multi_person", {"mode": "lora_tags"})
+    assert control.models.get("multi_person").generator.caption_type == "tags"
 
 
 def test_api_caption_writes_run_on_the_writer_thread(control, monkeypatch) -> None:
@@ -293,13 +302,13 @@ def test_api_caption_writes_run_on_the_writer_thread(control, monkeypatch) -> No
     from daemon.api.security import resolve_image
 
     seen = []
-    real = control.index.record_caption
+    real = control.index.record_captions
 
     def spy(*a, **kw):
         seen.append(threading.current_thread().name)
         return real(*a, **kw)
 
-    monkeypatch.setattr(control.index, "record_caption", spy)
+    monkeypatch.setattr(control.index, "record_captions", spy)
     ref = resolve_image(control.watches, "ds/a.png")
     assert control.write_caption(ref, "txt", "mine")["success"]
     assert seen and all(n.startswith("captiond-write") for n in seen), seen
@@ -312,7 +321,7 @@ def test_api_caption_writes_run_on_the_writer_thread(control, monkeypatch) -> No
         deleted.append(threading.current_thread().name)
         return real_unlink(p, *a, **kw)
 
-    monkeypatch.setattr("daemon.api.control.os.unlink", unlink_spy)
+    monkeypatch.setattr("daemon.confined.os.unlink", unlink_spy)
     assert control.delete_caption(ref, "txt")["success"]
     assert deleted and deleted[0].startswith("captiond-write")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.confined import is_temp_name
 from tests.daemonproc import DaemonProcess, image_bytes, make_image, wait_for
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def sidecars(root: Path) -> list[str]:
 
 
 def temp_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.name.endswith(".captiond.tmp")]
+    return [p for p in root.rglob("*") if is_temp_name(p.name)]
 
 
 def written_paths(d: DaemonProcess) -> list[str]:
@@ -380,21 +381,15 @@ def test_named_generator_instances_per_watch(daemon, root, wd_model_dir):
 
 
 def test_a_hung_read_is_given_up_and_does_not_block_shutdown(daemon, root):
-    """A FIFO named like an image blocks its reader for ever, as a read on a hung
-    network mount does: the job fails as io after read_timeout_seconds, other images
-    are still captioned, and SIGTERM still stops the daemon at once (Python would
+    """A read that never returns, as on a hung network mount (the fault seam hangs the
+    read of hung.jpg for ever): the job fails as io after read_timeout_seconds, other
+    images are still captioned, and SIGTERM still stops the daemon at once (Python would
     otherwise join the stuck thread at exit)."""
-    fifo = root / "hung.jpg"
-    os.mkfifo(fifo)
-    d = daemon(sections={"worker": {"read_timeout_seconds": 1.0, "batch_size": 2}})
-    # The scanner skips what is not a regular file; a queued job for it stands in for a
-    # file whose mount hung after it was queued.
-    from daemon.queue import Database, JobQueue
-
-    db = Database(d.state_dir / "captiond.db")
-    JobQueue(db).enqueue(str(fifo), "wd_tagger", 100)
-    db.close()
-    d.start()
+    make_image(root / "hung.jpg", "blue")
+    d = daemon(
+        sections={"worker": {"read_timeout_seconds": 1.0, "batch_size": 2}},
+        env={"CAPTIOND_HANG": "read:hung.jpg"},
+    ).start()
     wait_for(lambda: d.totals().get("failed", 0) + d.totals().get("dead", 0) >= 1, timeout=60)
     error = d.status()["recent_errors"][0]
     assert Path(error["path"]).name == "hung.jpg" and error["error_type"] == "io"
@@ -406,3 +401,24 @@ def test_a_hung_read_is_given_up_and_does_not_block_shutdown(daemon, root):
     assert time.monotonic() - t0 < 15
     assert "exit_with_stuck_reads" in d.logs()
     assert not (root / "hung.txt").exists()
+
+
+def test_a_fifo_named_like_an_image_is_refused_at_once(daemon, root):
+    """A FIFO can never block a read: it is opened non-blocking, seen not to be a
+    regular file, and its job fails at once with a clear, non-retryable error."""
+    fifo = root / "pipe.jpg"
+    os.mkfifo(fifo)
+    d = daemon(sections={"worker": {"read_timeout_seconds": 30.0}})
+    # The scanner skips what is not a regular file; a queued job for it stands in for a
+    # file replaced by a FIFO after it was queued.
+    from daemon.queue import Database, JobQueue
+
+    db = Database(d.state_dir / "captiond.db")
+    JobQueue(db).enqueue(str(fifo), "wd_tagger", 100)
+    db.close()
+    d.start()
+    wait_for(lambda: d.totals().get("failed", 0) >= 1, timeout=20)
+    error = d.status()["recent_errors"][0]
+    assert Path(error["path"]).name == "pipe.jpg" and error["error_type"] == "io"
+    assert "not a regular file" in error["error"]
+    assert not (root / "pipe.txt").exists()

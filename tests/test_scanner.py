@@ -329,15 +329,16 @@ def test_unreadable_directory_is_kept(env, root: Path, monkeypatch) -> None:
     scanner, index, _ = env
     w = watch_of(root)
     scanner.reconcile(w)
-    real_open = os.open
-    blocked = str(root / "sub")
+    from daemon.confined import Root
 
-    def fake_open(path, flags, *a, **kw):
-        if str(path) == blocked:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_open(path, flags, *a, **kw)
+    real_open = Root.open_dir
 
-    monkeypatch.setattr(os, "open", fake_open)
+    def fake_open(self, root_fd, rel_dir):
+        if rel_dir == "sub":
+            raise PermissionError(13, "Permission denied", f"{self.path}/{rel_dir}")
+        return real_open(self, root_fd, rel_dir)
+
+    monkeypatch.setattr(Root, "open_dir", fake_open)
     st = scanner.reconcile(w)
     assert st.errors == 1
     assert st.removed == 0
@@ -485,10 +486,12 @@ def test_stale_sidecar_temps_are_removed_fresh_ones_kept(env, root: Path) -> Non
     fresh = mk(root / ".a.txt.deadbeef.captiond.tmp", b"being written")
     other = mk(root / ".hidden.tmp", b"not ours")
     os.utime(other, (1_000_000, 1_000_000))
+    short = mk(root / "sub" / ".captiond-0123456789abcdef.tmp", b"half")  # today's names
+    os.utime(short, (1_000_000, 1_000_000))
     scanner = Scanner(index, queue, stale_temps_before=2_000_000_000)
     os.utime(fresh, (2_100_000_000, 2_100_000_000))  # newer than the daemon's start
     scanner.reconcile(watch_of(root))
-    assert not old.exists()
+    assert not old.exists() and not short.exists()
     assert fresh.exists() and other.exists()
     # without a cut-off nothing is deleted
     os.utime(fresh, (1_000_000, 1_000_000))

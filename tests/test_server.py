@@ -18,12 +18,20 @@ from daemon.api.listeners import (
     AlreadyRunningError,
     ControlServer,
     SocketPathError,
-    create_health_server,
     peer_credentials,
 )
+from daemon.api.routes import health_handler
 from daemon.client import DaemonNotRunning, UnixHTTPConnection, request
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def create_health_server(path, mode, group, status_provider, health_provider=None):
+    """A ControlServer with the daemon's own /health handler and a /status route."""
+    srv = ControlServer(path, mode=mode, group=group)
+    srv.add_route("GET", "/health", health_handler(health_provider or dict))
+    srv.add_route("GET", "/status", lambda req: status_provider())
+    return srv
 
 
 @pytest.fixture

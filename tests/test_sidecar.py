@@ -3,17 +3,22 @@ import stat
 
 import pytest
 
+from daemon.confined import Folder, is_temp_name
 from daemon.hashing import sidecar_hash
-from daemon.pipeline.sidecars import (
-    Action,
-    candidate_paths,
-    decide,
-    merge,
-    precheck,
-    stage,
-    stem_siblings,
-    write_atomic,
-)
+from daemon.pipeline.sidecars import Action, decide, merge, precheck
+from daemon.pipeline.targets import siblings_of, stem_and_name_forms
+
+
+def write_atomic(target, text: str) -> str:
+    data = (text.rstrip("\n") + "\n").encode()
+    with Folder.at(target.parent) as folder:
+        folder.write_atomic(target.name, data)
+    return sidecar_hash(data)
+
+
+def stage(target, text: str):
+    folder = Folder.at(target.parent)
+    return folder.stage(target.name, (text + "\n").encode())
 
 
 def d(**kw):
@@ -115,13 +120,10 @@ def test_merge_dedupes_tags():
 
 
 def test_candidate_paths_and_siblings(tmp_path):
-    img = tmp_path / "a.jpg"
-    img.touch()
-    assert candidate_paths(img, "txt") == (tmp_path / "a.txt", tmp_path / "a.jpg.txt")
-    assert stem_siblings(img, ["jpg", "png"]) == []
-    (tmp_path / "a.PNG").touch()
-    (tmp_path / "a.txt").touch()
-    assert stem_siblings(img, ["jpg", "png"]) == [tmp_path / "a.PNG"]
+    assert stem_and_name_forms("a.jpg", "txt") == ("a.txt", "a.jpg.txt")
+    assert siblings_of("a.jpg", ["a.jpg"], ["jpg", "png"]) == []
+    names = ["a.jpg", "a.PNG", "a.txt", "a.b.png"]
+    assert siblings_of("a.jpg", names, ["jpg", "png"]) == ["a.PNG"]
 
 
 def test_write_atomic(tmp_path):
@@ -147,7 +149,7 @@ def test_write_atomic_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch)
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "replace", boom)
+    monkeypatch.setattr(os, "rename", boom)
     with pytest.raises(OSError):
         write_atomic(target, "new")
     assert target.read_text() == "old\n"
@@ -156,8 +158,10 @@ def test_write_atomic_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch)
 
 def test_stage_then_discard_leaves_nothing(tmp_path):
     staged = stage(tmp_path / "a.txt", "x")
-    assert staged.tmp.exists() and not (tmp_path / "a.txt").exists()
+    assert (tmp_path / staged.tmp).exists() and not (tmp_path / "a.txt").exists()
+    assert is_temp_name(staged.tmp) and len(staged.tmp) < 32  # short, whatever the name
     staged.discard()
+    staged.folder.close()
     assert list(tmp_path.iterdir()) == []
 
 

@@ -14,6 +14,7 @@ from daemon.errors import ModelDownloadError
 from daemon.generators.registry import Discovered
 from daemon.queue import Database, FileIndex, JobQueue
 from daemon.residency.manager import ModelManager
+from daemon.pipeline.caption import CaptionPipeline
 from daemon.worker import Worker
 from tests.daemonproc import make_image, wait_for
 from tests.fakegen import EchoConfig, EchoGenerator
@@ -183,7 +184,7 @@ def test_append_keeps_the_persons_words_when_the_image_changes(tmp_path):
 
 
 def test_crash_after_recording_before_rename_is_recovered(tmp_path, monkeypatch):
-    from daemon.pipeline import sidecars as sidecar
+    from daemon import confined
 
     rig = Rig(tmp_path)
     p = rig.add("a.png")
@@ -198,7 +199,7 @@ def test_crash_after_recording_before_rename_is_recovered(tmp_path, monkeypatch)
     make_image(p, "blue", size=(80, 60))
     rig.queue.enqueue(str(p), "echo", 100)
     with monkeypatch.context() as m:
-        m.setattr(sidecar.Staged, "commit", lambda self: (_ for _ in ()).throw(OSError(5, "EIO")))
+        m.setattr(confined.Staged, "commit", lambda self: (_ for _ in ()).throw(OSError(5, "EIO")))
         with rig.restart():
             wait_for(lambda: job().state == "pending" and job().error_type == "io")
     assert p.with_suffix(".txt").read_text() == first  # old content; the record moved on
@@ -297,20 +298,21 @@ def test_a_hung_read_fails_alone_and_the_others_go_on(tmp_path, monkeypatch):
     rig = Rig(tmp_path, read_timeout_seconds=0.5, decode_workers=1, batch_size=2)
     rig.queue.max_attempts = 1  # fail once and stay failed: easy to see
     release = threading.Event()
-    original = Worker._prepare
+    original = CaptionPipeline.prepare
     released: list[list[int]] = []
     original_release = rig.queue.release
 
-    def prepare(self, gen, item):
-        if item.job.path.endswith("hang.png"):
+    def prepare(self, item):
+        if item.path.endswith("hang.png"):
+            item.started = time.monotonic()  # the read timeout counts from here
             release.wait(30)
-        return original(self, gen, item)
+        return original(self, item)
 
     def spy_release(ids, **kw):
         released.append(list(ids))
         return original_release(ids, **kw)
 
-    monkeypatch.setattr(Worker, "_prepare", prepare)
+    monkeypatch.setattr(CaptionPipeline, "prepare", prepare)
     monkeypatch.setattr(rig.queue, "release", spy_release)
     rig.add("hang.png")  # enqueued first: claimed first, in the first batch
     for i in range(5):
@@ -338,13 +340,14 @@ def test_time_waiting_for_a_decode_thread_is_not_read_time(tmp_path, monkeypatch
     """Six images of 0.3 s each on one decode thread, a 0.5 s read limit: the last one
     waits 1.5 s for the thread, but none of them is slow, so none is given up."""
     rig = Rig(tmp_path, read_timeout_seconds=0.5, decode_workers=1, batch_size=8)
-    original = Worker._prepare
+    original = CaptionPipeline.prepare
 
-    def slow(self, gen, item):
+    def slow(self, item):
+        item.started = time.monotonic()
         time.sleep(0.3)
-        return original(self, gen, item)
+        return original(self, item)
 
-    monkeypatch.setattr(Worker, "_prepare", slow)
+    monkeypatch.setattr(CaptionPipeline, "prepare", slow)
     for i in range(6):
         rig.add(f"s{i}.png")
     with rig:

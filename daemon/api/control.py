@@ -1,9 +1,13 @@
-"""The control facade: what the API may do to a running daemon, in one place.
+"""The control facade: what the API may do to a running daemon, in one place, without
+HTTP.
 
-Everything the HTTP handlers change goes through here: explicit caption requests
-(through the queue and the worker, never around them), caption files a person writes
-or removes, settings changed at run time (persisted in ``RuntimeSettings``), and queue
-control. Handlers only parse and authorise.
+It is given the daemon's parts (queue, index, worker, models, scans, settings and the
+persisted overrides) and calls their public methods only. Everything the API changes
+goes through here: explicit caption requests (through the queue and the worker, never
+around them), caption files a person writes or removes (through the caption pipeline's
+target rule and its confined atomic write), settings changed at run time (persisted in
+``Overrides``) and queue control. It returns plain results and raises
+:class:`~daemon.api.problems.Problem`; the routes turn both into HTTP.
 
 Threading: handlers run on the server's threads. Changes that touch what the worker
 uses are handed to the worker (``Worker.call_soon``: a generator swap runs between
@@ -12,34 +16,27 @@ batches) or are a single reference swap (the post-processing pipelines).
 
 from __future__ import annotations
 
-import json
-import os
 import re
+import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
-from daemon.api.http import HTTPError, Response
+from daemon.api.problems import Problem
 from daemon.api.requests import CaptionRequest, RequestRegistry
-from daemon.api.schemas import (
-    APIError,
-    BatchItem,
-    BatchRequest,
-    PostProcessUpdate,
-    validation_details,
-)
+from daemon.api.schemas import BatchItem, BatchRequest, PostProcessUpdate, validation_details
 from daemon.api.security import (
     SINGLE_ROOT,
     Authoriser,
     ImageRef,
     api_path,
-    check_sidecar_path,
     resolve_admin_group,
     resolve_image,
 )
@@ -54,17 +51,17 @@ from daemon.config import (
     discover_generators,
     generator_config,
 )
-from daemon.generators.base import WeightClass
+from daemon.confined import Root
 from daemon.generators.registry import Discovered
-from daemon.hashing import content_hash_file, sidecar_hash
-from daemon.overrides import RuntimeSettings
-from daemon.pipeline.sidecars import candidate_paths, stage, stem_siblings
+from daemon.hashing import content_hash, sidecar_hash
+from daemon.overrides import FILE_ONLY_KEYS, Overrides
+from daemon.pipeline.targets import sidecar_target
+from daemon.queue import CaptionRecord, FileIndex, JobQueue
+from daemon.residency.manager import ModelManager, ReconfigureError
 from daemon.residency.slot import ModelSlot, ModelState
-from daemon.scanning.scheduler import ScanRequest
+from daemon.scanning.scheduler import ScanRequest, ScanScheduler
 from daemon.text.postprocess import STEPS
-
-if TYPE_CHECKING:
-    from daemon.app import Daemon
+from daemon.worker import Worker
 
 log = structlog.get_logger(__name__)
 
@@ -74,122 +71,92 @@ HUMAN_EDIT = "human-edit"
 _EXT_RE = re.compile(r"[\w+-]+(\.[\w+-]+)*")
 BATCH_POLL_SECONDS = 0.5
 SYNC_SLICE_SECONDS = 0.25
-# Settings that choose code or weights to load (a model folder or repository may carry
-# Python code or pickles; .pt detectors are torch pickles): config.toml only, never the
-# API, which admin-group members and TCP token holders may use.
-FILE_ONLY_KEYS = (
-    "model",
-    "revision",
-    "trust_remote_code",
-    "detector_model",
-    "tagger",
-    "describer",
-    "use",
-)
-
-# error_type -> HTTP status of a failed explicit request
-_STATUS = {
-    "caption_exists": 409,
-    "caption_edited": 409,
-    "bad_image": 422,
-    "model_unavailable": 503,
-    "cancelled": 409,
-    "unexpected": 500,
-    "worker_crash": 500,
-}
 
 
-def apply_runtime_settings(settings: Settings, runtime: RuntimeSettings) -> list[str]:
-    """Put persisted API changes over the configuration file, before the parts are
-    built. Entries that no longer validate are skipped with a warning (returned)."""
-    warnings = []
-    known = discover_generators(settings)
-    for name, table in runtime.generators.items():
-        found = known.get(name)
-        locked = sorted(k for k in table if k in FILE_ONLY_KEYS)
-        if locked:  # written by an older version: the configuration file decides these
-            warnings.append(
-                f"runtime settings for generator {name}: {', '.join(locked)} ignored "
-                "(set only in config.toml)"
-            )
-            table = {k: v for k, v in table.items() if k not in FILE_ONLY_KEYS}
-        merged = settings.generators.get(name, {}) | table
-        if found is not None and found.cls is not None:
-            try:
-                found.cls.config_model.model_validate(
-                    {k: v for k, v in merged.items() if k != "use"}
-                )
-            except ValidationError as exc:
-                warnings.append(f"runtime settings for generator {name} ignored: {exc}")
-                continue
-        settings.generators[name] = merged
-    if runtime.postprocess is not None:
-        try:
-            settings.postprocess = PostProcessConfig.model_validate(runtime.postprocess)
-        except ValidationError as exc:
-            warnings.append(f"runtime post-processing settings ignored: {exc}")
-    for w in warnings:
-        log.warning("runtime_settings_skipped", reason=w)
-    return warnings
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """An explicit request that did not finish within the synchronous wait."""
 
-
-def _event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    request_id: str
+    message: str
+    error_type: str
 
 
 class Control:
-    def __init__(self, daemon: Daemon, runtime: RuntimeSettings) -> None:
-        self.daemon = daemon
-        self.settings: Settings = daemon.settings
-        self.queue = daemon.queue
-        self.index = daemon.index
-        self.worker = daemon.worker
-        self.models = daemon.models
-        self.scans = daemon.scans
-        self.watches: list[WatchConfig] = list(self.settings.watch)
-        self.runtime = runtime
-        self.requests = RequestRegistry(self.queue)
-        self.auth = Authoriser(resolve_admin_group(self.settings.api.admin_group))
-        self.discovered: dict[str, Discovered] = discover_generators(self.settings)
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        queue: JobQueue,
+        index: FileIndex,
+        worker: Worker,
+        models: ModelManager,
+        scans: ScanScheduler,
+        overrides: Overrides,
+        file_settings: Settings | None = None,
+        conditions: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """``file_settings``: the settings as the configuration file gave them, before
+        the overrides (what ``reset_overrides`` returns to)."""
+        self.settings = settings
+        self.file_settings = file_settings or settings.model_copy(deep=True)
+        self.queue = queue
+        self.index = index
+        self.worker = worker
+        self.models = models
+        self.scans = scans
+        self.watches: list[WatchConfig] = list(settings.watch)
+        self.overrides = overrides
+        self.conditions = conditions
+        self.requests = RequestRegistry(queue)
+        self.auth = Authoriser(resolve_admin_group(settings.api.admin_group))
+        self.discovered: dict[str, Discovered] = discover_generators(settings)
         self._lock = threading.Lock()  # serialises changes to settings
-        self.worker.on_result = self.requests.on_result
+        worker.on_result = self.requests.on_result
         names = {w.name for w in self.watches}
-        self.runtime.paused_roots = [r for r in runtime.paused_roots if r in names]
+        overrides.paused_roots = [r for r in overrides.paused_roots if r in names]
         self._apply_pause()
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _watch(self, name: str) -> WatchConfig:
+    def watch_named(self, name: str) -> WatchConfig:
         if name == SINGLE_ROOT and len(self.watches) == 1:
             return self.watches[0]
         for w in self.watches:
             if w.name == name:
                 return w
-        raise APIError(404, f"no watched root named {name!r}")
+        raise Problem("not_found", f"no watched root named {name!r}")
+
+    def image(self, rel: str) -> ImageRef:
+        """An image named by a client (``ROOT/sub/file.png``), checked to be inside its root."""
+        return resolve_image(self.watches, rel)
 
     def _rel(self, watch: WatchConfig, path: Path | str) -> str:
         return api_path(watch, path)
 
-    def _slot(self, name: str) -> ModelSlot:
+    def slot(self, name: str) -> ModelSlot:
         slot = self.models.get(name)
         if slot is None:
             if name in self.discovered:
-                raise APIError(
-                    422,
-                    f"generator {name!r} is not enabled in this daemon: add it to a "
-                    "watch's generators or to worker.preload",
+                raise Problem(
+                    "invalid",
+                    f"generator {name!r} is available but not in use: add it to a watch's "
+                    f'generators (e.g. generators = ["wd_tagger", "{name}"] in a [[watch]] '
+                    "table) or to worker.preload in config.toml, then restart captiond",
                     "model_unavailable",
                 )
-            raise APIError(404, f"unknown generator {name!r}", "not_found")
+            raise Problem("not_found", f"unknown generator {name!r}", "not_found")
         if slot.generator is None or slot.state is ModelState.UNAVAILABLE:
-            raise APIError(
-                503, f"generator {name} is unavailable: {slot.reason}", "model_unavailable"
+            raise Problem(
+                "unavailable",
+                f"generator {name} is unavailable: {slot.reason}",
+                "model_unavailable",
             )
         return slot
 
     def _generator_for(self, watch: WatchConfig, name: str | None) -> ModelSlot:
         name = name or watch.generators[0]
-        slot = self._slot(name)
+        slot = self.slot(name)
         if name not in watch.generators:
             gen = slot.generator
             assert gen is not None
@@ -201,12 +168,25 @@ class Control:
                     and o.generator
                     and watch.extension_for(other, o.generator.caption_type) == ext
                 ):
-                    raise APIError(
-                        422,
+                    raise Problem(
+                        "invalid",
                         f"generator {name} would write the same .{ext} sidecar as {other} in "
                         f"root {watch.name}",
                     )
         return slot
+
+    def roots(self) -> list[dict[str, Any]]:
+        """The watched roots as the daemon resolved them (canonical paths)."""
+        return [
+            {
+                "name": w.name,
+                "path": str(w.path),
+                "generators": list(w.generators),
+                "image_extensions": list(w.image_extensions),
+                "paused": w.name in self.overrides.paused_roots or self.overrides.paused,
+            }
+            for w in self.watches
+        ]
 
     # -- generators --------------------------------------------------------------------
 
@@ -229,17 +209,18 @@ class Control:
             out.append(
                 {
                     "name": name,
-                    "caption_type": getattr(cls, "caption_type", None),
+                    "caption_type": gen.caption_type if gen else getattr(cls, "caption_type", None),
                     "description": getattr(cls, "description", None),
                     "version": getattr(cls, "version", None),
                     "available": bool(avail.ok) and status.get("available", True),
                     "reason": avail.reason or status.get("reason", ""),
                     "loaded": bool(status.get("loaded", False)),
                     "state": status.get("state", "not_in_use"),
-                    "weight": cls.weight.value if cls is not None else None,
+                    "weight": gen.weight.value if gen else (cls.weight.value if cls else None),
                     "in_use": slot is not None,
                     "config_schema": cls.config_model.model_json_schema() if cls else None,
                     "config": config,
+                    "overrides": sorted(self.overrides.generators.get(name, {})),
                     "last_error": status.get("last_error"),
                 }
             )
@@ -247,14 +228,12 @@ class Control:
 
     # -- one caption -------------------------------------------------------------------
 
-    def _existing_conflict(self, ref: ImageRef, slot: ModelSlot) -> Path | None:
-        gen = slot.generator
-        assert gen is not None
-        target = self.worker.sidecar_target(str(ref.path), gen)
-        return target if os.path.lexists(target) else None
+    def _existing_conflict(self, ref: ImageRef, slot: ModelSlot) -> str | None:
+        info = self.worker.sidecar_of(str(ref.path), slot.name)
+        return info.path if info.exists else None
 
     def _paused_for(self, watch: WatchConfig) -> bool:
-        return self.worker.paused or watch.name in self.runtime.paused_roots
+        return self.worker.paused or watch.name in self.overrides.paused_roots
 
     def _new_request(
         self, ref: ImageRef, slot: ModelSlot, force: bool, post_process: bool, batch: str | None
@@ -274,73 +253,72 @@ class Control:
 
     def generate(
         self, ref: ImageRef, generator: str | None, *, force: bool, post_process: bool
-    ) -> Response:
+    ) -> dict[str, Any] | Queued:
+        """Caption one image now: its result, or :class:`Queued` when it is not done
+        within ``api.sync_wait_seconds`` (or cannot be: paused, model loading)."""
         slot = self._generator_for(ref.watch, generator)
         if not force and (target := self._existing_conflict(ref, slot)) is not None:
-            raise APIError(
-                409,
-                f"{target.name} already exists; use force=true to replace it",
+            raise Problem(
+                "conflict",
+                f"{Path(target).name} already exists; use force=true to replace it",
                 "caption_exists",
                 extra={"sidecar": self._rel(ref.watch, target)},
             )
         req = self._new_request(ref, slot, force, post_process, None)
         self.worker.wake()
-        waiting = self._waiting_reason(slot, ref.watch)
+        waiting = self.waiting_reason(slot, ref.watch)
         deadline = time.monotonic() + self.settings.api.sync_wait_seconds
         while waiting is None:
             left = deadline - time.monotonic()
             if self.requests.wait(req, min(max(left, 0.0), SYNC_SLICE_SECONDS)):
-                return self._result_response(req)
+                return dict(req.result or {})
             if left <= SYNC_SLICE_SECONDS:
                 break
             # A load that started meanwhile (a download may take long): answer queued.
-            waiting = self._waiting_reason(slot, ref.watch)
+            waiting = self.waiting_reason(slot, ref.watch)
         if waiting is None:
             waiting = (
                 f"still running after {self.settings.api.sync_wait_seconds:g} s",
                 "timeout",
             )
         message, error_type = waiting
-        body = {
-            "success": False,
-            "queued": True,
-            "request_id": req.id,
-            "message": f"{message}; the request is queued (ID {req.id}): follow it with "
-            f"GET /api/caption-request-status/{req.id}",
-            "error": f"Request queued (ID: {req.id})",
-            "error_type": error_type,
-            "retryable": True,
-        }
-        return Response(202, body, {"Location": f"/api/caption-request-status/{req.id}"})
+        return Queued(req.id, message, error_type)
 
-    def _waiting_reason(self, slot: ModelSlot, watch: WatchConfig) -> tuple[str, str] | None:
+    def waiting_reason(self, slot: ModelSlot, watch: WatchConfig) -> tuple[str, str] | None:
         """Why an answer now is unlikely (answer queued at once), or None."""
-        if self._paused_for(watch):
-            return "the queue is paused", "paused"
+        if self.worker.paused:
+            return "the queue is paused (captiond resume)", "paused"
+        if watch.name in self.overrides.paused_roots:
+            return f"the folder {watch.name} is paused (captiond resume {watch.name})", "paused"
+        if self.conditions is not None:
+            for scope, c in self.conditions().items():
+                if scope in (watch.name, "state"):
+                    return (
+                        f"{c['message']} (since {c['since_text']}); captiond resumes by itself",
+                        c["kind"],
+                    )
         state = slot.state
         if state is ModelState.LOADED or state.value == "unloaded":
             return None  # loads on its next job (the loop above notices a long load)
         if state is ModelState.FAILED and slot.last_error is not None:
             err = slot.last_error
+            retry = slot.status().get("next_retry_in_seconds")
+            when = f"; next try in {retry:g} s" if retry is not None else ""
             return (
-                f"model {slot.name} could not be loaded ({err.error_type.value}: {err.message}); "
-                "it is retried automatically",
+                f"model {slot.name} could not be loaded ({err.error_type.value}: {err.message})"
+                f"{when}; it is retried automatically",
                 err.error_type.value,
             )
+        if slot.breaker.state.value == "open":
+            return f"model {slot.name} keeps failing: {slot.why_not()}", "model_unavailable"
         return f"model {slot.name} is {state.value}", "model_loading"
-
-    def _result_response(self, req: CaptionRequest) -> Response:
-        result = dict(req.result or {})
-        if result.get("success"):
-            return Response(200, result)
-        error_type = result.get("error_type", "unexpected")
-        status = _STATUS.get(error_type, 503 if result.get("retryable") else 422)
-        return Response(status, result)
 
     def request_status(self, rid: str) -> dict[str, Any]:
         req = self.requests.get(rid)
         if req is None:
-            raise APIError(404, f"no caption request {rid!r} (finished ones are kept an hour)")
+            raise Problem(
+                "not_found", f"no caption request {rid!r} (finished ones are kept an hour)"
+            )
         return req.to_json()
 
     def request_queue_status(self) -> dict[str, Any]:
@@ -352,36 +330,38 @@ class Control:
             "requests": [r.to_json() for r in reqs if not r.finished]
             + [r.to_json() for r in reqs if r.finished][-50:],
             "counts": counts,
-            "queue": self.daemon._queue_totals(),
+            "queue": self.queue.totals(),
             "paused": self.worker.paused,
-            "paused_roots": list(self.runtime.paused_roots),
+            "paused_roots": list(self.overrides.paused_roots),
         }
 
     def cancel_request(self, rid: str) -> dict[str, Any]:
         req = self.requests.get(rid)
         if req is None:
-            raise APIError(404, f"no caption request {rid!r}")
+            raise Problem("not_found", f"no caption request {rid!r}")
         outcome = self.requests.cancel(req)
         if outcome == "running":
-            raise APIError(409, "the request is already being captioned", "conflict")
+            raise Problem("conflict", "the request is already being captioned", "conflict")
         if outcome == "finished" and req.state != "cancelled":
-            raise APIError(409, f"the request already finished ({req.state})", "conflict")
+            raise Problem("conflict", f"the request already finished ({req.state})", "conflict")
         return req.to_json()
 
     # -- batches -------------------------------------------------------------------------
 
-    def batch(self, body: BatchRequest) -> Response:
+    def batch(self, body: BatchRequest) -> Iterator[dict[str, Any] | None]:
+        """Start a batch: an iterator of events (``start``, ``item_complete``...,
+        ``complete``, and ``waiting`` when nothing can progress, with the reason); a
+        ``None`` asks the caller to check that the client is still there. Closing the
+        iterator early cancels what has not started."""
         if len(body.items) > self.settings.api.max_batch_items:
-            raise APIError(
-                413, f"at most {self.settings.api.max_batch_items} items per batch", "invalid"
+            raise Problem(
+                "too_large",
+                f"at most {self.settings.api.max_batch_items} items per batch",
+                "invalid",
             )
         if body.generator is not None:
-            self._slot(body.generator)  # an unknown generator fails the whole request
-        return Response(
-            200,
-            stream=self._batch_stream(body),
-            content_type="text/plain; charset=utf-8",
-        )
+            self.slot(body.generator)  # an unknown generator fails the whole request
+        return self._batch_stream(body)
 
     @staticmethod
     def _item_path(item: str | BatchItem) -> str:
@@ -390,25 +370,25 @@ class Control:
         folder = item.path.strip("/")
         return f"{folder or SINGLE_ROOT}/{item.name}"
 
-    def _batch_stream(self, body: BatchRequest) -> Iterator[bytes | None]:
+    def _batch_stream(self, body: BatchRequest) -> Iterator[dict[str, Any] | None]:
         batch_id = str(uuid.uuid4())
         force, post_process = body.config.force, body.config.post_process
         total = len(body.items)
         counts = {"successful": 0, "failed": 0, "skipped": 0}
-        pending: dict[str, tuple[int, CaptionRequest]] = {}
+        pending: dict[str, tuple[int, CaptionRequest, ModelSlot, WatchConfig]] = {}
         seen: dict[tuple[str, str], int] = {}  # (image, generator) -> first item index
         started = time.monotonic()
 
-        def item_event(index: int, result: dict[str, Any]) -> bytes:
+        def item_event(index: int, result: dict[str, Any]) -> dict[str, Any]:
             if result.get("skipped"):
                 counts["skipped"] += 1
             elif result.get("success"):
                 counts["successful"] += 1
             else:
                 counts["failed"] += 1
-            return _event({"type": "item_complete", "index": index, "item_result": result})
+            return {"type": "item_complete", "index": index, "item_result": result}
 
-        yield _event({"type": "start", "total": total, "batch_id": batch_id})
+        yield {"type": "start", "total": total, "batch_id": batch_id}
         try:
             for i, item in enumerate(body.items):
                 rel = self._item_path(item)
@@ -444,14 +424,14 @@ class Control:
                                 "path": ref.rel,
                                 "generator": slot.name,
                                 "sidecar": self._rel(ref.watch, target),
-                                "error": f"{target.name} already exists",
+                                "error": f"{Path(target).name} already exists",
                                 "error_type": "caption_exists",
                                 "retryable": False,
                             },
                         )
                         continue
                     req = self._new_request(ref, slot, force, post_process, batch_id)
-                except HTTPError as exc:
+                except Problem as exc:
                     yield item_event(
                         i,
                         {
@@ -464,25 +444,36 @@ class Control:
                         },
                     )
                     continue
-                pending[req.id] = (i, req)
+                pending[req.id] = (i, req, slot, ref.watch)
                 self.worker.wake()
+            told: str | None = None
             while pending:
-                done = self.requests.wait_any([r for _, r in pending.values()], BATCH_POLL_SECONDS)
+                reqs = [r for _, r, _, _ in pending.values()]
+                done = self.requests.wait_any(reqs, BATCH_POLL_SECONDS)
                 for req in done:
-                    i, _ = pending.pop(req.id)
+                    i, _, _, _ = pending.pop(req.id)
                     yield item_event(i, dict(req.result or {}))
+                if not done and pending:
+                    _, _, slot, watch = next(iter(pending.values()))
+                    why = self.waiting_reason(slot, watch)
+                    text = why[0] if why else None
+                    if text != told and why is not None:
+                        told = text
+                        yield {"type": "waiting", "message": why[0], "error_type": why[1]}
+                    elif why is None:
+                        told = None
                 yield None  # notice a client that went away while we wait
-            yield _event(
-                {
-                    "type": "complete",
-                    "processed": total,
-                    **counts,
-                    "processing_time": round(time.monotonic() - started, 3),
-                }
-            )
+            yield {
+                "type": "complete",
+                "processed": total,
+                **counts,
+                "processing_time": round(time.monotonic() - started, 3),
+            }
         finally:
             # Client gone (GeneratorExit) or an error: cancel what has not started.
-            cancelled = sum(self.requests.cancel(req) == "cancelled" for _, req in pending.values())
+            cancelled = sum(
+                self.requests.cancel(req) == "cancelled" for _, req, _, _ in pending.values()
+            )
             if cancelled:
                 log.info("batch_cancelled", batch=batch_id, cancelled=cancelled)
 
@@ -498,7 +489,7 @@ class Control:
                 slot = self.models.get(g)
                 ctype = slot.generator.caption_type if slot and slot.generator else g
                 required.add(w.extension_for(g, ctype))
-        user = sorted(set(self.runtime.caption_types))
+        user = sorted(set(self.overrides.caption_types))
         return {"types": sorted(required | set(user)), "user": user, "required": sorted(required)}
 
     def set_caption_types(self, types: list[str]) -> dict[str, Any]:
@@ -515,72 +506,106 @@ class Control:
             else:
                 cleaned.append(e)
         if problems:
-            raise APIError(422, "invalid caption types", details=problems)
+            raise Problem("invalid", "invalid caption types", details=problems)
         with self._lock:
-            self.runtime.caption_types = sorted(set(cleaned))
-            self.runtime.save()
+            self.overrides.caption_types = sorted(set(cleaned))
+            self.overrides.save()
         return self.caption_types()
 
     def _check_type(self, ctype: str) -> str:
         ctype = ctype.strip().lstrip(".")
         if ctype not in self.caption_types()["types"]:
-            raise APIError(
-                422,
+            raise Problem(
+                "invalid",
                 f"unknown caption type {ctype!r}; recognised: {self.caption_types()['types']} "
                 "(POST /api/caption-types to add one)",
             )
         return ctype
 
-    def _sidecar_for(self, ref: ImageRef, ctype: str) -> tuple[Path, list[str]]:
-        """The file of caption type ``ctype`` for an image, and the generators writing it."""
-        targets: dict[Path, list[str]] = {}
+    def _sidecar_for(self, ref: ImageRef, ctype: str) -> tuple[str, list[str]]:
+        """The file of caption type ``ctype`` for an image (absolute), and the generators
+        writing it: the caption pipeline's own target rule."""
         for g in ref.watch.generators:
             slot = self.models.get(g)
             if slot is None or slot.generator is None:
                 continue
             if ref.watch.extension_for(g, slot.generator.caption_type) == ctype:
-                t = self.worker.sidecar_target(str(ref.path), slot.generator)
-                targets.setdefault(t, []).append(g)
-        if targets:
-            target = next(iter(targets))
-            return target, targets[target]
-        stem_form, name_form = candidate_paths(ref.path, ctype)
-        if ref.watch.sidecar_naming == "name" or stem_siblings(
-            ref.path, ref.watch.image_extensions
-        ):
-            return name_form, []
-        return stem_form, []
+                path = self.worker.sidecar_of(str(ref.path), g).path
+                gens = [
+                    o
+                    for o in ref.watch.generators
+                    if (s := self.models.get(o)) is not None
+                    and s.generator is not None
+                    and ref.watch.extension_for(o, s.generator.caption_type) == ctype
+                ]
+                return path, gens
+        root = Root(str(ref.watch.path), ref.watch.follow_symlinks)
+        rel_dir = root.rel(str(ref.path)).rpartition("/")[0]
+        with root.folder(rel_dir) as folder:
+            siblings = folder.stem_siblings(ref.path.name, ref.watch.image_extensions)
+        target = sidecar_target(
+            ref.path.name,
+            ctype,
+            naming=ref.watch.sidecar_naming,
+            record=None,
+            siblings=siblings,
+            stem_owner=None,
+            folder_path=str(ref.path.parent),
+        )
+        return f"{ref.path.parent}/{target.name}", []
 
     def write_caption(self, ref: ImageRef, ctype: str, caption: str) -> dict[str, Any]:
         ctype = self._check_type(ctype)
         if "\x00" in caption:
-            raise APIError(422, "the caption contains a NUL character")
+            raise Problem("invalid", "the caption contains a NUL character")
         # On the worker's writer thread: serialised with its read-decide-write of the
         # same sidecar, so neither overwrites the other's file or record.
         return self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
 
+    def _folder(self, ref: ImageRef, sidecar: str) -> tuple[Any, str]:
+        root = Root(str(ref.watch.path), ref.watch.follow_symlinks)
+        rel = root.rel(sidecar)
+        rel_dir, _, name = rel.rpartition("/")
+        if f"{root.path.rstrip('/')}/{rel_dir}".rstrip("/") != str(ref.path.parent).rstrip("/"):
+            raise Problem("forbidden", "the sidecar would not be beside its image")
+        return root.open_folder(rel_dir), name
+
     def _write_caption(self, ref: ImageRef, ctype: str, caption: str) -> dict[str, Any]:
         target, generators = self._sidecar_for(ref, ctype)
-        check_sidecar_path(ref, target)
-        staged = stage(target, caption, owner_of=ref.path)
-        try:
-            # Recorded as a person's caption: captiond never overwrites it automatically.
-            image_hash = None
+        folder, name = self._folder(ref, target)
+        with folder:
+            st = folder.lstat(name)
+            if st is not None and not _regular(st.st_mode):
+                raise Problem(
+                    "forbidden" if _link(st.st_mode) else "conflict",
+                    f"{name} is not a regular file; refusing to follow or replace it",
+                )
+            data = (caption.rstrip("\n") + "\n").encode("utf-8")
+            image_data = None
+            records = []
             for g in generators:
                 rec = self.index.get_caption(str(ref.path), g)
                 if rec is not None:
                     content = rec.content_hash
                 else:
-                    image_hash = image_hash or content_hash_file(ref.path)
-                    content = image_hash
-                self.index.record_caption(
-                    str(ref.path), g, content, str(target), f"{HUMAN_EDIT}:{staged.digest}"
+                    if image_data is None:
+                        image_data, _ = folder.read_file(ref.path.name)
+                    content = content_hash(image_data)
+                records.append(
+                    CaptionRecord(
+                        str(ref.path), g, content, target, f"{HUMAN_EDIT}:{sidecar_hash(data)}", 0.0
+                    )
                 )
-            staged.commit()
-        except BaseException:
-            staged.discard()
-            raise
-        log.info("caption_put", path=str(ref.path), sidecar=str(target), generators=generators)
+            staged = folder.stage(name, data)
+            try:
+                # Recorded as a person's caption: captiond never overwrites it automatically.
+                self.index.record_captions(records)
+                staged.commit()
+            except BaseException:
+                staged.discard()
+                raise
+            folder.sync()
+        log.info("caption_put", path=str(ref.path), sidecar=target, generators=generators)
         return {
             "success": True,
             "path": ref.rel,
@@ -595,17 +620,19 @@ class Control:
 
     def _delete_caption(self, ref: ImageRef, ctype: str) -> dict[str, Any]:
         target, _ = self._sidecar_for(ref, ctype)
-        check_sidecar_path(ref, target)
-        try:
-            os.unlink(target)
-        except FileNotFoundError:
-            raise APIError(404, f"no {ctype} caption for {ref.rel}") from None
-        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        log.info("caption_deleted", path=str(ref.path), sidecar=str(target))
+        folder, name = self._folder(ref, target)
+        with folder:
+            st = folder.lstat(name)
+            if st is None:
+                raise Problem("not_found", f"no {ctype} caption for {ref.rel}")
+            if not _regular(st.st_mode):
+                raise Problem(
+                    "forbidden" if _link(st.st_mode) else "conflict",
+                    f"{name} is not a regular file; refusing to remove it",
+                )
+            folder.unlink(name)
+            folder.sync()
+        log.info("caption_deleted", path=str(ref.path), sidecar=target)
         return {"success": True, "path": ref.rel, "sidecar": self._rel(ref.watch, target)}
 
     # -- generator configuration ---------------------------------------------------------
@@ -613,11 +640,13 @@ class Control:
     def set_generator_config(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
         found = self.discovered.get(name)
         if found is None:
-            raise APIError(404, f"unknown generator {name!r}", "not_found")
+            raise Problem("not_found", f"unknown generator {name!r}", "not_found")
         cls = found.cls
         if cls is None:
-            raise APIError(
-                503, f"generator {name} is unavailable: {found.error}", "model_unavailable"
+            raise Problem(
+                "unavailable",
+                f"generator {name} is unavailable: {found.error}",
+                "model_unavailable",
             )
         with self._lock:
             current = self.settings.generators.get(name, {})
@@ -629,8 +658,8 @@ class Control:
                     {k: v for k, v in merged.items() if k != "use"}
                 )
             except ValidationError as exc:
-                raise APIError(
-                    422,
+                raise Problem(
+                    "invalid",
                     f"invalid configuration for {name}: {exc.error_count()} problem(s)",
                     details=validation_details(exc),
                 ) from None
@@ -640,21 +669,58 @@ class Control:
             for key in FILE_ONLY_KEYS:
                 if key in body and key != "use" and new_json.get(key) != old_json.get(key):
                     raise self._file_only(name, key)
-            self._check_same_kind(name, cls, config, old, body)
+            self._check_extensions(name, cls, config)
+            applied = self._reconfigure(name, config)
             self.settings.generators[name] = merged
-            # Only what the API may change is persisted: config.toml keeps the rest.
-            self.runtime.generators[name] = {
-                k: v for k, v in merged.items() if k not in FILE_ONLY_KEYS
-            }
-            self.runtime.save()
-        applied = self._reset_generator(name, cls, config)
-        log.info("generator_config_changed", generator=name, applied=applied)
+            # Only what was changed through the API is persisted: config.toml keeps the rest.
+            changed = {k: v for k, v in body.items() if k not in FILE_ONLY_KEYS}
+            self.overrides.generators[name] = self.overrides.generators.get(name, {}) | changed
+            self.overrides.save()
+        log.info("generator_config_changed", generator=name, keys=sorted(body), applied=applied)
         return {"generator": name, "config": config.model_dump(mode="json"), "applied": applied}
 
+    def reset_overrides(self, generator: str | None, key: str | None) -> dict[str, Any]:
+        """Drop settings changed through the API (all; a generator's, or ``postprocess``;
+        or one key of them): the configuration file's values apply again, now."""
+        if generator not in (None, "postprocess") and generator not in self.discovered:
+            raise Problem("not_found", f"unknown generator {generator!r}", "not_found")
+        with self._lock:
+            dropped = self.overrides.reset(generator, key)
+            if key is not None and not dropped:
+                raise Problem("not_found", f"{generator}.{key} is not overridden", "not_found")
+            self.overrides.save()
+            gens = (
+                [generator]
+                if generator not in (None, "postprocess")
+                else [g for g in self.settings.generators if generator is None]
+            )
+            for name in gens:
+                table = self.file_settings.generators.get(name, {}) | self.overrides.generators.get(
+                    name, {}
+                )
+                found = self.discovered.get(name)
+                if found is None or found.cls is None:
+                    continue
+                config = found.cls.config_model.model_validate(
+                    {k: v for k, v in table.items() if k != "use"}
+                )
+                self._reconfigure(name, config)
+                self.settings.generators[name] = table
+            if generator in (None, "postprocess"):
+                pp = PostProcessConfig.model_validate(
+                    self.file_settings.postprocess.model_dump() | (self.overrides.postprocess or {})
+                )
+                self.settings.postprocess = pp
+                self.worker.set_postprocess(pp)
+            if generator is None:
+                self._apply_pause()
+        log.info("overrides_reset", dropped=dropped)
+        return {"dropped": dropped, "active": self.overrides.active()}
+
     @staticmethod
-    def _file_only(name: str, key: str) -> APIError:
-        return APIError(
-            403,
+    def _file_only(name: str, key: str) -> Problem:
+        return Problem(
+            "forbidden",
             f"{key} of generator {name} can only be set in the configuration file: it "
             f"chooses code or weights to load; edit [generators.{name}] in config.toml "
             "and restart captiond",
@@ -663,67 +729,65 @@ class Control:
 
     def _current_config(self, name: str, cls: type) -> Any:
         slot = self.models.get(name)
-        raw = getattr(slot, "raw", None) if slot is not None else None
-        if raw is not None and getattr(raw, "config", None) is not None:
-            return raw.config
+        if slot is not None and slot.config is not None:
+            return slot.config
         try:
             return generator_config(self.settings, name, cls)
         except ValidationError:
             return None
 
-    def _check_same_kind(
-        self, name: str, cls: type, config: Any, old: Any, body: dict[str, Any]
-    ) -> None:
-        """409 when the new settings give the generator another caption type or weight
-        class: the slot, its residency policy and sidecar names were built for the old."""
-        slot = self.models.get(name)
-        raw = getattr(slot, "raw", None) if slot is not None else None
-        if raw is None:
-            if old is None:
-                return
-            raw = cls(old)
-        new = cls(config)  # constructors only keep the config: nothing is loaded
-        before = (raw.caption_type, WeightClass(raw.weight))
-        after = (new.caption_type, WeightClass(new.weight))
-        if before == after:
-            return
-        keys = ", ".join(sorted(body)) or "these settings"
-        raise APIError(
-            409,
-            f"restart required: changing {keys} changes the caption type/weight of {name} "
-            f"({before[0]}/{before[1].value} -> {after[0]}/{after[1].value}); set it in "
-            "config.toml and restart captiond",
-            "conflict",
-        )
+    def _check_extensions(self, name: str, cls: type, config: Any) -> None:
+        """A new caption type must not make two generators of a folder write one file."""
+        new_type = cls(config).caption_type  # constructors only keep the config
+        for w in self.watches:
+            if name not in w.generators:
+                continue
+            exts = {}
+            for g in w.generators:
+                slot = self.models.get(g)
+                ctype = (
+                    new_type
+                    if g == name
+                    else (slot.generator.caption_type if slot and slot.generator else g)
+                )
+                exts.setdefault(w.extension_for(g, ctype), []).append(g)
+            for ext, gens in exts.items():
+                if len(gens) > 1:
+                    raise Problem(
+                        "conflict",
+                        f"with these settings {name} writes .{ext} sidecars in folder {w.name}, "
+                        f"like {', '.join(g for g in gens if g != name)}; give one of them its "
+                        "own sidecar_extension in config.toml",
+                        "conflict",
+                    )
 
-    def _reset_generator(self, name: str, cls: type, config: Any) -> bool:
-        """Give the slot's generator the new config between batches, unloaded: it is
-        loaded again on its next job. True once swapped (False: applies after the batch
-        running now)."""
-        slot = self.models.get(name)
-        if slot is None or slot.generator is None:
+    def _reconfigure(self, name: str, config: Any) -> bool:
+        """Give generator ``name`` the new settings between batches: it is loaded again
+        on its next job (a new caption type or weight class rebuilds its slot). True
+        once done (False: applies after the batch running now)."""
+        if self.models.get(name) is None:
             return True  # not in use: the next start builds it with the new config
         done = threading.Event()
+        errors: list[BaseException] = []
 
         def swap() -> None:
-            # Unloaded first (after any running generate()), so the next load() reads the
-            # new settings; a failed load is retried at once (the config may be the fix).
-            # A ModelSlot.reconfigure() in daemon/models.py would be the better home.
-            slot.unload()
-            raw = getattr(slot, "raw", None) or slot.generator
-            raw.config = config
-            shadow = getattr(raw, "_shadow", None)  # a child-process proxy's local copy
-            if shadow is not None:
-                shadow.config = config
-            if slot.state is ModelState.FAILED:
-                slot.next_retry_at = 0.0
-            done.set()
+            try:
+                if self.models.reconfigure(name, config):
+                    self.worker.rebuild_pipeline(name)
+            except ReconfigureError as exc:
+                errors.append(exc)
+            finally:
+                done.set()
 
         if not self.worker.alive:
             swap()
-            return True
-        self.worker.call_soon(swap)
-        return done.wait(10.0)
+        else:
+            self.worker.call_soon(swap)
+            if not done.wait(10.0):
+                return False
+        if errors:
+            raise Problem("conflict", str(errors[0]), "conflict")
+        return True
 
     # -- post-processing -----------------------------------------------------------------
 
@@ -732,59 +796,55 @@ class Control:
         return {
             "steps": list(pp.steps),
             "case": pp.case,
+            "max_words": pp.max_words,
             "overrides": {k: list(v) for k, v in pp.overrides.items()},
             "available_steps": sorted(STEPS),
         }
 
     def set_postprocess(self, update: PostProcessUpdate) -> dict[str, Any]:
         with self._lock:
-            merged = self.settings.postprocess.model_dump() | update.model_dump(exclude_none=True)
+            changed = update.model_dump(exclude_none=True)
+            merged = self.settings.postprocess.model_dump() | changed
             try:
                 pp = PostProcessConfig.model_validate(merged)
             except ValidationError as exc:
-                raise APIError(
-                    422, "invalid post-processing settings", details=validation_details(exc)
+                raise Problem(
+                    "invalid", "invalid post-processing settings", details=validation_details(exc)
                 ) from None
             self.settings.postprocess = pp
             self.worker.set_postprocess(pp)
-            self.runtime.postprocess = pp.model_dump()
-            self.runtime.save()
+            self.overrides.postprocess = (self.overrides.postprocess or {}) | changed
+            self.overrides.save()
         return self.postprocess()
 
     # -- queue control -------------------------------------------------------------------
 
     def _apply_pause(self) -> None:
-        self.worker.paused = self.runtime.paused
+        self.worker.paused = self.overrides.paused
         self.worker.paused_roots = frozenset(
-            str(self._watch(n).path) for n in self.runtime.paused_roots
+            str(self.watch_named(n).path) for n in self.overrides.paused_roots
         )
         self.worker.wake()
 
     def queue_state(self) -> dict[str, Any]:
-        by_root = {}
-        for w in self.watches:
-            root = str(w.path).rstrip("/")
-            rows = self.queue.db.conn.execute(
-                "SELECT state, count(*) FROM jobs WHERE path >= ? AND path < ? GROUP BY state",
-                (root + "/", root + "0"),
-            ).fetchall()
-            by_root[w.name] = dict(rows)
+        prefixes = {w.name: str(w.path) for w in self.watches}
+        by_root = self.queue.counts_under(list(prefixes.values()))
         return {
             "paused": self.worker.paused,
-            "paused_roots": list(self.runtime.paused_roots),
-            "totals": self.daemon._queue_totals(),
-            "by_root": by_root,
+            "paused_roots": list(self.overrides.paused_roots),
+            "totals": self.queue.totals(),
+            "by_root": {name: by_root.get(p, {}) for name, p in prefixes.items()},
         }
 
     def pause(self, root: str | None) -> dict[str, Any]:
         with self._lock:
             if root is None:
-                self.runtime.paused = True
+                self.overrides.paused = True
             else:
-                name = self._watch(root).name
-                if name not in self.runtime.paused_roots:
-                    self.runtime.paused_roots.append(name)
-            self.runtime.save()
+                name = self.watch_named(root).name
+                if name not in self.overrides.paused_roots:
+                    self.overrides.paused_roots.append(name)
+            self.overrides.save()
             self._apply_pause()
         log.info("queue_paused", root=root or "all")
         return self.queue_state()
@@ -792,18 +852,18 @@ class Control:
     def resume(self, root: str | None) -> dict[str, Any]:
         with self._lock:
             if root is None:
-                self.runtime.paused = False
-                self.runtime.paused_roots = []
+                self.overrides.paused = False
+                self.overrides.paused_roots = []
             else:
-                name = self._watch(root).name
-                self.runtime.paused_roots = [r for r in self.runtime.paused_roots if r != name]
-            self.runtime.save()
+                name = self.watch_named(root).name
+                self.overrides.paused_roots = [r for r in self.overrides.paused_roots if r != name]
+            self.overrides.save()
             self._apply_pause()
         log.info("queue_resumed", root=root or "all")
         return self.queue_state()
 
     def rescan(self, root: str | None, recaption: bool) -> dict[str, Any]:
-        watches = self.watches if root is None else [self._watch(root)]
+        watches = self.watches if root is None else [self.watch_named(root)]
         enqueued = 0
         for w in watches:
             self.scans.request(ScanRequest(w.name, None, PRIORITY_NEW, "api rescan"))
@@ -816,31 +876,56 @@ class Control:
     def _recaption_ours(self, watch: WatchConfig) -> int:
         """Queue every image whose sidecar captiond wrote and nobody edited since. The
         worker checks again before it writes (an edit made meanwhile is left alone)."""
-        root = str(watch.path).rstrip("/")
-        rows = self.index.db.conn.execute(
-            "SELECT image_path, generator, sidecar_path, sidecar_hash, prev_hash "
-            "FROM captions WHERE image_path >= ? AND image_path < ?",
-            (root + "/", root + "0"),
-        ).fetchall()
+        root = Root(str(watch.path), watch.follow_symlinks)
         items = []
-        for image, gen, sidecar, digest, prev in rows:
-            if gen not in watch.generators or not os.path.isfile(image):
+        for rec in self.index.captions_under(str(watch.path)):
+            if rec.generator not in watch.generators:
                 continue
             try:
-                current = sidecar_hash(Path(sidecar).read_bytes())
-            except OSError:
+                rel = root.rel(rec.sidecar_path)
+                rel_dir, _, name = rel.rpartition("/")
+                with root.folder(rel_dir) as folder:
+                    image = rec.image_path.rsplit("/", 1)[1]
+                    if folder.lstat(image) is None:
+                        continue
+                    data = folder.read_sidecar(name)
+            except Exception:
                 continue
-            if current in (digest, prev):
-                items.append((image, gen, PRIORITY_BACKFILL + watch.priority))
+            if data is not None and sidecar_hash(data) in (rec.sidecar_hash, rec.prev_hash):
+                items.append((rec.image_path, rec.generator, PRIORITY_BACKFILL + watch.priority))
         return self.queue.enqueue_many(items)
 
     def retry(self, root: str | None, generator: str | None, states: list[str]) -> int:
-        prefix = str(self._watch(root).path) if root else None
+        prefix = str(self.watch_named(root).path) if root else None
+        self._known_generator(generator)
         n = self.queue.retry(states, generator=generator, prefix=prefix)
         if n:
             self.worker.wake()
         return n
 
     def purge(self, root: str | None, generator: str | None, states: list[str]) -> int:
-        prefix = str(self._watch(root).path) if root else None
-        return self.queue.purge(states, generator=generator, prefix=prefix)
+        """Delete jobs in ``states``. Images whose unfinished jobs (pending, failed, dead)
+        are purged are forgotten by the index too, so the next scan finds them again:
+        a purge never makes an image invisible for ever."""
+        if not states:
+            raise Problem("invalid", "name the states to purge (pending, done, failed, dead)")
+        prefix = str(self.watch_named(root).path) if root else None
+        self._known_generator(generator)
+        paths = self.queue.purge(states, generator=generator, prefix=prefix)
+        unfinished = [p for p, state in paths if state != "done"]
+        if unfinished:
+            roots = {str(w.path): w for w in self.watches}
+            self.index.forget_paths(unfinished, roots=list(roots))
+        return len(paths)
+
+    def _known_generator(self, generator: str | None) -> None:
+        if generator is not None and generator not in self.discovered:
+            raise Problem("not_found", f"unknown generator {generator!r}", "not_found")
+
+
+def _regular(mode: int) -> bool:
+    return stat.S_ISREG(mode)
+
+
+def _link(mode: int) -> bool:
+    return stat.S_ISLNK(mode)

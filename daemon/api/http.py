@@ -54,6 +54,8 @@ class HTTPError(Exception):
         *,
         retryable: bool = False,
         headers: Mapping[str, str] | None = None,
+        details: list[dict[str, Any]] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -61,11 +63,14 @@ class HTTPError(Exception):
         self.error_type = error_type or _ERROR_TYPES.get(status, "error")
         self.retryable = retryable
         self.headers = dict(headers or {})
+        self.details = details  # field errors of a request body
+        self.extra = dict(extra or {})  # more fields for the body
 
     def to_response(self) -> Response:
-        return Response(
-            self.status, error_body(self.message, self.error_type, self.retryable), self.headers
-        )
+        body = error_body(self.message, self.error_type, self.retryable) | self.extra
+        if self.details is not None:
+            body["details"] = self.details
+        return Response(self.status, body, self.headers)
 
 
 def error_body(message: str, error_type: str, retryable: bool = False) -> dict[str, Any]:

@@ -1,16 +1,44 @@
-"""OpenAPI 3.1 description of the control API, built from the route table and the
-pydantic schemas (nothing is written by hand twice)."""
+"""The declaration of an endpoint, and the OpenAPI 3.1 description built from the
+route table and the pydantic schemas (nothing is written by hand twice)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
 
 from daemon import __version__
 from daemon.api import schemas as s
-from daemon.api.routes import Endpoint
+from daemon.api.http import HandlerResult, Request
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    name: str
+    type: str = "string"  # string | boolean
+    required: bool = False
+    description: str = ""
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One route with what OpenAPI needs, and whether it mutates (``admin``)."""
+
+    method: str
+    pattern: str
+    summary: str
+    tag: str
+    admin: bool = False
+    body: type[BaseModel] | dict[str, Any] | None = None  # a dict: a raw JSON schema
+    query: list[Query] = field(default_factory=list)
+    responses: dict[int, type[BaseModel] | None] = field(default_factory=dict)
+    stream: bool = False
+    content_type: str = "application/json"  # of the 200 answer
+    handler: Callable[[Request], HandlerResult] | None = None
+
 
 _REF = "#/components/schemas/{model}"
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::path)?\}")
@@ -32,29 +60,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
     components: dict[str, Any] = {}
     error = _add_schema(components, s.Error)
-    paths: dict[str, dict[str, Any]] = {
-        "/health": {
-            "get": {
-                "summary": "Liveness (cheap)",
-                "operationId": "get_health",
-                "tags": ["daemon"],
-                "responses": {
-                    "200": {"description": "alive", "content": _json({"type": "object"})},
-                    "503": {"description": "unhealthy", "content": _json({"type": "object"})},
-                },
-            }
-        },
-        "/status": {
-            "get": {
-                "summary": "Queue, generators, watchers, recent errors",
-                "operationId": "get_status",
-                "tags": ["daemon"],
-                "responses": {
-                    "200": {"description": "status", "content": _json({"type": "object"})}
-                },
-            }
-        },
-    }
+    paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
         path = _PARAM.sub(r"{\1}", ep.pattern)
         op: dict[str, Any] = {
@@ -94,6 +100,11 @@ def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
                 responses[str(code)] = {
                     "description": desc,
                     "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            elif ep.content_type != "application/json":
+                responses[str(code)] = {
+                    "description": "success",
+                    "content": {ep.content_type: {"schema": {"type": "string"}}},
                 }
             else:
                 schema = _add_schema(components, model) if model else {"type": "object"}

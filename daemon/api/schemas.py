@@ -10,33 +10,10 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from daemon.api.http import HTTPError, Request, Response, error_body
+from daemon.api.http import Request
+from daemon.api.problems import Problem
 
 MAX_CAPTION_CHARS = 256 * 1024
-
-
-class APIError(HTTPError):
-    """An HTTPError that may carry ``details`` (validation errors) and extra fields."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        error_type: str | None = None,
-        *,
-        retryable: bool = False,
-        details: list[dict[str, Any]] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(status, message, error_type, retryable=retryable)
-        self.details = details
-        self.extra = extra or {}
-
-    def to_response(self) -> Response:
-        body = error_body(self.message, self.error_type, self.retryable) | self.extra
-        if self.details is not None:
-            body["details"] = self.details
-        return Response(self.status, body, self.headers)
 
 
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
@@ -53,15 +30,15 @@ def parse_body(request: Request, model: type[M], *, required: bool = True) -> M:
     data = request.json()
     if data is None:
         if required:
-            raise APIError(422, "a JSON request body is required")
+            raise Problem("invalid", "a JSON request body is required")
         data = {}
     if not isinstance(data, dict):
-        raise APIError(422, "the request body must be a JSON object")
+        raise Problem("invalid", "the request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise APIError(
-            422,
+        raise Problem(
+            "invalid",
             f"invalid request body: {exc.error_count()} problem(s)",
             details=validation_details(exc),
         ) from None
@@ -131,9 +108,8 @@ class RetryRequest(QueueTarget):
 
 
 class PurgeRequest(QueueTarget):
-    states: list[Literal["pending", "done", "failed", "dead"]] = Field(
-        default_factory=lambda: ["done", "failed", "dead"]
-    )
+    # Required: an empty request must never delete every job.
+    states: list[Literal["pending", "done", "failed", "dead"]] = Field(..., min_length=1)
 
 
 # ----------------------------------------------------------------------- responses

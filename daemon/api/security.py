@@ -3,9 +3,11 @@
 Paths: an API path is ``ROOTNAME/sub/file.png`` (``_/file.png`` when there is one
 watched root). It is checked lexically first (no NUL, no absolute path, no ``.``,
 ``..`` or empty segment: refused before the filesystem is asked anything), then on
-disk: the file and its folder must resolve (symlinks followed) inside the root's real
-path, be a regular file with one of the watch's image extensions and be a file the
-watch captions (no dotfiles, excluded globs...). Only then is anything read or written.
+disk through the same confined resolution as every read and write
+(:mod:`daemon.confined`): no symlinked folder on the way, a symlinked file only when
+the watch's ``follow_symlinks`` allows it; a regular file with one of the watch's image
+extensions that the watch captions (no dotfiles, excluded globs...). Every read and
+write checks again at the moment it happens.
 
 Authorisation: reads are for anyone who can open the socket (its mode and group
 decide). Mutating endpoints need root, the daemon's own user, or a member of
@@ -24,9 +26,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.api.http import HTTPError, PeerCredentials, Request
+from daemon.api.http import PeerCredentials, Request
 from daemon.api.listeners import SocketPathError
+from daemon.api.problems import Problem
 from daemon.config import WatchConfig
+from daemon.confined import ConfinementError, Root
 from daemon.scanning.rules import is_candidate
 
 SINGLE_ROOT = "_"
@@ -52,21 +56,17 @@ def api_path(watch: WatchConfig, path: Path | str, single_root: bool = False) ->
     return f"{watch.name}/{rel}"
 
 
-def _inside(child: str, root: str) -> bool:
-    return child == root or child.startswith(root.rstrip("/") + "/")
-
-
 def split_api_path(watches: list[WatchConfig], rel: str) -> tuple[WatchConfig, list[str]]:
     """Lexical checks only: which watch, and the path segments below it."""
     if "\x00" in rel:
-        raise HTTPError(422, "the path contains a NUL byte")
+        raise Problem("invalid", "the path contains a NUL byte")
     if rel.startswith("/") or rel.startswith("\\") or (len(rel) > 1 and rel[1] == ":"):
-        raise HTTPError(403, "absolute paths are refused: name a file as ROOT/sub/file.png")
+        raise Problem("forbidden", "absolute paths are refused: name a file as ROOT/sub/file.png")
     parts = rel.split("/")
     if any(p in ("", ".", "..") for p in parts):
-        raise HTTPError(403, "'.', '..' and empty path segments are refused")
+        raise Problem("forbidden", "'.', '..' and empty path segments are refused")
     if "\\" in rel:
-        raise HTTPError(403, "backslashes are refused in paths")
+        raise Problem("forbidden", "backslashes are refused in paths")
     root, rest = parts[0], parts[1:]
     if root == SINGLE_ROOT and len(watches) == 1:
         watch = watches[0]
@@ -75,55 +75,45 @@ def split_api_path(watches: list[WatchConfig], rel: str) -> tuple[WatchConfig, l
         if not found:
             names = ", ".join(sorted(w.name for w in watches))
             hint = " ('_' needs exactly one watched root)" if root == SINGLE_ROOT else ""
-            raise HTTPError(404, f"no watched root named {root!r}{hint}; roots: {names}")
+            raise Problem("not_found", f"no watched root named {root!r}{hint}; roots: {names}")
         watch = found[0]
     if not rest:
-        raise HTTPError(422, "the path names a root, not an image: ROOT/sub/file.png")
+        raise Problem("invalid", "the path names a root, not an image: ROOT/sub/file.png")
     return watch, rest
 
 
 def resolve_image(watches: list[WatchConfig], rel: str, *, must_exist: bool = True) -> ImageRef:
-    """An image named by the API, checked to be inside its root (see the module doc)."""
+    """An image named by the API, checked to be inside its root (see the module doc).
+
+    The check uses the same confined resolution as every later read
+    (:mod:`daemon.confined`): no symlinked folder on the way, a symlinked file only as
+    the watch's ``follow_symlinks`` allows. Reads and writes check again when they
+    happen; this check gives a clear answer early."""
     watch, rest = split_api_path(watches, rel)
     lexical = watch.path.joinpath(*rest)
     exts = set(watch.image_extensions)
     if lexical.suffix.lower().lstrip(".") not in exts:
-        raise HTTPError(422, f"not an image: {'/'.join(rest)} (extensions: {sorted(exts)})")
-    root_real = os.path.realpath(watch.path)
-    parent_real = os.path.realpath(lexical.parent)
-    real = os.path.realpath(lexical)
-    if not _inside(parent_real, root_real) or not _inside(real, root_real):
-        raise HTTPError(403, "the path leaves its watched root (via a symlink)")
-    if Path(real).suffix.lower().lstrip(".") not in exts:
-        raise HTTPError(422, "not an image: the link points at a file of another type")
+        raise Problem("invalid", f"not an image: {'/'.join(rest)} (extensions: {sorted(exts)})")
     if not is_candidate(watch, lexical):
-        raise HTTPError(
-            422, "this watch does not caption that file (hidden, temporary or excluded)"
+        raise Problem(
+            "invalid", "this watch does not caption that file (hidden, temporary or excluded)"
         )
     if must_exist:
+        root = Root(str(watch.path), watch.follow_symlinks)
         try:
-            st = os.stat(real)
+            with root.folder("/".join(rest[:-1])) as folder:
+                st = folder.stat_file(rest[-1])
+        except ConfinementError as exc:
+            raise Problem("forbidden", f"the path leaves its watched root: {exc}") from None
         except FileNotFoundError:
-            raise HTTPError(404, f"no such image: {watch.name}/{'/'.join(rest)}") from None
+            st = None
         except OSError as exc:
-            raise HTTPError(404, f"cannot stat the image: {exc.strerror}") from None
+            raise Problem("not_found", f"cannot stat the image: {exc.strerror}") from None
+        if st is None:
+            raise Problem("not_found", f"no such image: {watch.name}/{'/'.join(rest)}")
         if not stat.S_ISREG(st.st_mode):
-            raise HTTPError(422, "not a regular file")
+            raise Problem("invalid", "not a regular file")
     return ImageRef(watch, lexical, f"{watch.name}/{'/'.join(rest)}")
-
-
-def check_sidecar_path(ref: ImageRef, target: Path) -> None:
-    """A sidecar we are about to write or remove: beside the image, not a link or folder."""
-    if target.parent != ref.path.parent:
-        raise HTTPError(403, "the sidecar would not be beside its image")
-    try:
-        st = os.lstat(target)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise HTTPError(403, f"{target.name} is a symlink; refusing to follow or replace it")
-    if not stat.S_ISREG(st.st_mode):
-        raise HTTPError(409, f"{target.name} exists and is not a regular file")
 
 
 # -------------------------------------------------------------------- authorisation
@@ -190,8 +180,8 @@ class Authoriser:
     def require_admin(self, request: Request) -> None:
         if not self.may_mutate(request):
             who = f"uid {request.peer.uid}" if request.peer else "this client"
-            raise HTTPError(
-                403,
+            raise Problem(
+                "forbidden",
                 f"{who} may read but not change anything: run as root or the daemon's user, "
                 "or join the [api].admin_group",
                 "forbidden",

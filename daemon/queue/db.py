@@ -109,6 +109,20 @@ _ADDITIONS = [
     # its speed (bench/README.md, Queue).
     """CREATE INDEX IF NOT EXISTS jobs_state
         ON jobs (state, generator, outcome, enqueued_at)""",
+    # Lookups of captions by sidecar (a moved image) and by image prefix (recaption).
+    "CREATE INDEX IF NOT EXISTS captions_hash ON captions (generator, sidecar_hash)",
+    # One row, rewritten by probe_write() to learn whether the database takes writes.
+    "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
+]
+
+# Columns an older captiond ignores (it names the columns it reads): added at every
+# open if missing, also without a version bump.
+_COLUMNS = [
+    # Times this job's image crashed the model's process (residency.crash_attempts).
+    ("jobs", "crashes", "INTEGER NOT NULL DEFAULT 0"),
+    # errno of an OSError that failed the job, to tell conditions of the system (a full
+    # disk, a vanished share) from faults of the image.
+    ("jobs", "errno", "INTEGER"),
 ]
 
 
@@ -231,6 +245,12 @@ class Database:
             raise
         conn.execute("COMMIT")
 
+    def probe_write(self) -> None:
+        """A small write transaction; raises while the database cannot be written (a
+        full disk, a read-only or failing filesystem)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, julianday('now'))")
+
     def integrity_check(self) -> str:
         """``"ok"`` or SQLite's description of the damage."""
         rows = self.conn.execute("PRAGMA integrity_check").fetchall()
@@ -257,4 +277,8 @@ class Database:
                 version += 1
             for stmt in _ADDITIONS:
                 conn.execute(stmt)
+            for table, column, decl in _COLUMNS:
+                have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -184,6 +184,44 @@ class FileIndex:
             ),
         )
 
+    def get_captions(self, generator: str, image_paths: Iterable[str]) -> dict[str, CaptionRecord]:
+        """The records of ``generator`` for many images (missing ones are absent)."""
+        out: dict[str, CaptionRecord] = {}
+        paths = list(dict.fromkeys(image_paths))
+        for i in range(0, len(paths), 500):
+            chunk = paths[i : i + 500]
+            sql = (
+                f"SELECT {_CAP_COLS} FROM captions WHERE generator = ? "
+                f"AND image_path IN ({','.join('?' * len(chunk))})"
+            )
+            for row in self.db.conn.execute(sql, (generator, *chunk)):
+                out[row[0]] = CaptionRecord(*row)
+        return out
+
+    def record_captions(self, records: Iterable[CaptionRecord]) -> None:
+        """:meth:`record_caption` for a batch, in one transaction (``written_at`` is now)."""
+        now = self.clock()
+        rows = [
+            (
+                r.image_path,
+                r.generator,
+                r.content_hash,
+                r.sidecar_path,
+                r.sidecar_hash,
+                now,
+                r.prev_hash,
+                r.base_text,
+            )
+            for r in records
+        ]
+        if not rows:
+            return
+        with self.db.transaction() as conn:
+            conn.executemany(
+                f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
     def caption_by_sidecar(self, sidecar_path: str) -> CaptionRecord | None:
         """The record of whoever wrote ``sidecar_path`` (most recent if several)."""
         row = self.db.conn.execute(
@@ -192,6 +230,36 @@ class FileIndex:
             (sidecar_path,),
         ).fetchone()
         return None if row is None else CaptionRecord(*row)
+
+    def captions_under(self, prefix: str) -> list[CaptionRecord]:
+        """Every caption record of images under the folder ``prefix`` (absolute)."""
+        p = prefix.rstrip("/")
+        rows = self.db.conn.execute(
+            f"SELECT {_CAP_COLS} FROM captions WHERE image_path >= ? AND image_path < ?",
+            (p + "/", p + "0"),
+        )
+        return [CaptionRecord(*r) for r in rows]
+
+    def forget_paths(self, paths: Iterable[str], *, roots: Iterable[str]) -> int:
+        """Drop the ``files`` rows of these images (absolute paths under one of
+        ``roots``), so that the next scan finds them as new. Returns how many."""
+        roots = sorted((r.rstrip("/") for r in roots), key=len, reverse=True)
+        rows = []
+        for path in paths:
+            root = next((r for r in roots if path.startswith(r + "/")), None)
+            if root is None:
+                continue
+            rel_dir, _, name = path[len(root) + 1 :].rpartition("/")
+            rows.append((root, rel_dir, name))
+        n = 0
+        for i in range(0, len(rows), BATCH):
+            with self.db.transaction() as conn:
+                before = conn.total_changes
+                conn.executemany(
+                    "DELETE FROM files WHERE root = ? AND dir = ? AND name = ?", rows[i : i + BATCH]
+                )
+                n += conn.total_changes - before
+        return n
 
     def forget_captions(self, image_path: str) -> None:
         """Drop every caption record of an image. Not called on deletion (see module doc)."""

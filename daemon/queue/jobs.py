@@ -15,9 +15,11 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from itertools import islice
+from typing import Any
 
 from daemon.errors import ErrorType
 from daemon.queue.db import Database
@@ -98,6 +100,8 @@ ON CONFLICT (path, generator) DO UPDATE SET
                          THEN max(priority, excluded.priority) ELSE excluded.priority END,
     rerun         = CASE WHEN state = 'leased' THEN 1 ELSE rerun END,
     attempts      = CASE WHEN state IN ('pending', 'leased') THEN attempts ELSE 0 END,
+    crashes       = CASE WHEN state IN ('pending', 'leased') THEN crashes ELSE 0 END,
+    errno         = CASE WHEN state IN ('pending', 'leased') THEN errno END,
     error_type    = CASE WHEN state IN ('pending', 'leased') THEN error_type END,
     error_message = CASE WHEN state IN ('pending', 'leased') THEN error_message END,
     outcome       = CASE WHEN state IN ('pending', 'leased') THEN outcome END,
@@ -147,11 +151,13 @@ UPDATE jobs SET
     state         = CASE WHEN rerun THEN 'pending' ELSE 'done' END,
     outcome       = CASE WHEN rerun THEN NULL ELSE ?1 END,
     attempts      = CASE WHEN rerun THEN 0 ELSE attempts END,
+    crashes       = CASE WHEN rerun THEN 0 ELSE crashes END,
     not_before    = 0,
     rerun         = 0,
     lease_until   = NULL,
     error_type    = NULL,
     error_message = NULL,
+    errno         = NULL,
     updated_at    = ?2
 WHERE id = ?3 AND state = 'leased'
 """
@@ -171,10 +177,12 @@ UPDATE jobs SET
             THEN ?3 + min(?4, ?5 * (1 << min(max(attempts - 1, 0), 40))) * ?6
         ELSE not_before END,
     attempts      = CASE WHEN rerun THEN 0 ELSE attempts END,
+    crashes       = CASE WHEN rerun THEN 0 ELSE crashes END,
     rerun         = 0,
     lease_until   = NULL,
     error_type    = ?7,
     error_message = ?8,
+    errno         = ?10,
     updated_at    = ?3
 WHERE id = ?9 AND state = 'leased'
 RETURNING state
@@ -272,6 +280,10 @@ class JobQueue:
         self.clock = clock
         self.rng = rng
 
+    def transaction(self) -> AbstractContextManager[Any]:
+        """Group several calls (acks of a batch) in one ``BEGIN IMMEDIATE`` transaction."""
+        return self.db.transaction()
+
     # -- producing -----------------------------------------------------------------
 
     def enqueue(
@@ -333,7 +345,15 @@ class JobQueue:
         """
         self.db.conn.execute(_ACK, (outcome, self.clock(), job_id, _options_json(options)))
 
-    def fail(self, job_id: int, error_type: str, message: str, retryable: bool) -> JobState | None:
+    def fail(
+        self,
+        job_id: int,
+        error_type: str,
+        message: str,
+        retryable: bool,
+        *,
+        errno: int | None = None,
+    ) -> JobState | None:
         """Record a failed attempt and return the job's new state.
 
         Retryable with attempts left -> pending after backoff
@@ -355,6 +375,7 @@ class JobQueue:
                 str(error_type),
                 message,
                 job_id,
+                errno,
             ),
         ).fetchone()
         if row is not None:
@@ -450,14 +471,64 @@ class JobQueue:
         *,
         generator: str | None = None,
         prefix: str | None = None,
-    ) -> int:
-        """Delete jobs in ``states`` (never leased ones); returns how many."""
+    ) -> list[tuple[str, str]]:
+        """Delete jobs in ``states`` (never leased ones); returns (path, state) of each."""
         states = [str(s) for s in states if str(s) != "leased"]
         if not states:
-            return 0
+            return []
         sql = f"DELETE FROM jobs WHERE state IN ({','.join('?' * len(states))})"
         sql, params = _narrow(sql, list(states), generator, prefix)
-        return self.db.conn.execute(sql, params).rowcount
+        with self.db.transaction() as conn:
+            return [(r[0], r[1]) for r in conn.execute(sql + " RETURNING path, state", params)]
+
+    def _systemic_where(self, errnos: Iterable[int]) -> tuple[str, list]:
+        """Failed or dead jobs whose error was one of ``errnos``; also those recorded
+        before errnos were kept, whose message carries it (``[Errno 28] ...``)."""
+        codes = sorted(set(errnos))
+        marks = " OR ".join("error_message LIKE ?" for _ in codes)
+        sql = (
+            f"state IN ('failed', 'dead') AND (errno IN ({','.join('?' * len(codes))}) "
+            f"OR (errno IS NULL AND error_type = 'io' AND ({marks})))"
+        )
+        return sql, [*codes, *(f"%[Errno {c}]%" for c in codes)]
+
+    def revive_systemic(self, prefix: str, errnos: Iterable[int]) -> int:
+        """Failed or dead jobs under ``prefix`` that failed because of a condition of
+        the system (a full disk, a vanished share; see :mod:`daemon.conditions`) ->
+        pending afresh: the image was never at fault."""
+        where, params = self._systemic_where(errnos)
+        p = prefix.rstrip("/")
+        cur = self.db.conn.execute(
+            "UPDATE jobs SET state = 'pending', attempts = 0, not_before = 0, outcome = NULL, "
+            f"lease_until = NULL, updated_at = ? WHERE {where} AND path >= ? AND path < ?",
+            (self.clock(), *params, p + "/", p + "0"),
+        )
+        return cur.rowcount
+
+    def count_systemic(self, errnos: Iterable[int]) -> int:
+        """Failed or dead jobs whose error was one of ``errnos``."""
+        where, params = self._systemic_where(errnos)
+        return int(
+            self.db.conn.execute(f"SELECT count(*) FROM jobs WHERE {where}", params).fetchone()[0]
+        )
+
+    def record_crash(self, job_id: int) -> int:
+        """Count one crash of the model's process on this job's image; the count so far
+        (kept with the job, so it survives a restart of the daemon)."""
+        row = self.db.conn.execute(
+            "UPDATE jobs SET crashes = crashes + 1 WHERE id = ? RETURNING crashes", (job_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def bury(self, job_id: int, error_type: str, message: str) -> bool:
+        """Leased -> dead at once (an image that keeps crashing the model's process),
+        unless its file changed meanwhile (``rerun``). True if it was buried."""
+        cur = self.db.conn.execute(
+            "UPDATE jobs SET state = 'dead', lease_until = NULL, error_type = ?, "
+            "error_message = ?, updated_at = ? WHERE id = ? AND state = 'leased' AND NOT rerun",
+            (error_type, message, self.clock(), job_id),
+        )
+        return cur.rowcount > 0
 
     def cancel(self, job_id: int, restore: Job | None, options: dict | None) -> bool:
         """Undo an explicit enqueue while the job is still pending with the request's
@@ -518,6 +589,22 @@ class JobQueue:
         ):
             key = (gen, state, outcome or "")  # NULL and "" are one outcome: add them up
             out[key] = out.get(key, 0) + n
+        return out
+
+    def totals(self) -> dict[str, int]:
+        """state -> number of jobs over every generator."""
+        return totals_of(counts_of(self.tally()))
+
+    def counts_under(self, prefixes: Sequence[str]) -> dict[str, dict[str, int]]:
+        """prefix (a folder, absolute) -> state -> number of jobs under it."""
+        out: dict[str, dict[str, int]] = {}
+        for prefix in prefixes:
+            p = prefix.rstrip("/")
+            rows = self.db.conn.execute(
+                "SELECT state, count(*) FROM jobs WHERE path >= ? AND path < ? GROUP BY state",
+                (p + "/", p + "0"),
+            )
+            out[prefix] = dict(rows.fetchall())
         return out
 
     def counts(self) -> dict[str, dict[str, int]]:

@@ -2,8 +2,10 @@
 
 Closed: work flows. After ``threshold`` consecutive failures (loads or generate()
 calls) it opens for ``cooldown`` seconds: the generator's jobs wait in the queue
-instead of burning attempts. Then it is half-open: the next attempt is a probe; a
-success closes it, a failure opens it again (the cool-down doubles, up to an hour).
+instead of burning attempts. Then it is half-open: exactly one attempt (a probe) is let
+through; until it ends nothing else is; a success closes the breaker, a failure opens
+it again (the cool-down doubles, up to an hour). A probe whose outcome never comes
+(the caller gave up on it) is released after ``probe_timeout``.
 """
 
 from __future__ import annotations
@@ -44,17 +46,33 @@ class CircuitBreaker:
         self.last_error: Classified | None = None
         self.last_failure_kind = ""
         self.times_opened = 0
+        self.probe_timeout = 3600.0
+        self._probe_since: float | None = None  # a half-open probe is under way
 
     def allows(self) -> bool:
-        """May work (a load or a batch) be attempted now? Moves open -> half-open."""
+        """May work (a load or a batch) be attempted now? Moves open -> half-open and
+        then lets exactly one probe through until it succeeds or fails."""
+        now = self._clock()
         if self.state is BreakerState.OPEN:
             assert self.opened_at is not None
-            if self._clock() - self.opened_at < self.cooldown:
+            if now - self.opened_at < self.cooldown:
                 return False
             self.state = BreakerState.HALF_OPEN
+            self._probe_since = None
+        if self.state is BreakerState.HALF_OPEN:
+            if self._probe_since is not None and now - self._probe_since < self.probe_timeout:
+                return False  # the probe is still running
+            self._probe_since = now
         return True
 
+    def half_open(self) -> None:
+        """Let the next attempt through as a probe now (an explicit load request)."""
+        if self.state is BreakerState.OPEN:
+            self.state = BreakerState.HALF_OPEN
+            self._probe_since = None
+
     def success(self) -> None:
+        self._probe_since = None
         if self.state is not BreakerState.CLOSED or self.consecutive:
             self.state = BreakerState.CLOSED
             self.consecutive = 0
@@ -62,6 +80,7 @@ class CircuitBreaker:
 
     def failure(self, kind: str, error: Classified) -> bool:
         """Record a failure; True when this failure opened the breaker."""
+        self._probe_since = None
         self.consecutive += 1
         self.last_error = error
         self.last_failure_kind = kind

@@ -294,6 +294,11 @@ class ChildGenerator:
             raise GenerationError(f"{self.name} worker process answered {type(out).__name__}")
         return out
 
+    def reconfigure(self, config: Any) -> None:
+        """New settings for the next load (the caller has unloaded the child)."""
+        self._shadow = self.cls(config, cache_dir=self.cache_dir)
+        self.config = self._shadow.config
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             if not self.loaded:

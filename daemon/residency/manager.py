@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -45,7 +44,7 @@ from daemon.config import ModelPolicy, ResidencyConfig, Settings
 from daemon.errors import ErrorType, WorkerCrashError
 from daemon.generators.base import Generator, WeightClass
 from daemon.generators.registry import Discovered
-from daemon.residency.breaker import BreakerState, CircuitBreaker
+from daemon.residency.breaker import CircuitBreaker
 from daemon.residency.child import ChildGenerator
 from daemon.residency.memory import cuda_present
 from daemon.residency.slot import ModelSlot, ModelState, ModelWaitError, Policy
@@ -55,13 +54,24 @@ log = structlog.get_logger(__name__)
 EVICT_GRACE_SECONDS = 2.0  # a model used this recently probably has its next batch coming
 WAITER_FRESH_SECONDS = 5.0  # a waiting model counts as waiting while it keeps asking
 
-# A job that crashed the model's process crash_attempts times goes dead at once.
-# (The queue's own fail() only goes dead after max_attempts; this belongs in JobQueue.)
-_BURY = """
-UPDATE jobs SET state = 'dead', lease_until = NULL, error_type = ?1, error_message = ?2,
-    updated_at = ?3
-WHERE id = ?4 AND state = 'leased' AND NOT rerun
-"""
+
+def _kind(gen: Any, config: Any) -> tuple[str, WeightClass]:
+    """(caption type, weight class) the generator would have with ``config``."""
+    cls = getattr(gen, "cls", None) or type(gen)
+    probe = cls(config)  # constructors only keep the config: nothing is loaded
+    return probe.caption_type, WeightClass(probe.weight)
+
+
+class ReconfigureError(Exception):
+    """New settings cannot be applied to a running generator (a message for a person)."""
+
+
+class CrashCounter(Protocol):
+    """What residency asks of the queue when a job's image crashes the model process."""
+
+    def release(self, job_ids: Sequence[int], delay: float = 0.0) -> None: ...
+    def record_crash(self, job_id: int) -> int: ...
+    def bury(self, job_id: int, error_type: str, message: str) -> bool: ...
 
 
 class ModelManager:
@@ -89,7 +99,7 @@ class ModelManager:
         self.memory_kind = memory_kind or ("gpu" if cuda_present() else "ram")
         self._device_locks: dict[str, threading.Lock] = {}
         self._busy_names: frozenset[str] = frozenset()
-        self._crashes: OrderedDict[int, int] = OrderedDict()
+        self._make_slot: Callable[[str, Any], ModelSlot] | None = None
 
     @classmethod
     def build(
@@ -107,20 +117,17 @@ class ModelManager:
         """``generate_timeout``: a child process whose generate() takes longer is killed
         and restarted (its batch is retried image by image); None = no limit."""
         res = residency or ResidencyConfig()
-        slots = []
-        for name in dict.fromkeys(names):
+
+        def make_slot(name: str, config: Any = None) -> ModelSlot:
             found = discovered.get(name)
             if found is None or found.cls is None:
-                slots.append(
-                    ModelSlot(name, None, reason=found.error if found else "unknown generator")
-                )
-                continue
+                return ModelSlot(name, None, reason=found.error if found else "unknown generator")
             avail = found.availability()
             if not avail.ok:
-                slots.append(ModelSlot(name, None, reason=avail.reason))
-                continue
+                return ModelSlot(name, None, reason=avail.reason)
             spec = res.models.get(name) or ModelPolicy()
-            config = make_config(name, found.cls)
+            if config is None:
+                config = make_config(name, found.cls)
             # Weight from an instance: settings may make a generator heavy (multi_person).
             local = found.cls(config, cache_dir=cache_dir)
             heavy = local.weight is WeightClass.HEAVY
@@ -141,22 +148,23 @@ class ModelManager:
                 )
             else:
                 gen = local
-            slots.append(
-                ModelSlot(
-                    name,
-                    gen,
-                    retry_seconds=retry_seconds,
-                    policy=Policy(keep, spec.memory_mb, isolate),
-                    breaker=CircuitBreaker(res.breaker_threshold, res.breaker_cooldown_seconds),
-                )
+            return ModelSlot(
+                name,
+                gen,
+                retry_seconds=retry_seconds,
+                policy=Policy(keep, spec.memory_mb, isolate),
+                breaker=CircuitBreaker(res.breaker_threshold, res.breaker_cooldown_seconds),
             )
-        return cls(
-            slots,
+
+        manager = cls(
+            [make_slot(name) for name in dict.fromkeys(names)],
             max_resident_heavy=res.max_resident_heavy,
             memory_budget_mb=res.memory_budget_mb,
             min_resident_seconds=res.min_resident_seconds,
             crash_attempts=res.crash_attempts,
         )
+        manager._make_slot = make_slot
+        return manager
 
     @classmethod
     def for_settings(cls, settings: Settings, names: Iterable[str]) -> ModelManager:
@@ -279,27 +287,50 @@ class ModelManager:
                 if ka >= 0 and now - (s.last_used or now) >= ka:
                     s._try_evict("idle" if ka else "keep_alive 0")
 
-    def job_failed(self, queue: Any, job_id: int, exc: BaseException) -> bool:
+    def job_failed(self, queue: CrashCounter, job_id: int, exc: BaseException) -> bool:
         """Residency's part in failing a job. True: handled, the job went back to the
         queue without using an attempt (the model cannot run now). A crash of the
-        model's process is counted per job; at ``crash_attempts`` the job goes dead as
-        ``worker_crash`` (the worker's own fail() then finds it dead)."""
+        model's process is counted with the job (across restarts of the daemon); at
+        ``crash_attempts`` the job goes dead as ``worker_crash`` (the worker's own
+        fail() then finds it dead)."""
         if isinstance(exc, ModelWaitError):
             queue.release([job_id], delay=exc.delay)
             return True
         if isinstance(exc, WorkerCrashError):
-            with self._lock:
-                n = self._crashes.pop(job_id, 0) + 1
-                if n < self.crash_attempts:
-                    self._crashes[job_id] = n
-                    while len(self._crashes) > 10_000:
-                        self._crashes.popitem(last=False)
+            n = queue.record_crash(job_id)
             if n >= self.crash_attempts:
                 msg = f"crashed the model process {n} times; last: {exc}"
-                queue.db.conn.execute(
-                    _BURY, (ErrorType.WORKER_CRASH.value, msg, queue.clock(), job_id)
-                )
+                queue.bury(job_id, ErrorType.WORKER_CRASH.value, msg)
         return False
+
+    def reconfigure(self, name: str, config: Any) -> bool:
+        """Give generator ``name`` new settings, unloaded: it loads again on its next
+        job. Settings that change its caption type or weight class (multi_person's
+        ``mode``) rebuild its slot. Call between batches (the worker's ``call_soon``).
+        True when the generator object changed (the caller rebuilds its pipeline)."""
+        slot = self._slot(name)
+        raw = slot.raw
+        if raw is None:
+            raise ReconfigureError(f"generator {name} is unavailable: {slot.reason}")
+        fresh = _kind(raw, config)
+        if fresh == (raw.caption_type, WeightClass(raw.weight)):
+            slot.reconfigure(config)
+            return False
+        if self._make_slot is None:
+            raise ReconfigureError(f"{name}: a change of caption type or weight needs a restart")
+        new = self._make_slot(name, config)
+        with self._lock:
+            slot.unload("reconfigured")
+            new._manager = self
+            new._guard = self._lock
+            self.slots[name] = new
+        log.info(
+            "generator_rebuilt",
+            generator=name,
+            caption_type=new.generator.caption_type if new.generator else None,
+            weight=new.weight.value,
+        )
+        return True
 
     # -- for the API -----------------------------------------------------------------
     def _slot(self, name: str) -> ModelSlot:
@@ -320,8 +351,7 @@ class ModelManager:
             if keep_alive is not None:
                 slot.keep_alive_override = -1.0 if keep_alive < 0 else float(keep_alive)
             slot.next_retry_at = 0.0
-            if slot.breaker.state is BreakerState.OPEN:
-                slot.breaker.state = BreakerState.HALF_OPEN
+            slot.breaker.half_open()
             if slot.state is ModelState.LOADED:
                 slot.last_used = time.monotonic()
         slot.ensure_loaded(wait=wait)

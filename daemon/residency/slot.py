@@ -185,6 +185,11 @@ class ModelSlot:
         return isinstance(self.raw, ChildGenerator)
 
     @property
+    def probing(self) -> bool:
+        """The circuit breaker is half-open: the next batch is a probe of one image."""
+        return self.breaker.state is BreakerState.HALF_OPEN
+
+    @property
     def keep_alive(self) -> float:
         ka = self.keep_alive_override
         return self.policy.keep_alive if ka is None else ka
@@ -458,6 +463,28 @@ class ModelSlot:
             if self.state is ModelState.WAITING:
                 self.state = ModelState.UNLOADED
             self._unload_locked(why)
+
+    @property
+    def config(self) -> Any:
+        """The generator's settings (None when unavailable)."""
+        return getattr(self.raw, "config", None)
+
+    def reconfigure(self, config: Any) -> None:
+        """New settings of the same kind (caption type, weight): unloaded after the
+        running generate() (if any), so the next load reads them; a failed load is
+        retried at once (the new settings may be the fix)."""
+        raw = self.raw
+        if raw is None:
+            return
+        self.unload("reconfigured")
+        if isinstance(raw, ChildGenerator):
+            raw.reconfigure(config)
+        else:
+            raw.config = config
+        with self._guard:
+            if self.state is ModelState.FAILED:
+                self.next_retry_at = 0.0
+            self._retry = self._base_retry
 
     def _try_evict(self, why: str) -> bool:
         """Unload if idle right now (guard held); False if a batch runs."""

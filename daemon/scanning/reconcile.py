@@ -29,17 +29,17 @@ from pathlib import Path
 
 import structlog
 
+from daemon.conditions import NETWORK_ERRNOS, SYSTEMIC_ERRNOS
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
+from daemon.confined import ConfinementError, Folder, Root, is_temp_name
 from daemon.hashing import content_hash_file, file_hashes
-from daemon.pipeline.sidecars import TEMP_SUFFIX, is_temp_name
 from daemon.queue.index import FileIndex
 from daemon.queue.jobs import JobQueue
-from daemon.scanning.rules import is_candidate, rules_for_watch, split_path
+from daemon.scanning.rules import Rules, is_candidate, rules_for_watch, split_path
 
 log = structlog.get_logger(__name__)
 
 FLUSH = 1000
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _S_IFMT = stat_mod.S_IFMT(0o177777)
 _S_IFREG = stat_mod.S_IFREG
 
@@ -61,6 +61,16 @@ class ScanStats:
     errors: int = 0  # directories or files that could not be read (left as they were)
 
 
+def _dir_allowed(rules: Rules, rel: str) -> bool:
+    """Whether every folder of ``rel`` may be walked (not hidden, not excluded)."""
+    acc = ""
+    for part in rel.split("/"):
+        acc = f"{acc}/{part}" if acc else part
+        if part.startswith(".") or not rules.dir_ok(acc, part):
+            return False
+    return True
+
+
 def _under(d: str, top: str) -> bool:
     """Whether relative dir ``d`` is ``top`` or inside it (``''`` is the root)."""
     return not top or d == top or d.startswith(top + "/")
@@ -77,14 +87,22 @@ class Scanner:
     """
 
     def __init__(
-        self, index: FileIndex, queue: JobQueue, *, stale_temps_before: float | None = None
+        self,
+        index: FileIndex,
+        queue: JobQueue,
+        *,
+        stale_temps_before: float | None = None,
+        network_roots: frozenset[str] = frozenset(),
     ) -> None:
-        """``stale_temps_before``: sidecar temp files (``sidecar.TEMP_SUFFIX``) older than
-        this Unix time are leftovers of a crash and are deleted by the walk. The daemon
-        passes its start time: no temp file of the running process is older."""
+        """``stale_temps_before``: captiond's temp files (:func:`confined.is_temp_name`)
+        older than this Unix time are leftovers of a crash and are deleted by the walk.
+        The daemon passes its start time: no temp file of the running process is older.
+        ``network_roots``: names of watches on network filesystems (an I/O error there
+        is the server's, see :mod:`daemon.conditions`)."""
         self.index = index
         self.queue = queue
         self.stale_temps_before = stale_temps_before
+        self.network_roots = network_roots
         self._memo: dict[tuple[str, str], tuple[int, int]] = {}
 
     # -- one file ------------------------------------------------------------------
@@ -103,15 +121,22 @@ class Scanner:
         root, rel_dir, name = parts
         full = os.path.join(root, rel_dir, name) if rel_dir else os.path.join(root, name)
         try:
-            st = os.stat(full)
-        except FileNotFoundError:
+            # Confined: a folder on the way replaced by a symlink, or a file linking
+            # out of the root, makes the file unreachable, as if it had gone.
+            with Root(root, watch.follow_symlinks).folder(rel_dir) as folder:
+                st = folder.stat_file(name)
+        except (FileNotFoundError, ConfinementError) as exc:
+            st = None
+            if isinstance(exc, ConfinementError):
+                log.warning("scan_path_refused", path=full, root=root, error=str(exc))
+        except OSError as exc:
+            log.warning("scan_stat_failed", path=full, root=root, error=str(exc))
+            raise
+        if st is None:
             self._check_root(root)  # an unmounted share looks like deleted files
             self.queue.forget(full)
             self.index.remove_files(root, rel_dir, [name])
             log.debug("scan_file_removed", path=full, root=root)
-            return False
-        except OSError as exc:
-            log.warning("scan_stat_failed", path=full, root=root, error=str(exc))
             return False
         if not stat_mod.S_ISREG(st.st_mode):
             return False
@@ -124,8 +149,8 @@ class Scanner:
             return False
         else:
             try:
-                gens = self._content_changed(full, watch.generators)
-            except OSError as exc:
+                gens = self._content_changed(watch, rel_dir, name, full)
+            except (OSError, ConfinementError) as exc:
                 log.warning("scan_hash_failed", path=full, root=root, error=str(exc))
                 return False
             items = [(full, g, prio) for g in gens]
@@ -145,14 +170,20 @@ class Scanner:
         except OSError as exc:
             log.warning("stale_temp_not_removed", path=dpath + "/" + name, error=str(exc))
 
-    def _content_changed(self, full: str, generators: list[str]) -> list[str]:
-        """Generators whose recorded caption was not made from this content."""
-        recorded = {g: self.index.get_caption(full, g) for g in generators}
-        have = file_hashes(
-            full,
-            [r.content_hash for r in recorded.values() if r is not None],
-            current=content_hash_file(full),
-        )
+    def _content_changed(self, watch: WatchConfig, rel_dir: str, name: str, full: str) -> list[str]:
+        """Generators whose recorded caption was not made from this content (the file
+        read confined to its root)."""
+        recorded = {g: self.index.get_caption(full, g) for g in watch.generators}
+        with Root(str(watch.path), watch.follow_symlinks).folder(rel_dir) as folder:
+            fd = folder.open_file(name)
+            try:
+                have = file_hashes(
+                    fd,
+                    [r.content_hash for r in recorded.values() if r is not None],
+                    current=content_hash_file(fd),
+                )
+            finally:
+                os.close(fd)
         return [g for g, r in recorded.items() if r is None or r.content_hash not in have]
 
     # -- a whole tree --------------------------------------------------------------
@@ -177,6 +208,22 @@ class Scanner:
             if parts is None:
                 raise ValueError(f"{subdir} is not inside the watch root {root}")
             top = f"{parts[1]}/{parts[2]}" if parts[1] else parts[2]
+        confined = Root(root, watch.follow_symlinks)
+        try:
+            root_fd = confined.open()
+        except (OSError, ConfinementError) as exc:
+            raise ScanError(
+                f"{root}: cannot open the watch root ({exc}); nothing was forgotten"
+            ) from exc
+        if not top:
+            revived = self.queue.revive_systemic(root, self._systemic_errnos(watch))
+            if revived:
+                log.info(
+                    "jobs_revived",
+                    root=root,
+                    jobs=revived,
+                    reason="failed by a condition of the system",
+                )
 
         index, queue = self.index, self.queue
         recursive = rules.recursive
@@ -206,111 +253,127 @@ class Scanner:
                 index.upsert_files(root, upserts)
                 upserts.clear()
 
-        stack: list[tuple[str, str]] = []
-        if recursive or not top:
-            stack.append((os.path.join(root, top) if top else root, top))
-        while stack:
-            dpath, rel = stack.pop()
-            prefix = rel + "/" if rel else ""
-            entries: list[tuple[str, int, int]] = []
-            try:
-                # Listing through a directory fd makes each stat an fstatat() by name.
-                fd = os.open(dpath, _DIR_FLAGS)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # vanished (or never there): its index entries go below
-            except OSError as exc:
-                log.warning("scan_dir_unreadable", path=dpath, root=root, error=str(exc))
-                unreadable.append(rel)
-                stats.errors += 1
-                continue
-            try:
-                with os.scandir(fd) as it:
-                    for e in it:
-                        name = e.name
-                        if name_ok(name) and (not check_globs or file_ok(prefix + name, name)):
-                            try:
-                                st = e.stat()
-                            except FileNotFoundError:
-                                continue  # vanished mid-walk: dropped below if indexed
-                            except OSError as exc:
-                                log.warning(
-                                    "scan_stat_failed",
-                                    path=dpath + "/" + name,
-                                    root=root,
-                                    error=str(exc),
-                                )
-                                stats.errors += 1
-                                unreadable.append(prefix + name)  # keep its index row
-                                continue
-                            if st.st_mode & _S_IFMT == _S_IFREG:
-                                entries.append((name, st.st_size, st.st_mtime_ns))
-                                continue
-                        elif stale_before is not None and name.endswith(TEMP_SUFFIX):
-                            self._remove_stale_temp(fd, dpath, name, stale_before)
-                            continue
-                        if recursive and name[0] != ".":
-                            try:
-                                if not e.is_dir(follow_symlinks=False):
+        try:
+            stack: list[tuple[str, str]] = []
+            # A subtree's own path must be one the watch captions: a folder moved to a
+            # hidden or excluded name is not walked (its index entries go below).
+            if (recursive or not top) and (not top or _dir_allowed(rules, top)):
+                stack.append((os.path.join(root, top) if top else root, top))
+            links = watch.follow_symlinks
+            while stack:
+                dpath, rel = stack.pop()
+                prefix = rel + "/" if rel else ""
+                entries: list[tuple[str, int, int]] = []
+                try:
+                    # Confined: opened beneath the root's descriptor, never through a
+                    # symlink (a folder swapped for a link is not walked); listing through
+                    # the descriptor makes each stat an fstatat() by name.
+                    fd = confined.open_dir(root_fd, rel)
+                except (FileNotFoundError, NotADirectoryError, ConfinementError):
+                    continue  # vanished, replaced by a link, or never there: entries go below
+                except OSError as exc:
+                    log.warning("scan_dir_unreadable", path=dpath, root=root, error=str(exc))
+                    unreadable.append(rel)
+                    stats.errors += 1
+                    continue
+                try:
+                    with os.scandir(fd) as it:
+                        for e in it:
+                            name = e.name
+                            if name_ok(name) and (not check_globs or file_ok(prefix + name, name)):
+                                try:
+                                    if links != "all" and e.is_symlink():
+                                        if links == "never":
+                                            continue
+                                        got = Folder(confined, rel, fd).stat_file(name)
+                                        if got is None:
+                                            continue
+                                        st = got
+                                    else:
+                                        st = e.stat()
+                                except (FileNotFoundError, ConfinementError):
+                                    continue  # vanished mid-walk, or a link out: dropped below
+                                except OSError as exc:
+                                    log.warning(
+                                        "scan_stat_failed",
+                                        path=dpath + "/" + name,
+                                        root=root,
+                                        error=str(exc),
+                                    )
+                                    stats.errors += 1
+                                    unreadable.append(prefix + name)  # keep its index row
                                     continue
-                            except OSError:
+                                if st.st_mode & _S_IFMT == _S_IFREG:
+                                    entries.append((name, st.st_size, st.st_mtime_ns))
+                                    continue
+                            elif stale_before is not None and is_temp_name(name):
+                                self._remove_stale_temp(fd, dpath, name, stale_before)
                                 continue
-                            crel = prefix + name
-                            if not check_globs or dir_ok(crel, name):
-                                stack.append((dpath + "/" + name, crel))
-            except OSError as exc:  # the listing broke off (e.g. an I/O error on a share)
-                log.warning("scan_dir_unreadable", path=dpath, root=root, error=str(exc))
-                unreadable.append(rel)
-                stats.errors += 1
-            finally:
-                os.close(fd)
-            walked.add(rel)
-            stats.files_seen += len(entries)
-            m = memo.get((root, rel))
-            if (
-                m is not None
-                and m[0] == versions.get(rel, 0)
-                and m[1] == hash(frozenset(entries))
-                and rel not in unreadable
-            ):
-                continue  # the common case on a rescan: nothing changed here
-            version, rows = index.dir_state(root, rel)
-            memo[(root, rel)] = (version, hash(frozenset(rows)))
-            known = {n: (sz, mt) for n, sz, mt in rows}
-            for name, size, mtime in entries:
-                old = known.pop(name, None)
-                if old is None:
-                    try:
-                        name.encode()
-                    except UnicodeEncodeError:  # not UTF-8: cannot be stored
-                        log.warning("scan_bad_name", path=dpath + "/" + name, root=root)
-                        stats.errors += 1
-                        continue
-                    stats.new += 1
-                    full = dpath + "/" + name
-                    for g in gens:
-                        jobs.append((full, g, prio))
-                    upserts.append((rel, name, size, mtime))
+                            if recursive and name[0] != ".":
+                                try:
+                                    if not e.is_dir(follow_symlinks=False):
+                                        continue
+                                except OSError:
+                                    continue
+                                crel = prefix + name
+                                if not check_globs or dir_ok(crel, name):
+                                    stack.append((dpath + "/" + name, crel))
+                except OSError as exc:  # the listing broke off (e.g. an I/O error on a share)
+                    log.warning("scan_dir_unreadable", path=dpath, root=root, error=str(exc))
+                    unreadable.append(rel)
+                    stats.errors += 1
+                finally:
+                    os.close(fd)
+                walked.add(rel)
+                stats.files_seen += len(entries)
+                m = memo.get((root, rel))
+                if (
+                    m is not None
+                    and m[0] == versions.get(rel, 0)
+                    and m[1] == hash(frozenset(entries))
+                    and rel not in unreadable
+                ):
+                    continue  # the common case on a rescan: nothing changed here
+                version, rows = index.dir_state(root, rel)
+                memo[(root, rel)] = (version, hash(frozenset(rows)))
+                known = {n: (sz, mt) for n, sz, mt in rows}
+                for name, size, mtime in entries:
+                    old = known.pop(name, None)
+                    if old is None:
+                        try:
+                            name.encode()
+                        except UnicodeEncodeError:  # not UTF-8: cannot be stored
+                            log.warning("scan_bad_name", path=dpath + "/" + name, root=root)
+                            stats.errors += 1
+                            continue
+                        stats.new += 1
+                        full = dpath + "/" + name
+                        for g in gens:
+                            jobs.append((full, g, prio))
+                        upserts.append((rel, name, size, mtime))
+                        modified.add(rel)
+                    elif old[0] != size or old[1] != mtime:
+                        changed.append((dpath + "/" + name, rel, name, size, mtime))
+                        modified.add(rel)
+                if len(upserts) >= FLUSH:
+                    flush()
+                for u in unreadable:
+                    if u.startswith(prefix) and "/" not in u[len(prefix) :]:
+                        known.pop(u[len(prefix) :], None)
+                if known and rel not in unreadable:
+                    gone.append((rel, list(known)))
                     modified.add(rel)
-                elif old[0] != size or old[1] != mtime:
-                    changed.append((dpath + "/" + name, rel, name, size, mtime))
-                    modified.add(rel)
-            if len(upserts) >= FLUSH:
-                flush()
-            for u in unreadable:
-                if u.startswith(prefix) and "/" not in u[len(prefix) :]:
-                    known.pop(u[len(prefix) :], None)
-            if known and rel not in unreadable:
-                gone.append((rel, list(known)))
-                modified.add(rel)
 
-        flush()
+            flush()
+        finally:
+            os.close(root_fd)
         stats.dirs = len(walked)
 
         # Stat changed: re-caption only when the content differs from what was captioned.
         for full, rel, name, size, mtime in changed:
             try:
-                todo = self._content_changed(full, gens)
-            except OSError as exc:
+                todo = self._content_changed(watch, rel, name, full)
+            except (OSError, ConfinementError) as exc:
                 log.warning("scan_hash_failed", path=full, root=root, error=str(exc))
                 stats.errors += 1
                 continue
@@ -373,16 +436,33 @@ class Scanner:
 
     def _check_root(self, root: str) -> None:
         """Raise ScanError when the root looks missing or unmounted."""
+        if gone := self.root_gone(root):
+            raise ScanError(gone)
+
+    def root_gone(self, root: str) -> str | None:
+        """Why the root looks missing or unmounted (None when it looks fine): it cannot
+        be read, or it is empty while files were indexed there."""
         try:
-            with os.scandir(root) as it:
-                empty = next(it, None) is None
-        except OSError as exc:
-            raise ScanError(
-                f"{root}: cannot read the watch root ({exc.strerror or exc}); "
-                "is it mounted? Nothing was forgotten."
-            ) from exc
+            fd = Root(root).open()
+            try:
+                with os.scandir(fd) as it:
+                    empty = next(it, None) is None
+            finally:
+                os.close(fd)
+        except (OSError, ConfinementError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            return (
+                f"{root}: cannot read the watch root ({why}); is it mounted? Nothing was forgotten."
+            )
         if empty and self.index.count_files(root):
-            raise ScanError(
+            return (
                 f"{root}: the watch root is empty but files were indexed there; "
                 "treating it as unmounted. Nothing was forgotten."
             )
+        return None
+
+    def _systemic_errnos(self, watch: WatchConfig) -> frozenset[int]:
+        """errnos that say "the system", not "the image", for jobs under ``watch``."""
+        if watch.name in self.network_roots:
+            return SYSTEMIC_ERRNOS | NETWORK_ERRNOS
+        return SYSTEMIC_ERRNOS

@@ -36,12 +36,19 @@ class ScanScheduler:
         interval_seconds: float,
         on_enqueued: Callable[[], None] = lambda: None,
         on_root_scanned: Callable[[str, ScanStats], None] = lambda root, stats: None,
+        on_failed: Callable[[str, BaseException], None] = lambda root, exc: None,
+        skip: Callable[[str], bool] = lambda root: False,
     ):
+        """``on_failed(root, exc)``: a scan failed (the root vanished, a full state disk).
+        ``skip(root)``: True while a root must not be scanned (a condition holds it;
+        it is scanned again when the condition clears)."""
         self.scanner = scanner
         self.watches = {w.name: w for w in watches}
         self.interval = interval_seconds
         self.on_enqueued = on_enqueued
         self.on_root_scanned = on_root_scanned  # after each whole-root scan that succeeded
+        self.on_failed = on_failed
+        self.skip = skip
         self._pending: dict[tuple[str, Path | None], ScanRequest] = {}
         self._cond = threading.Condition()
         self._stop = False
@@ -114,6 +121,9 @@ class ScanScheduler:
             watch = self.watches.get(req.root)
             if watch is None:
                 continue
+            if self.skip(req.root):
+                log.info("scan_held", root=req.root, reason=req.reason)
+                continue
             self.scanning = req.root
             try:
                 stats = self.scanner.reconcile(
@@ -122,9 +132,15 @@ class ScanScheduler:
             except ScanError as exc:
                 log.error("scan_failed", root=req.root, reason=req.reason, error=str(exc))
                 self.last[req.root] = {"ok": False, "error": str(exc), "at": time.time()}
-            except Exception:
+                self._failed(req.root, exc)
+            except Exception as exc:
                 log.exception("scan_crashed", root=req.root, reason=req.reason)
-                self.last[req.root] = {"ok": False, "error": "unexpected", "at": time.time()}
+                self.last[req.root] = {
+                    "ok": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "at": time.time(),
+                }
+                self._failed(req.root, exc)
             else:
                 log.info("scan_done", root=req.root, reason=req.reason, **_stats(stats))
                 if stats.new or stats.changed:
@@ -138,6 +154,12 @@ class ScanScheduler:
             finally:
                 self.scanning = None
                 self.heartbeat = time.monotonic()
+
+    def _failed(self, root: str, exc: BaseException) -> None:
+        try:
+            self.on_failed(root, exc)
+        except Exception:
+            log.exception("scan_failure_callback_failed", root=root)
 
     def status(self) -> dict[str, Any]:
         with self._cond:
