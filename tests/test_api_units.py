@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.api.http import HTTPError, PeerCredentials, Request
+from daemon.api.http import PeerCredentials, Request
 from daemon.api.problems import Problem
 from daemon.api.security import Authoriser, StartupError, load_token, resolve_image
 from daemon.config import WatchConfig

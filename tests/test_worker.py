@@ -12,9 +12,9 @@ import pytest
 from daemon.config import Settings
 from daemon.errors import ModelDownloadError
 from daemon.generators.registry import Discovered
+from daemon.pipeline.caption import CaptionPipeline
 from daemon.queue import Database, FileIndex, JobQueue
 from daemon.residency.manager import ModelManager
-from daemon.pipeline.caption import CaptionPipeline
 from daemon.worker import Worker
 from tests.daemonproc import make_image, wait_for
 from tests.fakegen import EchoConfig, EchoGenerator
