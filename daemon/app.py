@@ -59,6 +59,7 @@ class Daemon:
 
         used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
         self.models = ModelManager.for_settings(settings, used)
+        self._generator_warnings()
         self.worker = Worker(
             settings=settings, queue=self.queue, index=self.index, models=self.models
         )
@@ -106,6 +107,14 @@ class Daemon:
             )
             self.warnings.append(msg)
             log.warning("state_dir_on_network_fs", path=str(self.settings.state_dir), fstype=fstype)
+
+    def _generator_warnings(self) -> None:
+        """Settings a generator finds worth a warning (plain http:// to another host)."""
+        for name, slot in self.models.slots.items():
+            gen = slot.raw
+            for msg in gen.warnings() if gen is not None else ():
+                self.warnings.append(f"generator {name}: {msg}")
+                log.warning("generator_warning", generator=name, warning=msg)
 
     def _on_file(self, root: str, path: Path) -> None:
         try:

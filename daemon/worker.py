@@ -310,7 +310,8 @@ class Worker:
             self._rr = (self._rr + offset + 1) % max(1, len(names))
             gen = slot.generator
             assert gen is not None
-            limit = self._batch_limit.get(name, self.settings.worker.batch_size)
+            size = max(self.settings.worker.batch_size, gen.preferred_batch_size or 0)
+            limit = self._batch_limit.get(name, size)
             jobs = self.queue.claim(name, limit, exclude_prefixes=sorted(self.paused_roots))
             if not jobs:
                 continue
@@ -699,7 +700,7 @@ class Worker:
         return name_form
 
     def _fail(self, job: Job, exc: BaseException, generator: str) -> None:
-        if self.models.job_failed(self.queue, job.id, exc):
+        if self.models.job_failed(self.queue, job.id, exc, generator):
             return  # the model cannot run now: back to the queue, no attempt used
         c = classify(exc)
         metrics.FAILURES.labels(generator, c.error_type.value).inc()

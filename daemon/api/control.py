@@ -85,6 +85,9 @@ FILE_ONLY_KEYS = (
     "tagger",
     "describer",
     "use",
+    "base_url",  # where requests (and the API key) go
+    "api_key_file",
+    "api_key_env",
 )
 
 # error_type -> HTTP status of a failed explicit request
