@@ -141,6 +141,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms ACK wait
     server_owner: FakeOpenAI
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -252,3 +253,30 @@ class _Handler(BaseHTTPRequestHandler):
                 "usage": {"prompt_tokens": 10, "completion_tokens": 8, "total_tokens": 18},
             },
         )
+
+
+def main() -> None:
+    """``python -m tests.openai_server --delay 0.2``: serve until killed (benchmarks run
+    the server in its own process). Prints the port on the first line."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(description="OpenAI-compatible test server on 127.0.0.1")
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--model", default="test-vlm")
+    ap.add_argument("--decode", action="store_true", help="decode each image for the answer")
+    args = ap.parse_args()
+    server = FakeOpenAI(models=(args.model,), delay=args.delay, port=args.port)
+    if not args.decode:
+        server.answer = lambda body: "A picture of something, described at length."
+    server.start()
+    print(server.port, flush=True)
+    try:
+        sys.stdin.read()  # until the parent closes our stdin
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

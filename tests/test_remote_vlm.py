@@ -88,7 +88,7 @@ def test_settings_validation_and_defaults() -> None:
     with pytest.raises(ValidationError, match="environment variable name"):
         RemoteVLMConfig(api_key_env="MY-KEY")
     gen = RemoteVLMGenerator(RemoteVLMConfig(prompt="Tags: {tags}. Describe.", concurrency=6))
-    assert gen.context_keys == {"tags"} and gen.preferred_batch_size == 6
+    assert gen.context_keys == {"tags"} and gen.preferred_batch_size == 12
     assert (gen.weight.value, gen.remote, gen.caption_type) == ("heavy", True, "caption")
     assert discover()["remote_vlm"].cls is RemoteVLMGenerator
     assert RemoteVLMGenerator.is_available().ok
@@ -456,7 +456,8 @@ def test_server_down_then_back_jobs_wait_breaker_opens_and_closes(tmp_path) -> N
         wait_for(lambda: len(server.requests) >= 6, timeout=20)
         server.stop()  # mid-batch: requests in flight are cut, new ones refused
         wait_for(lambda: slot.breaker.times_opened >= 1, timeout=20)
-        assert any(s == "pending" for s, _ in rig.jobs())
+        wait_for(lambda: any(s == "pending" for s, _ in rig.jobs()), timeout=10)
+        assert not {s for s, _ in rig.jobs()} & {"failed", "dead"}
         time.sleep(1.0)
         server = FakeOpenAI(delay=0.2, port=port).start()
         wait_for(rig.done, timeout=60)
@@ -582,3 +583,29 @@ def test_daemon_end_to_end_tags_prompt_and_no_key_anywhere(tmp_path, wd_model_di
     finally:
         server.stop()
         os.environ.pop("CAPTIOND_TEST_KEY", None)
+
+
+def test_instances_on_one_server_open_and_probe_together(server: FakeOpenAI) -> None:
+    models = manager_for(
+        {
+            "a": RemoteVLMConfig(base_url=server.base_url, model="test-vlm"),
+            "b": RemoteVLMConfig(base_url=server.base_url, model="test-vlm"),
+        },
+        breaker_threshold=2,
+        breaker_cooldown_seconds=0.3,
+    )
+    a, b = models.get("a"), models.get("b")
+    assert a.ensure_loaded(wait=True) and b.ensure_loaded(wait=True)
+    gen_a = a.raw
+    server.mode = "500"
+    for _ in range(2):
+        with pytest.raises(NetworkError):
+            a.generator.generate([item(gen_a)])
+    assert a.breaker.state is BreakerState.OPEN
+    assert not b.ready  # b never failed, but its server did
+    time.sleep(0.35)
+    server.mode = "ok"
+    assert b.ready  # past the cool-down: b's next batch is the probe
+    assert b.generator.generate([item(b.raw)]) == ["A red picture of 64x48 pixels."]
+    assert a.breaker.state is BreakerState.CLOSED
+    models.unload_all()
