@@ -609,3 +609,21 @@ def test_instances_on_one_server_open_and_probe_together(server: FakeOpenAI) -> 
     assert b.generator.generate([item(b.raw)]) == ["A red picture of 64x48 pixels."]
     assert a.breaker.state is BreakerState.CLOSED
     models.unload_all()
+
+
+def test_a_name_that_does_not_resolve_is_a_network_error(monkeypatch) -> None:
+    """DNS failure, simulated: the resolver is replaced, nothing leaves the machine."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if host == "gpu-box.invalid":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    gen = RemoteVLMGenerator(RemoteVLMConfig(base_url="http://gpu-box.invalid:8000/v1"))
+    with pytest.raises(NetworkError, match="Name or service not known") as info:
+        gen.load()
+    assert classify(info.value).error_type is ErrorType.NETWORK
