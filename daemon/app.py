@@ -123,7 +123,7 @@ class Daemon:
             self.server.enable_tcp(tcp.host, tcp.port, load_token(tcp.token_file))
         for slot in self.models.slots.values():  # e.g. a remote server over plain http
             for w in getattr(slot.raw, "warnings", lambda: [])():
-                self.warnings.append(f"{slot.name}: {w}")
+                self.warnings.append(f"generator {slot.name}: {w}")
                 log.warning("generator_warning", generator=slot.name, warning=w)
         self.notifier = Notifier()
         self.progress: ProgressWatchdog | None = None

@@ -327,7 +327,10 @@ class Worker:
             if slot is None or pipeline is None or not self._ensure_loaded(slot):
                 continue  # jobs wait in the queue until the model can load
             self._rr = (self._rr + offset + 1) % max(1, len(names))
-            limit = min(self.settings.worker.batch_size, pipeline.batch_limit or 1 << 30)
+            size = max(
+                self.settings.worker.batch_size, pipeline.generator.preferred_batch_size or 0
+            )
+            limit = min(size, pipeline.batch_limit or 1 << 30)
             if slot.probing:
                 limit = 1  # the breaker lets one probe through: one image
             held = sorted({*self.paused_roots, *self.held_roots()})
@@ -586,7 +589,7 @@ class Worker:
             except Exception:
                 self._defer(lambda: self.queue.release([job.id]))
             return
-        if self.models.job_failed(self.queue, job.id, exc):
+        if self.models.job_failed(self.queue, job.id, exc, generator):
             return  # the model cannot run now: back to the queue, no attempt used
         c = classify(exc)
         metrics.FAILURES.labels(generator, c.error_type.value).inc()

@@ -61,6 +61,9 @@ class Generator(ABC):
     version: ClassVar[str]
     weight: ClassVar[WeightClass] = WeightClass.LIGHT
     config_model: ClassVar[type[GeneratorConfig]] = GeneratorConfig
+    # The model runs on a server, not in this process: the generator is run in-process
+    # (no child) and counts against neither max_resident_heavy nor the memory budget.
+    remote: ClassVar[bool] = False
 
     def __init__(self, config: GeneratorConfig | None = None, *, cache_dir: Path | None = None):
         self.config = config if config is not None else self.config_model()
@@ -87,6 +90,28 @@ class Generator(ABC):
         pull``, for machines that are offline later); returns where it is. Raises
         ModelDownloadError / ModelUnavailableError like load()."""
         raise ModelUnavailableError(f"{self.name} has nothing to download ahead of time")
+
+    @property
+    def preferred_batch_size(self) -> int | None:
+        """At least this many images per generate() call make sense (a remote
+        generator's requests in flight); None = the worker's batch size."""
+        return None
+
+    @property
+    def server(self) -> str | None:
+        """The remote server the work goes to (``scheme://host:port/path``, no
+        credentials), None for local models. Generators with the same server share one
+        circuit breaker."""
+        return None
+
+    def warnings(self) -> list[str]:
+        """Problems with the settings worth a warning at start (shown in status)."""
+        return []
+
+    def status_details(self) -> dict[str, Any]:
+        """A few facts for the model's status (e.g. whether the server answers);
+        read without a lock, so only plain values."""
+        return {}
 
     @property
     def context_keys(self) -> frozenset[str]:

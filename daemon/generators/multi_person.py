@@ -38,11 +38,11 @@ import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from daemon.errors import CaptionError, GenerationError, ModelUnavailableError, is_out_of_memory
 from daemon.generators.base import (
@@ -53,6 +53,7 @@ from daemon.generators.base import (
     WeightClass,
 )
 from daemon.generators.detection import Detector, Person, YOLODetector, select_people
+from daemon.generators.remote_vlm import RemoteDescriber, RemoteVLMConfig, http_warning
 from daemon.generators.vlm import VLMConfig, shrink
 from daemon.generators.wd_tagger import WDTagger, WDTaggerConfig, format_tags
 from daemon.text.vlm import clean_vlm_output
@@ -95,6 +96,31 @@ UNIDENTIFIED = {
 Gender = Literal["female", "male", "unknown"]
 
 
+class LocalDescriberConfig(VLMConfig):
+    """``[generators.multi_person.describer]`` with a local VLM (the default)."""
+
+    use: Literal["vlm"] = "vlm"
+
+
+class RemoteDescriberConfig(RemoteVLMConfig):
+    """``[generators.multi_person.describer]`` with ``use = "remote_vlm"``: a model on
+    an OpenAI-compatible server; every crop and the scene are asked concurrently."""
+
+    use: Literal["remote_vlm"]
+
+
+def _describer_kind(value: Any) -> str:
+    use = value.get("use", "vlm") if isinstance(value, dict) else getattr(value, "use", "vlm")
+    return use if use in ("vlm", "remote_vlm") else "vlm"
+
+
+DescriberConfig = Annotated[
+    Annotated[LocalDescriberConfig, Tag("vlm")]
+    | Annotated[RemoteDescriberConfig, Tag("remote_vlm")],
+    Discriminator(_describer_kind),
+]
+
+
 class MultiPersonConfig(GeneratorConfig):
     """Settings of ``[generators.multi_person]`` (tables ``.tagger`` and ``.describer``
     hold the WD tagger's and the VLM's own settings)."""
@@ -134,7 +160,16 @@ class MultiPersonConfig(GeneratorConfig):
     describe_batch_size: int = Field(0, ge=0)  # crops per describer call; 0 = all at once
     tag_batch_size: int = Field(32, ge=1)  # crops per WD tagger run
     tagger: WDTaggerConfig = Field(default_factory=WDTaggerConfig)
-    describer: VLMConfig = Field(default_factory=lambda: VLMConfig(max_new_tokens=96))
+    describer: DescriberConfig = Field(
+        default_factory=lambda: LocalDescriberConfig(max_new_tokens=96)
+    )
+
+    @field_validator("describer", mode="before")
+    @classmethod
+    def _describer_use(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("use", "vlm") not in ("vlm", "remote_vlm"):
+            raise ValueError(f"describer use = {v['use']!r}: use 'vlm' or 'remote_vlm'")
+        return v
 
     @property
     def remove_underscores(self) -> bool:  # read by the post-processing context
@@ -536,6 +571,18 @@ class MultiPersonGenerator(Generator):
     def draft_size(self) -> int | None:
         return self.config.max_image_side // 2
 
+    def warnings(self) -> list[str]:
+        describer = self.config.describer
+        if self.fine_tune and isinstance(describer, RemoteVLMConfig):
+            return [f"describer: {w}" for w in http_warning(describer)]
+        return []
+
+    def status_details(self) -> dict[str, Any]:
+        describer = self._describer
+        if isinstance(describer, RemoteDescriber):
+            return {"describer": describer.client.status()}
+        return {}
+
     @property
     def loaded(self) -> bool:
         parts = [self._detector]
@@ -565,6 +612,8 @@ class MultiPersonGenerator(Generator):
                 )
             _load(self._tagger)
         if self.fine_tune:
+            if self._describer is None and isinstance(cfg.describer, RemoteVLMConfig):
+                self._describer = RemoteDescriber(cfg.describer)
             if self._describer is None:
                 if importlib.util.find_spec("transformers") is None:
                     raise ModelUnavailableError(

@@ -18,6 +18,7 @@ BUILTINS: dict[str, str] = {
     "wd_tagger": "daemon.generators.wd_tagger:WDTagger",
     "vlm": "daemon.generators.vlm:VLMGenerator",
     "multi_person": "daemon.generators.multi_person:MultiPersonGenerator",
+    "remote_vlm": "daemon.generators.remote_vlm:RemoteVLMGenerator",
 }
 
 ENTRY_POINT_GROUP = "captiond.generators"

@@ -65,6 +65,17 @@ class CircuitBreaker:
             self._probe_since = now
         return True
 
+    def blocked(self) -> bool:
+        """Open and still cooling down. An open breaker past its cool-down turns
+        half-open here (without taking the probe: :meth:`allows` does that)."""
+        if self.state is BreakerState.OPEN:
+            assert self.opened_at is not None
+            if self._clock() - self.opened_at < self.cooldown:
+                return True
+            self.state = BreakerState.HALF_OPEN
+            self._probe_since = None
+        return False
+
     def half_open(self) -> None:
         """Let the next attempt through as a probe now (an explicit load request)."""
         if self.state is BreakerState.OPEN:

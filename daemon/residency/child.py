@@ -51,6 +51,7 @@ from daemon.errors import (
     GenerationError,
     GenerationTimeoutError,
     ModelLoadingError,
+    NetworkError,
     OutOfMemoryError,
     WorkerCrashError,
     classify,
@@ -82,12 +83,15 @@ def _describe(exc: BaseException) -> dict[str, Any]:
         "message": c.message,
         "oom": is_out_of_memory(exc),
         "type": type(exc).__name__,
+        "retry_after": exc.retry_after if isinstance(exc, NetworkError) else None,
     }
 
 
 def _rebuild(d: dict[str, Any]) -> BaseException:
     if d.get("oom"):
         return OutOfMemoryError(d["message"])
+    if d["error_type"] == ErrorType.NETWORK.value:  # a remote server: the job waits for it
+        return NetworkError(d["message"], retry_after=d.get("retry_after"))
     return RemoteError(d["message"], d["error_type"], d["retryable"], d.get("type", ""))
 
 

@@ -25,7 +25,15 @@ One ``ModelSlot`` per generator in use, owned by the ``ModelManager``.
 - At most one ``generate()`` at a time per model and per device.
 - A circuit breaker per generator (``daemon.residency.breaker``): after N
   consecutive load or generation failures its jobs wait for a cool-down instead of
-  burning attempts; a half-open probe closes it on success.
+  burning attempts; a half-open probe closes it on success. Generators whose work goes
+  to the same remote server (``Generator.server``) share one breaker.
+- Remote generators (``Generator.remote``: the model runs on a server) are heavy in
+  scheduling (loaded on demand in the background, unloaded when idle) but run in this
+  process and take no room: they count against neither ``max_resident_heavy`` nor
+  the memory budget. A job whose request failed for the network (server down, 429,
+  5xx) goes back to the queue without using an attempt, after ``Retry-After`` or the
+  breaker's cool-down (at most ``NETWORK_WAITS_PER_JOB`` times per job, so that one
+  image a server always fails on still ends).
 
 For the API: ``preload(name)``, ``unload(name)``, ``list()``, ``status()``,
 ``summary()``.
@@ -35,13 +43,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import structlog
 
 from daemon.config import ModelPolicy, ResidencyConfig, Settings
-from daemon.errors import ErrorType, WorkerCrashError
+from daemon.errors import ErrorType, NetworkError, WorkerCrashError
 from daemon.generators.base import Generator, WeightClass
 from daemon.generators.registry import Discovered
 from daemon.residency.breaker import CircuitBreaker
@@ -53,6 +62,8 @@ log = structlog.get_logger(__name__)
 
 EVICT_GRACE_SECONDS = 2.0  # a model used this recently probably has its next batch coming
 WAITER_FRESH_SECONDS = 5.0  # a waiting model counts as waiting while it keeps asking
+# Network failures a job may wait out without using an attempt; then they count.
+NETWORK_WAITS_PER_JOB = 10
 
 
 def _kind(gen: Any, config: Any) -> tuple[str, WeightClass]:
@@ -100,6 +111,7 @@ class ModelManager:
         self._device_locks: dict[str, threading.Lock] = {}
         self._busy_names: frozenset[str] = frozenset()
         self._make_slot: Callable[[str, Any], ModelSlot] | None = None
+        self._network_waits: OrderedDict[int, int] = OrderedDict()
 
     @classmethod
     def build(
@@ -117,6 +129,7 @@ class ModelManager:
         """``generate_timeout``: a child process whose generate() takes longer is killed
         and restarted (its batch is retried image by image); None = no limit."""
         res = residency or ResidencyConfig()
+        breakers: dict[str, CircuitBreaker] = {}  # one per remote server
 
         def make_slot(name: str, config: Any = None) -> ModelSlot:
             found = discovered.get(name)
@@ -131,7 +144,11 @@ class ModelManager:
             # Weight from an instance: settings may make a generator heavy (multi_person).
             local = found.cls(config, cache_dir=cache_dir)
             heavy = local.weight is WeightClass.HEAVY
-            isolate = spec.isolate if spec.isolate is not None else heavy and res.isolate_heavy
+            isolate = (
+                spec.isolate
+                if spec.isolate is not None
+                else heavy and res.isolate_heavy and not local.remote
+            )
             keep = (
                 spec.keep_alive
                 if spec.keep_alive is not None
@@ -148,12 +165,15 @@ class ModelManager:
                 )
             else:
                 gen = local
+            breaker = CircuitBreaker(res.breaker_threshold, res.breaker_cooldown_seconds)
+            if (server := local.server) is not None:
+                breaker = breakers.setdefault(server, breaker)
             return ModelSlot(
                 name,
                 gen,
                 retry_seconds=retry_seconds,
                 policy=Policy(keep, spec.memory_mb, isolate),
-                breaker=CircuitBreaker(res.breaker_threshold, res.breaker_cooldown_seconds),
+                breaker=breaker,
             )
 
         manager = cls(
@@ -201,10 +221,14 @@ class ModelManager:
         return idle >= EVICT_GRACE_SECONDS or resident_for >= self.min_resident_seconds
 
     def _make_room(self, slot: ModelSlot) -> tuple[bool, str]:
+        if slot.remote:
+            return True, ""  # holds no model here
         need = slot.expected_mb()
         for _ in range(len(self.slots) + 1):
             now = time.monotonic()
-            others = [s for s in self.slots.values() if s is not slot and s.resident]
+            others = [
+                s for s in self.slots.values() if s is not slot and s.resident and not s.remote
+            ]
             heavy = [s for s in others if s.heavy]
             over_cap = slot.heavy and len(heavy) >= self.max_resident_heavy
             used = sum(s.expected_mb() or 0.0 for s in others)
@@ -236,7 +260,7 @@ class ModelManager:
             return
         with self._lock:
             while True:
-                resident = [s for s in self.slots.values() if s.resident]
+                resident = [s for s in self.slots.values() if s.resident and not s.remote]
                 used = sum(s.expected_mb() or 0.0 for s in resident)
                 if used <= budget:
                     return
@@ -250,7 +274,7 @@ class ModelManager:
     def _should_yield(self, slot: ModelSlot) -> bool:
         """A resident model past its time slice stops taking new batches while another
         model waits for its room, so that it goes idle and can be evicted."""
-        if slot.keep_alive < 0 or slot.loaded_at is None:
+        if slot.keep_alive < 0 or slot.loaded_at is None or slot.remote:
             return False
         now = time.monotonic()
         if now - slot.loaded_at < self.min_resident_seconds:
@@ -287,14 +311,31 @@ class ModelManager:
                 if ka >= 0 and now - (s.last_used or now) >= ka:
                     s._try_evict("idle" if ka else "keep_alive 0")
 
-    def job_failed(self, queue: CrashCounter, job_id: int, exc: BaseException) -> bool:
+    def job_failed(
+        self, queue: CrashCounter, job_id: int, exc: BaseException, generator: str | None = None
+    ) -> bool:
         """Residency's part in failing a job. True: handled, the job went back to the
-        queue without using an attempt (the model cannot run now). A crash of the
-        model's process is counted with the job (across restarts of the daemon); at
+        queue without using an attempt (the model cannot run now, or its server cannot
+        be reached). A crash of the model's process is counted with the job (across
+        restarts of the daemon); at
         ``crash_attempts`` the job goes dead as ``worker_crash`` (the worker's own
         fail() then finds it dead)."""
         if isinstance(exc, ModelWaitError):
             queue.release([job_id], delay=exc.delay)
+            return True
+        if isinstance(exc, NetworkError) and self._network_wait(job_id):
+            slot = self.slots.get(generator) if generator else None
+            delay = exc.retry_after
+            if delay is None:
+                delay = slot.breaker.cooldown if slot is not None else 0.0
+            queue.release([job_id], delay=delay)
+            log.info(
+                "job_waiting_for_server",
+                job_id=job_id,
+                generator=generator,
+                error=str(exc),
+                retry_in=round(delay, 1),
+            )
             return True
         if isinstance(exc, WorkerCrashError):
             n = queue.record_crash(job_id)
@@ -331,6 +372,15 @@ class ModelManager:
             weight=new.weight.value,
         )
         return True
+
+    def _network_wait(self, job_id: int) -> bool:
+        """Count one network failure of ``job_id``; True while it may still wait."""
+        with self._lock:
+            n = self._network_waits.pop(job_id, 0) + 1
+            self._network_waits[job_id] = n
+            while len(self._network_waits) > 10_000:
+                self._network_waits.popitem(last=False)
+        return n <= NETWORK_WAITS_PER_JOB
 
     # -- for the API -----------------------------------------------------------------
     def _slot(self, name: str) -> ModelSlot:
@@ -387,7 +437,7 @@ class ModelManager:
             "memory_used_mb": round(sum(s.expected_mb() or 0.0 for s in resident), 1),
             "max_resident_heavy": self.max_resident_heavy,
             "resident": [s.name for s in resident],
-            "resident_heavy": sum(1 for s in resident if s.heavy),
+            "resident_heavy": sum(1 for s in resident if s.heavy and not s.remote),
         }
 
     def unload_all(self) -> None:

@@ -142,6 +142,7 @@ class ModelSlot:
         self.raw = generator
         self.generator = ManagedGenerator(self, generator) if generator is not None else None
         self.weight = generator.weight if generator is not None else WeightClass.LIGHT
+        self.remote = bool(getattr(generator, "remote", False))  # the model runs on a server
         isolated = bool(getattr(generator, "isolated", False))
         if policy is None:
             heavy = self.weight is WeightClass.HEAVY
@@ -228,7 +229,7 @@ class ModelSlot:
         if not self.raw.loaded:  # e.g. the child process died while idle
             self._gone("the model process exited")
             return False
-        if self.breaker.state is BreakerState.OPEN:
+        if self.breaker.blocked():  # open; past its cool-down it turns half-open here
             return False
         return not (self._manager is not None and self._manager._should_yield(self))
 
@@ -528,6 +529,11 @@ class ModelSlot:
             }
             if self.isolated:
                 out["pid"] = gen.pid if state is ModelState.LOADED else None  # type: ignore[union-attr]
+            if self.remote:
+                out["remote"] = True
+            with contextlib.suppress(Exception):  # status must answer
+                if extra := gen.status_details():  # type: ignore[union-attr]
+                    out["details"] = extra
         if (load_seconds := self.load_seconds) is not None:
             out["load_seconds"] = round(load_seconds, 3)
         if (footprint := self.footprint_mb) is not None:
