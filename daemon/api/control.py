@@ -593,7 +593,13 @@ class Control:
                     content = content_hash(image_data)
                 records.append(
                     CaptionRecord(
-                        str(ref.path), g, content, target, f"{HUMAN_EDIT}:{sidecar_hash(data)}", 0.0
+                        str(ref.path),
+                        g,
+                        content,
+                        target,
+                        f"{HUMAN_EDIT}:{sidecar_hash(data)}",
+                        0.0,
+                        text=caption.rstrip("\n"),
                     )
                 )
             staged = folder.stage(name, data)

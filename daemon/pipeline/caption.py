@@ -61,6 +61,7 @@ class CaptionIndex(Protocol):
     ) -> dict[str, CaptionRecord]: ...
     def caption_by_sidecar(self, sidecar_path: str) -> CaptionRecord | None: ...
     def record_captions(self, records: Iterable[CaptionRecord]) -> None: ...
+    def record_images(self, rows: Iterable[tuple[str, int, int]]) -> None: ...
 
 
 TagsSource = Callable[["ImageTask", bytes, str], str]
@@ -113,6 +114,7 @@ class Item:
     value: Any = None  # the generator's prepared input
     content_hash: str = ""
     owner: tuple[int, int] | None = None
+    size: tuple[int, int] | None = None  # the decoded image's width and height
     error: BaseException | None = None
     started: float | None = None  # monotonic time prepare() began (read timeouts)
 
@@ -298,6 +300,7 @@ class CaptionPipeline:
             raise
         item.content_hash = digest = content_hash(data)
         item.owner = (st.st_uid, st.st_gid)
+        item.size = image.size
         path = Path(task.path)
         context: dict[str, str] = {"name": path.stem, "folder": path.parent.name}
         if task.context:
@@ -418,6 +421,7 @@ class CaptionPipeline:
                     0.0,
                     prev_hash=prev,
                     base_text=decision.base_text,
+                    text=decision.text.rstrip("\n"),
                 )
             except Exception as exc:
                 outcomes[i] = Outcome(item.task, error=exc)
@@ -425,6 +429,9 @@ class CaptionPipeline:
             faults.point("after_stage")
         try:
             self.index.record_captions(records.values())
+            self.index.record_images(
+                (items[i].content_hash, *items[i].size) for i in records if items[i].size
+            )
         except Exception as exc:
             for s in staged.values():
                 s.discard()

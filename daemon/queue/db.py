@@ -111,6 +111,24 @@ _ADDITIONS = [
         ON jobs (state, generator, outcome, enqueued_at)""",
     # Lookups of captions by sidecar (a moved image) and by image prefix (recaption).
     "CREATE INDEX IF NOT EXISTS captions_hash ON captions (generator, sidecar_hash)",
+    # What is known of an image's content (by content hash): its size; more facts (a
+    # perceptual hash...) are columns added later.
+    """CREATE TABLE IF NOT EXISTS images (
+        content_hash TEXT PRIMARY KEY,
+        width        INTEGER,
+        height       INTEGER
+    ) WITHOUT ROWID""",
+    # Caption checks that want a person's look (see the dataset report).
+    """CREATE TABLE IF NOT EXISTS flags (
+        image_path   TEXT NOT NULL,
+        generator    TEXT NOT NULL,
+        check_name   TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        content_hash TEXT NOT NULL,
+        created_at   REAL NOT NULL,
+        dismissed_at REAL,
+        PRIMARY KEY (image_path, generator, check_name)
+    )""",
     # One row, rewritten by probe_write() to learn whether the database takes writes.
     "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
 ]
@@ -123,6 +141,8 @@ _COLUMNS = [
     # errno of an OSError that failed the job, to tell conditions of the system (a full
     # disk, a vanished share) from faults of the image.
     ("jobs", "errno", "INTEGER"),
+    # The caption text captiond wrote (or a person wrote through the API), for reports.
+    ("captions", "text", "TEXT"),
 ]
 
 

@@ -39,6 +39,7 @@ class CaptionRecord:
     written_at: float
     prev_hash: str | None = None
     base_text: str | None = None
+    text: str | None = None  # the caption as written (for reports; the file may change)
 
     def owned_hashes(self, sidecar_path: str) -> frozenset[str]:
         """Hashes of content at ``sidecar_path`` that captiond may replace."""
@@ -49,7 +50,7 @@ class CaptionRecord:
 
 _CAP_COLS = (
     "image_path, generator, content_hash, sidecar_path, sidecar_hash, written_at, "
-    "prev_hash, base_text"
+    "prev_hash, base_text, text"
 )
 
 
@@ -171,7 +172,7 @@ class FileIndex:
         (what was there before) still counts as ours if it crashes in between.
         """
         self.db.conn.execute(
-            f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 image_path,
                 generator,
@@ -181,6 +182,7 @@ class FileIndex:
                 self.clock(),
                 prev_hash,
                 base_text,
+                None,
             ),
         )
 
@@ -211,6 +213,7 @@ class FileIndex:
                 now,
                 r.prev_hash,
                 r.base_text,
+                r.text,
             )
             for r in records
         ]
@@ -218,7 +221,7 @@ class FileIndex:
             return
         with self.db.transaction() as conn:
             conn.executemany(
-                f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO captions ({_CAP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 
@@ -230,6 +233,18 @@ class FileIndex:
             (sidecar_path,),
         ).fetchone()
         return None if row is None else CaptionRecord(*row)
+
+    def record_images(self, rows: Iterable[tuple[str, int, int]]) -> None:
+        """Remember (content hash, width, height) of decoded images (for reports)."""
+        rows = list(rows)
+        if rows:
+            with self.db.transaction() as conn:
+                conn.executemany(
+                    "INSERT INTO images (content_hash, width, height) VALUES (?, ?, ?) "
+                    "ON CONFLICT (content_hash) DO UPDATE SET width = excluded.width, "
+                    "height = excluded.height",
+                    rows,
+                )
 
     def captions_under(self, prefix: str) -> list[CaptionRecord]:
         """Every caption record of images under the folder ``prefix`` (absolute)."""
