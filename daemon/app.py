@@ -97,7 +97,10 @@ class Daemon:
             on_rescan=self.intake.on_rescan,
         )
         self.server = ControlServer(
-            settings.resolved_socket_path(), mode=settings.socket_mode, group=settings.socket_group
+            settings.resolved_socket_path(),
+            mode=settings.socket_mode,
+            group=settings.socket_group,
+            privileged=lambda peer: self.control.auth.privileged(peer),
         )
         self.control = Control(
             settings=settings,

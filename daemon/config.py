@@ -116,7 +116,7 @@ class WatchConfig(_Section):
 
 
 class QueueConfig(_Section):
-    max_attempts: int = Field(5, ge=1)
+    max_attempts: int = Field(5, ge=1, le=1000)
     backoff_base_seconds: float = Field(5.0, gt=0)
     backoff_max_seconds: float = Field(3600.0, gt=0)
     lease_seconds: float = Field(600.0, gt=0)
@@ -137,8 +137,8 @@ class ScanConfig(_Section):
 
 
 class WorkerConfig(_Section):
-    batch_size: int = Field(8, ge=1)
-    decode_workers: int = Field(2, ge=1)
+    batch_size: int = Field(8, ge=1, le=4096)
+    decode_workers: int = Field(2, ge=1, le=256)
     preload: list[str] = Field(default_factory=lambda: ["wd_tagger"])
     max_image_pixels: int = Field(178_956_970, ge=1)
     load_retry_seconds: float = Field(60.0, gt=0)
@@ -159,6 +159,7 @@ class WorkerConfig(_Section):
         return self
 
 
+MAX_KEEP_ALIVE = 366 * 86400.0
 _DURATION_RE = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -172,7 +173,13 @@ def parse_keep_alive(v: Any) -> Any:
             raise ValueError(f"keep_alive {v!r}: write seconds, or e.g. '30s', '5m', '1h', -1")
         v = float(m.group(1)) * _UNITS[m.group(2)]
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return -1.0 if v < 0 else float(v)
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("keep_alive must be a number of seconds, or -1 for never")
+        if v < 0 and v != -1:
+            raise ValueError(f"keep_alive {v:g}: write -1 to keep a model loaded for ever")
+        if v > MAX_KEEP_ALIVE:
+            raise ValueError(f"keep_alive {v:g} s is more than a year; write -1 for never")
+        return float(v)
     return v
 
 

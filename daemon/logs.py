@@ -20,10 +20,18 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor
+    # Tracebacks never show local variables: they may hold a request body (a person's
+    # caption), a token or an API key.
     if use_console:
-        renderer = structlog.dev.ConsoleRenderer(colors=True)
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=True, exception_formatter=structlog.dev.plain_traceback
+        )
     else:
-        shared += [structlog.processors.dict_tracebacks]
+        shared += [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
         renderer = structlog.processors.JSONRenderer()
     numeric = getattr(logging, level.upper(), logging.INFO)
     structlog.configure(

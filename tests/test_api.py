@@ -627,3 +627,58 @@ def test_same_image_twice_in_a_batch_and_in_two_requests(daemon, root):
             ),
             timeout=20,
         )
+
+
+def test_settings_from_the_api_are_validated_as_the_file_is_and_only_changes_persist(daemon, root):
+    """Absurd settings are refused before anything is saved; what is saved is only what
+    the API changed (config.toml keeps deciding the rest); overrides are listed and can
+    be dropped again."""
+    d = daemon(sections={"generators.wd_tagger": {"intra_op_threads": 2}}).start()
+    wait_for(lambda: ready(d))
+    settings_file = d.state_dir / "runtime-settings.json"
+    for body in (
+        {"providers": ["evil"]},
+        {"max_tags": int("9" * 4000)},
+        {"general_threshold": 7},
+    ):
+        code, answer = call(d, "PUT", "/api/captioner-config/wd_tagger", body)
+        assert code in (400, 422), (body, code, answer)
+        assert not settings_file.exists()
+    assert call(d, "POST", "/api/models/wd_tagger/load", {"keep_alive": -5})[0] == 422
+    assert call(d, "POST", "/api/models/wd_tagger/load", {"keep_alive": 1e30})[0] == 422
+    code, _ = call(d, "PUT", "/api/captioner-config/wd_tagger", {"max_tags": 3})
+    assert code == 200
+    saved = json.loads(settings_file.read_text())
+    assert saved["generators"] == {"wd_tagger": {"max_tags": 3}}  # not intra_op_threads
+    gens = {g["name"]: g for g in call(d, "GET", "/api/generators")[1]["generators"]}
+    assert gens["wd_tagger"]["overrides"] == ["max_tags"]
+    assert gens["wd_tagger"]["config"]["intra_op_threads"] == 2
+    status = d.status()
+    assert status["overrides"] == {"generators.wd_tagger": ["max_tags"]}
+    d2 = daemon(restart=d)
+    started = d2.events("settings_overridden")
+    assert started and started[-1]["keys"] == ["max_tags"]
+    assert str(settings_file) == started[-1]["file"]
+    code, body = call(d2, "DELETE", "/api/captioner-config/wd_tagger?key=max_tags")
+    assert code == 200 and body["dropped"] == ["generators.wd_tagger.max_tags"]
+    gens = {g["name"]: g for g in call(d2, "GET", "/api/generators")[1]["generators"]}
+    assert gens["wd_tagger"]["config"]["max_tags"] == 0 and gens["wd_tagger"]["overrides"] == []
+    assert call(d2, "DELETE", "/api/captioner-config/wd_tagger?key=max_tags")[0] == 404
+
+
+def test_a_purge_never_makes_an_image_invisible(daemon, root):
+    """Purged pending jobs come back with the next scan; an empty purge is refused."""
+    d = daemon().start()
+    wait_for(lambda: ready(d))
+    assert call(d, "POST", "/api/queue/pause", {})[0] == 200
+    make_image(root / "p.png", "red")
+    wait_for(lambda: d.totals().get("pending", 0) == 1)
+    code, body = call(d, "POST", "/api/queue/purge", {})
+    assert code == 422 and "states" in json.dumps(body)
+    assert d.totals().get("pending", 0) == 1
+    code, body = call(d, "POST", "/api/queue/purge", {"states": ["pending"]})
+    assert code == 200 and body["count"] == 1
+    assert call(d, "POST", "/api/queue/resume", {})[0] == 200
+    assert call(d, "POST", "/api/queue/rescan", {})[0] == 200
+    wait_for(lambda: (root / "p.txt").exists())
+    assert "red background" in (root / "p.txt").read_text()

@@ -98,13 +98,23 @@ class Request:
     auth: str | None = None  # "peer" (Unix socket, see ``peer``) or "token" (TCP, bearer)
 
     def json(self) -> Any:
-        """The body parsed as JSON; an empty body is ``None``; invalid JSON -> 400."""
+        """The body parsed as JSON; an empty body is ``None``; invalid JSON -> 400.
+
+        Absurd JSON (nesting deeper than Python recurses, integers of thousands of
+        digits) is invalid too: a 400, never a 500. The error names the position only,
+        never the body's content (it may hold a person's caption)."""
         if not self.body:
             return None
         try:
             return json.loads(self.body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+            where = f" at position {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise HTTPError(400, f"request body is not valid JSON: {why}{where}") from None
+        except RecursionError:
+            raise HTTPError(400, "request body is nested too deeply") from None
+        except ValueError:  # int() beyond sys.get_int_max_str_digits()
+            raise HTTPError(400, "request body holds a number too long to read") from None
 
     def query_one(self, name: str, default: str | None = None) -> str | None:
         values = self.query.get(name)
@@ -172,6 +182,9 @@ class Route:
     pattern: str
     handler: Handler
     regex: re.Pattern[str]
+    # Runs before the request body is read (authorisation): a client that may not use
+    # the route never gets to send, or stall, a body.
+    guard: Callable[[Request], None] | None = None
 
 
 def compile_pattern(pattern: str) -> re.Pattern[str]:
@@ -193,13 +206,20 @@ class Router:
     def __init__(self) -> None:
         self.routes: list[Route] = []
 
-    def add(self, method: str, pattern: str, handler: Handler) -> Route:
+    def add(
+        self,
+        method: str,
+        pattern: str,
+        handler: Handler,
+        *,
+        guard: Callable[[Request], None] | None = None,
+    ) -> Route:
         method = method.upper()
         if method not in HTTP_METHODS:
             raise ValueError(f"unsupported HTTP method {method!r}")
         if any(r.method == method and r.pattern == pattern for r in self.routes):
             raise ValueError(f"route already registered: {method} {pattern}")
-        route = Route(method, pattern, handler, compile_pattern(pattern))
+        route = Route(method, pattern, handler, compile_pattern(pattern), guard)
         self.routes.append(route)
         return route
 

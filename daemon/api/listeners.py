@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import grp
 import hmac
+import io
 import json
 import os
 import select
@@ -21,6 +22,7 @@ import socket
 import socketserver
 import stat
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +53,33 @@ MAX_CONNECTIONS = 64  # connections served at once (a thread each); more get a 5
 DRAIN_LIMIT_BYTES = 8 * 1024 * 1024  # an oversized body up to this is read and dropped
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
+HEADER_SECONDS = 10.0  # an idle keep-alive wait plus a request line and headers
+BODY_MIN_BYTES_PER_SECOND = 64 * 1024  # a body must arrive at least this fast ...
+BODY_GRACE_SECONDS = 10.0  # ... after this grace
+MAX_PER_PEER = 16  # socket connections one user (uid) may hold at once
+ADMIN_RESERVE = 8  # more for root, the daemon's user and admins, beyond the limit
+MAX_TCP_CONNECTIONS = 32  # the TCP listener's own pool: a flood there leaves the socket alone
+_PROTOCOL_ERRORS = {  # never echo what the client sent
+    400: "malformed request line or headers",
+    414: "request line too long",
+    431: "request headers too large",
+    501: "unsupported method",
+    505: "unsupported HTTP version",
+}
+
+
+def _body_seconds(length: int) -> float:
+    return BODY_GRACE_SECONDS + length / BODY_MIN_BYTES_PER_SECOND
+
+
+def _log_connection_error() -> None:
+    """A connection's failure: quiet for clients that go away, loud for our bugs."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, (BrokenPipeError, ConnectionResetError, TimeoutError)):
+        log.debug("control_connection_closed", reason=type(exc).__name__)
+    else:
+        log.error("control_connection_failed", error=f"{type(exc).__name__}", exc_info=True)
+
 
 # --------------------------------------------------------------------------- errors
 
@@ -75,15 +104,37 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
 # -------------------------------------------------------------------------- server
 
 
+class _DeadlineIO(io.RawIOBase):
+    """A socket's reads under one deadline for a whole phase of a request (its request
+    line and headers; then its body), not a timeout per read: a client that sends one
+    byte every few seconds cannot hold a connection for ever."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request took too long to arrive")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(b)
+
+
 class _RequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"captiond/{__version__}"
-    timeout = 30  # seconds an idle keep-alive connection may hold its thread
     server: _UnixHTTPServer
     peer: PeerCredentials | None = None
 
     def setup(self) -> None:
         super().setup()
+        self._io = _DeadlineIO(self.connection)
+        self.rfile = io.BufferedReader(self._io, 65536)
         if self.connection.family != socket.AF_UNIX:
             self.peer = None  # TCP: authorised by the bearer token instead
             return
@@ -91,6 +142,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.peer = peer_credentials(self.connection)
         except OSError:
             self.peer = None
+
+    def handle_one_request(self) -> None:
+        # An idle keep-alive connection and a slow request line and headers share one
+        # deadline; then the connection is closed.
+        self._io.deadline = time.monotonic() + HEADER_SECONDS
+        super().handle_one_request()
 
     def version_string(self) -> str:
         return self.server_version
@@ -100,18 +157,27 @@ class _RequestHandler(BaseHTTPRequestHandler):
         return f"pid={self.peer.pid},uid={self.peer.uid}" if self.peer else "unix"
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.warning("control_http", message=format % args, peer=self.address_string())
+        # Never the raw request line or any other client bytes: they may be a body's.
+        log.info("control_http", message=format.split("%")[0].strip())
+
+    def log_error(self, format: str, *args: Any) -> None:
+        log.debug("control_connection_error", kind=format.split(":")[0])
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # _dispatch logs each request with its duration instead
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """Protocol-level errors (bad request line, unknown method...) as JSON too."""
-        self.log_message("%d %s", code, message or "")
+        """Protocol-level errors (bad request line, unknown method...) as JSON too, with a
+        status line (a malformed line is not HTTP/0.9) and without echoing the input."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"
         self.close_connection = True
-        resp = HTTPError(code, message or self.responses.get(code, ("error",))[0]).to_response()
+        text = _PROTOCOL_ERRORS.get(code) or self.responses.get(code, ("error",))[0]
+        log.info("control_protocol_error", status=code, peer=self.address_string())
+        resp = HTTPError(code, text).to_response()
         resp.headers["Connection"] = "close"
-        self._send(resp, head=self.command == "HEAD")
+        with contextlib.suppress(OSError):  # the client may be gone
+            self._send(resp, head=self.command == "HEAD")
 
     def handle_expect_100(self) -> bool:
         length = self.headers.get("Content-Length", "")
@@ -120,26 +186,38 @@ class _RequestHandler(BaseHTTPRequestHandler):
             return False
         return super().handle_expect_100()
 
-    def _read_body(self) -> bytes:
+    def _body_length(self) -> int:
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise HTTPError(411, "chunked request bodies are not supported; send Content-Length")
         raw = self.headers.get("Content-Length")
         if raw is None:
-            return b""
-        if not raw.isdigit():
+            return 0
+        if not raw.isdigit() or len(raw) > 18:
             self.close_connection = True
-            raise HTTPError(400, f"invalid Content-Length: {raw!r}")
-        length, limit = int(raw), self.server.control.max_body
+            raise HTTPError(400, "invalid Content-Length")
+        return int(raw)
+
+    def _read_body(self, length: int) -> bytes:
+        limit = self.server.control.max_body
         if length > limit:
             # Read and drop a moderately large body so the client is not cut off mid-send
             # (it would see EPIPE instead of our 413); beyond that, close the connection.
             if length <= DRAIN_LIMIT_BYTES:
-                self._discard(length)
+                self._io.deadline = time.monotonic() + _body_seconds(length)
+                try:
+                    self._discard(length)
+                except (TimeoutError, OSError):
+                    self.close_connection = True
             else:
                 self.close_connection = True
             raise HTTPError(413, f"request body of {length} bytes exceeds {limit} bytes")
-        body = self.rfile.read(length)
+        self._io.deadline = time.monotonic() + _body_seconds(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise HTTPError(408, "the request body did not arrive in time") from None
         if len(body) != length:
             self.close_connection = True
             raise HTTPError(400, "request body shorter than Content-Length")
@@ -173,38 +251,51 @@ class _RequestHandler(BaseHTTPRequestHandler):
         path = split.path or "/"
         route: Route | None = None
         tcp = getattr(self.server, "token", None) is not None
+        read = False
         try:
+            length = self._body_length()
             self._check_token()
-            body = self._read_body()
             route, params = self.server.control.router.match(self.command, path)
             req = Request(
                 method=self.command,
                 path=path,
                 query=parse_qs(split.query, keep_blank_values=True),
                 headers=self.headers,
-                body=body,
+                body=b"",
                 peer=self.peer,
                 params=params,
                 auth="token" if tcp else "peer",
             )
+            if route.guard is not None:
+                route.guard(req)  # before the body: who may not use it sends none
+            req.body = self._read_body(length)
+            read = True
             resp = to_response(route.handler(req))
             payload = resp.encode()  # serialisation errors are handler errors too
         except HTTPError as exc:
             resp = exc.to_response()
             payload = resp.encode()
         except Exception as exc:
-            log.exception(
+            log.error(
                 "control_handler_failed",
                 method=self.command,
                 path=path,
                 route=route.pattern if route else None,
+                error=f"{type(exc).__name__}: {exc}",
+                exc_info=True,
             )
             resp = HTTPError(500, f"internal error: {type(exc).__name__}: {exc}").to_response()
             payload = resp.encode()
-        if resp.stream is not None:
-            self._send_stream(resp, head=self.command == "HEAD")
-        else:
-            self._send(resp, head=self.command == "HEAD", payload=payload)
+        if not read and self.headers.get("Content-Length", "0") not in ("", "0"):
+            self.close_connection = True  # a body left unread would be taken for a request
+        try:
+            if resp.stream is not None:
+                self._send_stream(resp, head=self.command == "HEAD")
+            else:
+                self._send(resp, head=self.command == "HEAD", payload=payload)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client hung up: nothing to tell anyone
+            return
         log.debug(
             "control_request",
             method=self.command,
@@ -293,38 +384,98 @@ _BUSY = (
 )
 
 
+class ConnectionLimiter:
+    """Connections served at once by one listener (a thread each): at most ``total``,
+    at most ``per_peer`` from one peer (a user id on the socket), and ``reserve`` more
+    that only privileged peers (root, the daemon's user, admins) may take, so that one
+    user's flood never locks them out. Thread-safe."""
+
+    def __init__(self, total: int, per_peer: int | None = None, reserve: int = 0) -> None:
+        self.total = total
+        self.per_peer = per_peer
+        self.reserve = reserve
+        self._lock = threading.Lock()
+        self._open: dict[Any, int] = {}
+        self.in_use = 0
+
+    def acquire(self, key: Any, privileged: bool = False) -> bool:
+        with self._lock:
+            if privileged:
+                if self.in_use >= self.total + self.reserve:
+                    return False
+            elif self.in_use >= self.total or (
+                self.per_peer is not None and self._open.get(key, 0) >= self.per_peer
+            ):
+                return False
+            self.in_use += 1
+            self._open[key] = self._open.get(key, 0) + 1
+            return True
+
+    def release(self, key: Any) -> None:
+        with self._lock:
+            self.in_use -= 1
+            n = self._open.get(key, 0) - 1
+            if n > 0:
+                self._open[key] = n
+            else:
+                self._open.pop(key, None)
+
+
 class _ConnectionLimit:
-    """At most ``control.max_connections`` connections served at once (one thread
-    each); beyond that a connection gets a 503 JSON answer and is closed at once."""
+    """Connections beyond the listener's :class:`ConnectionLimiter` get a 503 JSON answer
+    and are closed at once."""
 
     control: ControlServer
+    limiter: ConnectionLimiter
+    _keys: dict[Any, Any]
+    _keys_lock: threading.Lock
+
+    def _key(self, request: Any) -> tuple[Any, bool]:
+        if request.family != socket.AF_UNIX:
+            return "tcp", False
+        try:
+            peer = peer_credentials(request)
+        except OSError:
+            return None, False
+        return peer.uid, self.control.privileged(peer)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.control._slots.acquire(blocking=False):
-            self._refuse(request)
+        key, privileged = self._key(request)
+        if not self.limiter.acquire(key, privileged):
+            self._refuse(request, key)
             return
+        with self._keys_lock:
+            self._keys[request] = key
         try:
             super().process_request(request, client_address)  # type: ignore[misc]
         except BaseException:
-            self.control._slots.release()
+            with self._keys_lock:
+                self._keys.pop(request, None)
+            self.limiter.release(key)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._keys_lock:
+            key = self._keys.pop(request, None)
         try:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
-            self.control._slots.release()
+            self.limiter.release(key)
 
-    def _refuse(self, request: Any) -> None:
-        limit = self.control.max_connections
+    def _refuse(self, request: Any, key: Any) -> None:
+        limit = self.limiter.total
         body = json.dumps(
             error_body(
-                f"too many connections (limit {limit}); try again shortly",
+                f"too many connections (limit {limit}, {self.limiter.per_peer} per user); "
+                "try again shortly",
                 "unavailable",
                 retryable=True,
             )
         ).encode()
-        log.warning("control_connection_refused", limit=limit)
+        now = time.monotonic()
+        if now - getattr(self, "_last_refusal_log", 0.0) > 5.0:  # a flood logs once in 5 s
+            self._last_refusal_log = now
+            log.warning("control_connection_refused", limit=limit, peer=str(key))
         try:
             request.settimeout(0.5)  # the accepting thread must not be held up
             request.sendall(_BUSY % (len(body), body))
@@ -340,10 +491,12 @@ class _UnixHTTPServer(_ConnectionLimit, socketserver.ThreadingUnixStreamServer):
 
     def __init__(self, control: ControlServer) -> None:
         self.control = control
+        self.limiter = ConnectionLimiter(control.max_connections, MAX_PER_PEER, ADMIN_RESERVE)
+        self._keys, self._keys_lock = {}, threading.Lock()
         super().__init__(str(control.path), _RequestHandler, bind_and_activate=False)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("control_connection_failed")
+        _log_connection_error()
 
 
 class _TCPHTTPServer(_ConnectionLimit, socketserver.ThreadingTCPServer):
@@ -355,10 +508,14 @@ class _TCPHTTPServer(_ConnectionLimit, socketserver.ThreadingTCPServer):
     def __init__(self, control: ControlServer, address: tuple[str, int], token: bytes) -> None:
         self.control = control
         self.token = token
+        # Its own pool: a flood of (unauthenticated) TCP connections never takes a
+        # socket connection's place; each must send its headers within HEADER_SECONDS.
+        self.limiter = ConnectionLimiter(MAX_TCP_CONNECTIONS)
+        self._keys, self._keys_lock = {}, threading.Lock()
         super().__init__(address, _RequestHandler, bind_and_activate=True)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        log.exception("control_connection_failed")
+        _log_connection_error()
 
 
 class ControlServer:
@@ -379,11 +536,14 @@ class ControlServer:
         group: str | None = None,
         max_body: int = MAX_BODY_BYTES,
         max_connections: int = MAX_CONNECTIONS,
+        privileged: Callable[[PeerCredentials], bool] = lambda peer: False,
     ) -> None:
+        """``max_connections``: socket connections served at once (a thread each), at
+        most MAX_PER_PEER of them per user; ``privileged(peer)`` (root, the daemon's
+        user, admins) may use ADMIN_RESERVE more. The TCP listener has its own pool."""
         self.path = Path(path).absolute()
         self.max_connections = max_connections
-        # Shared by the Unix and TCP listeners: one thread per connection, bounded.
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self.privileged = privileged
         self.mode = mode
         self.group = group
         self.max_body = max_body
@@ -409,6 +569,13 @@ class ControlServer:
     # routing
     def add_route(self, method: str, path: str, handler: Handler) -> Route:
         return self.router.add(method, path, handler)
+
+    def connections(self) -> dict[str, int]:
+        """Connections being served now, per listener."""
+        out = {"socket": self._server.limiter.in_use if self._server else 0}
+        if self._tcp is not None:
+            out["tcp"] = self._tcp.limiter.in_use
+        return out
 
     def route(self, method: str, path: str) -> Callable[[Handler], Handler]:
         return self.router.route(method, path)

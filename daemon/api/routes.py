@@ -319,20 +319,13 @@ def register_api(
     """Add the API's routes (and ``GET /openapi.json``) to ``router``."""
     eps = endpoints(control, status=status, health=health, metrics=metrics)
 
-    def guarded(ep: Endpoint) -> Callable[[Request], HandlerResult]:
-        handler = ep.handler
-        assert handler is not None
-        if not ep.admin:
-            return _http(handler)
-
-        def check(req: Request) -> HandlerResult:
-            control.auth.require_admin(req)
-            return handler(req)
-
-        return _http(check)
+    def admin(req: Request) -> None:
+        _http(control.auth.require_admin)(req)
 
     for ep in eps:
-        router.add(ep.method, ep.pattern, guarded(ep))
+        assert ep.handler is not None
+        # Mutating routes check the peer before the body is read (and before parsing).
+        router.add(ep.method, ep.pattern, _http(ep.handler), guard=admin if ep.admin else None)
     spec = build_openapi(eps)
     router.add("GET", "/openapi.json", lambda req: spec)
     return eps

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from daemon.api.http import Request
 from daemon.api.problems import Problem
+from daemon.config import parse_keep_alive
 
 MAX_CAPTION_CHARS = 256 * 1024
 
@@ -87,6 +88,11 @@ class PostProcessUpdate(_Body):
 class ModelLoadRequest(_Body):
     wait: bool = False  # answer when the load finished
     keep_alive: float | None = None  # seconds this load stays; -1 = until unloaded
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> Any:
+        return parse_keep_alive(v)  # the same rule as [residency] in config.toml
 
 
 class QueueTarget(_Body):

@@ -170,9 +170,10 @@ class Authoriser:
     def may_mutate(self, request: Request) -> bool:
         if request.auth == "token":
             return True
-        peer = request.peer
-        if peer is None:
-            return False
+        return request.peer is not None and self.privileged(request.peer)
+
+    def privileged(self, peer: PeerCredentials) -> bool:
+        """Root, the daemon's own user, or a member of the admin group."""
         if peer.uid in (0, self.own_uid):
             return True
         return self.admin_gid is not None and peer_in_group(peer, self.admin_gid)

@@ -132,11 +132,11 @@ class MultiPersonConfig(GeneratorConfig):
     detector_image_size: int = Field(640, ge=32, le=4096)
     detector_person_class: int | None = Field(None, ge=0)  # None = the class named person
     confidence: float = Field(0.5, ge=0.0, le=1.0)
-    min_size: int = Field(50, ge=1)  # px, both sides of the box
+    min_size: int = Field(50, ge=1, le=100_000)  # px, both sides of the box
     max_people: int = Field(10, ge=1, le=100)
-    max_image_side: int = Field(2048, ge=64)  # images are shrunk to this before anything
+    max_image_side: int = Field(2048, ge=64, le=32_768)  # images are shrunk to this before anything
     # crops
-    padding: int = Field(10, ge=0)  # px around each person's box
+    padding: int = Field(10, ge=0, le=10_000)  # px around each person's box
     grey_value: int = Field(128, ge=0, le=255)  # fill for greyed-out people (tags)
     background_dim: float = Field(0.3, ge=0.0, le=1.0)  # rest of a person crop (captions)
     scene_people_dim: float = Field(0.3, ge=0.0, le=1.0)  # people in the scene (captions)
@@ -154,11 +154,11 @@ class MultiPersonConfig(GeneratorConfig):
     person_prompt: str = PERSON_PROMPT
     scene_prompt: str = SCENE_PROMPT
     whole_prompt: str = WHOLE_PROMPT  # nobody detected
-    max_words: int = Field(35, ge=0)  # per description, cut at a sentence boundary
-    scene_max_words: int = Field(25, ge=0)
-    scene_min_words: int = Field(3, ge=0)
-    describe_batch_size: int = Field(0, ge=0)  # crops per describer call; 0 = all at once
-    tag_batch_size: int = Field(32, ge=1)  # crops per WD tagger run
+    max_words: int = Field(35, ge=0, le=10_000)  # per description, cut at a sentence boundary
+    scene_max_words: int = Field(25, ge=0, le=10_000)
+    scene_min_words: int = Field(3, ge=0, le=10_000)
+    describe_batch_size: int = Field(0, ge=0, le=4096)  # crops per describer call; 0 = all at once
+    tag_batch_size: int = Field(32, ge=1, le=4096)  # crops per WD tagger run
     tagger: WDTaggerConfig = Field(default_factory=WDTaggerConfig)
     describer: DescriberConfig = Field(
         default_factory=lambda: LocalDescriberConfig(max_new_tokens=96)

@@ -138,7 +138,7 @@ class VLMConfig(GeneratorConfig):
     prompt: str | None = None  # None = the family's default; may use {tags} {name} {folder}
     system_prompt: str | None = None  # chat families; None = the family's default (if any)
     max_new_tokens: int = Field(128, ge=1, le=8192)
-    min_new_tokens: int | None = Field(None, ge=0)
+    min_new_tokens: int | None = Field(None, ge=0, le=8192)
     do_sample: bool = False  # greedy (deterministic) unless true
     temperature: float = Field(0.7, gt=0.0, le=5.0)  # only when do_sample
     top_p: float = Field(0.9, gt=0.0, le=1.0)  # only when do_sample
@@ -147,7 +147,7 @@ class VLMConfig(GeneratorConfig):
     device: str = "auto"  # auto = cuda if available, else cpu; or "cpu", "cuda", "cuda:1"
     quantization: Literal["none", "4bit", "8bit"] = "none"  # needs bitsandbytes
     trust_remote_code: bool = False  # run code from the model repository (Moondream2)
-    max_image_side: int | None = Field(None, ge=0)  # None = family default; 0 = never shrink
+    max_image_side: int | None = Field(None, ge=0, le=32_768)  # None: family default; 0: as is
 
     @field_validator("prompt")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,10 @@ class WDTaggerConfig(GeneratorConfig):
     always_first_tags: list[str] = Field(default_factory=list)
     tag_replacement: list[tuple[str, str]] = Field(default_factory=list)
     separator: str = ", "
-    max_tags: int = Field(0, ge=0)  # 0 = no limit
+    max_tags: int = Field(0, ge=0, le=100_000)  # 0 = no limit
     escape_brackets: bool = False  # "(" -> "\(" and ")" -> "\)" for prompt syntax
     providers: list[str] | None = None  # ordered preference; None = DEFAULT_PROVIDER_ORDER
-    intra_op_threads: int = Field(0, ge=0)  # 0 = onnxruntime's default
+    intra_op_threads: int = Field(0, ge=0, le=1024)  # 0 = onnxruntime's default
 
     @field_validator("tag_replacement")
     @classmethod
@@ -119,7 +120,15 @@ class WDTaggerConfig(GeneratorConfig):
     def _providers(cls, v: list[str] | None) -> list[str] | None:
         if v is None:
             return None
-        return [_PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in v]
+        out = [_PROVIDER_ALIASES.get(p.strip().lower(), p.strip()) for p in v]
+        bad = [p for p in out if not re.fullmatch(r"[A-Za-z0-9]{1,40}ExecutionProvider", p)]
+        if bad or not out:
+            short = ", ".join(sorted(_PROVIDER_ALIASES))
+            raise ValueError(
+                f"unknown onnxruntime providers {bad or out}: name them like "
+                f"'CUDAExecutionProvider' or by a short name ({short})"
+            )
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,268 @@
+"""Clients that are hostile or broken, as an attacker would be one: floods of slow
+connections on either listener, slow bodies, absurd JSON, malformed request lines, and
+hang-ups. Real sockets; floods come from another process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from daemon.api import listeners
+from daemon.api.http import HTTPError, Request
+from daemon.api.listeners import ConnectionLimiter, ControlServer
+from daemon.client import request
+
+pytestmark = pytest.mark.timeout(60)
+TOKEN = b"0123456789abcdef-token"
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="cdh-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _server(sock_dir: Path, **kw) -> ControlServer:
+    srv = ControlServer(sock_dir / "c.sock", **kw)
+    srv.add_route("GET", "/health", lambda req: {"status": "ok"})
+    srv.add_route("POST", "/echo", lambda req: {"got": req.json()})
+
+    def admin_only(req: Request) -> None:
+        if req.peer is None or req.peer.pid != os.getpid():
+            raise HTTPError(403, "admins only")
+
+    srv.router.add("POST", "/admin", lambda req: {"n": len(req.body)}, guard=admin_only)
+    return srv
+
+
+def _raw(path: Path | tuple[str, int], data: bytes, timeout: float = 5.0) -> bytes:
+    fam = socket.AF_UNIX if isinstance(path, Path) else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(path) if isinstance(path, Path) else path)
+    try:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def _flood(address: str | tuple[str, int], count: int, seconds: float, ready) -> None:
+    """In another process: open ``count`` connections and trickle a byte now and then."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET)
+        try:
+            s.connect(address)
+            s.sendall(b"G")
+        except OSError:
+            s.close()
+            continue
+        socks.append(s)
+    ready.set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.sendall(b"E")
+        time.sleep(0.5)
+    for s in socks:
+        s.close()
+
+
+def _start_flood(address, count: int, seconds: float) -> multiprocessing.process.BaseProcess:
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_flood, args=(address, count, seconds, ready), daemon=True)
+    proc.start()
+    assert ready.wait(10)
+    return proc
+
+
+def test_limiter_keeps_a_reserve_for_privileged_peers_and_caps_each_peer() -> None:
+    lim = ConnectionLimiter(total=4, per_peer=3, reserve=2)
+    assert [lim.acquire(1000) for _ in range(4)] == [True, True, True, False]  # per peer
+    assert lim.acquire(1001)  # another user: the 4th slot
+    assert not lim.acquire(1002)  # full for everyone else
+    assert lim.acquire(0, privileged=True) and lim.acquire(0, privileged=True)
+    assert not lim.acquire(0, privileged=True)  # the reserve is bounded too
+    for key in (0, 0, 1000):
+        lim.release(key)
+    assert lim.acquire(1002) and lim.in_use == 4
+
+
+def test_a_socket_flood_by_one_user_leaves_room_for_an_admin(sock_dir: Path) -> None:
+    """Another process (not privileged) fills every slot with connections that trickle
+    one byte at a time; the privileged peer (this process) still gets its answer."""
+    srv = _server(sock_dir, max_connections=4, privileged=lambda peer: peer.pid == os.getpid())
+    with srv:
+        flood = _start_flood(str(srv.path), 12, seconds=8)
+        try:
+            time.sleep(0.3)
+            assert srv.connections()["socket"] >= 4  # the flood holds every slot
+            t0 = time.monotonic()
+            assert request(srv.path, "GET", "/health", timeout=3) == (200, {"status": "ok"})
+            assert time.monotonic() - t0 < 2
+        finally:
+            flood.kill()
+
+
+def test_a_tcp_flood_cannot_starve_the_socket(sock_dir: Path, monkeypatch) -> None:
+    monkeypatch.setattr(listeners, "MAX_TCP_CONNECTIONS", 4)
+    srv = _server(sock_dir)
+    srv.enable_tcp("127.0.0.1", 0, TOKEN)
+    with srv:
+        host, port = srv.tcp_address
+        flood = _start_flood((host, port), 20, seconds=8)
+        try:
+            time.sleep(0.3)
+            assert srv.connections()["tcp"] == 4  # its own pool, full
+            answer = _raw((host, port), b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 503")  # one more TCP client is refused
+            t0 = time.monotonic()
+            assert request(srv.path, "GET", "/health", timeout=3)[0] == 200
+            assert time.monotonic() - t0 < 2
+        finally:
+            flood.kill()
+
+
+def test_unauthenticated_tcp_is_refused_before_its_body(sock_dir: Path) -> None:
+    srv = _server(sock_dir)
+    srv.enable_tcp("127.0.0.1", 0, TOKEN)
+    with srv:
+        t0 = time.monotonic()
+        # a body announced but never sent: the 401 comes at once, nothing is waited for
+        answer = _raw(srv.tcp_address, b"POST /echo HTTP/1.1\r\nContent-Length: 100\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - t0 < 2
+
+
+def test_a_slow_request_line_is_cut_at_the_deadline(sock_dir: Path, monkeypatch) -> None:
+    """A deadline for the whole request line and headers, not a timeout per read: one
+    byte every 0.3 s keeps a per-read timeout happy for ever, but not this."""
+    monkeypatch.setattr(listeners, "HEADER_SECONDS", 1.0)
+    srv = _server(sock_dir)
+    with srv:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(srv.path))
+        t0 = time.monotonic()
+        closed = False
+        for b in b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 30:
+            try:
+                s.sendall(bytes([b]))
+            except OSError:
+                closed = True
+                break
+            s.settimeout(0.3)
+            try:
+                if s.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        s.close()
+        assert closed and time.monotonic() - t0 < 4
+
+
+def test_short_bodies_get_408_at_the_deadline_and_403_or_405_at_once(
+    sock_dir: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(listeners, "BODY_GRACE_SECONDS", 0.5)
+    srv = _server(sock_dir, privileged=lambda peer: False)
+    with srv:
+        t0 = time.monotonic()
+        answer = _raw(srv.path, b'POST /echo HTTP/1.1\r\nContent-Length: 50\r\n\r\n{"a"')
+        assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 3
+        assert b"did not arrive in time" in answer
+        # a route the peer may not use answers before the body, which is never waited for
+        srv.router.routes = [r for r in srv.router.routes if r.pattern != "/admin"]
+
+        def deny(req: Request) -> None:
+            raise HTTPError(403, "admins only")
+
+        srv.router.add("POST", "/admin", lambda req: {}, guard=deny)
+        t0 = time.monotonic()
+        answer = _raw(srv.path, b"POST /admin HTTP/1.1\r\nContent-Length: 999\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 403") and time.monotonic() - t0 < 1
+        t0 = time.monotonic()
+        answer = _raw(srv.path, b"POST /health HTTP/1.1\r\nContent-Length: 999\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 405") and time.monotonic() - t0 < 1
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"[" * 5000 + b"]" * 5000, b"nested too deeply"),
+        (b'{"n": ' + b"9" * 5000 + b"}", b"number too long"),
+        (b'{"a": \xff}', b"not valid JSON"),
+    ],
+)
+def test_absurd_json_gets_400_not_500(sock_dir: Path, body: bytes, why: bytes) -> None:
+    srv = _server(sock_dir)
+    with srv:
+        head = b"POST /echo HTTP/1.1\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        answer = _raw(srv.path, head % len(body) + body)
+    assert answer.startswith(b"HTTP/1.1 400") and why in answer
+
+
+def test_a_malformed_request_line_gets_a_status_line_and_nothing_is_echoed(
+    sock_dir: Path,
+) -> None:
+    srv = _server(sock_dir)
+    with srv, structlog.testing.capture_logs() as logs:
+        # keep-alive: a good request, then a line of garbage carrying a "secret"
+        answer = _raw(
+            srv.path,
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"my-private-caption-SECRET-words FOO BAR BAZ\r\n\r\n",
+        )
+    first, _, rest = answer.partition(b"HTTP/1.1 400")
+    assert first.startswith(b"HTTP/1.1 200") and rest, answer
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert set(body) >= {"error", "error_type", "retryable"}
+    assert b"SECRET" not in answer
+    assert "SECRET" not in json.dumps(logs, default=str)
+
+
+def test_a_body_never_reaches_the_log(sock_dir: Path) -> None:
+    """A body longer than its Content-Length: the rest would be read as the next request
+    line (and echoed into the log by http.server). It must never be logged."""
+    srv = _server(sock_dir)
+    with srv, structlog.testing.capture_logs() as logs:
+        _raw(
+            srv.path, b"POST /echo HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}my caption SECRET\r\n\r\n"
+        )
+        _raw(
+            srv.path,
+            b'POST /echo HTTP/1.1\r\nContent-Length: 9\r\nConnection: close\r\n\r\n{"x": SECRET}',
+        )
+    assert "SECRET" not in json.dumps(logs, default=str)
+
+
+def test_clients_that_hang_up_are_not_errors(sock_dir: Path) -> None:
+    srv = _server(sock_dir)
+    srv.add_route("GET", "/big", lambda req: {"x": "y" * 4_000_000})
+    with srv, structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(srv.path))
+            s.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.recv(10)
+            s.close()  # mid-answer
+        time.sleep(0.5)
+        assert request(srv.path, "GET", "/health")[0] == 200
+    assert not [e for e in logs if e.get("log_level") == "error"], logs
