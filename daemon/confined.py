@@ -225,6 +225,11 @@ def _walk(fd: int, parts: list[str], what: str) -> int:
             try:
                 nxt = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=cur)
             except OSError as exc:
+                if exc.errno == errno.ENOTDIR and _is_link(cur, part):
+                    # O_NOFOLLOW | O_DIRECTORY on a symlink reads ENOTDIR on Linux
+                    raise ConfinementError(
+                        f"{what}: a symbolic link on the way is refused"
+                    ) from None
                 raise _refused(exc, what) from None
             os.close(cur)
             cur = nxt
@@ -492,6 +497,13 @@ class Folder:
         staged = self.stage(name, data, owner=owner, mode=mode)
         staged.commit()
         self.sync()
+
+
+def _is_link(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _leaf(name: str) -> str:
