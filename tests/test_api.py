@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,10 @@ def test_queued_while_model_missing_then_completes_and_cancel(daemon, root, tmp_
     st = call(d, "GET", f"/api/caption-request-status/{rid}")[1]
     assert st["result"]["success"] is True and "red background" in st["result"]["caption"]
     assert (root / "a.txt").exists()
-    time.sleep(1.0)
+    # b's job was the cancelled request's own (no scan, no watcher event): it is gone,
+    # so nothing is left that could caption b.png later
+    wait_for(lambda: not d.totals().get("pending") and not d.totals().get("leased"))
+    assert d.totals() == {"pending": 0, "leased": 0, "done": 1, "failed": 0, "dead": 0}
     assert not (root / "b.txt").exists(), "a cancelled request must not be captioned"
     assert call(d, "GET", "/api/caption-request-status/nope")[0] == 404
 
@@ -203,7 +207,10 @@ def test_batch_stream_order_counts_and_skip(daemon, root):
         "_/../etc/passwd.png",
     ]
     events = list(stream(d, {"items": items, "generator": "wd_tagger"}))
-    assert events[0] == {"type": "start", "total": 5, "batch_id": events[0]["batch_id"]}
+    start = events[0]
+    assert start.keys() == {"type", "total", "batch_id"}
+    assert (start["type"], start["total"]) == ("start", 5)
+    assert str(uuid.UUID(start["batch_id"])) == start["batch_id"]  # a UUID, as documented
     assert events[-1]["type"] == "complete"
     assert (
         events[-1]["processed"],
@@ -221,6 +228,7 @@ def test_batch_stream_order_counts_and_skip(daemon, root):
     # force replaces it
     events = list(stream(d, {"items": ["_/b3.png"], "config": {"force": True}}))
     assert events[-1]["successful"] == 1
+    assert events[0]["batch_id"] != start["batch_id"]  # one id per batch
     assert "red background" in (root / "b3.txt").read_text()
     # malformed bodies: 4xx before any streaming
     assert call(d, "POST", "/api/batch-generate-captions", b"{not json")[0] == 400
@@ -259,10 +267,15 @@ def test_batch_client_disconnect_cancels_what_has_not_started(daemon, root):
         ),
         timeout=10,
     )
-    assert call(d, "POST", "/api/queue/resume", {})[0] == 200
-    time.sleep(1.5)
-    # the watcher's own jobs for new files were pending before the batch: they stay
     assert d.events("batch_cancelled")[0]["cancelled"] == 6
+    # the watcher's own jobs for the new files were pending before the batch: they stay
+    # (paused until now) and caption the images once the queue is resumed
+    assert d.totals()["pending"] == 6
+    assert not list(root.glob("c*.txt"))
+    assert call(d, "POST", "/api/queue/resume", {})[0] == 200
+    wait_for(lambda: len(list(root.glob("c*.txt"))) == 6)
+    wait_for(d.idle)
+    assert d.status()["queue"]["outcomes"]["wd_tagger"] == {"written": 6}
 
 
 # ------------------------------------------------------------------ caption files
@@ -419,7 +432,9 @@ def test_pause_resume_root_retry_purge_rescan(daemon, tmp_path):
     make_image(r1 / "x.png", "red")
     make_image(r2 / "y.png", "blue")
     wait_for(lambda: (r2 / "y.txt").exists())
-    time.sleep(1.0)
+    wait_for(lambda: call(d, "GET", "/api/queue")[1]["by_root"]["one"].get("pending") == 1)
+    d.wait_worker_turns(2)  # two whole worker turns passed x.png over
+    assert call(d, "GET", "/api/queue")[1]["by_root"]["one"] == {"pending": 1}
     assert not (r1 / "x.txt").exists()
     # the single-root shorthand is refused with two roots
     assert call(d, "POST", "/api/generate-caption/_/x.png")[0] == 404

@@ -334,7 +334,11 @@ def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(server.path))
             idle.append(s)
-        time.sleep(0.3)  # each holds a thread, waiting for a request line
+        # each holds a thread (and a slot), waiting for a request line
+        deadline = time.monotonic() + 10
+        while server._slots._value > 0:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the idle connections were never accepted"
+            time.sleep(0.01)
         c = UnixHTTPConnection(server.path, timeout=5)
         c.request("GET", "/x")
         r = c.getresponse()

@@ -234,7 +234,9 @@ def test_model_download_failure_keeps_jobs_waiting(daemon, root):
 
     wait_for(failed_download)
     wait_for(lambda: d.totals().get("pending") == 1)
-    time.sleep(1.5)  # several load retries later the job still waits
+    failures = len(d.events("model_load_failed"))
+    # two more load attempts (load_retry_seconds 0.5, doubling) and the job still waits
+    wait_for(lambda: len(d.events("model_load_failed")) >= failures + 2, timeout=30)
     totals = d.totals()
     assert totals.get("pending") == 1 and not totals.get("failed") and not totals.get("dead")
     assert d.healthy()
