@@ -13,9 +13,10 @@ import pytest
 
 from daemon.client import request
 from tests.daemonproc import DaemonProcess, make_image, wait_for
+from tests.deps import require
 
-schemathesis = pytest.importorskip("schemathesis")
-hypothesis = pytest.importorskip("hypothesis")
+schemathesis = require("schemathesis", "the test extra")
+hypothesis = require("hypothesis", "the test extra")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 

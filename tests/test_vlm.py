@@ -43,14 +43,12 @@ from daemon.generators.vlm import (
     strip_task_tokens,
 )
 from daemon.generators.vlm_families import detect_family
+from tests.deps import require
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+require("torch", "the vlm extra")
+require("transformers", "the vlm extra")
 
-try:
-    from tests.vlmmodels import BUILDERS
-except ImportError:  # tests/ is not a package
-    from vlmmodels import BUILDERS  # type: ignore[no-redef]
+from tests.vlmmodels import BUILDERS  # noqa: E402
 
 TOKENS = 6
 CHAT_PROMPT = "describe {name} in {folder}"
