@@ -408,3 +408,38 @@ def test_a_hung_read_is_given_up_and_does_not_block_shutdown(daemon, root):
     assert time.monotonic() - t0 < 15
     assert "exit_with_stuck_reads" in d.logs()
     assert not (root / "hung.txt").exists()
+
+
+def test_sidecars_over_1_mib_are_left_alone(daemon, root):
+    """A sidecar larger than 1 MiB is never read or replaced, whatever the policy: the
+    job fails as io (not retried) and the file keeps its bytes, inode and mtime. One of
+    exactly 1 MiB is an ordinary caption (overwritten here, as the policy says)."""
+    from daemon.client import request
+
+    limit = 1 << 20
+    make_image(root / "big.png", "red")
+    make_image(root / "edge.png", "green")
+    big, edge = root / "big.txt", root / "edge.txt"
+    big.write_bytes(b"x" * (limit + 1))
+    edge.write_bytes(b"y" * limit)
+    before = os.stat(big)
+    d = daemon(watch={"existing_caption": "overwrite"}).start()
+    wait_for(lambda: d.totals().get("failed") == 1 and d.totals().get("done") == 1)
+    wait_for(d.idle)
+    (error,) = d.status()["recent_errors"]
+    assert Path(error["path"]).name == "big.png"
+    assert (error["error_type"], error["state"]) == ("io", "failed")
+    assert "larger than 1 MiB" in error["error"] and error["attempts"] == 1
+    assert "green background" in edge.read_text()  # exactly 1 MiB: replaced
+    # asked explicitly, with force: still refused, still untouched
+    code, body = request(d.socket, "POST", "/api/generate-caption/_/big.png?force=true", timeout=30)
+    assert code >= 400 and body["error_type"] == "io", body
+    after = os.stat(big)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert big.read_bytes() == b"x" * (limit + 1)
+    assert temp_files(root) == []
+    assert written_paths(d) == [str(root / "edge.png")]
