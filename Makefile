@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 DATASET ?=
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): "auto" is one per CPU; 0 runs the suite serially.
+# Tests marked xdist_group("...") run in one process (they share a daemon).
 PYTEST_WORKERS ?= auto
 # Optional parts installed into the venv for `make run`; `make test` installs TEST_EXTRAS,
 # all of them, whatever EXTRAS says (in CI a test skipped for a missing one fails).
@@ -50,7 +51,7 @@ run: setup
 	$(VENV)/bin/captiond run --watch "$(DATASET)"
 
 test: setup-test system-deps
-	HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 $(PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(call stamps,test)
 	$(VENV)/bin/ruff check daemon tests bench

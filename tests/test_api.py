@@ -58,6 +58,31 @@ def daemon(tmp_path: Path, root: Path, wd_model_dir: Path):
         d.stop()
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, wd_model_dir: Path):
+    """One daemon for the tests that only read or are refused (no state changes):
+    a root with fine.png, and beside it a folder 'outside' that symlinks in the root
+    point into (link.png is excluded: the scanner would follow it)."""
+    base = tmp_path_factory.mktemp("shared")
+    root, outside = base / "data", base / "outside"
+    make_image(outside / "secret.png", "red")
+    (outside / "secret.txt").write_text("untouched\n")
+    make_image(root / "fine.png", "green")
+    os.symlink(outside / "secret.png", root / "link.png")
+    os.symlink(outside, root / "linkdir")
+    (base / "run").mkdir()
+    d = DaemonProcess(
+        base / "run",
+        [root],
+        wd_model_dir,
+        watch={"exclude": ["link.png"]},
+        sections={"scan": {"on_start": True}},
+    ).start()
+    wait_for(lambda: ready(d))
+    yield d, root, outside
+    d.stop()
+
+
 def ready(d: DaemonProcess) -> bool:
     """Idle, and the tagger loaded (a request now is answered, not queued)."""
     return d.idle() and d.status()["generators"]["wd_tagger"]["state"] == "loaded"
@@ -311,16 +336,9 @@ def test_put_and_delete_caption_is_a_persons_caption(daemon, root):
     assert (root / "p.txt").exists()
 
 
-def test_path_escapes_are_refused_and_nothing_outside_is_touched(daemon, root, tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    make_image(outside / "secret.png", "red")
-    (outside / "secret.txt").write_text("untouched\n")
-    os.symlink(outside / "secret.png", root / "link.png")
-    os.symlink(outside, root / "linkdir")
-    make_image(root / "fine.png", "green")
-    d = daemon(watch={"exclude": ["link.png"]}).start()  # the scanner itself would follow it
-    wait_for(lambda: ready(d))
+@pytest.mark.xdist_group("api_shared_daemon")  # one daemon for these (--dist loadgroup)
+def test_path_escapes_are_refused_and_nothing_outside_is_touched(shared):
+    d, root, outside = shared
     before = sorted(p.name for p in outside.iterdir())
     attacks = [
         "_/../outside/secret.png",
@@ -346,7 +364,7 @@ def test_path_escapes_are_refused_and_nothing_outside_is_touched(daemon, root, t
     assert sorted(p.name for p in outside.iterdir()) == before
     assert (outside / "secret.txt").read_text() == "untouched\n"
     assert not (root / "link.txt").exists()
-    assert not list(tmp_path.glob("*.txt"))
+    assert not list(outside.parent.glob("*.txt"))
 
 
 # ----------------------------------------------------------------------- settings
@@ -470,8 +488,9 @@ def test_pause_resume_root_retry_purge_rescan(daemon, tmp_path):
     assert (r2 / "y.txt").read_text() == "edited by hand\n"
 
 
-def test_limits_and_malformed_requests(daemon, root):
-    d = daemon().start()
+@pytest.mark.xdist_group("api_shared_daemon")  # one daemon for these (--dist loadgroup)
+def test_limits_and_malformed_requests(shared):
+    d, _, _ = shared
     big = b'{"types": ["' + b"a" * (2 * 1024 * 1024) + b'"]}'
     assert call(d, "POST", "/api/caption-types", big)[0] == 413
     assert call(d, "POST", "/api/queue/pause", b"\xff\xfe")[0] == 400
@@ -479,6 +498,8 @@ def test_limits_and_malformed_requests(daemon, root):
     assert call(d, "POST", "/api/queue/pause", {"extra": 1})[0] == 422
     assert call(d, "GET", "/api/generate-caption/_/x.png")[0] == 405
     assert d.healthy()
+    assert call(d, "GET", "/api/queue")[1]["paused"] is False  # nothing was changed
+    assert "a" * 100 not in json.dumps(call(d, "GET", "/api/caption-types")[1])
 
 
 # ------------------------------------------------------------------ peer credentials
@@ -589,8 +610,9 @@ def test_tcp_listener_needs_a_private_token_file(daemon, root, tmp_path):
     assert c.getresponse().status == 200  # the token grants mutation
 
 
-def test_openapi_describes_every_route(daemon):
-    d = daemon().start()
+@pytest.mark.xdist_group("api_shared_daemon")  # one daemon for these (--dist loadgroup)
+def test_openapi_describes_every_route(shared):
+    d, _, _ = shared
     code, spec = call(d, "GET", "/openapi.json")
     assert code == 200 and spec["openapi"].startswith("3.")
     paths = spec["paths"]
