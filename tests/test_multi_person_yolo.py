@@ -31,6 +31,9 @@ from daemon.generators.multi_person import (  # noqa: E402
 from daemon.generators.vlm import VLMConfig  # noqa: E402
 from daemon.generators.wd_tagger import WDTaggerConfig  # noqa: E402
 
+# One worker builds the tiny models once (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("yolo_models")
+
 
 @pytest.fixture(scope="module")
 def yolo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -50,6 +50,9 @@ require("transformers", "the vlm extra")
 
 from tests.vlmmodels import BUILDERS  # noqa: E402
 
+# One worker builds the tiny models once (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("vlm_models")
+
 TOKENS = 6
 CHAT_PROMPT = "describe {name} in {folder}"
 
