@@ -113,15 +113,18 @@ class Heartbeat:
     timeout) and beat, or an idle daemon looks wedged.
     """
 
-    def __init__(self, name: str = "heartbeat") -> None:
+    def __init__(
+        self, name: str = "heartbeat", *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.name = name
-        self._last = time.monotonic()
+        self._clock = clock
+        self._last = clock()
 
     def beat(self) -> None:
-        self._last = time.monotonic()
+        self._last = self._clock()
 
     def age(self) -> float:
-        return time.monotonic() - self._last
+        return self._clock() - self._last
 
     def recent(self, max_age: float) -> Callable[[], bool]:
         def check() -> bool:
@@ -138,6 +141,8 @@ class ProgressWatchdog:
     after ``WatchdogSec``; they resume when all checks pass again. ``status`` (optional)
     returns the ``STATUS=`` text, which is sent whenever it changes (checked every
     ``status_interval`` seconds). With ``interval=None`` only the status is updated.
+    ``clock`` decides when a ping is due (injectable for tests); the thread's waits
+    between rounds are real time.
     """
 
     def __init__(
@@ -148,8 +153,10 @@ class ProgressWatchdog:
         status: Callable[[], str] | None = None,
         *,
         status_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.notifier = notifier
+        self._clock = clock
         self.interval = interval
         self.checks = list(checks)
         self.status = status
@@ -198,7 +205,7 @@ class ProgressWatchdog:
 
     def tick(self) -> None:
         """One round: ping if due and healthy, refresh STATUS= if changed."""
-        now = time.monotonic()
+        now = self._clock()
         due = self.interval is not None and now - self._last_ping >= self.interval * 0.99
         if due and self.healthy() and self.notifier.watchdog():
             self._last_ping = now

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+# A skip for a missing dependency fails the run in CI (CI=true): see tests/deps.py.
+from tests.deps import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
+
 # ---- wd_tagger fixtures (owner: images / wd_tagger) ------------------------------------
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
+# Model code loaded with trust_remote_code (tests/vlmmodels.py's moondream2 stand-in)
+# is copied into the modules cache: a temporary one, not the user's ~/.cache.
+_HF_MODULES = tempfile.mkdtemp(prefix="captiond-hf-modules-")
+os.environ.setdefault("HF_MODULES_CACHE", _HF_MODULES)
+atexit.register(shutil.rmtree, _HF_MODULES, True)
 
 
 @pytest.fixture(scope="session")

@@ -67,8 +67,33 @@ def toml_value(v: Any) -> str:
     raise TypeError(v)
 
 
+def register_generators(folder: Path, generators: dict[str, str]) -> Path:
+    """Make ``generators`` (name -> ``module:Class``) discoverable the way third-party
+    generators are: an installed distribution with ``captiond.generators`` entry points.
+    Returns the folder to put on the daemon's ``PYTHONPATH``."""
+    info = folder / "captiond_test_generators-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: captiond-test-generators\nVersion: 0\n"
+    )
+    lines = [f"{name} = {ref}" for name, ref in generators.items()]
+    (info / "entry_points.txt").write_text("[captiond.generators]\n" + "\n".join(lines) + "\n")
+    return folder
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process (``VmRSS`` in ``/proc/PID/status``), in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
 class DaemonProcess:
-    """``captiond run`` in a subprocess with its own state dir, socket and config."""
+    """``captiond run`` in a subprocess with its own state dir, socket and config.
+
+    ``generators`` (name -> ``module:Class``, e.g. ``tests.fakegen:EchoGenerator``)
+    registers test generators through the entry-point group, as a plugin would."""
 
     def __init__(
         self,
@@ -80,6 +105,7 @@ class DaemonProcess:
         top: dict[str, Any] | None = None,
         sections: dict[str, dict[str, Any]] | None = None,
         env: dict[str, str] | None = None,
+        generators: dict[str, str] | None = None,
     ):
         self.workdir = workdir
         self.state_dir = workdir / "state"
@@ -87,6 +113,9 @@ class DaemonProcess:
         self.config = workdir / "config.toml"
         self.log = workdir / "daemon.log"
         self.env = env or {}
+        self.pythonpath: list[str] = []
+        if generators:
+            self.pythonpath.append(str(register_generators(workdir / "plugins", generators)))
         watch = {"settle_seconds": 0.3, "sidecar_extension": "txt"} | (watch or {})
         top = {
             "state_dir": str(self.state_dir),
@@ -117,6 +146,10 @@ class DaemonProcess:
     def start(self, wait: bool = True) -> DaemonProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "WATCHDOG_"))}
         env |= {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"} | self.env
+        # The code under test, and tests/ (test generators) importable in the daemon and
+        # in its model processes, also when captiond is installed from elsewhere.
+        paths = [*self.pythonpath, str(REPO), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         self._logfh = open(self.log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "daemon", "--config", str(self.config), "run"],
@@ -158,6 +191,24 @@ class DaemonProcess:
             and scans["pending"] == 0
             and bool(scans["last"])
         )
+
+    def wait_worker_turns(self, turns: int = 2, timeout: float = 30.0) -> None:
+        """Return once the worker loop has begun ``turns`` new turns after this call.
+
+        Each turn claims whatever is due (unless paused), so after two turns a job that
+        was pending before the call and is still pending was passed over by a whole
+        turn: waiting on the worker's reported heartbeat, not on a sleep. The status
+        rounds ``heartbeat_age_seconds`` to 0.1 s; the bounds below allow for that."""
+        since = time.monotonic()
+        for _ in range(turns):
+
+            def beat_after(t: float = since) -> float | None:
+                asked = time.monotonic()
+                age = self.status()["worker"]["heartbeat_age_seconds"]
+                earliest = asked - age - 0.05  # the last beat happened after this
+                return earliest if earliest > t else None
+
+            since = wait_for(beat_after, timeout) + 0.15  # past that beat's latest time
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

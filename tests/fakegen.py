@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from daemon.errors import OutOfMemoryError
@@ -73,3 +75,24 @@ class TagEchoGenerator(EchoGenerator):
 
     def generate(self, batch: Sequence[Any]) -> list[str]:
         return [f"an image with {tags}" for tags in batch]
+
+
+class BlockConfig(EchoConfig):
+    gate: str = ""  # generate() blocks while this file exists
+    started: str = ""  # touched when generate() is entered
+
+
+class BlockingGenerator(EchoGenerator):
+    """Light (runs on the daemon's worker thread); its generate() blocks while the
+    ``gate`` file exists: a wedged model, controlled from a test in another process."""
+
+    name = "blocking"
+    config_model: ClassVar = BlockConfig
+
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        cfg = self.config
+        if cfg.started:
+            Path(cfg.started).touch()
+        while cfg.gate and os.path.exists(cfg.gate):
+            time.sleep(0.02)
+        return super().generate(batch)

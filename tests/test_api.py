@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,31 @@ def daemon(tmp_path: Path, root: Path, wd_model_dir: Path):
     yield make
     for d in procs:
         d.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, wd_model_dir: Path):
+    """One daemon for the tests that only read or are refused (no state changes):
+    a root with fine.png, and beside it a folder 'outside' that symlinks in the root
+    point into (link.png is excluded: the scanner would follow it)."""
+    base = tmp_path_factory.mktemp("shared")
+    root, outside = base / "data", base / "outside"
+    make_image(outside / "secret.png", "red")
+    (outside / "secret.txt").write_text("untouched\n")
+    make_image(root / "fine.png", "green")
+    os.symlink(outside / "secret.png", root / "link.png")
+    os.symlink(outside, root / "linkdir")
+    (base / "run").mkdir()
+    d = DaemonProcess(
+        base / "run",
+        [root],
+        wd_model_dir,
+        watch={"exclude": ["link.png"]},
+        sections={"scan": {"on_start": True}},
+    ).start()
+    wait_for(lambda: ready(d))
+    yield d, root, outside
+    d.stop()
 
 
 def ready(d: DaemonProcess) -> bool:
@@ -183,7 +209,10 @@ def test_queued_while_model_missing_then_completes_and_cancel(daemon, root, tmp_
     st = call(d, "GET", f"/api/caption-request-status/{rid}")[1]
     assert st["result"]["success"] is True and "red background" in st["result"]["caption"]
     assert (root / "a.txt").exists()
-    time.sleep(1.0)
+    # b's job was the cancelled request's own (no scan, no watcher event): it is gone,
+    # so nothing is left that could caption b.png later
+    wait_for(lambda: not d.totals().get("pending") and not d.totals().get("leased"))
+    assert d.totals() == {"pending": 0, "leased": 0, "done": 1, "failed": 0, "dead": 0}
     assert not (root / "b.txt").exists(), "a cancelled request must not be captioned"
     assert call(d, "GET", "/api/caption-request-status/nope")[0] == 404
 
@@ -203,7 +232,10 @@ def test_batch_stream_order_counts_and_skip(daemon, root):
         "_/../etc/passwd.png",
     ]
     events = list(stream(d, {"items": items, "generator": "wd_tagger"}))
-    assert events[0] == {"type": "start", "total": 5, "batch_id": events[0]["batch_id"]}
+    start = events[0]
+    assert start.keys() == {"type", "total", "batch_id"}
+    assert (start["type"], start["total"]) == ("start", 5)
+    assert str(uuid.UUID(start["batch_id"])) == start["batch_id"]  # a UUID, as documented
     assert events[-1]["type"] == "complete"
     assert (
         events[-1]["processed"],
@@ -221,6 +253,7 @@ def test_batch_stream_order_counts_and_skip(daemon, root):
     # force replaces it
     events = list(stream(d, {"items": ["_/b3.png"], "config": {"force": True}}))
     assert events[-1]["successful"] == 1
+    assert events[0]["batch_id"] != start["batch_id"]  # one id per batch
     assert "red background" in (root / "b3.txt").read_text()
     # malformed bodies: 4xx before any streaming
     assert call(d, "POST", "/api/batch-generate-captions", b"{not json")[0] == 400
@@ -259,10 +292,15 @@ def test_batch_client_disconnect_cancels_what_has_not_started(daemon, root):
         ),
         timeout=10,
     )
-    assert call(d, "POST", "/api/queue/resume", {})[0] == 200
-    time.sleep(1.5)
-    # the watcher's own jobs for new files were pending before the batch: they stay
     assert d.events("batch_cancelled")[0]["cancelled"] == 6
+    # the watcher's own jobs for the new files were pending before the batch: they stay
+    # (paused until now) and caption the images once the queue is resumed
+    assert d.totals()["pending"] == 6
+    assert not list(root.glob("c*.txt"))
+    assert call(d, "POST", "/api/queue/resume", {})[0] == 200
+    wait_for(lambda: len(list(root.glob("c*.txt"))) == 6)
+    wait_for(d.idle)
+    assert d.status()["queue"]["outcomes"]["wd_tagger"] == {"written": 6}
 
 
 # ------------------------------------------------------------------ caption files
@@ -298,16 +336,9 @@ def test_put_and_delete_caption_is_a_persons_caption(daemon, root):
     assert (root / "p.txt").exists()
 
 
-def test_path_escapes_are_refused_and_nothing_outside_is_touched(daemon, root, tmp_path):
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    make_image(outside / "secret.png", "red")
-    (outside / "secret.txt").write_text("untouched\n")
-    os.symlink(outside / "secret.png", root / "link.png")
-    os.symlink(outside, root / "linkdir")
-    make_image(root / "fine.png", "green")
-    d = daemon(watch={"exclude": ["link.png"]}).start()  # the scanner itself would follow it
-    wait_for(lambda: ready(d))
+@pytest.mark.xdist_group("api_shared_daemon")  # one daemon for these (--dist loadgroup)
+def test_path_escapes_are_refused_and_nothing_outside_is_touched(shared):
+    d, root, outside = shared
     before = sorted(p.name for p in outside.iterdir())
     attacks = [
         "_/../outside/secret.png",
@@ -333,7 +364,7 @@ def test_path_escapes_are_refused_and_nothing_outside_is_touched(daemon, root, t
     assert sorted(p.name for p in outside.iterdir()) == before
     assert (outside / "secret.txt").read_text() == "untouched\n"
     assert not (root / "link.txt").exists()
-    assert not list(tmp_path.glob("*.txt"))
+    assert not list(outside.parent.glob("*.txt"))
 
 
 # ----------------------------------------------------------------------- settings
@@ -419,7 +450,9 @@ def test_pause_resume_root_retry_purge_rescan(daemon, tmp_path):
     make_image(r1 / "x.png", "red")
     make_image(r2 / "y.png", "blue")
     wait_for(lambda: (r2 / "y.txt").exists())
-    time.sleep(1.0)
+    wait_for(lambda: call(d, "GET", "/api/queue")[1]["by_root"]["one"].get("pending") == 1)
+    d.wait_worker_turns(2)  # two whole worker turns passed x.png over
+    assert call(d, "GET", "/api/queue")[1]["by_root"]["one"] == {"pending": 1}
     assert not (r1 / "x.txt").exists()
     # the single-root shorthand is refused with two roots
     assert call(d, "POST", "/api/generate-caption/_/x.png")[0] == 404
@@ -455,8 +488,9 @@ def test_pause_resume_root_retry_purge_rescan(daemon, tmp_path):
     assert (r2 / "y.txt").read_text() == "edited by hand\n"
 
 
-def test_limits_and_malformed_requests(daemon, root):
-    d = daemon().start()
+@pytest.mark.xdist_group("api_shared_daemon")  # one daemon for these (--dist loadgroup)
+def test_limits_and_malformed_requests(shared):
+    d, _, _ = shared
     big = b'{"types": ["' + b"a" * (2 * 1024 * 1024) + b'"]}'
     assert call(d, "POST", "/api/caption-types", big)[0] == 413
     assert call(d, "POST", "/api/queue/pause", b"\xff\xfe")[0] == 400
@@ -464,6 +498,8 @@ def test_limits_and_malformed_requests(daemon, root):
     assert call(d, "POST", "/api/queue/pause", {"extra": 1})[0] == 422
     assert call(d, "GET", "/api/generate-caption/_/x.png")[0] == 405
     assert d.healthy()
+    assert call(d, "GET", "/api/queue")[1]["paused"] is False  # nothing was changed
+    assert "a" * 100 not in json.dumps(call(d, "GET", "/api/caption-types")[1])
 
 
 # ------------------------------------------------------------------ peer credentials
@@ -574,8 +610,9 @@ def test_tcp_listener_needs_a_private_token_file(daemon, root, tmp_path):
     assert c.getresponse().status == 200  # the token grants mutation
 
 
-def test_openapi_describes_every_route(daemon):
-    d = daemon().start()
+@pytest.mark.xdist_group("api_shared_daemon")  # one daemon for these (--dist loadgroup)
+def test_openapi_describes_every_route(shared):
+    d, _, _ = shared
     code, spec = call(d, "GET", "/openapi.json")
     assert code == 200 and spec["openapi"].startswith("3.")
     paths = spec["paths"]

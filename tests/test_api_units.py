@@ -343,13 +343,21 @@ def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
             s = socket.socket(socket.AF_UNIX)
             s.connect(str(server.path))
             idle.append(s)
-        time.sleep(0.3)  # each holds a thread, waiting for a request line
-        c = UnixHTTPConnection(server.path, timeout=5)
-        c.request("GET", "/x")
-        r = c.getresponse()
-        body = json.loads(r.read())
+        # each holds a thread (and a slot), waiting for a request line
+        deadline = time.monotonic() + 10
+        while server._slots._value > 0:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "the idle connections were never accepted"
+            time.sleep(0.01)
+        # the fifth is answered 503 and closed as soon as it is accepted: read that
+        # answer without sending first (a request sent after the close could meet
+        # EPIPE before the client ever reads the 503; seen under load)
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.settimeout(5)
+            extra.connect(str(server.path))
+            r = http.client.HTTPResponse(extra)
+            r.begin()
+            body = json.loads(r.read())
         assert r.status == 503 and body["error_type"] == "unavailable" and body["retryable"]
-        c.close()
         for s in idle:
             s.close()
         idle.clear()

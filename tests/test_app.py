@@ -97,7 +97,7 @@ from daemon.config import Settings
 app.STOP_TIMEOUT_SECONDS = float(sys.argv[2])
 d = app.Daemon(Settings(state_dir=sys.argv[1], socket_path=sys.argv[1] + "/s.sock"))
 d.start = lambda: print("started", flush=True)
-d.stop = lambda: time.sleep(100)  # a shutdown that hangs
+d.stop = lambda: (print("stopping", flush=True), time.sleep(100))  # a shutdown that hangs
 d.run_forever()
 """
 
@@ -122,8 +122,10 @@ def test_a_second_signal_exits_at_once(tmp_path):
     import time
 
     proc, t0 = _hanging_daemon(tmp_path, 60)
-    time.sleep(0.5)
-    assert proc.poll() is None  # stopping (hangs)
+    # the first signal was handled: stop() runs (structlog's lines come first)
+    lines = iter(proc.stdout.readline, "")
+    assert any(line.strip() == "stopping" for line in lines)
+    assert proc.poll() is None  # and the shutdown hangs
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(10) == 128 + signal.SIGTERM
     assert time.monotonic() - t0 < 10

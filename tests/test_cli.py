@@ -91,12 +91,13 @@ def test_queue_control_and_models(running):
     d, root = running
     assert cli(d.config, "pause").returncode == 0
     (root / "new.png").write_bytes(image_bytes("green"))
-    time.sleep(1.5)
+    wait_for(lambda: d.totals().get("pending") == 1)  # queued...
+    d.wait_worker_turns(2)  # ...and passed over by two whole worker turns
+    assert d.totals().get("pending") == 1 and not d.totals().get("leased")
     assert not (root / "new.txt").exists()  # paused: nothing is claimed
     assert d.status()["worker"]["paused"] is True
     assert cli(d.config, "resume").returncode == 0
     wait_for(lambda: (root / "new.txt").exists())
-    assert cli(d.config, "rescan").returncode == 0
 
     listed = json.loads(cli(d.config, "models", "list", "--json").stdout)
     assert [m["name"] for m in listed["models"]] == ["wd_tagger"]
@@ -108,6 +109,50 @@ def test_queue_control_and_models(running):
     assert d.status()["generators"]["wd_tagger"]["state"] == "loaded"
     missing = cli(d.config, "models", "load", "nope")
     assert missing.returncode == 1 and "nope" in missing.stderr
+
+
+def test_rescan_reconciles_what_no_watcher_reported(tmp_path, wd_model_dir):
+    """watch_mode = "scan" and no periodic scan: an image dropped in is found only by
+    a reconcile. `captiond rescan` runs one; --recaption redoes captiond's own unedited
+    captions with the current settings and leaves a person's edit alone."""
+    root = tmp_path / "data"
+    make_image(root / "a.png", "red")
+    make_image(root / "b.png", "red")
+    (tmp_path / "run").mkdir()
+    d = DaemonProcess(
+        tmp_path / "run",
+        [root],
+        wd_model_dir,
+        watch={"watch_mode": "scan"},
+        sections={"scan": {"interval_seconds": 0}},
+    ).start()
+    try:
+        wait_for(d.idle)
+        assert (root / "a.txt").exists() and (root / "b.txt").exists()
+        first = d.status()["scans"]["last"]["data"]
+        make_image(root / "late.png", "blue")  # no watcher: nobody notices
+        out = cli(d.config, "rescan", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"roots": ["data"], "recaption_enqueued": 0}
+        wait_for(lambda: (root / "late.txt").exists())
+        assert "blue background" in (root / "late.txt").read_text()
+        wait_for(lambda: d.status()["scans"]["last"]["data"]["at"] > first["at"])
+        scan = d.status()["scans"]["last"]["data"]
+        assert scan["ok"] and scan["files_seen"] == 3 and scan["new"] == 1
+
+        # --recaption: a's caption is captiond's own, b's was edited by hand
+        (root / "b.txt").write_text("edited by hand\n")
+        out = cli(d.config, "config", "set", "wd_tagger", "max_tags=1")
+        assert out.returncode == 0, out.stderr
+        out = cli(d.config, "rescan", "data", "--recaption", "--json")
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["recaption_enqueued"] == 2  # a and late, not b
+        wait_for(lambda: (root / "a.txt").read_text().count(",") == 0)  # one tag now
+        wait_for(lambda: (root / "late.txt").read_text().count(",") == 0)
+        wait_for(d.idle)
+        assert (root / "b.txt").read_text() == "edited by hand\n"
+    finally:
+        d.stop()
 
 
 def test_commands_say_when_the_daemon_is_not_running(tmp_path):

@@ -235,7 +235,9 @@ def test_model_download_failure_keeps_jobs_waiting(daemon, root):
 
     wait_for(failed_download)
     wait_for(lambda: d.totals().get("pending") == 1)
-    time.sleep(1.5)  # several load retries later the job still waits
+    failures = len(d.events("model_load_failed"))
+    # two more load attempts (load_retry_seconds 0.5, doubling) and the job still waits
+    wait_for(lambda: len(d.events("model_load_failed")) >= failures + 2, timeout=30)
     totals = d.totals()
     assert totals.get("pending") == 1 and not totals.get("failed") and not totals.get("dead")
     assert d.healthy()
@@ -422,3 +424,38 @@ def test_a_fifo_named_like_an_image_is_refused_at_once(daemon, root):
     assert Path(error["path"]).name == "pipe.jpg" and error["error_type"] == "io"
     assert "not a regular file" in error["error"]
     assert not (root / "pipe.txt").exists()
+
+
+def test_sidecars_over_1_mib_are_left_alone(daemon, root):
+    """A sidecar larger than 1 MiB is never read or replaced, whatever the policy: the
+    job fails as io (not retried) and the file keeps its bytes, inode and mtime. One of
+    exactly 1 MiB is an ordinary caption (overwritten here, as the policy says)."""
+    from daemon.client import request
+
+    limit = 1 << 20
+    make_image(root / "big.png", "red")
+    make_image(root / "edge.png", "green")
+    big, edge = root / "big.txt", root / "edge.txt"
+    big.write_bytes(b"x" * (limit + 1))
+    edge.write_bytes(b"y" * limit)
+    before = os.stat(big)
+    d = daemon(watch={"existing_caption": "overwrite"}).start()
+    wait_for(lambda: d.totals().get("failed") == 1 and d.totals().get("done") == 1)
+    wait_for(d.idle)
+    (error,) = d.status()["recent_errors"]
+    assert Path(error["path"]).name == "big.png"
+    assert (error["error_type"], error["state"]) == ("io", "failed")
+    assert "larger than 1 MiB" in error["error"] and error["attempts"] == 1
+    assert "green background" in edge.read_text()  # exactly 1 MiB: replaced
+    # asked explicitly, with force: still refused, still untouched
+    code, body = request(d.socket, "POST", "/api/generate-caption/_/big.png?force=true", timeout=30)
+    assert code >= 400 and body["error_type"] == "io", body
+    after = os.stat(big)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    assert big.read_bytes() == b"x" * (limit + 1)
+    assert temp_files(root) == []
+    assert written_paths(d) == [str(root / "edge.png")]

@@ -5,7 +5,6 @@ download progress."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ from daemon.residency.breaker import BreakerState
 from daemon.residency.manager import ModelManager
 from daemon.residency.slot import ModelState, ModelWaitError
 from tests.daemonproc import wait_for
-from tests.fakegen import EchoConfig
+from tests.fakegen import EchoConfig, EchoGenerator
 from tests.residency_gens import HeavyEcho, ProgressGenerator
 
 
@@ -23,18 +22,30 @@ def heavy(name: str, **attrs) -> type[HeavyEcho]:
     return type(f"Heavy_{name}", (HeavyEcho,), {"name": name, "loads": 0, **attrs})
 
 
-def manager(classes, *, retry_seconds=60.0, **residency) -> ModelManager:
+class FakeClock:
+    """Both of the manager's clocks in tests: time moves only when a test says so."""
+
+    def __init__(self, now: float = 1024.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def manager(classes, *, retry_seconds=60.0, clock=None, **residency) -> ModelManager:
     res = ResidencyConfig(**{"isolate_heavy": False, "min_resident_seconds": 0, **residency})
-    return _build(classes, res, retry_seconds)
+    return _build(classes, res, retry_seconds, clock)
 
 
-def _build(classes, res, retry_seconds):
+def _build(classes, res, retry_seconds, clock=None):
+    clocks = {} if clock is None else {"clock": clock, "monotonic": clock}
     m = ModelManager.build(
         [c.name for c in classes],
         {c.name: Discovered(c.name, c) for c in classes},
         lambda name, cls: EchoConfig(),
         retry_seconds=retry_seconds,
         residency=res,
+        **clocks,
     )
     m.memory_kind = "ram"
     return m
@@ -46,8 +57,21 @@ def use(m: ModelManager, name: str) -> list[str]:
     return slot.generator.generate([("a.png", (1, 1))])
 
 
+def gated(name: str) -> tuple[type[HeavyEcho], threading.Event]:
+    """A heavy model whose load() blocks until the returned event is set."""
+    gate = threading.Event()
+
+    def load(self) -> None:
+        with self._count_lock:
+            type(self).loads += 1
+        gate.wait(10)
+        EchoGenerator.load(self)
+
+    return heavy(name, load=load), gate
+
+
 def test_two_concurrent_demands_load_a_model_once():
-    cls = heavy("vlm", load_delay=0.4)
+    cls, gate = gated("vlm")
     m = manager([cls])
     slot = m.get("vlm")
     results: list[bool] = []
@@ -55,12 +79,15 @@ def test_two_concurrent_demands_load_a_model_once():
         threading.Thread(target=lambda: results.append(slot.ensure_loaded(wait=True)))
         for _ in range(2)
     ]
-    for t in threads:
-        t.start()
-    # and the worker's own non-blocking demand meanwhile: it sees "loading", no second load
-    time.sleep(0.1)
-    assert slot.ensure_loaded() is False
-    assert m.status()["vlm"]["state"] == "loading"
+    try:
+        for t in threads:
+            t.start()
+        wait_for(lambda: cls.loads == 1)  # one of them is loading (held at the gate)
+        # the worker's own non-blocking demand meanwhile: it sees "loading", no second load
+        assert slot.ensure_loaded() is False
+        assert m.status()["vlm"]["state"] == "loading"
+    finally:
+        gate.set()
     for t in threads:
         t.join()
     assert results == [True, True]
@@ -79,14 +106,18 @@ def test_heavy_model_loads_in_the_background():
 
 
 def test_idle_keep_alive_unloads_and_status_shows_it():
-    m = manager([heavy("vlm")], keep_alive=0.3)
+    clock = FakeClock()
+    m = manager([heavy("vlm")], keep_alive=2.0, clock=clock)
     slot = m.get("vlm")
     assert slot.ensure_loaded(wait=True)
     use(m, "vlm")
     m.tick()
     st = m.status()["vlm"]
-    assert st["state"] == "loaded" and 0 < st["unload_in_seconds"] <= 0.3
-    time.sleep(0.35)
+    assert st["state"] == "loaded" and st["unload_in_seconds"] == 2.0
+    clock.now += 1.5
+    m.tick()
+    assert slot.state is ModelState.LOADED and m.status()["vlm"]["unload_in_seconds"] == 0.5
+    clock.now += 0.5  # idle for exactly keep_alive
     m.tick(busy={"vlm"})  # a batch of it is claimed: it stays
     assert slot.state is ModelState.LOADED
     m.tick()
@@ -145,19 +176,38 @@ def test_a_busy_model_is_not_evicted_and_the_newcomer_waits():
 
 
 def test_a_busy_model_yields_after_its_time_slice():
+    clock = FakeClock()
     a, b = heavy("a"), heavy("b")
-    m = manager([a, b], max_resident_heavy=1, min_resident_seconds=0.2)
+    m = manager([a, b], max_resident_heavy=1, min_resident_seconds=0.5, clock=clock)
     assert m.get("a").ensure_loaded(wait=True)
     m.tick(busy={"a"})
     assert not m.get("b").ensure_loaded(wait=True)  # waits
+    clock.now += 0.25
     assert m.get("a").ready  # within its slice: a keeps taking batches
-    time.sleep(0.25)
+    clock.now += 0.25
     assert m.get("a").ready is False  # past its slice with b waiting: no new batches
     m.tick()
     use(m, "a")  # its claimed batch still runs
     m.tick()
-    time.sleep(0.01)
     assert m.get("b").ensure_loaded(wait=True)
+    assert m.get("a").state is ModelState.UNLOADED
+    assert m.status()["a"]["last_unload"] == "evicted for b"
+
+
+def test_a_waiter_that_stopped_asking_does_not_make_a_model_yield():
+    """Only a model that keeps asking counts as waiting (WAITER_FRESH_SECONDS)."""
+    from daemon.residency.manager import WAITER_FRESH_SECONDS
+
+    clock = FakeClock()
+    a, b = heavy("a"), heavy("b")
+    m = manager([a, b], max_resident_heavy=1, min_resident_seconds=0.5, clock=clock)
+    assert m.get("a").ensure_loaded(wait=True)
+    m.tick(busy={"a"})
+    assert not m.get("b").ensure_loaded(wait=True)
+    clock.now += WAITER_FRESH_SECONDS
+    assert m.get("a").ready  # b asked 5 s ago and not since
+    assert not m.get("b").ensure_loaded(wait=True)  # b asks again (a is busy)
+    assert m.get("a").ready is False
 
 
 def test_the_memory_budget_evicts_the_least_recently_used_idle_model():
@@ -198,22 +248,27 @@ def test_a_model_that_does_not_fit_waits_while_the_others_are_pinned():
 
 
 def test_failed_loads_open_the_breaker_then_a_probe_closes_it():
+    clock = FakeClock()  # values below are exact in binary: no rounding at the edges
     cls = heavy("vlm", fail_loads=True)
-    m = manager([cls], retry_seconds=0.01, breaker_threshold=2, breaker_cooldown_seconds=0.3)
+    m = manager(
+        [cls], retry_seconds=0.25, breaker_threshold=2, breaker_cooldown_seconds=2.0, clock=clock
+    )
     slot = m.get("vlm")
-    for _ in range(2):
-        assert slot.ensure_loaded(wait=True) is False
-        time.sleep(0.03)
+    assert slot.ensure_loaded(wait=True) is False
+    assert slot.ensure_loaded(wait=True) is False and cls.loads == 1  # the retry is not due
+    clock.now += 0.25
+    assert slot.ensure_loaded(wait=True) is False and cls.loads == 2
     assert slot.breaker.state is BreakerState.OPEN
     br = m.status()["vlm"]["breaker"]
     assert (
         br["state"] == "open" and br["last_error"]["message"] == "RuntimeError: weights are corrupt"
     )
+    clock.now += 1.75  # the retry is due (0.5 s after the doubling) but the circuit is open
     assert slot.ensure_loaded(wait=True) is False and cls.loads == 2  # no attempt while open
     with pytest.raises(ModelWaitError):
         slot.generator.generate([("a.png", (1, 1))])
     cls.fail_loads = False
-    time.sleep(0.3)
+    clock.now += 0.25  # the cool-down is over
     assert slot.ensure_loaded(wait=True)  # the half-open probe
     assert slot.breaker.state is BreakerState.CLOSED and cls.loads == 3
 
@@ -284,11 +339,17 @@ def test_status_answers_while_a_model_is_slow_to_unload():
     use(m, "slow")
     ticker = threading.Thread(target=m.tick)  # keep_alive 0: unloads under the lock
     ticker.start()
+    answers: list = []
     try:
         assert unloading.wait(5)
-        t0 = time.monotonic()
-        summary, listed, status = m.summary(), m.list(), m.status()
-        assert time.monotonic() - t0 < 1.0
+        reader = threading.Thread(
+            target=lambda: answers.append((m.summary(), m.list(), m.status()))
+        )
+        reader.start()
+        reader.join(5)
+        # answered while the unload still holds the manager's lock
+        assert not reader.is_alive() and ticker.is_alive() and not release.is_set()
+        summary, listed, status = answers[0]
         assert summary["resident"] == ["slow"] and listed[0]["name"] == "slow"
         assert status["slow"]["state"] == "loaded"
     finally:

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-try:
-    from tests.yolomodels import asset, build_yolo, offline_env
-except ImportError:  # tests/ is not a package
-    from yolomodels import asset, build_yolo, offline_env  # type: ignore[no-redef]
+from tests.deps import require
+from tests.yolomodels import asset, build_yolo, offline_env
 
 offline_env()  # YOLO_OFFLINE=1, YOLO_AUTOINSTALL=0, a temporary YOLO_CONFIG_DIR
 
-pytest.importorskip("ultralytics")
-torch = pytest.importorskip("torch")
+require("ultralytics", "the people extra")
+torch = require("torch", "the people extra")
 
 from daemon.errors import ModelDownloadError, ModelUnavailableError  # noqa: E402
 from daemon.generators.base import ImageInput  # noqa: E402
@@ -32,6 +30,9 @@ from daemon.generators.multi_person import (  # noqa: E402
 )
 from daemon.generators.vlm import VLMConfig  # noqa: E402
 from daemon.generators.wd_tagger import WDTaggerConfig  # noqa: E402
+
+# One worker builds the tiny models once (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("yolo_models")
 
 
 @pytest.fixture(scope="module")
@@ -178,11 +179,9 @@ def test_smoke_fine_tune_with_tiny_vlm(
     photos: list[Image.Image],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    pytest.importorskip("transformers")
-    try:
-        from tests.vlmmodels import build_llava
-    except ImportError:
-        pytest.skip("tests/vlmmodels.py (the VLM generator's test models) is not here")
+    require("transformers", "the vlm extra")
+    from tests.vlmmodels import build_llava
+
     folder = build_llava(tmp_path_factory.mktemp("llava"))
     cfg = _smoke_config(
         yolo_dir,

@@ -143,7 +143,15 @@ def test_watchdog_interval_reads_os_environ(monkeypatch: pytest.MonkeyPatch) -> 
     assert watchdog_interval() == 1.0
 
 
-def _wait_for(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _wait_for(pred: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -153,35 +161,80 @@ def _wait_for(pred: Callable[[], bool], timeout: float = 3.0) -> bool:
 
 
 def test_progress_watchdog_stops_and_resumes(path_listener: tuple[str, Listener]) -> None:
+    """Rounds driven by hand on a fake clock: pings every interval while the checks
+    pass, none while one fails (however long), and at once when it passes again."""
+    env, lst = path_listener
+    clock = FakeClock()
+    healthy = [True]
+    wd = ProgressWatchdog(
+        Notifier({"NOTIFY_SOCKET": env}), 10.0, [lambda: healthy[0], lambda: True], clock=clock
+    )
+    wd.tick()
+    assert lst.recv() == "WATCHDOG=1"  # the first round pings at once
+    wd.tick()
+    clock.now += 9.0
+    wd.tick()
+    assert wd.pings == 1 and lst.drain() == []  # not due yet
+    clock.now += 1.0
+    wd.tick()
+    assert wd.pings == 2 and lst.drain() == ["WATCHDOG=1"]
+
+    healthy[0] = False
+    for _ in range(6):  # a minute of rounds: nothing
+        clock.now += 10.0
+        wd.tick()
+    assert wd.pings == 2 and lst.drain() == []
+
+    healthy[0] = True
+    wd.tick()  # overdue: pinged in the very round the check recovers
+    assert wd.pings == 3 and lst.drain() == ["WATCHDOG=1"]
+    wd.tick()
+    assert wd.pings == 3 and lst.drain() == []
+
+
+class RecordingEvent(threading.Event):
+    """The watchdog thread's stop event, recording how long each wait was asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return super().wait(timeout)
+
+
+def test_progress_watchdog_thread_pings_rechecks_and_stops(
+    path_listener: tuple[str, Listener],
+) -> None:
+    """The thread: rounds every interval while healthy; while a check fails, every
+    interval/10 (a recovery is pinged long before systemd's deadline), then every
+    interval again; stop() ends the thread."""
     env, lst = path_listener
     healthy = threading.Event()
     healthy.set()
-
-    def worker_alive() -> bool:
-        return healthy.is_set()
-
-    wd = ProgressWatchdog(Notifier({"NOTIFY_SOCKET": env}), 0.05, [worker_alive, lambda: True])
+    wd = ProgressWatchdog(Notifier({"NOTIFY_SOCKET": env}), 0.5, [healthy.is_set])
+    stop = wd._stop = RecordingEvent()
     wd.start()
+    thread = wd._thread
+    assert thread is not None
     try:
-        assert _wait_for(lambda: wd.pings >= 3)
-        assert set(lst.drain()) == {"WATCHDOG=1"}
-
+        assert lst.recv() == "WATCHDOG=1"
+        assert _wait_for(lambda: stop.waits)
+        assert stop.waits[0] == 0.5
         healthy.clear()
-        time.sleep(0.1)  # let an in-flight tick finish
+        assert _wait_for(lambda: 0.05 in stop.waits)  # failing: re-checked ten times as often
         lst.drain()
-        paused_at = wd.pings
-        time.sleep(0.3)  # ~6 intervals
-        assert wd.pings == paused_at
-        assert lst.drain() == []
-
+        pings = wd.pings
         healthy.set()
         assert lst.recv(timeout=2.0) == "WATCHDOG=1"
-        assert _wait_for(lambda: wd.pings >= paused_at + 2)
+        assert wd.pings == pings + 1
+        n = len(stop.waits)
+        assert _wait_for(lambda: len(stop.waits) > n)
+        assert stop.waits[-1] == 0.5  # healthy again: back to the interval
     finally:
         wd.stop()
-    lst.drain()
-    time.sleep(0.15)
-    assert lst.drain() == []  # stop() really stops
+    assert wd._thread is None and not thread.is_alive()  # stop() really stops
 
 
 def test_raising_check_counts_as_failure(path_listener: tuple[str, Listener]) -> None:
@@ -229,14 +282,17 @@ def test_status_updates_from_thread(path_listener: tuple[str, Listener]) -> None
 
 
 def test_heartbeat_check() -> None:
-    hb = Heartbeat("worker")
+    clock = FakeClock()
+    hb = Heartbeat("worker", clock=clock)
     check = hb.recent(0.05)
     assert check.__name__ == "worker_within_0.05s"
-    assert check()
-    time.sleep(0.08)
+    assert check() and hb.age() == 0
+    clock.now += 0.05
+    assert check()  # exactly max_age old: still recent
+    clock.now += 0.001
     assert not check()
     hb.beat()
-    assert check()
+    assert check() and hb.age() == 0
 
 
 def test_watchdog_disabled_by_pid_mismatch_sends_nothing(
@@ -247,7 +303,8 @@ def test_watchdog_disabled_by_pid_mismatch_sends_nothing(
     assert interval is None
     wd = ProgressWatchdog(Notifier({"NOTIFY_SOCKET": env}), interval, [lambda: True])
     wd.start()
-    time.sleep(0.1)
+    assert wd._thread is None  # nothing to do: no thread at all
+    wd.tick()  # and a round by hand pings nothing
     wd.stop()
     assert lst.drain() == []
     assert wd.pings == 0

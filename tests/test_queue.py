@@ -598,7 +598,7 @@ _CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
 from daemon.queue import Database, JobQueue
-db_path, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+db_path, ready, go, mine, other = sys.argv[1], *map(Path, sys.argv[2:6])
 q = JobQueue(Database(db_path))
 ready.touch()
 while not go.exists():
@@ -608,6 +608,10 @@ while jobs := q.claim("wd", 8):
     for j in jobs:
         q.ack(j.id)
         ids.append(j.id)
+    if not mine.exists():  # after the first claim: wait until the other claimed too
+        mine.touch()
+        while not other.exists():
+            time.sleep(0.001)
 print(json.dumps(ids))
 """
 
@@ -621,10 +625,12 @@ def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = []
+    claimed = [tmp_path / "claimed0", tmp_path / "claimed1"]
     for k in range(2):
         ready = tmp_path / f"ready{k}"
+        args = [str(db_path), str(ready), str(go), str(claimed[k]), str(claimed[1 - k])]
         p = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(db_path), str(ready), str(go)],
+            [sys.executable, "-c", _CHILD, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -645,7 +651,7 @@ def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
     ids = [i for r in results for i in r]
     assert len(ids) == n
     assert len(set(ids)) == n
-    assert all(results), "both processes should have claimed some"
+    assert all(results), "both processes claimed (each waits for the other's first claim)"
     assert q.counts()["wd"]["done"] == n
     db.close()
 

@@ -1,5 +1,4 @@
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,17 +39,39 @@ def watches(tmp_path):
     return [WatchConfig(path=tmp_path / "a"), WatchConfig(path=tmp_path / "b")]
 
 
+class FakeClock:
+    def __init__(self, now: float = 1024.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def idle(s: ScanScheduler) -> bool:
+    """The scan thread is parked on its condition with nothing pending: every request
+    made so far has been scanned or absorbed (it checks for work before it waits, and a
+    request takes it off the condition's waiters)."""
+    with s._cond:
+        return not s._pending and len(s._cond._waiters) > 0  # type: ignore[attr-defined]
+
+
 def test_periodic_scans_are_not_postponed_by_hints(tmp_path):
+    """A hint every 0.25 s (fake clock) for 2 s, periodic interval 0.5 s: both roots get
+    their periodic whole-root scan every 0.5 s (a hint for a absorbed into a's)."""
+    clock = FakeClock()
     scanner = FakeScanner()
-    s = ScanScheduler(scanner, watches(tmp_path), interval_seconds=0.5)
+    s = ScanScheduler(scanner, watches(tmp_path), interval_seconds=0.5, clock=clock)
     s.start()
     try:
-        deadline = time.monotonic() + 1.6
-        while time.monotonic() < deadline:  # a hint every 0.1 s
+        for _ in range(8):
+            clock.now += 0.25
             s.request(ScanRequest("a", tmp_path / "a" / "x", PRIORITY_NEW, "hint"))
-            time.sleep(0.1)
-        periodic = [c for c in scanner.calls if c[1] is None and c[0] == "b"]
-        assert len(periodic) >= 2
+            wait_for(lambda: idle(s))
+        periodic_b = [c for c in scanner.calls if c == ("b", None, PRIORITY_BACKFILL)]
+        assert len(periodic_b) == 4  # at 0.5, 1.0, 1.5 and 2.0 s
+        hints = [c for c in scanner.calls if c[1] is not None]
+        assert len(hints) == 4  # the other four hints; each periodic scan absorbed one
+        assert s.heartbeat == clock.now
     finally:
         s.stop()
 
@@ -65,9 +86,9 @@ def test_root_scan_absorbs_subtree_requests_and_their_priority(tmp_path):
         wait_for(lambda: scanner.calls)
         s.request(ScanRequest("a", None, PRIORITY_BACKFILL, "start"))
         s.request(ScanRequest("a", tmp_path / "a" / "new", PRIORITY_NEW, "new folder"))
+        assert s.status()["pending"] == 2
         gate.set()
-        wait_for(lambda: len(scanner.calls) == 2)
-        time.sleep(0.1)
+        wait_for(lambda: idle(s))  # nothing left to do: no periodic scans
         assert scanner.calls[1] == ("a", None, PRIORITY_NEW)
         assert len(scanner.calls) == 2  # the subtree scan was implied by the root scan
     finally:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.deps import requires
+
 pytestmark = pytest.mark.timeout(60)
 
 SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
@@ -28,8 +30,8 @@ ANALYZE = shutil.which("systemd-analyze")
 SYSTEM_MAX_EXPOSURE = 4.5
 USER_MAX_EXPOSURE = 7.0
 
-needs_analyze = pytest.mark.skipif(
-    ANALYZE is None, reason="systemd-analyze not installed (Debian: apt-get install systemd)"
+needs_analyze = requires(
+    tools=("systemd-analyze",), hint="make test installs it; Debian: apt-get install systemd"
 )
 
 

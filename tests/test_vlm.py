@@ -43,14 +43,15 @@ from daemon.generators.vlm import (
     strip_task_tokens,
 )
 from daemon.generators.vlm_families import detect_family
+from tests.deps import require
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+require("torch", "the vlm extra")
+require("transformers", "the vlm extra")
 
-try:
-    from tests.vlmmodels import BUILDERS
-except ImportError:  # tests/ is not a package
-    from vlmmodels import BUILDERS  # type: ignore[no-redef]
+from tests.vlmmodels import BUILDERS  # noqa: E402
+
+# One worker builds the tiny models once (pytest-xdist, --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("vlm_models")
 
 TOKENS = 6
 CHAT_PROMPT = "describe {name} in {folder}"
@@ -77,6 +78,7 @@ def gens(model_dirs: dict[str, Path]) -> dict[str, VLMGenerator]:
         "llava": make(model_dirs["llava"], prompt=CHAT_PROMPT),
         "idefics3": make(model_dirs["idefics3"], prompt=CHAT_PROMPT),
         "florence2": make(model_dirs["florence2"], prompt="<CAPTION>"),
+        "qwen2_5_vl": make(model_dirs["qwen2_5_vl"], prompt=CHAT_PROMPT),
     }
 
 
@@ -97,7 +99,7 @@ def prepared(gen: VLMGenerator, n: int = 3) -> list[VLMItem]:
 # -- generation -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "florence2"])
+@pytest.mark.parametrize("family", ["llava", "idefics3", "florence2", "qwen2_5_vl"])
 def test_batch_of_three_gives_three_strings(gens: dict[str, VLMGenerator], family: str) -> None:
     gen = gens[family]
     out = gen.generate(prepared(gen))
@@ -105,14 +107,14 @@ def test_batch_of_three_gives_three_strings(gens: dict[str, VLMGenerator], famil
     assert all(isinstance(t, str) and t.strip() for t in out)
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3", "florence2"])
+@pytest.mark.parametrize("family", ["llava", "idefics3", "florence2", "qwen2_5_vl"])
 def test_greedy_is_deterministic(gens: dict[str, VLMGenerator], family: str) -> None:
     gen = gens[family]
     items = prepared(gen)
     assert gen.generate(items) == gen.generate(items)
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "idefics3", "qwen2_5_vl"])
 def test_batched_equals_one_at_a_time(gens: dict[str, VLMGenerator], family: str) -> None:
     gen = gens[family]
     items = prepared(gen)
@@ -184,6 +186,7 @@ def test_family_auto_detection(gens: dict[str, VLMGenerator]) -> None:
         "llava": "llava",
         "idefics3": "smolvlm",
         "florence2": "florence2",
+        "qwen2_5_vl": "qwen2_5_vl",
     }
     assert gens["florence2"].model_info["family"] == "florence2"
     assert detect_family("llava", "fancyfeast/llama-joycaption-beta-one-hf-llava").name == (
@@ -293,6 +296,92 @@ def test_moondream_without_opt_in_is_refused(tmp_path: Path) -> None:
     (folder / "config.json").write_text('{"model_type": "moondream1"}')
     with pytest.raises(ModelUnavailableError, match="trust_remote_code"):
         VLMGenerator(VLMConfig(model=str(folder))).load()  # detected from config.json
+
+
+def test_qwen2_5_vl_image_tokens_and_new_text_only(gens: dict[str, VLMGenerator]) -> None:
+    """Qwen2.5-VL's own prompt layout: the image becomes <|vision_start|> image pads
+    <|vision_end|> in a chat turn, the processor expands the pad per image patch group,
+    and only the new tokens come back."""
+    gen = gens["qwen2_5_vl"]
+    item = gen.prepare(images(1)[0])
+    assert item.text.startswith("<|im_start|>user")
+    assert "<|vision_start|><|image_pad|><|vision_end|>describe cat in set" in item.text
+    assert item.text.endswith("<|im_start|>assistant\n")
+    inputs = gen._processor(text=[item.text], images=[item.image], return_tensors="pt")
+    pads = int((inputs["input_ids"] == gen._processor.image_token_id).sum())
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    assert pads == t * h * w // 4 > 1  # 2x2 patches merged into one token
+    (out,) = gen.generate([item])
+    assert out and len(out.split()) <= TOKENS and "im_start" not in out and "assistant" not in out
+
+
+@pytest.fixture(scope="session")
+def moondream_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.vlmmodels import build_moondream2
+
+    return build_moondream2(tmp_path_factory.mktemp("models") / "tiny-moondream2")
+
+
+def solid(rgb: tuple[int, int, int], name: str = "x") -> ImageInput:
+    return ImageInput(Path(f"/data/set/{name}.png"), Image.new("RGB", (40, 30), rgb), {})
+
+
+def test_moondream2_captions_through_its_own_code(moondream_dir: Path) -> None:
+    """moondream2's path: AutoModelForCausalLM with trust_remote_code (the model class
+    comes from the repository's own file via auto_map), no processor, caption() with
+    the length from the prompt, max_new_tokens as its max_tokens; the weights are the
+    saved ones (the colour word leads)."""
+    gen = VLMGenerator(VLMConfig(model=str(moondream_dir), trust_remote_code=True, prompt="long"))
+    gen.load()
+    try:
+        assert gen.family.name == "moondream2" and gen._processor is None
+        assert type(gen._model).__name__ == "TinyMoondream"
+        assert gen.model_info["family"] == "moondream2"
+        red, green, blue = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+        items = [gen.prepare(solid(c)) for c in (red, green, blue)]
+        assert [i.text for i in items] == ["long", "long", "long"]  # no chat template
+        out = gen.generate(items)
+        assert [t.split()[0] for t in out] == ["red", "green", "blue"]
+        assert all(len(t.split()) == 8 for t in out)  # "long"
+    finally:
+        gen.unload()
+    for prompt, words in (("short", 2), ("normal", 4)):
+        gen = VLMGenerator(
+            VLMConfig(model=str(moondream_dir), trust_remote_code=True, prompt=prompt)
+        )
+        gen.load()
+        (text,) = gen.generate([gen.prepare(solid(red))])
+        assert text.split()[0] == "red" and len(text.split()) == words
+        gen.unload()
+    gen = VLMGenerator(
+        VLMConfig(model=str(moondream_dir), trust_remote_code=True, max_new_tokens=3)
+    )
+    gen.load()  # default prompt "normal", capped by max_new_tokens
+    (text,) = gen.generate([gen.prepare(solid(blue))])
+    assert gen.prompt == "normal" and text.split()[0] == "blue" and len(text.split()) == 3
+    gen.unload()
+
+
+def test_moondream2_answers_a_question(moondream_dir: Path) -> None:
+    """Any other prompt is a question for query(); its variables are filled first."""
+    gen = VLMGenerator(
+        VLMConfig(model=str(moondream_dir), trust_remote_code=True, prompt="What is {name}?")
+    )
+    gen.load()
+    try:
+        item = gen.prepare(
+            ImageInput(Path("/d/cat.png"), Image.new("RGB", (20, 20), (0, 255, 0)), {"name": "cat"})
+        )
+        assert item.prompt == "What is cat?"
+        (answer,) = gen.generate([item])
+        assert answer.split()[0] == "green" and answer.endswith("cat")
+    finally:
+        gen.unload()
+
+
+def test_moondream2_local_repo_needs_the_opt_in(moondream_dir: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="trust_remote_code"):
+        VLMGenerator(VLMConfig(model=str(moondream_dir))).load()
 
 
 def test_unload_drops_the_model(model_dirs: dict[str, Path]) -> None:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pytest
 
 from daemon.text import postprocess
+from daemon.text import vlm as vlm_text
 from daemon.text.postprocess import PostContext
 from daemon.text.vlm import clean_vlm_output, split_sentences, truncate_words
 
@@ -20,6 +22,8 @@ CASES = [
     ("The picture depicts a quiet mountain lake at dawn.", "", "A quiet mountain lake at dawn."),
     ("In this image we can see a person, a tree and the sky.", "", "A person, a tree and the sky."),
     ("In this image, there are three apples on a table", "", "Three apples on a table."),
+    ("We can see a horse in a field.", "", "A horse in a field."),
+    ("I see two cups on a table", "", "Two cups on a table."),
     ("THE IMAGE SHOWS a bowl of fruit.", "", "A bowl of fruit."),
     ("This is an image of a lighthouse on a cliff!", "", "A lighthouse on a cliff!"),
     ("The image features a young man in a blue jacket.", "", "A young man in a blue jacket."),
@@ -53,8 +57,38 @@ def test_clean_vlm_output_table(raw: str, prompt: str, expected: str) -> None:
     assert clean_vlm_output(raw, CTX, prompt=prompt) == expected
 
 
-def test_table_is_large_enough() -> None:
-    assert len(CASES) >= 15
+_RULES = [
+    "_SPECIAL_TOKEN",
+    "_USER_TURN",
+    "_ROLE",
+    *(f"_BOILERPLATE[{i}]" for i in range(len(vlm_text._BOILERPLATE))),
+]
+
+
+@pytest.mark.parametrize("rule", _RULES)
+def test_every_stripping_rule_is_needed_by_the_table(
+    rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table covers the cleaner: with any one rule switched off (a pattern that
+    never matches), at least one case comes out wrong."""
+    never = re.compile(r"(?!)")
+    if rule.startswith("_BOILERPLATE"):
+        patterns = list(vlm_text._BOILERPLATE)
+        patterns[int(rule[len("_BOILERPLATE[") : -1])] = never
+        monkeypatch.setattr(vlm_text, "_BOILERPLATE", patterns)
+    else:
+        monkeypatch.setattr(vlm_text, rule, never)
+    wrong = [
+        raw for raw, prompt, want in CASES if clean_vlm_output(raw, CTX, prompt=prompt) != want
+    ]
+    assert wrong, f"no case in CASES needs {rule}"
+
+
+def test_the_prompt_echo_is_needed_by_the_table() -> None:
+    """Without the prompt, the cases that echo it come out wrong."""
+    echoed = [(raw, want) for raw, prompt, want in CASES if prompt]
+    assert echoed
+    assert any(clean_vlm_output(raw, CTX) != want for raw, want in echoed)
 
 
 def test_clean_truncates_at_sentence_boundary() -> None:

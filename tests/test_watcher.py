@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from daemon.watch.watcher import (
 # (it re-adds a watch it already holds); harmless and not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 
-SETTLE = 0.3
+SETTLE = 0.25  # a power of two: fake-clock sums stay exact
 IMAGE_EXTS = {".jpg", ".png"}
 TEMP_SUFFIXES = (".tmp", ".part", ".crdownload", "~")
 
@@ -44,16 +45,30 @@ def is_image(path: Path) -> bool:
     )
 
 
-class Recorder:
-    """Collects callbacks with the time they arrived."""
+class FakeClock:
+    """The watcher's clock in tests: settling time passes only when a test moves it."""
 
     def __init__(self) -> None:
+        self.now = 1024.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """Collects callbacks with the (fake) time they arrived, and every path the watcher
+    asked ``candidate`` about (how :func:`sync` knows an event has been handled)."""
+
+    def __init__(self) -> None:
+        self.clock = FakeClock()
         self.calls: list[tuple[str, Any, float]] = []
+        self.asked: list[Path] = []
+        self.syncs = 0
         self._lock = threading.Lock()
 
     def _add(self, kind: str, arg: Any) -> None:
         with self._lock:
-            self.calls.append((kind, arg, time.monotonic()))
+            self.calls.append((kind, arg, self.clock()))
 
     def on_file(self, p: Path) -> None:
         self._add("file", p)
@@ -66,6 +81,14 @@ class Recorder:
 
     def on_rescan(self, reason: str) -> None:
         self._add("rescan", reason)
+
+    def spy(self, candidate: Callable[[Path], bool]) -> Callable[[Path], bool]:
+        def check(p: Path) -> bool:
+            with self._lock:
+                self.asked.append(p)
+            return candidate(p)
+
+        return check
 
     def of(self, kind: str) -> list[Any]:
         with self._lock:
@@ -83,7 +106,8 @@ def make_watch(root: Path, **kw: Any) -> WatchConfig:
 
 
 def make_root(watch: WatchConfig, rec: Recorder, **kw: Any) -> RootWatcher:
-    kw.setdefault("candidate", is_image)
+    kw["candidate"] = rec.spy(kw.get("candidate", is_image))
+    kw.setdefault("clock", rec.clock)
     return RootWatcher(
         watch,
         on_file=rec.on_file,
@@ -94,19 +118,42 @@ def make_root(watch: WatchConfig, rec: Recorder, **kw: Any) -> RootWatcher:
     )
 
 
+def sync(rw: RootWatcher, rec: Recorder, timeout: float = 10.0) -> None:
+    """A barrier: every filesystem event caused before this call has been handled.
+
+    A marker dotfile is created and we wait until the watcher has asked ``candidate``
+    about it: one observer thread handles a watch's events in order. Twice, because a
+    polling observer hands over one snapshot's events in no particular order."""
+    for _ in range(2):
+        rec.syncs += 1
+        marker = rw.root / f".sync-{rec.syncs}"
+        marker.touch()
+        deadline = time.monotonic() + timeout
+        while marker not in rec.asked:
+            assert time.monotonic() < deadline, "the watcher never saw its sync marker"
+            time.sleep(0.005)
+
+
 def pump(rw: RootWatcher, until: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Tick the watcher (as the supervisor thread would) until ``until()`` or timeout."""
+    """Tick the watcher (as the supervisor thread would) until ``until()``, moving the
+    fake clock a tenth of SETTLE per turn (real time only bounds the wait for events)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         rw.tick()
         if until():
             return True
-        time.sleep(0.03)
+        if isinstance(rw._clock, FakeClock):
+            rw._clock.now += SETTLE / 10
+        time.sleep(0.005)
     return False
 
 
-def pump_for(rw: RootWatcher, seconds: float) -> None:
-    pump(rw, lambda: False, seconds)
+def drain(rw: RootWatcher, rec: Recorder) -> None:
+    """Everything that happened so far has been handled and, once settled, delivered:
+    after this, a missing callback is really missing, not late."""
+    sync(rw, rec)
+    rec.clock.now += 10 * SETTLE
+    rw.tick()
 
 
 @pytest.fixture
@@ -129,14 +176,6 @@ def started(root: Path, rec: Recorder) -> Iterator[RootWatcher]:
 
 
 # --- Settler ----------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_settler_waits_for_quiet_and_unchanged_stat(tmp_path: Path) -> None:
@@ -178,12 +217,18 @@ def test_file_written_in_one_go_reported_once_after_settling(
     started: RootWatcher, rec: Recorder, root: Path
 ) -> None:
     f = root / "a.jpg"
-    t0 = time.monotonic()
+    t0 = rec.clock.now
     f.write_bytes(b"\xff" * 4096)
-    assert pump(started, lambda: rec.of("file"))
-    assert rec.time_of("file", f) - t0 >= SETTLE
-    pump_for(started, 2 * SETTLE)
-    assert rec.of("file") == [f]
+    sync(started, rec)
+    started.tick()
+    rec.clock.now += SETTLE / 2
+    started.tick()
+    assert rec.of("file") == []  # not quiet long enough
+    rec.clock.now += SETTLE / 2
+    started.tick()
+    assert rec.of("file") == [f] and rec.time_of("file", f) == t0 + SETTLE
+    drain(started, rec)
+    assert rec.of("file") == [f]  # once
     st = started.status()
     assert st["events_seen"] >= 2 and st["pending"] == 0 and st["errors"] == 0
     assert st["last_event_at"] is not None and st["mode"] == "inotify"
@@ -194,17 +239,23 @@ def test_slow_chunked_write_reported_once_after_last_write(
 ) -> None:
     f = root / "slow.png"
     with open(f, "wb") as fh:
-        for _ in range(8):  # 8 x 0.12 s: the size keeps changing for longer than SETTLE
+        for _ in range(8):  # 8 x 0.125 s: the size keeps changing for longer than SETTLE
             fh.write(b"\0" * 1000)
             fh.flush()
+            sync(started, rec)
             started.tick()
-            time.sleep(0.12)
+            rec.clock.now += SETTLE / 2
             started.tick()
             assert rec.of("file") == []
-        last_write = time.monotonic()
-    assert pump(started, lambda: rec.of("file"))
-    assert rec.time_of("file", f) - last_write >= SETTLE * 0.9
-    pump_for(started, 2 * SETTLE)
+    last_write = rec.clock.now  # closing is the last event
+    sync(started, rec)
+    rec.clock.now += SETTLE / 2
+    started.tick()
+    assert rec.of("file") == []
+    rec.clock.now += SETTLE / 2
+    started.tick()
+    assert rec.of("file") == [f] and rec.time_of("file", f) == last_write + SETTLE
+    drain(started, rec)
     assert rec.of("file") == [f]
 
 
@@ -214,8 +265,7 @@ def test_rsync_temp_then_rename_reported_under_real_name(
     tmp = root / ".photo.jpg.Xa81Qz"
     tmp.write_bytes(b"data")
     os.rename(tmp, root / "photo.jpg")
-    assert pump(started, lambda: rec.of("file"))
-    pump_for(started, 2 * SETTLE)
+    drain(started, rec)
     assert rec.of("file") == [root / "photo.jpg"]
     assert rec.of("deleted") == []  # the temp name is not a candidate
 
@@ -243,7 +293,7 @@ def test_folder_moved_in_gives_on_dir_and_its_images(
     want = {root / "album" / "1.jpg", root / "album" / "sub" / "2.png"}
     assert pump(started, lambda: set(rec.of("file")) >= want and rec.of("dir"))
     assert root / "album" in rec.of("dir")
-    pump_for(started, 2 * SETTLE)
+    drain(started, rec)
     assert sorted(rec.of("file")) == sorted(want)  # each once; notes.txt ignored
 
 
@@ -251,7 +301,7 @@ def test_nested_new_dirs_give_one_hint(started: RootWatcher, rec: Recorder, root
     os.makedirs(root / "new" / "a" / "b")
     (root / "new" / "a" / "b" / "deep.jpg").write_bytes(b"x")
     assert pump(started, lambda: rec.of("dir") and rec.of("file"))
-    pump_for(started, 2 * SETTLE)
+    drain(started, rec)
     assert rec.of("dir") == [root / "new"]
     assert rec.of("file") == [root / "new" / "a" / "b" / "deep.jpg"]
 
@@ -262,8 +312,8 @@ def test_non_candidates_ignored(started: RootWatcher, rec: Recorder, root: Path)
     (root / "a.txt").write_text("a sidecar")
     (root / "a.txt").unlink()
     (root / "marker.jpg").write_bytes(b"m")
-    assert pump(started, lambda: rec.of("file"))
-    pump_for(started, SETTLE)
+    drain(started, rec)
+    assert root / "x.jpg.tmp" in rec.asked  # seen and turned down, not missed
     assert rec.of("file") == [root / "marker.jpg"]
     assert rec.of("deleted") == []
 
@@ -280,7 +330,7 @@ def test_deleted_file_passed_on(started: RootWatcher, rec: Recorder, root: Path)
     g.write_bytes(b"x")
     g.unlink()
     assert pump(started, lambda: g in rec.of("deleted"))
-    pump_for(started, 2 * SETTLE)
+    drain(started, rec)
     assert g not in rec.of("file")
 
 
@@ -316,6 +366,7 @@ def test_raising_callback_is_caught_and_counted(root: Path, rec: Recorder) -> No
         on_deleted=rec.on_deleted,
         on_dir=rec.on_dir,
         on_rescan=rec.on_rescan,
+        clock=rec.clock,
     )
     rw.start()
     try:
@@ -383,10 +434,25 @@ def test_real_kernel_queue_overflow(started: RootWatcher, rec: Recorder, root: P
     (emitter,) = started.observer.emitters  # type: ignore[union-attr]
     with emitter._inotify._lock:  # type: ignore[attr-defined]
         (root / "first.jpg").write_bytes(b"x")
-        time.sleep(0.2)  # the reader is now blocked delivering that event
+        # the reader thread is now blocked delivering that event (on the lock we hold)
+        deadline = time.monotonic() + 10
+        while not _a_thread_waits_in("on_event", "watchdog/observers/inotify.py"):
+            assert time.monotonic() < deadline, "the inotify reader never blocked"
+            time.sleep(0.005)
         for i in range(limit // 3 + 500):  # create + modify + close_write per file
             (root / f"f{i}.jpg").write_bytes(b"x")
     assert pump(started, lambda: REASON_OVERFLOW in rec.of("rescan"), timeout=10)
+
+
+def _a_thread_waits_in(function: str, filename: str) -> bool:
+    """Some other thread's innermost Python frame is ``function`` of ``filename``
+    (blocked there)."""
+    me = threading.get_ident()
+    return any(
+        frame.f_code.co_name == function and frame.f_code.co_filename.endswith(filename)
+        for ident, frame in sys._current_frames().items()
+        if ident != me
+    )
 
 
 def test_event_storm_collapses_into_one_rescan(root: Path, rec: Recorder) -> None:
@@ -490,7 +556,8 @@ def test_scan_mode_has_no_observer(root: Path, rec: Recorder) -> None:
     rw = make_root(make_watch(root, watch_mode="scan"), rec)
     rw.start()
     (root / "x.jpg").write_bytes(b"x")
-    pump_for(rw, SETTLE + 0.2)
+    rec.clock.now += 10 * SETTLE
+    rw.tick()  # no observer: nothing can have been heard, nothing is delivered
     assert rw.observer is None and rw.check() is False
     st = rw.status()
     assert st["mode"] == "scan" and st["alive"] is None and "scan" in st["reason"]
@@ -507,7 +574,8 @@ def test_missing_root_retried_by_check(tmp_path: Path, rec: Recorder) -> None:
     rw.start()  # logs and counts; does not raise
     assert rw.is_alive() is False and rw.status()["errors"] == 1
     root.mkdir()
-    rw._next_start_at = 0.0  # skip the backoff wait
+    assert rw.check() is False  # backing off (1 s after the first failure)
+    rec.clock.now += 1.0
     assert rw.check() is True and rw.is_alive()
     rw.stop()
 
@@ -557,36 +625,60 @@ def test_supervisor_runs_roots_and_restarts(tmp_path: Path) -> None:
     assert observer is not None and not observer.is_alive()
 
 
+class RecordingEvent(threading.Event):
+    """A stop event that records how long each wait() was asked to sleep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        return super().wait(timeout)
+
+
 def test_supervisor_wakes_when_the_earliest_file_settles(tmp_path: Path) -> None:
     """The supervisor sleeps until the earliest pending file is due (never longer than a
     tick), so a settled file is not held back for up to a tick."""
-    a = make_watch(tmp_path / "a", name="a", settle_seconds=0.6)
+    clock = FakeClock()
+    delivered: list[Path] = []
+    a = make_watch(tmp_path / "a", name="a", settle_seconds=0.5)
     sup = WatchSupervisor(
         [a],
         candidate=lambda w, p: is_image(p),
-        on_file=lambda *_: None,
+        on_file=lambda root, p: delivered.append(p),
         on_deleted=lambda *_: None,
         on_dir=lambda *_: None,
         on_rescan=lambda *_: None,
         tick_seconds=1.0,
+        clock=clock,
     )
+    x = tmp_path / "a" / "x.jpg"
     assert sup._wait() == 1.0  # nothing pending: a whole tick
-    (tmp_path / "a" / "x.jpg").write_bytes(b"x")
-    sup.roots["a"].settler.touch(tmp_path / "a" / "x.jpg")
-    assert 0.2 < sup._wait() <= 0.6  # due in 0.6 s: wake then, not after 1 s
-    time.sleep(0.65)
-    assert sup._wait() == MIN_TICK_SECONDS  # overdue: at once (with a floor)
-    assert sup.roots["a"].settler.due() == [tmp_path / "a" / "x.jpg"]
-    assert sup._wait() == 1.0
-    # and the supervisor thread sleeps for what _wait() says, not a fixed tick
-    asked: list[float] = []
-    sup._wait = lambda: asked.append(0.05) or 0.05  # type: ignore[method-assign]
+    x.write_bytes(b"x")
+    sup.roots["a"].settler.touch(x)
+    assert sup._wait() == 0.5  # due in 0.5 s: wake then, not after 1 s
+    clock.now += 0.5
+    assert sup._wait() == MIN_TICK_SECONDS  # due now: at once (with a floor)
+    clock.now -= 0.5
+    # the supervisor thread sleeps for what _wait() says, not a fixed tick
+    stop = sup._stop = RecordingEvent()
     sup.start()
     try:
-        wait_until = time.monotonic() + 0.5
-        while time.monotonic() < wait_until and len(asked) < 3:
-            time.sleep(0.02)
-        assert len(asked) >= 3  # three turns in 0.5 s with a 1 s tick_seconds
+        deadline = time.monotonic() + 10
+        while not stop.waits:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert stop.waits[0] == 0.5
+        clock.now += 0.5  # the thread wakes after 0.5 s (real time) and delivers x
+        while not delivered:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert delivered == [x]
+        while len(stop.waits) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        assert stop.waits[1] == 1.0  # nothing pending any more: a whole tick
     finally:
         sup.stop()
 

@@ -448,6 +448,97 @@ def test_repo_id_offline_with_empty_cache(tmp_path: Path, monkeypatch: pytest.Mo
     assert not g.loaded
 
 
+def fake_hub_cache(
+    hf: Path, repo_id: str, files: dict[str, bytes], *, refs: tuple[str, ...] = ("main",)
+) -> str:
+    """A Hugging Face hub cache as huggingface_hub lays it out, built offline:
+    ``models--OWNER--NAME/blobs/<sha256>``, ``snapshots/<commit>/<file>`` symlinked to
+    the blob, ``refs/<name>`` holding the commit. Returns the commit hash."""
+    import hashlib
+
+    repo = hf / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode() + b"".join(sorted(files.values()))).hexdigest()
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    (repo / "refs").mkdir(exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+    return commit
+
+
+@pytest.fixture
+def hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_repo_id_loads_from_the_hub_cache(
+    tmp_path: Path, wd_model_dir: Path, hub_offline: None
+) -> None:
+    """``model = "OWNER/NAME"``: the files come from ``<cache_dir>/hf`` (no network,
+    HF_HUB_OFFLINE=1), by branch, tag or commit; the tagger then works as from a folder."""
+    files = {n: (wd_model_dir / n).read_bytes() for n in ("model.onnx", "selected_tags.csv")}
+    commit = fake_hub_cache(
+        tmp_path / "hf", "captiond-test/wd-tiny-tagger-v3", files, refs=("main", "v1.0")
+    )
+    snapshot = tmp_path / "hf" / "models--captiond-test--wd-tiny-tagger-v3" / "snapshots" / commit
+    for revision in (None, "main", "v1.0", commit):
+        g = WDTagger(
+            WDTaggerConfig(model="captiond-test/wd-tiny-tagger-v3", revision=revision),
+            cache_dir=tmp_path,
+        )
+        assert g.fetch() == str(snapshot)
+        g.load()
+        assert g.model_info["files"] == str(snapshot) and g.model_info["tags"] > 0
+        assert caption(g, "red") == f"red background, {TAIL}"
+        assert caption(g, "cyan") == f"ganyu (genshin impact), {TAIL}"
+    # a revision that is not in the cache is a (retryable) download error, offline
+    g = WDTagger(
+        WDTaggerConfig(model="captiond-test/wd-tiny-tagger-v3", revision="v2.0"),
+        cache_dir=tmp_path,
+    )
+    with pytest.raises(ModelDownloadError):
+        g.load()
+    # and another repository is not confused with this one
+    g = WDTagger(WDTaggerConfig(model="captiond-test/other-tagger"), cache_dir=tmp_path)
+    with pytest.raises(ModelDownloadError):
+        g.load()
+
+
+def test_models_pull_resolves_a_repo_id_in_the_configured_cache(
+    tmp_path: Path, wd_model_dir: Path
+) -> None:
+    """``captiond models pull`` reads ``cache_dir`` from the configuration and looks in
+    ``<cache_dir>/hf``, with no daemon and no network."""
+    import subprocess
+    import sys
+
+    files = {n: (wd_model_dir / n).read_bytes() for n in ("model.onnx", "selected_tags.csv")}
+    cache = tmp_path / "cache"
+    commit = fake_hub_cache(cache / "hf", "captiond-test/wd-tiny-tagger-v3", files)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f"cache_dir = '{cache}'\nstate_dir = '{tmp_path / 'state'}'\n"
+        "[generators.wd_tagger]\nmodel = 'captiond-test/wd-tiny-tagger-v3'\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(cfg), "models", "pull", "wd_tagger"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ | {"HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert commit in out.stdout and str(cache / "hf") in out.stdout
+
+
 def test_hub_errors_are_classified_by_type(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
     from huggingface_hub import errors as hf

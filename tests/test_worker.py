@@ -337,14 +337,15 @@ def test_a_hung_read_fails_alone_and_the_others_go_on(tmp_path, monkeypatch):
 
 
 def test_time_waiting_for_a_decode_thread_is_not_read_time(tmp_path, monkeypatch):
-    """Six images of 0.3 s each on one decode thread, a 0.5 s read limit: the last one
-    waits 1.5 s for the thread, but none of them is slow, so none is given up."""
-    rig = Rig(tmp_path, read_timeout_seconds=0.5, decode_workers=1, batch_size=8)
+    """Six images of 0.25 s each on one decode thread, a 1 s read limit: the last one
+    waits 1.25 s for the thread, but none of them is slow, so none is given up. (Each
+    read stays 0.75 s below the limit: a loaded machine does not make it flaky.)"""
+    rig = Rig(tmp_path, read_timeout_seconds=1.0, decode_workers=1, batch_size=8)
     original = CaptionPipeline.prepare
 
     def slow(self, item):
         item.started = time.monotonic()
-        time.sleep(0.3)
+        time.sleep(0.25)
         return original(self, item)
 
     monkeypatch.setattr(CaptionPipeline, "prepare", slow)

@@ -322,6 +322,212 @@ def build_florence2(
     return folder
 
 
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen2_5_vl(
+    folder: Path,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    patch: int = 8,
+    max_side: int = 32,
+    seed: int = 0,
+) -> Path:
+    """A Qwen2.5-VL model (windowed ViT with 2x2 patch merging + Qwen2 with M-RoPE).
+    Images are resized to at most ``max_side``² pixels: a few image tokens each."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    _seed(seed)
+    specials = [
+        "<|endoftext|>",
+        "<unk>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|vision_end|>",
+        "<|image_pad|>",
+        "<|video_pad|>",
+    ]
+    tok = _tokenizer(
+        specials,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        extra={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    merge = 2
+    pixels = {"min_pixels": (patch * merge) ** 2, "max_pixels": max_side * max_side}
+    improc = Qwen2VLImageProcessor(
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=2,
+        size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+        **pixels,
+    )
+    vidproc = Qwen2VLVideoProcessor(
+        patch_size=patch,
+        merge_size=merge,
+        temporal_patch_size=2,
+        size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+    )
+    processor = Qwen2_5_VLProcessor(
+        image_processor=improc,
+        tokenizer=tok,
+        video_processor=vidproc,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    head_dim = hidden // heads
+    config = Qwen2_5_VLConfig(
+        vision_config={
+            "depth": vision_layers,
+            "hidden_size": vision_hidden,
+            "intermediate_size": vision_hidden * 2,
+            "num_heads": max(1, vision_hidden // 16),
+            "patch_size": patch,
+            "spatial_merge_size": merge,
+            "temporal_patch_size": 2,
+            "window_size": patch * merge * 2,
+            "out_hidden_size": hidden,
+            "fullatt_block_indexes": [vision_layers - 1],
+        },
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": hidden * 2,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+            "max_position_embeddings": 1024,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8],
+            },
+            "bos_token_id": None,
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    _set_generation_ids(model, tok)
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+# moondream2 is not in transformers: its repository ships its own model code, loaded
+# with trust_remote_code through config.json's auto_map. This stand-in has moondream's
+# interface (caption(image, length, settings) and query(image, question, settings))
+# and a real, if tiny, model: the words come from a linear layer over the image's mean
+# colour, so a red image is captioned "red ...".
+MOONDREAM_CODE = """
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
+
+LENGTHS = {"short": 2, "normal": 4, "long": 8}
+
+
+class TinyMoondreamConfig(PretrainedConfig):
+    model_type = "moondream1"
+
+    def __init__(self, words=None, **kwargs):
+        self.words = list(words or [])
+        super().__init__(**kwargs)
+
+
+class TinyMoondream(PreTrainedModel):
+    config_class = TinyMoondreamConfig
+    base_model_prefix = "moondream"
+    _no_split_modules = []
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.score = torch.nn.Linear(3, len(config.words))
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass
+
+    def _ranked(self, image):
+        small = image.convert("RGB").resize((8, 8))
+        rgb = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).reshape(-1, 3)
+        x = (rgb.float().mean(dim=0) / 255.0).to(self.score.weight.dtype)
+        with torch.inference_mode():
+            order = torch.argsort(self.score(x), descending=True, stable=True)
+        return [self.config.words[i] for i in order.tolist()]
+
+    def caption(self, image, length="normal", stream=False, settings=None):
+        n = min(LENGTHS[length], (settings or {}).get("max_tokens", 1 << 30))
+        return {"caption": " ".join(self._ranked(image)[:n])}
+
+    def query(self, image, question, stream=False, settings=None):
+        n = min(3, (settings or {}).get("max_tokens", 1 << 30))
+        words = [*self._ranked(image)[: n - 1], question.split()[-1].strip("?")]
+        return {"answer": " ".join(words[:n])}
+"""
+
+MOONDREAM_WORDS = ("red", "green", "blue", "a", "photo", "of", "the", "cat", "on", "grass")
+
+
+def build_moondream2(folder: Path, *, seed: int = 0) -> Path:
+    """A local moondream2-style repository: ``config.json`` with ``auto_map`` to
+    ``modeling_tinymoondream.py`` beside it, and safetensors weights. Name the folder
+    with "moondream" in it: that is how the family is recognised."""
+    import importlib.util
+    import json
+
+    import torch
+
+    _seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    code = folder / "modeling_tinymoondream.py"
+    code.write_text(MOONDREAM_CODE)
+    spec = importlib.util.spec_from_file_location(f"tinymoondream_{seed}", code)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.TinyMoondreamConfig(words=MOONDREAM_WORDS)
+    model = module.TinyMoondream(config).eval()
+    with torch.no_grad():  # colour words follow the channels; the rest in a fixed order
+        weight = torch.zeros(len(MOONDREAM_WORDS), 3)
+        weight[0, 0] = weight[1, 1] = weight[2, 2] = 10.0
+        model.score.weight.copy_(weight)
+        model.score.bias.copy_(torch.linspace(3.0, 0.0, len(MOONDREAM_WORDS)) * 0.5)
+    model.save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {
+        "AutoConfig": "modeling_tinymoondream.TinyMoondreamConfig",
+        "AutoModelForCausalLM": "modeling_tinymoondream.TinyMoondream",
+    }
+    cfg["architectures"] = ["TinyMoondream"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
 def _set_generation_ids(model: Any, tok: Any) -> None:
     gc = model.generation_config
     gc.pad_token_id = tok.pad_token_id
@@ -330,4 +536,9 @@ def _set_generation_ids(model: Any, tok: Any) -> None:
         gc.bos_token_id = tok.bos_token_id
 
 
-BUILDERS = {"llava": build_llava, "idefics3": build_idefics3, "florence2": build_florence2}
+BUILDERS = {
+    "llava": build_llava,
+    "idefics3": build_idefics3,
+    "florence2": build_florence2,
+    "qwen2_5_vl": build_qwen2_5_vl,
+}

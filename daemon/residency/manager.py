@@ -97,12 +97,15 @@ class ModelManager:
         min_resident_seconds: float = 300.0,
         crash_attempts: int = 3,
         memory_kind: str | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self._lock = threading.RLock()
+        self._monotonic = monotonic  # time slices, keep_alive, eviction (tests inject one)
         self.slots = {s.name: s for s in slots}
         for s in self.slots.values():
             s._manager = self
             s._guard = self._lock
+            s._monotonic = monotonic
         self.max_resident_heavy = max_resident_heavy
         self.memory_budget_mb = memory_budget_mb
         self.min_resident_seconds = min_resident_seconds
@@ -125,9 +128,12 @@ class ModelManager:
         residency: ResidencyConfig | None = None,
         log_args: tuple[str, str] | None = None,
         generate_timeout: float | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> ModelManager:
         """``generate_timeout``: a child process whose generate() takes longer is killed
-        and restarted (its batch is retried image by image); None = no limit."""
+        and restarted (its batch is retried image by image); None = no limit.
+        ``clock`` (load retries) and ``monotonic`` (residency, breaker) are injectable."""
         res = residency or ResidencyConfig()
         breakers: dict[str, CircuitBreaker] = {}  # one per remote server
 
@@ -165,13 +171,16 @@ class ModelManager:
                 )
             else:
                 gen = local
-            breaker = CircuitBreaker(res.breaker_threshold, res.breaker_cooldown_seconds)
+            breaker = CircuitBreaker(
+                res.breaker_threshold, res.breaker_cooldown_seconds, clock=monotonic
+            )
             if (server := local.server) is not None:
                 breaker = breakers.setdefault(server, breaker)
             return ModelSlot(
                 name,
                 gen,
                 retry_seconds=retry_seconds,
+                clock=clock,
                 policy=Policy(keep, spec.memory_mb, isolate),
                 breaker=breaker,
             )
@@ -182,6 +191,7 @@ class ModelManager:
             memory_budget_mb=res.memory_budget_mb,
             min_resident_seconds=res.min_resident_seconds,
             crash_attempts=res.crash_attempts,
+            monotonic=monotonic,
         )
         manager._make_slot = make_slot
         return manager
@@ -225,7 +235,7 @@ class ModelManager:
             return True, ""  # holds no model here
         need = slot.expected_mb()
         for _ in range(len(self.slots) + 1):
-            now = time.monotonic()
+            now = self._monotonic()
             others = [
                 s for s in self.slots.values() if s is not slot and s.resident and not s.remote
             ]
@@ -264,7 +274,7 @@ class ModelManager:
                 used = sum(s.expected_mb() or 0.0 for s in resident)
                 if used <= budget:
                     return
-                now = time.monotonic()
+                now = self._monotonic()
                 pool = [s for s in resident if s is not slot and self._evictable(s, now)]
                 victim = min(pool, key=lambda s: s.last_used or 0.0, default=None)
                 if victim is None or not victim._try_evict(f"over budget after {slot.name}"):
@@ -276,7 +286,7 @@ class ModelManager:
         model waits for its room, so that it goes idle and can be evicted."""
         if slot.keep_alive < 0 or slot.loaded_at is None or slot.remote:
             return False
-        now = time.monotonic()
+        now = self._monotonic()
         if now - slot.loaded_at < self.min_resident_seconds:
             return False
         for s in self.slots.values():
@@ -295,7 +305,7 @@ class ModelManager:
         """Each worker loop turn: unload models idle past their keep_alive, notice
         model processes that died while idle. ``busy``: generators with a batch
         claimed in the worker (not unloaded under it)."""
-        now = time.monotonic()
+        now = self._monotonic()
         with self._lock:
             self._busy_names = frozenset(busy)
             for s in self.slots.values():
@@ -403,7 +413,7 @@ class ModelManager:
             slot.next_retry_at = 0.0
             slot.breaker.half_open()
             if slot.state is ModelState.LOADED:
-                slot.last_used = time.monotonic()
+                slot.last_used = self._monotonic()
         slot.ensure_loaded(wait=wait)
         return self._entry(slot)
 

@@ -137,6 +137,7 @@ class ModelSlot:
         clock: Callable[[], float] = time.time,
         policy: Policy | None = None,
         breaker: CircuitBreaker | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self.name = name
         self.raw = generator
@@ -153,7 +154,8 @@ class ModelSlot:
         self._guard: threading.RLock = threading.RLock()  # the manager's, once attached
         self._run_lock = threading.Lock()  # one generate() at a time
         self._loading: threading.Event | None = None
-        self._clock = clock
+        self._clock = clock  # wall clock: load retries
+        self._monotonic = monotonic  # residency times (the manager's, once attached)
         self._base_retry = retry_seconds
         self._retry = retry_seconds
         self.state = ModelState.UNAVAILABLE if generator is None else ModelState.UNLOADED
@@ -261,12 +263,12 @@ class ModelSlot:
                         log.info("model_waiting_for_room", generator=self.name, why=why)
                     self.state = ModelState.WAITING
                     self.waiting_for = why
-                    self.waiting_asked = time.monotonic()
+                    self.waiting_asked = self._monotonic()
                     return False
                 self.state = ModelState.LOADING
                 self.waiting_for = ""
                 self.progress = None
-                self.loading_since = time.monotonic()
+                self.loading_since = self._monotonic()
                 event = self._loading = threading.Event()
                 if blocking:
                     mine = True
@@ -292,7 +294,7 @@ class ModelSlot:
     def _load(self, event: threading.Event) -> None:
         raw = self.raw
         assert raw is not None
-        started = time.monotonic()
+        started = self._monotonic()
         log.info("model_loading", generator=self.name, isolated=self.isolated)
         before = rss_mb() if not self.isolated else None
         gpu_before = gpu_footprint_mb() if not self.isolated else None
@@ -327,7 +329,7 @@ class ModelSlot:
             return
         finally:
             event.set()
-        now = time.monotonic()
+        now = self._monotonic()
         with self._guard:
             self.load_seconds = now - started
             self.state = ModelState.LOADED
@@ -402,7 +404,7 @@ class ModelSlot:
             finally:
                 with self._guard:
                     self.busy = False
-                    self.last_used = time.monotonic()
+                    self.last_used = self._monotonic()
                     self.batches += 1
 
     def _generation_failed(self, exc: BaseException, size: int) -> None:
@@ -447,7 +449,7 @@ class ModelSlot:
             log.exception("model_unload_failed", generator=self.name)
         if not self.isolated:
             _release_memory()
-        idle = None if self.last_used is None else round(time.monotonic() - self.last_used, 1)
+        idle = None if self.last_used is None else round(self._monotonic() - self.last_used, 1)
         self.state = ModelState.UNLOADED
         self.loaded_at = None
         self.unloads += 1
@@ -505,7 +507,7 @@ class ModelSlot:
         attribute is read once into a local, so a change mid-way shows a model in
         transition, never a None where a number was checked for."""
         gen = self.raw
-        now = time.monotonic()
+        now = self._monotonic()
         state = self.state
         out: dict[str, Any] = {
             "state": state.value,

@@ -38,6 +38,7 @@ class ScanScheduler:
         on_root_scanned: Callable[[str, ScanStats], None] = lambda root, stats: None,
         on_failed: Callable[[str, BaseException], None] = lambda root, exc: None,
         skip: Callable[[str], bool] = lambda root: False,
+        clock: Callable[[], float] = time.monotonic,
     ):
         """``on_failed(root, exc)``: a scan failed (the root vanished, a full state disk).
         ``skip(root)``: True while a root must not be scanned (a condition holds it;
@@ -49,14 +50,15 @@ class ScanScheduler:
         self.on_root_scanned = on_root_scanned  # after each whole-root scan that succeeded
         self.on_failed = on_failed
         self.skip = skip
+        self._clock = clock  # periodic scans and the heartbeat (tests inject one)
         self._pending: dict[tuple[str, Path | None], ScanRequest] = {}
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.last: dict[str, dict[str, Any]] = {}
-        self.heartbeat = time.monotonic()
+        self.heartbeat = self._clock()
         self.scanning: str | None = None
-        self._next_periodic = time.monotonic() + interval_seconds
+        self._next_periodic = self._clock() + interval_seconds
 
     def request(self, req: ScanRequest) -> None:
         with self._cond:
@@ -91,7 +93,7 @@ class ScanScheduler:
     def _next(self) -> ScanRequest | None:
         with self._cond:
             while not self._stop:
-                now = time.monotonic()
+                now = self._clock()
                 if self.interval > 0 and now >= self._next_periodic:
                     # Due even while hints keep arriving: periodic scans are not postponed.
                     self._next_periodic = now + self.interval
@@ -101,7 +103,7 @@ class ScanScheduler:
                     break
                 wait = self._next_periodic - now if self.interval > 0 else 5.0
                 self._cond.wait(max(0.01, min(wait, 5.0)))
-                self.heartbeat = time.monotonic()
+                self.heartbeat = self._clock()
             if self._stop:
                 return None
             # Whole-root scans first; a subtree scan is implied by its root's scan, which
@@ -117,7 +119,7 @@ class ScanScheduler:
 
     def _run(self) -> None:
         while (req := self._next()) is not None:
-            self.heartbeat = time.monotonic()
+            self.heartbeat = self._clock()
             watch = self.watches.get(req.root)
             if watch is None:
                 continue
@@ -153,7 +155,7 @@ class ScanScheduler:
                         log.exception("scan_callback_failed", root=req.root)
             finally:
                 self.scanning = None
-                self.heartbeat = time.monotonic()
+                self.heartbeat = self._clock()
 
     def _failed(self, root: str, exc: BaseException) -> None:
         try:

@@ -770,8 +770,10 @@ class WatchSupervisor:
         tick_seconds: float = 0.25,
         check_seconds: float = 1.0,
         max_pending: int = MAX_PENDING,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tick_seconds = tick_seconds
+        self._clock = clock  # shared with every root (settling is on this clock too)
         self.check_seconds = check_seconds
         if mountinfo is None:
             mountinfo = read_mountinfo()
@@ -793,6 +795,7 @@ class WatchSupervisor:
                 mountinfo=mountinfo,
                 watches_in_use=in_use,
                 max_pending=max_pending,
+                clock=clock,
             )
             in_use += root.watches_needed
             self.roots[w.name] = root
@@ -846,19 +849,19 @@ class WatchSupervisor:
     def _wait(self) -> float:
         """Seconds until the next tick: ``tick_seconds``, or less when a file settles
         sooner, so a settled file is delivered when it settles, not up to a tick later."""
-        now = time.monotonic()
+        now = self._clock()
         dues = [d for r in self.roots.values() if (d := r.next_due()) is not None]
         if not dues:
             return self.tick_seconds
         return min(self.tick_seconds, max(MIN_TICK_SECONDS, min(dues) - now))
 
     def _run(self) -> None:
-        next_check = time.monotonic() + self.check_seconds
+        next_check = self._clock() + self.check_seconds
         while not self._stop.wait(self._wait()):
             self.tick()
-            if time.monotonic() >= next_check:
+            if self._clock() >= next_check:
                 self.check()
-                next_check = time.monotonic() + self.check_seconds
+                next_check = self._clock() + self.check_seconds
 
     def update_dir_count(self, root: str, dirs: int) -> bool:
         """Feed a scan's directory count back (see ``RootWatcher.update_dir_count``)."""
