@@ -1,4 +1,4 @@
-from daemon.cli import main
+from daemon.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

@@ -120,7 +120,7 @@ class Daemon:
             health=self.health,
             metrics=lambda: (metrics.render(), metrics.CONTENT_TYPE),
         )
-        metrics.register_daemon(self.status)
+        self._collector = metrics.register_daemon(self.status)
         if settings.api.tcp.enabled:  # off by default; bearer token from a 0600 file
             tcp = settings.api.tcp
             self.server.enable_tcp(tcp.host, tcp.port, load_token(tcp.token_file))
@@ -258,6 +258,7 @@ class Daemon:
         self.worker.stop()
         if not self.worker.alive:  # else a load or generate() still runs; we exit anyway
             self.models.unload_all()
+        metrics.unregister_daemon(self._collector)
         self.db.close()
         log.info("captiond_stopped")
 

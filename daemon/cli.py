@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,10 +21,15 @@ if TYPE_CHECKING:
 
 def _settings(ctx: click.Context, extra_watches: tuple[Path, ...] = ()) -> Settings:
     try:
-        return load_settings(ctx.obj["config"], extra_watches=extra_watches)
+        settings = load_settings(ctx.obj["config"], extra_watches=extra_watches)
     except ConfigError as exc:
         click.echo(f"captiond: invalid configuration\n{exc}", err=True)
         ctx.exit(2)
+    if not ctx.obj.get("noted"):
+        ctx.obj["noted"] = True
+        for note in settings.notes:  # e.g. a trainer's ./config.toml skipped
+            click.echo(f"captiond: {note}; using {settings.source}", err=True)
+    return settings
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,9 +92,21 @@ def run(ctx: click.Context, extra: tuple[Path, ...]) -> None:
 @click.pass_context
 def check_config(ctx: click.Context) -> None:
     """Validate the configuration and print it with every default filled in."""
+    from daemon.overrides import Overrides
+
     settings = _settings(ctx)
     click.echo(f"# {settings.source}: OK")
-    click.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+    data = settings.model_dump(mode="json")
+    data["socket_mode"] = oct(settings.socket_mode)  # as written in the file: 0o660
+    click.echo(json.dumps(data, indent=2))
+    active = Overrides.load(settings.runtime_settings_path).active()
+    if active:
+        click.echo(
+            f"# overridden through the API ({settings.runtime_settings_path}); "
+            "`captiond config reset` drops them:"
+        )
+        for section, keys in active.items():
+            click.echo(f"#   {section}: {', '.join(keys)}")
 
 
 @main.command()
@@ -163,8 +181,21 @@ def generators(ctx: click.Context, as_json: bool) -> None:
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--generator", "-g", help="Generator to run (default: the folder's first).")
-@click.option("--force", is_flag=True, help="Replace existing captions (a person's too).")
+@click.option(
+    "--redo",
+    is_flag=True,
+    help="Make captiond's own captions again (those nobody edited); a person's stay.",
+)
+@click.option(
+    "--overwrite",
+    "--force",
+    "overwrite",
+    is_flag=True,
+    help="Replace every caption, a person's too (asks first on a terminal).",
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before --overwrite.")
 @click.option("--no-post-process", is_flag=True, help="Write the generator's raw output.")
+@click.option("--timeout", type=float, help="Stop waiting after this many seconds.")
 @click.option(
     "--once",
     is_flag=True,
@@ -173,110 +204,165 @@ def generators(ctx: click.Context, as_json: bool) -> None:
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="With --once: keep the run's database here (default: a temporary one).",
+    help="With --once: keep the run's state here (default: one per folder under "
+    "$XDG_STATE_HOME/captiond/once).",
 )
+@click.option(
+    "--fresh", is_flag=True, help="With --once: a throw-away state (forget earlier runs)."
+)
+@click.option("--ext", help="With --once: sidecar extension (default: txt).")
+@click.option("--general-threshold", type=float, help="With --once: WD general tag threshold.")
+@click.option("--character-threshold", type=float, help="With --once: WD character threshold.")
+@click.option("--undesired-tags", help="With --once: comma-separated tags never to write.")
+@click.option("--trigger-word", help="With --once: put this first in every caption.")
+@click.option(
+    "--existing",
+    type=click.Choice(["skip", "overwrite", "append", "prepend"]),
+    help="With --once: what to do with a caption captiond did not write.",
+)
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="With --once: images per batch.")
 @json_option
 @click.pass_context
-def caption(
-    ctx: click.Context,
-    paths: tuple[Path, ...],
-    generator: str | None,
-    force: bool,
-    no_post_process: bool,
-    once: bool,
-    state_dir: Path | None,
-    as_json: bool,
-) -> None:
+def caption(ctx: click.Context, paths: tuple[Path, ...], **opts: Any) -> None:
     """Caption images or folders now, at the highest priority, with a progress bar.
 
     Without --once the running daemon does the work (PATHS must be in watched folders);
     with --once this process does it for one folder and exits (1 if any image failed).
+    By default a caption already there is left alone; --redo makes captiond's own
+    again, --overwrite replaces every caption, a person's too.
     """
-    if once:
-        _caption_once(ctx, paths, generator, force, no_post_process, state_dir, as_json)
+    if opts["overwrite"] and not opts["yes"] and sys.stdin.isatty():
+        click.confirm(
+            "--overwrite replaces captions a person wrote or edited too. Continue?",
+            abort=True,
+            err=True,
+        )
+    if opts["once"]:
+        _caption_once(ctx, paths, opts)
     else:
-        _caption_daemon(ctx, paths, generator, force, no_post_process, as_json)
+        once_only = [
+            k for k in ("ext", "general_threshold", "character_threshold", "undesired_tags",
+                        "trigger_word", "existing", "batch_size", "state_dir")
+            if opts.get(k) is not None
+        ] + (["fresh"] if opts["fresh"] else [])  # fmt: skip
+        if once_only:
+            click.echo(
+                f"captiond: --{once_only[0].replace('_', '-')} goes with --once; the daemon uses "
+                "the folder's settings (config.toml)",
+                err=True,
+            )
+            ctx.exit(2)
+        _caption_daemon(ctx, paths, opts)
 
 
-def _caption_daemon(
-    ctx: click.Context,
-    paths: tuple[Path, ...],
-    generator: str | None,
-    force: bool,
-    no_post_process: bool,
-    as_json: bool,
-) -> None:
-    from daemon.client import ClientError, api_path
-    from daemon.scanning.rules import is_candidate
+LEFT_ALONE = {
+    "caption_exists": "a caption captiond did not write is there (--overwrite replaces it)",
+    "caption_edited": "edited by a person after captiond wrote it (--overwrite replaces it)",
+}
 
-    settings = _settings(ctx)
+
+def _caption_daemon(ctx: click.Context, paths: tuple[Path, ...], opts: dict[str, Any]) -> None:
+    from daemon.client import ClientError, ClientTimeout, api_path
+
     client = _client(ctx)
     items: list[str] = []
+    folders: list[str] = []
     try:
+        roots = client.call("GET", "/api/roots").get("roots", [])  # as the daemon sees them
         for p in paths:
-            files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-            for f in files:
-                watch = settings.watch_for(str(f.absolute()))
-                if p.is_dir() and (watch is None or not is_candidate(watch, f)):
-                    continue
-                items.append(api_path(settings, f))
-        if not items:
-            _fail(ctx, ClientError("no images to caption"))
+            name = api_path(roots, p)
+            (folders if p.is_dir() else items).append(name)
         body = {
             "items": items,
-            "generator": generator,
-            "config": {"force": force, "post_process": not no_post_process},
+            "folders": folders,
+            "generator": opts["generator"],
+            "config": {
+                "force": opts["overwrite"],
+                "redo": opts["redo"],
+                "post_process": not opts["no_post_process"],
+            },
         }
         results: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
-        with click.progressbar(
-            length=len(items), label="captioning", file=sys.stderr, show_pos=True
-        ) as bar:
-            for event in client.stream("/api/batch-generate-captions", body):
-                if event.get("type") == "item_complete":
-                    results.append(event["item_result"])
-                    bar.update(1)
-                elif event.get("type") == "complete":
-                    summary = event
-        if not summary or len(results) != len(items):
+        total = 0
+        deadline = None if opts["timeout"] is None else time.monotonic() + opts["timeout"]
+        with click.progressbar(length=1, label="captioning", file=sys.stderr, show_pos=True) as bar:
+            try:
+                for event in client.stream("/api/batch-generate-captions", body, deadline):
+                    kind = event.get("type")
+                    if kind == "start":
+                        total = bar.length = max(1, event.get("total", 0))
+                    elif kind == "item_complete":
+                        results.append(event["item_result"])
+                        bar.update(1)
+                    elif kind == "waiting":
+                        click.echo(f"\nwaiting: {event.get('message')}", err=True)
+                    elif kind == "complete":
+                        summary = event
+            except (ClientTimeout, KeyboardInterrupt) as exc:
+                why = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else f"{opts['timeout']:g} s"
+                click.echo(
+                    f"\nstopped waiting ({why}): {len(results)} of {total} done; the daemon "
+                    "cancelled the images not started (queued ones it captions anyway when "
+                    "their folder is watched)",
+                    err=True,
+                )
+                ctx.exit(1)
+        if not summary or len(results) != total:
             raise ClientError(
-                f"the daemon stopped answering after {len(results)} of {len(items)} images"
+                f"the daemon stopped answering after {len(results)} of {total} images"
             )
     except ClientError as exc:
         _fail(ctx, exc)
     failed = [r for r in results if not r.get("success") and not r.get("skipped")]
-    if as_json:
+    skipped = [r for r in results if r.get("skipped")]
+    if opts["as_json"]:
         click.echo(json.dumps({"summary": summary, "results": results}, indent=2))
     else:
         click.echo(
-            f"{summary.get('successful', 0)} captioned, {summary.get('skipped', 0)} skipped, "
+            f"{summary.get('successful', 0)} captioned, {summary.get('skipped', 0)} left alone, "
             f"{summary.get('failed', 0)} failed"
         )
+        for r in skipped[:10]:
+            why = LEFT_ALONE.get(r.get("error_type", ""), r.get("error", ""))
+            click.echo(f"  left alone: {r.get('path')}: {why}")
+        if len(skipped) > 10:
+            click.echo(f"  ... and {len(skipped) - 10} more left alone")
         for r in failed:
             click.echo(f"  {r.get('path')}: {r.get('error_type')}: {r.get('error')}")
     ctx.exit(1 if failed else 0)
 
 
-def _caption_once(
-    ctx: click.Context,
-    paths: tuple[Path, ...],
-    generator: str | None,
-    force: bool,
-    no_post_process: bool,
-    state_dir: Path | None,
-    as_json: bool,
-) -> None:
+def _caption_once(ctx: click.Context, paths: tuple[Path, ...], opts: dict[str, Any]) -> None:
     from daemon.logs import configure_logging
-    from daemon.oneshot import run_once
+    from daemon.oneshot import OnceOptions, run_once
 
     if len(paths) != 1 or not paths[0].is_dir():
         click.echo("captiond: --once takes one folder", err=True)
         ctx.exit(2)
-    if no_post_process:
+    if opts["no_post_process"]:
         click.echo("captiond: --no-post-process needs the daemon (omit --once)", err=True)
         ctx.exit(2)
+    if opts["timeout"] is not None:
+        click.echo("captiond: --timeout goes with the daemon (--once runs to the end)", err=True)
+        ctx.exit(2)
     settings = _settings(ctx)
-    configure_logging("warning", settings.log_format)
+    configure_logging("warning", "console")  # a person is watching: no JSON on stderr
+    tagger: dict[str, Any] = {}
+    for key in ("general_threshold", "character_threshold"):
+        if opts[key] is not None:
+            tagger[key] = opts[key]
+    if opts["undesired_tags"]:
+        tagger["undesired_tags"] = [
+            t.strip() for t in opts["undesired_tags"].split(",") if t.strip()
+        ]
+    options = OnceOptions(
+        ext=opts["ext"],
+        trigger_word=opts["trigger_word"],
+        existing=opts["existing"],
+        batch_size=opts["batch_size"],
+        tagger=tagger,
+    )
     with click.progressbar(length=1, label="captioning", file=sys.stderr, show_pos=True) as bar:
 
         def progress(done: int, total: int) -> None:
@@ -287,21 +373,29 @@ def _caption_once(
             result = run_once(
                 settings,
                 paths[0],
-                generator=generator,
-                force=force,
-                state_dir=state_dir,
+                generator=opts["generator"],
+                redo=opts["redo"],
+                overwrite=opts["overwrite"],
+                state_dir=opts["state_dir"],
+                fresh=opts["fresh"],
+                options=options,
                 progress=progress,
             )
         except ValueError as exc:
             click.echo(f"captiond: {exc}", err=True)
             ctx.exit(2)
-    if as_json:
+    if opts["as_json"]:
         click.echo(json.dumps(dataclasses.asdict(result), indent=2))
     else:
-        outs = ", ".join(f"{n} {k}" for k, n in sorted(result.outcomes.items())) or "nothing"
+        outs = ", ".join(f"{n} {k}" for k, n in sorted(result.outcomes.items()))
         click.echo(
-            f"{result.total} images in {result.seconds:.1f}s: {outs}, {result.failed} failed"
+            f"{result.total} images in {result.seconds:.1f}s: "
+            f"{outs or 'nothing new to do'}, {result.failed} failed"
         )
+        for e in result.left_alone[:10]:
+            click.echo(f"  left alone: {e['path']}: {e['reason']}")
+        if len(result.left_alone) > 10:
+            click.echo(f"  ... and {len(result.left_alone) - 10} more left alone")
         for e in result.errors:
             click.echo(f"  {e['path']}: {e['error_type']}: {e['error']}")
         if result.model_error:
@@ -321,18 +415,22 @@ def config_group() -> None:
 def config_get(ctx: click.Context, generator: str | None, as_json: bool) -> None:
     """Show generators' settings (all, or GENERATOR's)."""
     data = api_call("GET", "/api/generators")(ctx)
-    configs = {g["name"]: g.get("config") for g in data.get("generators", [])}
+    gens = {g["name"]: g for g in data.get("generators", [])}
     if generator is not None:
-        if generator not in configs:
+        if generator not in gens:
             _fail(ctx, ValueError(f"unknown generator {generator!r}"))
-        configs = {generator: configs[generator]}
-    if as_json:
-        click.echo(json.dumps(configs, indent=2))
+        gens = {generator: gens[generator]}
+    if as_json:  # {generator: its settings}; which are overrides: /api/generators
+        click.echo(json.dumps({n: g.get("config") for n, g in gens.items()}, indent=2))
         return
-    for name, cfg in configs.items():
+    for name, g in gens.items():
         click.echo(f"[generators.{name}]")
-        for key, value in (cfg or {}).items():
-            click.echo(f"{key} = {json.dumps(value)}")
+        overridden = set(g.get("overrides") or [])
+        for key, value in (g.get("config") or {}).items():
+            line = f"{key} = {_toml(value)}" if value is not None else f"# {key} = (not set)"
+            if key in overridden:
+                line += f"  # set through the API (captiond config reset {name} {key})"
+            click.echo(line)
         click.echo("")
 
 
@@ -362,6 +460,38 @@ def config_set(
     _out(data, as_json, lambda d: f"{generator}: updated ({', '.join(changes)})")
 
 
+@config_group.command("reset")
+@click.argument("generator", required=False)
+@click.argument("key", required=False)
+@json_option
+@click.pass_context
+def config_reset(ctx: click.Context, generator: str | None, key: str | None, as_json: bool) -> None:
+    """Drop settings changed through the API: all of them, GENERATOR's (or
+    "postprocess"), or one KEY of it. config.toml applies again, at once."""
+    from urllib.parse import quote
+
+    url = f"/api/captioner-config/{quote(generator or '_all', safe='')}"
+    if key:
+        url += f"?key={quote(key, safe='')}"
+    data = api_call("DELETE", url)(ctx)
+    _out(
+        data,
+        as_json,
+        lambda d: "dropped: " + (", ".join(d.get("dropped", [])) or "nothing was overridden"),
+    )
+
+
+def _toml(value: Any) -> str:
+    """A value as TOML writes it (json.dumps is TOML for strings, numbers and lists)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items() if v is not None) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 @main.command()
 @click.option("--add", "add", multiple=True, help="Recognise another sidecar extension.")
 @click.option("--remove", "remove", multiple=True, help="Forget a user-added extension.")
@@ -370,8 +500,15 @@ def config_set(
 def types(ctx: click.Context, add: tuple[str, ...], remove: tuple[str, ...], as_json: bool) -> None:
     """List the recognised sidecar extensions; --add/--remove change them (persisted)."""
     data = api_call("GET", "/api/caption-types")(ctx)
+    for t in remove:
+        t = t.lstrip(".")
+        if t in data.get("required", []):
+            _fail(ctx, ValueError(f".{t} is in use by a generator or folder; it cannot be removed"))
+        if t not in data.get("user", []):
+            _fail(ctx, ValueError(f".{t} is not a recognised extension added by hand"))
     if add or remove:
-        user = [t for t in data.get("user", []) if t not in remove] + list(add)
+        user = [t for t in data.get("user", []) if t not in {r.lstrip(".") for r in remove}]
+        user += list(add)
         data = api_call("POST", "/api/caption-types", {"types": user})(ctx)
     _out(data, as_json, lambda d: " ".join(f".{t}" for t in d.get("types", [])))
 
@@ -557,6 +694,20 @@ def format_status(s: dict[str, Any]) -> str:
         f"captiond {s.get('version')}  pid {s.get('pid')}  up {_dur(s.get('uptime_seconds', 0))}",
         f"config: {s.get('config')}",
     ]
+    worker = s.get("worker", {})
+    if worker.get("paused"):
+        out.append("PAUSED: no job is claimed (captiond resume)")
+    for root in worker.get("paused_roots", []):
+        name = next((n for n, w in s.get("watchers", {}).items() if w.get("path") == root), root)
+        out.append(f"PAUSED: folder {name} (captiond resume {name})")
+    for scope, c in s.get("conditions", {}).items():
+        what = "all intake" if scope == "state" else f"folder {scope}"
+        out.append(
+            f"PAUSED {what}: {c['message']} since {c['since_text']}; probing (next in "
+            f"{_dur(c['next_probe_in_seconds'])}), resumes by itself"
+        )
+    if backlog := s.get("intake_backlog"):
+        out.append(f"  {backlog} new files kept in memory until the database takes writes")
     q = s.get("queue", {})
     totals = q.get("totals", {})
     out.append(
@@ -566,9 +717,25 @@ def format_status(s: dict[str, Any]) -> str:
     )
     if q.get("oldest_pending_seconds") is not None:
         out.append(f"  oldest pending: {_dur(q['oldest_pending_seconds'])}")
+    if n := q.get("failed_by_conditions"):
+        out.append(
+            f"  {n} failed because of a full disk or a vanished share: a rescan retries them"
+        )
+    left = {"caption_exists": 0, "caption_edited": 0}
     for gen, outcomes in q.get("outcomes", {}).items():
         if outcomes:
             out.append(f"  {gen}: " + ", ".join(f"{n} {k}" for k, n in outcomes.items()))
+            for k in left:
+                left[k] += outcomes.get(k, 0)
+    if left["caption_exists"]:
+        out.append(
+            f"  {left['caption_exists']} left alone: a caption captiond did not write was "
+            "there first (existing_caption = skip)"
+        )
+    if left["caption_edited"]:
+        out.append(
+            f"  {left['caption_edited']} left alone: edited by a person after captiond wrote it"
+        )
     out.append(f"files indexed: {s.get('files_indexed', 0)}")
     out.append("generators:")
     for name, g in s.get("generators", {}).items():
@@ -605,6 +772,9 @@ def format_status(s: dict[str, Any]) -> str:
         out += [
             f"  [{e['state']}] {e['error_type']}: {e['path']}: {e['error']}" for e in errors[:10]
         ]
+    if overrides := s.get("overrides"):
+        out.append("overridden through the API (captiond config reset drops them):")
+        out += [f"  {section}: {', '.join(keys)}" for section, keys in overrides.items()]
     for w in s.get("warnings", []):
         out.append(f"warning: {w}")
     return "\n".join(out)
@@ -619,5 +789,33 @@ def _dur(seconds: float) -> str:
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
 
 
+def entry(argv: list[str] | None = None) -> None:
+    """The console script: ``--config FILE`` is accepted after the subcommand too."""
+    main(args=hoist_config(sys.argv[1:] if argv is None else argv), prog_name="captiond")
+
+
+def hoist_config(args: list[str]) -> list[str]:
+    """Move ``--config FILE`` / ``-c FILE`` / ``--config=FILE`` to the front, where
+    click's group option reads it (everything after a lone ``--`` stays)."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest += args[i:]
+            break
+        if a in ("--config", "-c") and i + 1 < len(args):
+            front += [a, args[i + 1]]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,10 @@ def request(
     return status, data if isinstance(data, dict) else {"data": data}
 
 
+class ClientTimeout(Exception):
+    """The caller's deadline passed while waiting for the daemon's answer."""
+
+
 class ClientError(Exception):
     def __init__(self, message: str, status: int = 0, body: dict[str, Any] | None = None):
         super().__init__(message)
@@ -135,8 +141,12 @@ class Client:
             raise ClientError(describe_error(answer), status, answer)
         return answer
 
-    def stream(self, url: str, body: Any) -> Iterator[dict[str, Any]]:
-        """POST and yield the ``data: {json}`` events of a streaming answer."""
+    def stream(
+        self, url: str, body: Any, deadline: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """POST and yield the ``data: {json}`` events of a streaming answer; past the
+        ``deadline`` (monotonic), ClientTimeout. Closing the stream hangs up (the daemon
+        then cancels what has not started)."""
         conn = UnixHTTPConnection(self.socket, timeout=None)  # images may take long
         try:
             conn.request(
@@ -149,7 +159,18 @@ class Client:
             if resp.status >= 400:
                 answer = json.loads(resp.read() or b"{}")
                 raise ClientError(describe_error(answer), resp.status, answer)
-            while line := resp.readline():
+            while True:
+                if deadline is not None and conn.sock is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ClientTimeout()
+                    conn.sock.settimeout(left)
+                try:
+                    line = resp.readline()
+                except TimeoutError:
+                    raise ClientTimeout() from None
+                if not line:
+                    break
                 line = line.strip()
                 if line.startswith(b"data:"):
                     yield json.loads(line[5:])
@@ -170,12 +191,16 @@ def describe_error(answer: dict[str, Any]) -> str:
     return text
 
 
-def api_path(settings: Settings, path: Path) -> str:
-    """A local file as the API names it: ``ROOTNAME/sub/file.png``."""
-    resolved = path.expanduser().absolute()
-    watch = settings.watch_for(str(resolved))
-    if watch is None:
-        roots = ", ".join(str(w.path) for w in settings.watch) or "none configured"
-        raise ClientError(f"{path} is not in a watched folder ({roots})")
-    rel = resolved.relative_to(watch.path).as_posix()
-    return f"{watch.name}/{rel}"  # as is in a JSON body; quote() it for a URL
+def api_path(roots: list[dict[str, Any]], path: Path) -> str:
+    """A local file or folder as the API names it (``ROOTNAME/sub/file.png``), from the
+    roots as the daemon resolved them: either spelling of a path (through a symlink,
+    with ``..``) names the same file."""
+    real = os.path.realpath(path.expanduser())
+    for root in sorted(roots, key=lambda r: len(r["path"]), reverse=True):
+        base = root["path"].rstrip("/")
+        if real == base:
+            return root["name"]
+        if real.startswith(base + "/"):
+            return f"{root['name']}/{real[len(base) + 1 :]}"  # as is in JSON; quote() for a URL
+    where = ", ".join(r["path"] for r in roots) or "none"
+    raise ClientError(f"{path} is not in a folder the daemon watches (it watches: {where})")

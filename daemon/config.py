@@ -14,10 +14,17 @@ import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 DEFAULT_IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp", "bmp", "gif", "tiff"]
 
@@ -63,10 +70,22 @@ class WatchConfig(_Section):
     settle_seconds: float = Field(2.0, ge=0)
     image_extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_IMAGE_EXTENSIONS))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_the_path_as_written(cls, data: Any) -> Any:
+        # The default name is the folder's name as configured (a link ~/datasets/cats
+        # to /mnt/nas/2023 is "cats"), before the path is made canonical.
+        if isinstance(data, dict) and not data.get("name") and data.get("path"):
+            expanded = Path(os.path.expandvars(str(data["path"]))).expanduser()
+            data = {**data, "name": expanded.name or "root"}
+        return data
+
     @field_validator("path")
     @classmethod
     def _expand(cls, v: Path) -> Path:
-        return Path(os.path.expandvars(str(v))).expanduser().absolute()
+        # Canonical: symlinks and ".." resolved once, at start, so that every part
+        # (watcher, scanner, API, CLI) sees one spelling of the root.
+        return Path(os.path.realpath(Path(os.path.expandvars(str(v))).expanduser()))
 
     @field_validator("image_extensions")
     @classmethod
@@ -109,10 +128,21 @@ class WatchConfig(_Section):
         return self
 
     def extension_for(self, generator: str, caption_type: str) -> str:
+        """The sidecar extension of ``generator`` here: as configured; by default
+        ``txt`` (what kohya, OneTrainer and diffusers read) for a folder with one
+        generator, else the generator's caption type (``tags``, ``caption``...)."""
         ext = self.sidecar_extension
-        if isinstance(ext, dict):
-            return ext.get(generator, caption_type)
-        return ext or caption_type
+        if isinstance(ext, dict) and generator in ext:
+            return ext[generator]
+        if isinstance(ext, str):
+            return ext
+        if len(self.generators) == 1 and generator in self.generators:
+            return "txt"
+        return caption_type
+
+    @property
+    def extension_is_default(self) -> bool:
+        return self.sidecar_extension is None
 
 
 class QueueConfig(_Section):
@@ -303,6 +333,19 @@ def _default_cache_dir() -> Path:
     return Path(base).expanduser() / "captiond"
 
 
+class _EnvSource(EnvSettingsSource):
+    """``CAPTIOND_*`` variables; a list may also be written comma-separated
+    (``CAPTIOND_WORKER__PRELOAD=wd_tagger,vlm``), not only as JSON."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            if isinstance(value, str) and get_origin(field.annotation) is list:
+                return [v.strip() for v in value.split(",") if v.strip()]
+            raise
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CAPTIOND_", env_nested_delimiter="__", extra="forbid"
@@ -325,8 +368,9 @@ class Settings(BaseSettings):
     # generator name -> its settings table, validated against the generator's schema
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
-    # Set by load_settings(); not a config key.
+    # Set by load_settings(); not config keys.
     source: str = Field("", exclude=True)
+    notes: list[str] = Field(default_factory=list, exclude=True)  # e.g. a file skipped
 
     @field_validator("state_dir", "cache_dir", "socket_path")
     @classmethod
@@ -370,7 +414,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment beats the file; the file's contents arrive as init kwargs.
-        return (env_settings, init_settings)
+        return (_EnvSource(settings_cls), init_settings)
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
     def resolved_socket_path(self) -> Path:
         """Where the daemon listens."""
@@ -408,8 +457,14 @@ class Settings(BaseSettings):
         return self.api.settings_file or self.state_dir / "runtime-settings.json"
 
 
-def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | None:
-    """The config file to use, by the documented order; None when there is none."""
+def find_config_file(
+    explicit: str | os.PathLike[str] | None = None, notes: list[str] | None = None
+) -> Path | None:
+    """The config file to use, by the documented order; None when there is none.
+
+    ``./config.toml`` is skipped when it is not captiond's (a trainer's config in a
+    dataset folder: TOML whose top-level keys are not captiond's); why is appended to
+    ``notes``. An explicit file (``--config``, ``$CAPTIOND_CONFIG``) is always used."""
     if explicit:
         return Path(explicit)
     if env := os.environ.get("CAPTIOND_CONFIG"):
@@ -420,9 +475,28 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
         xdg / "captiond" / "config.toml",
         Path("/etc/captiond/config.toml"),
     ):
-        if candidate.is_file():
-            return candidate
+        if not candidate.is_file():
+            continue
+        if candidate == Path("config.toml") and (why := _foreign(candidate)):
+            if notes is not None:
+                notes.append(f"skipped {candidate.absolute()}: {why}")
+            continue
+        return candidate
     return None
+
+
+def _foreign(path: Path) -> str:
+    """Why ``path`` is not a captiond configuration ("" when it may be one)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError):
+        return ""  # a broken captiond file gets its own clear error later
+    ours = set(Settings.model_fields) - {"source"}
+    unknown = sorted(set(data) - ours)
+    if unknown and not set(data) & ours:
+        return f"not a captiond configuration (keys {', '.join(unknown[:5])})"
+    return ""
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -451,7 +525,8 @@ def load_settings(
 
     ``extra_watches`` adds folders with default settings (``captiond run --watch``).
     """
-    file = find_config_file(path)
+    notes: list[str] = []
+    file = find_config_file(path, notes)
     data: dict[str, Any] = {}
     source = "defaults"
     if file is not None:
@@ -473,10 +548,56 @@ def load_settings(
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(source, exc)) from None
+        # Every problem at once: the field errors, and what the later checks find in
+        # the parts that are valid on their own (overlapping watches, generator names).
+        lines = format_validation_error(source, exc).splitlines()
+        lines += [line for line in _partial_checks(data, source) if line not in lines]
+        raise ConfigError("\n".join(lines)) from None
+    except SettingsError as exc:
+        raise ConfigError(f"{source}: {_env_error(exc)}") from None
     settings.source = source
+    settings.notes = notes
     _check_generators(settings)
     return settings
+
+
+def _env_error(exc: SettingsError) -> str:
+    text = str(exc)
+    name = text.split('"')[1] if text.count('"') >= 2 else "an environment variable"
+    return (
+        f"CAPTIOND_{name.upper().replace('.', '__')}: cannot read its value ({text}); "
+        'write lists as JSON (\'["a", "b"]\') or comma-separated (a,b)'
+    )
+
+
+def _partial_checks(data: dict[str, Any], source: str) -> list[str]:
+    """Checks that need a valid Settings, run on whatever validates on its own."""
+    watches = []
+    for item in data.get("watch", []) if isinstance(data.get("watch"), list) else []:
+        try:
+            watches.append(WatchConfig.model_validate(item))
+        except (ValidationError, TypeError):
+            continue
+    out = []
+    try:
+        Settings.model_construct(watch=watches)._check_watches()
+    except ValueError as exc:
+        out.append(f"{source}: watch: {exc}")
+    gens = data.get("generators") if isinstance(data.get("generators"), dict) else {}
+    try:
+        partial = Settings.model_construct(
+            watch=watches,
+            generators=gens,
+            worker=WorkerConfig.model_construct(preload=[]),
+            residency=ResidencyConfig.model_construct(models={}),
+            source=source,
+        )
+        _check_generators(partial)
+    except ConfigError as exc:
+        out += str(exc).splitlines()
+    except Exception:  # the partial view was too broken to check: the field errors say it
+        pass
+    return out
 
 
 def _check_generators(settings: Settings) -> None:

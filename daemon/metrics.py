@@ -95,13 +95,40 @@ class DaemonCollector(Collector):
             "captiond_watcher_events", "Filesystem events seen, by watched folder.", labels=["root"]
         )
         alive = GaugeMetricFamily(
-            "captiond_watcher_alive", "1 when the folder's observer runs.", labels=["root", "mode"]
+            "captiond_watcher_alive",
+            "1 when the folder is watched as its mode says (its observer runs; in scan mode, "
+            "the periodic scans run).",
+            labels=["root", "mode"],
         )
+        scans_alive = bool(s.get("scans", {}).get("alive"))
         for root, w in s.get("watchers", {}).items():
             events.add_metric([root], w.get("events_seen", 0))
-            alive.add_metric([root, str(w.get("mode"))], 1.0 if w.get("alive") else 0.0)
+            ok = scans_alive if w.get("mode") == "scan" else bool(w.get("alive"))
+            alive.add_metric([root, str(w.get("mode"))], 1.0 if ok else 0.0)
         yield events
         yield alive
+        conditions = GaugeMetricFamily(
+            "captiond_condition",
+            "1 while a condition of the system pauses a folder or all intake (state), by "
+            "kind: disk_full, quota, read_only, stale_handle, unreachable, io_error, vanished.",
+            labels=["scope", "kind"],
+        )
+        since = GaugeMetricFamily(
+            "captiond_condition_since_seconds",
+            "Unix time a condition began.",
+            labels=["scope", "kind"],
+        )
+        for scope, c in s.get("conditions", {}).items():
+            conditions.add_metric([scope, c["kind"]], 1.0)
+            since.add_metric([scope, c["kind"]], c["since"])
+        yield conditions
+        yield since
+        held = GaugeMetricFamily(
+            "captiond_jobs_failed_by_conditions",
+            "Failed or dead jobs whose cause was a condition of the system (revived by a rescan).",
+        )
+        held.add_metric([], queue.get("failed_by_conditions", 0))
+        yield held
         indexed = GaugeMetricFamily("captiond_files_indexed", "Images in the file index.")
         indexed.add_metric([], s.get("files_indexed", 0))
         yield indexed
@@ -118,6 +145,14 @@ def register_daemon(status: Callable[[], dict[str, Any]]) -> DaemonCollector:
     _current = DaemonCollector(status)
     REGISTRY.register(_current)
     return _current
+
+
+def unregister_daemon(collector: DaemonCollector) -> None:
+    """A stopped daemon's state is no longer exposed (its database is closed)."""
+    global _current
+    if _current is collector:
+        REGISTRY.unregister(collector)
+        _current = None
 
 
 def render() -> bytes:

@@ -541,6 +541,12 @@ class Worker:
             if clash not in self.stem_clashes:
                 self.stem_clashes.append(clash)
                 log.warning("stem_clash", **clash)
+                try:
+                    self.index.record_stem_clash(
+                        job.path, clash["sidecar"], clash["shares_stem_with"]
+                    )
+                except Exception:
+                    log.exception("stem_clash_not_recorded", path=job.path)
         if action is Action.WRITE:
             self.captions_written += 1
             metrics.CAPTIONS_WRITTEN.labels(pipeline.name).inc()
@@ -659,6 +665,12 @@ class Worker:
             self.queue.enqueue(path, tagger, requester.priority if requester else 0)
         raise DependencyPendingError(f"waiting for {tagger}'s tags")
 
+    def _stem_clashes(self) -> list[dict[str, str]]:
+        try:
+            return list(reversed(self.index.stem_clashes(50)))
+        except Exception:  # status must answer, e.g. while the database is unreadable
+            return list(self.stem_clashes)
+
     def status(self) -> dict[str, Any]:
         return {
             "alive": self.alive,
@@ -669,7 +681,7 @@ class Worker:
             "captions_written": self.captions_written,
             "paused": self.paused,
             "paused_roots": sorted(self.paused_roots),
-            "stem_clashes": list(self.stem_clashes),
+            "stem_clashes": self._stem_clashes(),
         }
 
 

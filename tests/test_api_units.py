@@ -345,7 +345,7 @@ def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
             idle.append(s)
         # each holds a thread (and a slot), waiting for a request line
         deadline = time.monotonic() + 10
-        while server._slots._value > 0:  # type: ignore[attr-defined]
+        while server.connections()["socket"] < 4:
             assert time.monotonic() < deadline, "the idle connections were never accepted"
             time.sleep(0.01)
         # the fifth is answered 503 and closed as soon as it is accepted: read that
@@ -380,3 +380,17 @@ def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
         for s in idle:
             s.close()
         server.stop()
+
+
+def test_a_later_request_keeps_an_earlier_force(tmp_path: Path) -> None:
+    """Two requests for one pending image run as one job: an earlier force=true must
+    not be lost to a later request without it."""
+    q, reg = _registry(tmp_path)
+    first = reg.create(
+        path="/r/f.png", rel="ds/f.png", generator="g", caption_type="tags",
+        priority=200, force=True, post_process=True,
+    )  # fmt: skip
+    second = _create(reg, "/r/f.png")
+    assert first.job_id == second.job_id
+    job = q.claim("g", 1)[0]
+    assert job.options["request"] == second.id and job.options["force"] is True

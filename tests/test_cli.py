@@ -76,7 +76,7 @@ def test_caption_now_with_progress_and_force(running):
     # existing captions are skipped without --force
     out = cli(d.config, "caption", str(root / "sub"))
     assert out.returncode == 0, out.stderr
-    assert "0 captioned, 2 skipped, 0 failed" in out.stdout
+    assert "0 captioned, 2 left alone, 0 failed" in out.stdout
     # a person edits one; --force replaces both
     (root / "sub" / "b.txt").write_text("edited\n")
     out = cli(d.config, "caption", "--force", str(root / "sub"), str(root / "a.png"))
@@ -84,7 +84,7 @@ def test_caption_now_with_progress_and_force(running):
     assert "3 captioned" in out.stdout
     assert "blue background" in (root / "sub" / "b.txt").read_text()
     outside = cli(d.config, "caption", str(Path(__file__)))
-    assert outside.returncode == 1 and "not in a watched folder" in outside.stderr
+    assert outside.returncode == 1 and "not in a folder the daemon watches" in outside.stderr
 
 
 def test_queue_control_and_models(running):

@@ -29,7 +29,9 @@ def test_watch_defaults_and_expansion(tmp_path, monkeypatch):
     assert w.name == "pics"
     assert w.generators == ["wd_tagger"]
     assert w.existing_caption == "skip"
-    assert w.extension_for("wd_tagger", "tags") == "tags"
+    # one generator: .txt, what trainers read; several: their caption types
+    assert w.extension_for("wd_tagger", "tags") == "txt"
+    assert w.extension_for("vlm", "caption") == "caption"  # not this folder's generator
     assert w.settle_seconds == 2.0
     assert "webp" in w.image_extensions
 
@@ -151,3 +153,101 @@ def test_named_instances(tmp_path):
         load_settings(write(tmp_path, "[generators.wd_tagger]\nuse = 'wd_tagger'\n"))
     with pytest.raises(ConfigError, match=r"generators.p.general_threshold"):
         load_settings(write(tmp_path, "[generators.p]\nuse = 'wd_tagger'\ngeneral_threshold = 2\n"))
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    """Field errors, overlapping folders and unknown generators in one answer, not in
+    rounds."""
+    a = tmp_path / "a"
+    text = f"""
+log_level = "loud"
+[worker]
+batch_size = 0
+[[watch]]
+path = "{a}"
+[[watch]]
+path = "{a / "inner"}"
+generators = ["no_such_generator"]
+[[watch]]
+path = "{tmp_path / "b"}"
+priority = 999
+"""
+    with pytest.raises(ConfigError) as exc:
+        load_settings(write(tmp_path, text))
+    msg = str(exc.value)
+    assert "log_level" in msg and "worker.batch_size" in msg and "priority" in msg
+    assert "inside watch" in msg  # the overlap, found in the same round
+    assert "no_such_generator" in msg
+
+
+def test_environment_lists_may_be_comma_separated_and_levels_any_case(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPTIOND_WORKER__PRELOAD", "wd_tagger")
+    monkeypatch.setenv("CAPTIOND_LOG_LEVEL", "DEBUG")
+    s = load_settings(write(tmp_path, ""))
+    assert s.worker.preload == ["wd_tagger"] and s.log_level == "debug"
+    monkeypatch.setenv("CAPTIOND_WORKER__PRELOAD", '["wd_tagger", "vlm"]')
+    assert load_settings(write(tmp_path, "")).worker.preload == ["wd_tagger", "vlm"]
+
+
+def test_a_bad_environment_value_is_a_config_error_with_exit_2(tmp_path):
+    env = {"CAPTIOND_GENERATORS": "{not json", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(write(tmp_path, "")), "check-config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "CAPTIOND_GENERATORS" in out.stderr
+
+
+def test_a_trainers_config_toml_in_the_current_folder_is_skipped(tmp_path, monkeypatch):
+    """kohya and others keep a config.toml in the dataset folder: captiond's commands
+    run there must not take it for theirs, and say that they skipped it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CAPTIOND_CONFIG", raising=False)
+    xdg = tmp_path / "xdg"
+    (xdg / "captiond").mkdir(parents=True)
+    (xdg / "captiond" / "config.toml").write_text("log_level = 'warning'\n")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    (tmp_path / "config.toml").write_text(
+        "[model_arguments]\npretrained_model_name_or_path = 'x'\n[training_arguments]\nlr = 1\n"
+    )
+    s = load_settings()
+    assert s.log_level == "warning" and s.source == str(xdg / "captiond" / "config.toml")
+    assert s.notes and "not a captiond configuration" in s.notes[0]
+    # a captiond file with a mistake is still captiond's: its error is shown
+    (tmp_path / "config.toml").write_text("log_level = 'loud'\n")
+    with pytest.raises(ConfigError):
+        load_settings()
+
+
+def test_a_watched_path_through_a_symlink_is_made_canonical(tmp_path):
+    """~/datasets/x -> /mnt/nas/x: one spelling everywhere (the real path), the name
+    as written; a path with .. likewise."""
+    real = tmp_path / "nas" / "photos2023"
+    real.mkdir(parents=True)
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "cats").symlink_to(real)
+    s = load_settings(
+        write(
+            tmp_path,
+            f'[[watch]]\npath = "{tmp_path}/datasets/cats"\n'
+            f'[[watch]]\npath = "{tmp_path}/datasets/../other"\n',
+        )
+    )
+    assert s.watch[0].path == real and s.watch[0].name == "cats"
+    assert s.watch[1].path == tmp_path / "other"
+    assert s.watch_for(str(real / "a.png")) is s.watch[0]
+
+
+def test_two_generators_keep_their_caption_type_names(tmp_path):
+    s = load_settings(
+        write(tmp_path, f'[[watch]]\npath = "{tmp_path}"\ngenerators = ["wd_tagger", "vlm"]\n')
+    )
+    w = s.watch[0]
+    assert (w.extension_for("wd_tagger", "tags"), w.extension_for("vlm", "caption")) == (
+        "tags",
+        "caption",
+    )

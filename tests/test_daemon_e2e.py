@@ -208,6 +208,12 @@ def test_stem_clash(daemon, root):
     assert "blue background" in (root / "a.png.txt").read_text()
     clashes = d.status()["worker"]["stem_clashes"]
     assert [c["image"] for c in clashes] == [str(root / "a.png")]
+    d.stop()  # the list of clashes outlives a restart
+    d.start()
+    clashes = d.status()["worker"]["stem_clashes"]
+    assert [(c["image"], c["shares_stem_with"]) for c in clashes] == [
+        (str(root / "a.png"), "a.jpg")
+    ]
     # two new images sharing a stem at once: the first name in sort order takes it
     make_image(root / "b.png", "green")
     make_image(root / "b.jpg", "blue")

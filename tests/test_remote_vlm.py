@@ -318,7 +318,9 @@ def test_a_failed_batch_keeps_each_outcome_and_asks_nothing_twice(server: FakeOp
 # -- residency: in-process, no room taken, one breaker per server, jobs wait ---------------
 
 
-def manager_for(configs: dict[str, RemoteVLMConfig], **residency: Any) -> ModelManager:
+def manager_for(
+    configs: dict[str, RemoteVLMConfig], monotonic: Any = None, **residency: Any
+) -> ModelManager:
     from daemon.config import ResidencyConfig
 
     found = {n: Discovered(n, RemoteVLMGenerator) for n in configs}
@@ -328,6 +330,7 @@ def manager_for(configs: dict[str, RemoteVLMConfig], **residency: Any) -> ModelM
         lambda name, cls: configs[name],
         retry_seconds=0.05,
         residency=ResidencyConfig(**({"max_resident_heavy": 1} | residency)),
+        **({"monotonic": monotonic} if monotonic is not None else {}),
     )
 
 
@@ -586,11 +589,13 @@ def test_daemon_end_to_end_tags_prompt_and_no_key_anywhere(tmp_path, wd_model_di
 
 
 def test_instances_on_one_server_open_and_probe_together(server: FakeOpenAI) -> None:
+    now = [1000.0]  # the breakers' clock: the cool-down passes when the test says so
     models = manager_for(
         {
             "a": RemoteVLMConfig(base_url=server.base_url, model="test-vlm"),
             "b": RemoteVLMConfig(base_url=server.base_url, model="test-vlm"),
         },
+        monotonic=lambda: now[0],
         breaker_threshold=2,
         breaker_cooldown_seconds=0.3,
     )
@@ -603,7 +608,7 @@ def test_instances_on_one_server_open_and_probe_together(server: FakeOpenAI) -> 
             a.generator.generate([item(gen_a)])
     assert a.breaker.state is BreakerState.OPEN
     assert not b.ready  # b never failed, but its server did
-    time.sleep(0.35)
+    now[0] += 0.35
     server.mode = "ok"
     assert b.ready  # past the cool-down: b's next batch is the probe
     assert b.generator.generate([item(b.raw)]) == ["A red picture of 64x48 pixels."]

@@ -172,3 +172,39 @@ def test_new_sidecar_mode_follows_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize("policy", ["append", "prepend", "overwrite", "skip"])
+def test_the_trigger_word_comes_first_under_every_policy(policy):
+    """kohya's keep_tokens keeps the first tokens: the trigger word must lead, also
+    when a person's caption is merged in front of the new one."""
+    existing = b"custom_tag, red theme\n"
+    r = d(
+        new_text="sks_person, blue, sky",
+        existing=existing,
+        policy=policy,
+        trigger_word="sks_person",
+    )
+    if policy == "skip":
+        assert r.action is Action.EXISTS
+        return
+    assert r.text.split(", ")[0] == "sks_person" and r.text.count("sks_person") == 1
+    prose = d(
+        new_text="sks, a red car.",
+        existing=b"my own words",
+        policy=policy,
+        tags=False,
+        trigger_word="sks",
+    )
+    assert prose.text.startswith("sks, ") and prose.text.count("sks") == 1
+
+
+def test_an_image_keeps_a_sidecar_it_got_under_the_old_default_extension():
+    from daemon.pipeline.targets import sidecar_target
+    from daemon.queue.index import CaptionRecord
+
+    rec = CaptionRecord("/d/a.png", "wd_tagger", "h", "/d/a.tags", "s", 0.0)
+    kw = dict(naming="stem", siblings=[], stem_owner=None, folder_path="/d")
+    assert sidecar_target("a.png", "txt", record=rec, legacy_ext="tags", **kw).name == "a.tags"
+    assert sidecar_target("a.png", "txt", record=rec, **kw).name == "a.txt"  # chosen anew
+    assert sidecar_target("b.png", "txt", record=None, legacy_ext="tags", **kw).name == "b.txt"

@@ -16,6 +16,7 @@ batches) or are a single reference swap (the post-processing pipelines).
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import threading
@@ -51,7 +52,7 @@ from daemon.config import (
     discover_generators,
     generator_config,
 )
-from daemon.confined import Root
+from daemon.confined import ConfinementError, Root
 from daemon.generators.registry import Discovered
 from daemon.hashing import content_hash, sidecar_hash
 from daemon.overrides import FILE_ONLY_KEYS, Overrides
@@ -59,6 +60,8 @@ from daemon.pipeline.targets import sidecar_target
 from daemon.queue import CaptionRecord, FileIndex, JobQueue
 from daemon.residency.manager import ModelManager, ReconfigureError
 from daemon.residency.slot import ModelSlot, ModelState
+from daemon.scanning.reconcile import Scanner
+from daemon.scanning.rules import is_candidate
 from daemon.scanning.scheduler import ScanRequest, ScanScheduler
 from daemon.text.postprocess import STEPS
 from daemon.worker import Worker
@@ -93,6 +96,7 @@ class Control:
         models: ModelManager,
         scans: ScanScheduler,
         overrides: Overrides,
+        scanner: Scanner | None = None,
         file_settings: Settings | None = None,
         conditions: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
@@ -105,6 +109,7 @@ class Control:
         self.worker = worker
         self.models = models
         self.scans = scans
+        self.scanner = scanner or scans.scanner
         self.watches: list[WatchConfig] = list(settings.watch)
         self.overrides = overrides
         self.conditions = conditions
@@ -228,9 +233,13 @@ class Control:
 
     # -- one caption -------------------------------------------------------------------
 
-    def _existing_conflict(self, ref: ImageRef, slot: ModelSlot) -> str | None:
+    def _existing_conflict(self, ref: ImageRef, slot: ModelSlot, redo: bool = False) -> str | None:
+        """The sidecar in the way of a new caption (None: none, or ``redo`` and it is
+        captiond's own, unedited)."""
         info = self.worker.sidecar_of(str(ref.path), slot.name)
-        return info.path if info.exists else None
+        if not info.exists or (redo and info.ours):
+            return None
+        return info.path
 
     def _paused_for(self, watch: WatchConfig) -> bool:
         return self.worker.paused or watch.name in self.overrides.paused_roots
@@ -353,15 +362,46 @@ class Control:
         ``complete``, and ``waiting`` when nothing can progress, with the reason); a
         ``None`` asks the caller to check that the client is still there. Closing the
         iterator early cancels what has not started."""
-        if len(body.items) > self.settings.api.max_batch_items:
+        limit = self.settings.api.max_batch_items
+        if body.folders:
+            listed = [i for f in body.folders for i in self.images_in(f, limit + 1)]
+            body = body.model_copy(update={"items": [*body.items, *listed], "folders": []})
+        if len(body.items) > limit:
+            raise Problem("too_large", f"at most {limit} items per batch", "invalid")
+        if not body.items:
             raise Problem(
-                "too_large",
-                f"at most {self.settings.api.max_batch_items} items per batch",
-                "invalid",
+                "invalid", "no images to caption (the folders hold none their rules caption)"
             )
         if body.generator is not None:
             self.slot(body.generator)  # an unknown generator fails the whole request
         return self._batch_stream(body)
+
+    def images_in(self, rel: str, limit: int) -> list[str]:
+        """The images a watched folder (``ROOT`` or ``ROOT/sub``) captions, by its rules
+        (recursive, include/exclude, hidden, temp names), listed confined to its root,
+        as API paths; at most ``limit``."""
+        root_name, _, sub = rel.strip("/").partition("/")
+        watch = self.watch_named(root_name)
+        root = Root(str(watch.path), watch.follow_symlinks)
+        out: list[str] = []
+        todo = [sub]
+        while todo and len(out) < limit:
+            rel_dir = todo.pop()
+            try:
+                with root.folder(rel_dir) as folder, os.scandir(folder.fd) as it:
+                    entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
+            except (OSError, ConfinementError) as exc:
+                if rel_dir == sub:
+                    raise Problem("not_found", f"cannot list {rel}: {exc}") from None
+                continue
+            for name, is_dir in entries:
+                path = f"{rel_dir}/{name}" if rel_dir else name
+                if is_dir:
+                    if watch.recursive and not name.startswith("."):
+                        todo.append(path)
+                elif is_candidate(watch, watch.path / path):
+                    out.append(f"{watch.name}/{path}")
+        return out[:limit]
 
     @staticmethod
     def _item_path(item: str | BatchItem) -> str:
@@ -372,7 +412,7 @@ class Control:
 
     def _batch_stream(self, body: BatchRequest) -> Iterator[dict[str, Any] | None]:
         batch_id = str(uuid.uuid4())
-        force, post_process = body.config.force, body.config.post_process
+        force, post_process, redo = body.config.force, body.config.post_process, body.config.redo
         total = len(body.items)
         counts = {"successful": 0, "failed": 0, "skipped": 0}
         pending: dict[str, tuple[int, CaptionRequest, ModelSlot, WatchConfig]] = {}
@@ -415,7 +455,10 @@ class Control:
                         )
                         continue
                     seen[key] = i
-                    if not force and (target := self._existing_conflict(ref, slot)) is not None:
+                    if (
+                        not force
+                        and (target := self._existing_conflict(ref, slot, redo)) is not None
+                    ):
                         yield item_event(
                             i,
                             {
@@ -880,26 +923,8 @@ class Control:
         return {"roots": [w.name for w in watches], "recaption_enqueued": enqueued}
 
     def _recaption_ours(self, watch: WatchConfig) -> int:
-        """Queue every image whose sidecar captiond wrote and nobody edited since. The
-        worker checks again before it writes (an edit made meanwhile is left alone)."""
-        root = Root(str(watch.path), watch.follow_symlinks)
-        items = []
-        for rec in self.index.captions_under(str(watch.path)):
-            if rec.generator not in watch.generators:
-                continue
-            try:
-                rel = root.rel(rec.sidecar_path)
-                rel_dir, _, name = rel.rpartition("/")
-                with root.folder(rel_dir) as folder:
-                    image = rec.image_path.rsplit("/", 1)[1]
-                    if folder.lstat(image) is None:
-                        continue
-                    data = folder.read_sidecar(name)
-            except Exception:
-                continue
-            if data is not None and sidecar_hash(data) in (rec.sidecar_hash, rec.prev_hash):
-                items.append((rec.image_path, rec.generator, PRIORITY_BACKFILL + watch.priority))
-        return self.queue.enqueue_many(items)
+        """Queue every image whose sidecar captiond wrote and nobody edited since."""
+        return self.scanner.recaption_ours(watch, PRIORITY_BACKFILL)
 
     def retry(self, root: str | None, generator: str | None, states: list[str]) -> int:
         prefix = str(self.watch_named(root).path) if root else None

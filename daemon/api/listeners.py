@@ -437,6 +437,8 @@ class _ConnectionLimit:
             peer = peer_credentials(request)
         except OSError:
             return None, False
+        if peer is None:
+            return None, False
         return peer.uid, self.control.privileged(peer)
 
     def process_request(self, request: Any, client_address: Any) -> None:

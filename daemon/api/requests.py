@@ -104,8 +104,14 @@ class RequestRegistry:
         batch: str | None = None,
     ) -> CaptionRequest:
         rid = str(uuid.uuid4())
-        options = {"request": rid, "force": force, "post_process": post_process}
         prior = self.queue.get(path, generator)
+        if (
+            prior is not None
+            and prior.state == JobState.PENDING
+            and (prior.options or {}).get("force")
+        ):
+            force = True  # folded into a pending request that asked to replace: keep that
+        options = {"request": rid, "force": force, "post_process": post_process}
         req = CaptionRequest(
             rid, path, rel, generator, caption_type, options, -1, prior, batch=batch
         )

@@ -60,12 +60,16 @@ class BatchItem(_Body):
 
 
 class BatchConfig(_Body):
-    force: bool = False
+    force: bool = False  # replace any caption, a person's too
+    redo: bool = False  # make captiond's own (unedited) captions again; a person's stay
     post_process: bool = True
 
 
 class BatchRequest(_Body):
-    items: list[str | BatchItem] = Field(..., max_length=100_000)
+    items: list[str | BatchItem] = Field(default_factory=list, max_length=100_000)
+    # Folders (ROOT or ROOT/sub) whose images the daemon lists itself, by the folder's
+    # own rules (recursive, include/exclude...), confined to its root.
+    folders: list[str] = Field(default_factory=list, max_length=1000)
     generator: str | None = Field(None, max_length=200)
     config: BatchConfig = Field(default_factory=BatchConfig)
 

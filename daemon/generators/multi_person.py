@@ -169,6 +169,11 @@ class MultiPersonConfig(GeneratorConfig):
     def _describer_use(cls, v: Any) -> Any:
         if isinstance(v, dict) and v.get("use", "vlm") not in ("vlm", "remote_vlm"):
             raise ValueError(f"describer use = {v['use']!r}: use 'vlm' or 'remote_vlm'")
+        if isinstance(v, (VLMConfig, RemoteVLMConfig)) and not isinstance(
+            v, (LocalDescriberConfig, RemoteDescriberConfig)
+        ):  # a plain generator config object: its settings, as the table would give them
+            use = "remote_vlm" if isinstance(v, RemoteVLMConfig) else "vlm"
+            return {**v.model_dump(exclude_unset=True), "use": use}
         return v
 
     @property

@@ -254,14 +254,16 @@ class CaptionPipeline:
                 stem_form = f"{item.folder.path}/{image_stem(item.name)}.{self.extension(watch)}"
                 rec = self.index.caption_by_sidecar(stem_form)
                 owner = rec.image_path if rec is not None else None
+        ext, ctype = self.extension(watch), self.generator.caption_type
         target = sidecar_target(
             item.name,
-            self.extension(watch),
+            ext,
             naming=watch.sidecar_naming,
             record=record,
             siblings=siblings,
             stem_owner=owner,
             folder_path=item.folder.path,
+            legacy_ext=ctype if watch.extension_is_default and ext != ctype else None,
         )
         if target.clash_with is not None:
             log.debug(
@@ -382,6 +384,7 @@ class CaptionPipeline:
                     tags=self.generator.caption_type == "tags",
                     separator=self._separator(),
                     force=item.task.force,
+                    trigger_word=item.task.watch.trigger_word,
                 )
             except Exception as exc:
                 outcomes[i] = Outcome(item.task, error=exc)

@@ -48,6 +48,25 @@ def merge(existing: str, new: str, policy: str, *, tags: bool, separator: str) -
     return f"{existing} {new}" if policy == "append" else f"{new} {existing}"
 
 
+def lead_with(text: str, word: str, *, tags: bool, separator: str) -> str:
+    """``text`` with the trigger ``word`` first, once (it may already be in it)."""
+    word = word.strip()
+    if not word:
+        return text
+    if tags:
+        sep = separator.strip() or ","
+        parts = [t.strip() for t in text.split(sep) if t.strip() and t.strip() != word]
+        return separator.join([word, *parts])
+    rest = text.strip()
+    for form in (f"{word}, ", f"{word} "):
+        if rest.startswith(form):
+            return rest
+        rest = rest.replace(f" {form}", " ", 1) if f" {form}" in rest else rest
+    if rest == word:
+        return rest
+    return f"{word}, {rest}" if rest else word
+
+
 def precheck(
     *,
     existing: bytes | None,
@@ -76,6 +95,7 @@ def decide(
     tags: bool,
     separator: str = ", ",
     force: bool = False,
+    trigger_word: str = "",
 ) -> Decision:
     """What to do with a sidecar. Pure: no I/O.
 
@@ -83,11 +103,14 @@ def decide(
     ours: hashes of content at this path that captiond wrote (see CaptionRecord).
     base_text: a person's caption that an earlier append/prepend merged with.
     seen_before: captiond has captioned this image before (under any sidecar path).
+    trigger_word: the folder's trigger word, first under every policy (trainers keep
+    the first tokens: kohya's ``keep_tokens``).
     """
 
     def final(base: str | None) -> str:
         if base and policy in ("append", "prepend"):
-            return merge(base, new_text, policy, tags=tags, separator=separator)
+            merged = merge(base, new_text, policy, tags=tags, separator=separator)
+            return lead_with(merged, trigger_word, tags=tags, separator=separator)
         return new_text
 
     early = precheck(

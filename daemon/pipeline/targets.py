@@ -63,12 +63,15 @@ def sidecar_target(
     siblings: list[str],
     stem_owner: str | None,
     folder_path: str,
+    legacy_ext: str | None = None,
 ) -> Target:
     """The sidecar of image ``image_name`` (in ``folder_path``) with extension ``ext``.
 
     ``record``: captiond's record of this image and generator. ``siblings``: other
     images with the same stem. ``stem_owner``: the image path captiond recorded as the
     writer of the stem-form sidecar, if any (only asked when there are siblings).
+    ``legacy_ext``: an earlier default extension (captiond before 0.2 wrote ``.tags``
+    where it now writes ``.txt`` by default): an image keeps a sidecar it got under it.
     """
     stem_form, name_form = stem_and_name_forms(image_name, ext)
     if stem_form == image_name or name_form == image_name:
@@ -80,7 +83,10 @@ def sidecar_target(
         ours = record.owned_hashes(f"{base}/{name}") if record else frozenset()
         return Target(name, record, ours)
 
-    if record is not None and record.sidecar_path in (f"{base}/{stem_form}", f"{base}/{name_form}"):
+    kept = {f"{base}/{stem_form}", f"{base}/{name_form}"}
+    if legacy_ext:
+        kept |= {f"{base}/{n}" for n in stem_and_name_forms(image_name, legacy_ext)}
+    if record is not None and record.sidecar_path in kept:
         return owned(record.sidecar_path.rsplit("/", 1)[1])  # an image keeps its sidecar
     if naming == "name":
         return owned(name_form)

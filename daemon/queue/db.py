@@ -129,6 +129,14 @@ _ADDITIONS = [
         dismissed_at REAL,
         PRIMARY KEY (image_path, generator, check_name)
     )""",
+    # Images that got <name>.<ext> because another image of the folder shares their stem.
+    """CREATE TABLE IF NOT EXISTS stem_clashes (
+        image_path       TEXT PRIMARY KEY,
+        sidecar_path     TEXT NOT NULL,
+        shares_stem_with TEXT NOT NULL,
+        at               REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS stem_clashes_at ON stem_clashes (at)",
     # One row, rewritten by probe_write() to learn whether the database takes writes.
     "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
 ]

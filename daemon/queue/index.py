@@ -246,6 +246,22 @@ class FileIndex:
                     rows,
                 )
 
+    def record_stem_clash(self, image_path: str, sidecar_path: str, shares_stem_with: str) -> None:
+        self.db.conn.execute(
+            "INSERT OR REPLACE INTO stem_clashes (image_path, sidecar_path, shares_stem_with, at) "
+            "VALUES (?, ?, ?, ?)",
+            (image_path, sidecar_path, shares_stem_with, self.clock()),
+        )
+
+    def stem_clashes(self, limit: int = 50) -> list[dict[str, str]]:
+        """The most recent stem clashes (kept across restarts), newest first."""
+        rows = self.db.conn.execute(
+            "SELECT image_path, sidecar_path, shares_stem_with FROM stem_clashes "
+            "ORDER BY at DESC LIMIT ?",
+            (limit,),
+        )
+        return [{"image": i, "sidecar": s, "shares_stem_with": w} for i, s, w in rows]
+
     def captions_under(self, prefix: str) -> list[CaptionRecord]:
         """Every caption record of images under the folder ``prefix`` (absolute)."""
         p = prefix.rstrip("/")

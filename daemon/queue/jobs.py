@@ -656,6 +656,15 @@ class JobQueue:
             params = (str(state), limit)
         return [_job(r) for r in self.db.conn.execute(sql, params)]
 
+    def finished_since(self, since: float) -> list[Job]:
+        """Jobs that ended (done, failed, dead) at or after ``since``."""
+        rows = self.db.conn.execute(
+            f"SELECT {_COLS} FROM jobs WHERE updated_at >= ? "
+            "AND state IN ('done', 'failed', 'dead') ORDER BY updated_at, id",
+            (since,),
+        )
+        return [_job(r) for r in rows]
+
     def recent_errors(self, limit: int = 20) -> list[Job]:
         """Jobs carrying an error (failed, dead, or pending a retry), newest first."""
         rows = self.db.conn.execute(

@@ -32,7 +32,8 @@ import structlog
 from daemon.conditions import NETWORK_ERRNOS, SYSTEMIC_ERRNOS
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, WatchConfig
 from daemon.confined import ConfinementError, Folder, Root, is_temp_name
-from daemon.hashing import content_hash_file, file_hashes
+from daemon.errors import CaptionError
+from daemon.hashing import content_hash_file, file_hashes, sidecar_hash
 from daemon.queue.index import FileIndex
 from daemon.queue.jobs import JobQueue
 from daemon.scanning.rules import Rules, is_candidate, rules_for_watch, split_path
@@ -433,6 +434,27 @@ class Scanner:
             seconds=round(stats.seconds, 3),
         )
         return stats
+
+    def recaption_ours(self, watch: WatchConfig, priority_class: int = PRIORITY_BACKFILL) -> int:
+        """Queue every image of ``watch`` whose sidecar captiond wrote and nobody edited
+        since (read confined; the worker checks again before it writes, so an edit made
+        meanwhile is left alone). Returns how many jobs were queued."""
+        root = Root(str(watch.path), watch.follow_symlinks)
+        items = []
+        for rec in self.index.captions_under(str(watch.path)):
+            if rec.generator not in watch.generators:
+                continue
+            try:
+                rel_dir, _, name = root.rel(rec.sidecar_path).rpartition("/")
+                with root.folder(rel_dir) as folder:
+                    if folder.lstat(rec.image_path.rsplit("/", 1)[1]) is None:
+                        continue
+                    data = folder.read_sidecar(name)
+            except (OSError, CaptionError):
+                continue
+            if data is not None and sidecar_hash(data) in (rec.sidecar_hash, rec.prev_hash):
+                items.append((rec.image_path, rec.generator, priority_class + watch.priority))
+        return self.queue.enqueue_many(items)
 
     def _check_root(self, root: str) -> None:
         """Raise ScanError when the root looks missing or unmounted."""
