@@ -324,7 +324,10 @@ def _caption_daemon(ctx: click.Context, paths: tuple[Path, ...], opts: dict[str,
             f"{summary.get('failed', 0)} failed"
         )
         for r in skipped[:10]:
-            why = LEFT_ALONE.get(r.get("error_type", ""), r.get("error", ""))
+            if r.get("ours"):
+                why = "captiond's own caption is there (--redo makes it again)"
+            else:
+                why = LEFT_ALONE.get(r.get("error_type", ""), r.get("error", ""))
             click.echo(f"  left alone: {r.get('path')}: {why}")
         if len(skipped) > 10:
             click.echo(f"  ... and {len(skipped) - 10} more left alone")

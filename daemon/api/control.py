@@ -56,6 +56,7 @@ from daemon.confined import ConfinementError, Root
 from daemon.generators.registry import Discovered
 from daemon.hashing import content_hash, sidecar_hash
 from daemon.overrides import FILE_ONLY_KEYS, Overrides
+from daemon.pipeline.caption import SidecarInfo
 from daemon.pipeline.targets import sidecar_target
 from daemon.queue import CaptionRecord, FileIndex, JobQueue
 from daemon.residency.manager import ModelManager, ReconfigureError
@@ -233,13 +234,15 @@ class Control:
 
     # -- one caption -------------------------------------------------------------------
 
-    def _existing_conflict(self, ref: ImageRef, slot: ModelSlot, redo: bool = False) -> str | None:
+    def _existing_conflict(
+        self, ref: ImageRef, slot: ModelSlot, redo: bool = False
+    ) -> SidecarInfo | None:
         """The sidecar in the way of a new caption (None: none, or ``redo`` and it is
         captiond's own, unedited)."""
         info = self.worker.sidecar_of(str(ref.path), slot.name)
         if not info.exists or (redo and info.ours):
             return None
-        return info.path
+        return info
 
     def _paused_for(self, watch: WatchConfig) -> bool:
         return self.worker.paused or watch.name in self.overrides.paused_roots
@@ -266,12 +269,12 @@ class Control:
         """Caption one image now: its result, or :class:`Queued` when it is not done
         within ``api.sync_wait_seconds`` (or cannot be: paused, model loading)."""
         slot = self._generator_for(ref.watch, generator)
-        if not force and (target := self._existing_conflict(ref, slot)) is not None:
+        if not force and (there := self._existing_conflict(ref, slot)) is not None:
             raise Problem(
                 "conflict",
-                f"{Path(target).name} already exists; use force=true to replace it",
+                f"{Path(there.path).name} already exists; use force=true to replace it",
                 "caption_exists",
-                extra={"sidecar": self._rel(ref.watch, target)},
+                extra={"sidecar": self._rel(ref.watch, there.path), "ours": there.ours},
             )
         req = self._new_request(ref, slot, force, post_process, None)
         self.worker.wake()
@@ -457,8 +460,11 @@ class Control:
                     seen[key] = i
                     if (
                         not force
-                        and (target := self._existing_conflict(ref, slot, redo)) is not None
+                        and (there := self._existing_conflict(ref, slot, redo)) is not None
                     ):
+                        whose = (
+                            "captiond's own" if there.ours else "a caption captiond did not write"
+                        )
                         yield item_event(
                             i,
                             {
@@ -466,9 +472,10 @@ class Control:
                                 "skipped": True,
                                 "path": ref.rel,
                                 "generator": slot.name,
-                                "sidecar": self._rel(ref.watch, target),
-                                "error": f"{Path(target).name} already exists",
+                                "sidecar": self._rel(ref.watch, there.path),
+                                "error": f"{Path(there.path).name} already exists ({whose})",
                                 "error_type": "caption_exists",
+                                "ours": there.ours,
                                 "retryable": False,
                             },
                         )
