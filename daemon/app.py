@@ -58,7 +58,13 @@ class Daemon:
         self.scanner = Scanner(
             self.index, self.queue, stale_temps_before=self.started_at, network_roots=network
         )
-        self.conditions = Conditions(self._probe, self._cleared, network_scopes=network)
+        self.conditions = Conditions(
+            self._probe,
+            self._cleared,
+            network_scopes=network,
+            backoff_base=min(1.0, settings.worker.condition_probe_seconds),
+            backoff_max=settings.worker.condition_probe_seconds,
+        )
 
         used = [g for w in settings.watch for g in w.generators] + settings.worker.preload
         self.models = ModelManager.for_settings(settings, used)

@@ -177,6 +177,9 @@ class WorkerConfig(_Section):
     # One image's read + decode taking longer is given up (a hung network mount): the
     # job is retried later, its stuck thread is left behind, the others go on.
     read_timeout_seconds: float = Field(120.0, gt=0)
+    # A full disk or a vanished share pauses its folder; it is probed with backoff up
+    # to this long between probes, and resumes by itself when the probe succeeds.
+    condition_probe_seconds: float = Field(60.0, gt=0, le=3600)
 
     @model_validator(mode="after")
     def _read_timeout_below_stall(self) -> WorkerConfig:
