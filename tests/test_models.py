@@ -273,6 +273,51 @@ def test_failed_loads_open_the_breaker_then_a_probe_closes_it():
     assert slot.breaker.state is BreakerState.CLOSED and cls.loads == 3
 
 
+def test_the_half_open_probe_is_not_lost_when_no_attempt_is_made():
+    """A probe taken and then not used (a load retry not yet due, a batch failing for
+    the image's own fault, a model that was unloaded when the circuit opened) must
+    not block the breaker: the server came back, and the next attempt probes."""
+    from daemon.errors import BadImageError
+
+    clock = FakeClock()
+    cls = heavy("vlm")
+    m = manager(
+        [cls], retry_seconds=30.0, breaker_threshold=1, breaker_cooldown_seconds=2.0, clock=clock
+    )
+    slot = m.get("vlm")
+    assert slot.ensure_loaded(wait=True)
+    # the model's failure opens the circuit and unloads it
+    cls.generate = lambda self, batch: (_ for _ in ()).throw(RuntimeError("CUDA error"))
+    with pytest.raises(RuntimeError):
+        use(m, "vlm")
+    assert slot.breaker.state is BreakerState.OPEN and slot.state is ModelState.UNLOADED
+    del cls.generate
+    clock.now += 2.0  # cool-down over: half-open
+    # a batch claimed before the circuit opened: the run loads (the probe) and succeeds
+    assert use(m, "vlm") and slot.breaker.state is BreakerState.CLOSED
+
+    # half-open with a loaded model: the image's own failure gives the probe back
+    slot.breaker.state = BreakerState.HALF_OPEN  # a probe is due
+    cls.generate = lambda self, batch: (_ for _ in ()).throw(BadImageError("truncated"))
+    with pytest.raises(BadImageError):
+        use(m, "vlm")
+    assert slot.breaker.may_try()  # not held for the hour of the probe timeout
+    del cls.generate
+    assert use(m, "vlm") and slot.breaker.state is BreakerState.CLOSED
+
+    # a failed load whose retry is not due yet does not take the probe
+    cls.fail_loads = True
+    slot.unload("test")
+    slot.breaker.state = BreakerState.HALF_OPEN
+    assert slot.ensure_loaded(wait=True) is False  # the load fails: open again
+    assert slot.breaker.state is BreakerState.OPEN
+    clock.now += slot.breaker.cooldown  # half-open, but the load retry is not due
+    cls.fail_loads = False
+    assert slot.ensure_loaded(wait=True) is False and slot.breaker.may_try()
+    clock.now += 60.0
+    assert slot.ensure_loaded(wait=True) and slot.breaker.state is BreakerState.CLOSED
+
+
 def test_explicit_preload_and_unload():
     cls = heavy("vlm")
     m = manager([cls], keep_alive=0)

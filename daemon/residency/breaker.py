@@ -76,6 +76,20 @@ class CircuitBreaker:
             self._probe_since = None
         return False
 
+    def may_try(self) -> bool:
+        """Would :meth:`allows` let work through now? Takes nothing: check this before
+        the other reasons not to try, then take the probe with :meth:`allows`."""
+        if self.blocked():
+            return False
+        if self.state is BreakerState.HALF_OPEN and self._probe_since is not None:
+            return self._clock() - self._probe_since >= self.probe_timeout
+        return True
+
+    def release(self) -> None:
+        """The probe taken by :meth:`allows` said nothing about health (the image's own
+        fault, or the attempt never started): let the next attempt probe instead."""
+        self._probe_since = None
+
     def half_open(self) -> None:
         """Let the next attempt through as a probe now (an explicit load request)."""
         if self.state is BreakerState.OPEN:

@@ -253,7 +253,8 @@ class ModelSlot:
             if self.state is ModelState.LOADING:
                 event = self._loading
             else:
-                if not self.breaker.allows():
+                # every reason not to load first; the half-open probe is taken last
+                if not self.breaker.may_try():
                     return False
                 if self.state is ModelState.FAILED and self._clock() < self.next_retry_at:
                     return False
@@ -264,6 +265,8 @@ class ModelSlot:
                     self.state = ModelState.WAITING
                     self.waiting_for = why
                     self.waiting_asked = self._monotonic()
+                    return False
+                if not self.breaker.allows():
                     return False
                 self.state = ModelState.LOADING
                 self.waiting_for = ""
@@ -385,9 +388,10 @@ class ModelSlot:
         )
         with device_lock, self._run_lock:
             with self._guard:
-                if not self.breaker.allows():
-                    raise ModelWaitError(f"{self.name}: circuit open ({self.why_not()})")
                 present = self.state is ModelState.LOADED and raw.loaded
+                # a load (below) takes the breaker's probe itself; a loaded model takes it here
+                if present and not self.breaker.allows():
+                    raise ModelWaitError(f"{self.name}: circuit open ({self.why_not()})")
             if not present and not self.ensure_loaded(wait=True):
                 raise ModelWaitError(f"{self.name} is not loaded: {self.why_not()}")
             with self._guard:
@@ -414,10 +418,12 @@ class ModelSlot:
                 self.crashes += 1
                 self._gone(c.message)
             if is_out_of_memory(exc) and size > 1:
+                self.breaker.release()
                 return  # the worker halves the batch: not a failure of the model yet
             if c.error_type in _PER_IMAGE or (
                 c.error_type is ErrorType.GENERATION and not c.retryable
             ):
+                self.breaker.release()
                 return  # the image's fault (or its prompt's), not the model's
             opened = self.breaker.failure("generate", c)
             self.last_error = c
