@@ -24,6 +24,8 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 * MAX_IMAGE_PIXEL
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _RGB_CONVERTIBLE = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
+# Greyscale with more than 8 bits per sample: scaled to 8 bits by to_8bit().
+HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 
 
 # Only these decoders are tried: fewer parsers exposed to untrusted files, and plugins
@@ -61,6 +63,8 @@ def decode_image(
       of which is the default here) still applies inside ``Image.open``.
     - EXIF orientation is applied; animated GIF/WebP/APNG yield their first frame.
     - Alpha is kept (``RGBA``) so that a generator can composite it as it needs.
+    - 16-bit, 32-bit integer and 32-bit float greyscale (``I;16``, ``I``, ``F``, as
+      16-bit PNGs and scientific TIFFs give) are scaled to 8 bits by :func:`to_8bit`.
     """
     if not data:
         raise BadImageError("empty file")
@@ -121,18 +125,65 @@ def _to_rgb_or_rgba(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("RGB", "RGBA"):
         return img
+    if mode in HIGH_DEPTH_MODES:
+        return _high_depth_to_rgb(img)
     if mode in _ALPHA_MODES or "transparency" in img.info:
         return img.convert("RGBA")
     if mode in _RGB_CONVERTIBLE:
         return img.convert("RGB")
-    if mode.startswith("I;16") or mode == "I":
-        # 16-bit greyscale: scale to 8 bits instead of clipping everything to white.
-        arr = np.asarray(img).astype(np.float32)
-        eight_bit = mode == "I" and arr.size and float(arr.max()) <= 255.0
-        scaled = arr if eight_bit else arr / 257.0
-        grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
     raise BadImageError(f"unsupported image mode {mode}")
+
+
+def to_8bit(img: Image.Image) -> np.ndarray:
+    """Grey levels 0-255 (``uint8``) of a high-bit-depth greyscale image, by the range
+    its own mode and values say:
+
+    - ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` (unsigned 16-bit): the full range,
+      0-65535 -> 0-255;
+    - ``I`` (32-bit signed): values all within 0-255 are kept (8-bit data in a wide
+      mode), all within 0-65535 are scaled as 16-bit, anything else is stretched;
+    - ``F`` (32-bit float): values all within 0.0-1.0 are scaled by 255, anything else
+      is stretched;
+    - stretched = min-max over the finite values: the smallest -> 0, the largest -> 255
+      (an image of one value becomes black). NaN becomes 0; +inf and -inf take the
+      largest and smallest finite values.
+    """
+    mode = img.mode
+    if mode not in HIGH_DEPTH_MODES:
+        raise ValueError(f"{mode} is not a high-bit-depth mode")
+    arr = np.asarray(img)
+    if mode.startswith("I;16"):
+        grey = arr.astype(np.float32) / 257.0
+    else:
+        vals = arr.astype(np.float64)
+        finite = np.isfinite(vals)
+        lo = float(vals[finite].min()) if finite.any() else 0.0
+        hi = float(vals[finite].max()) if finite.any() else 0.0
+        vals = np.nan_to_num(vals, nan=lo, posinf=hi, neginf=lo)
+        if mode == "F" and lo >= 0.0 and hi <= 1.0:
+            grey = vals * 255.0
+        elif mode == "I" and lo >= 0 and hi <= 255:
+            grey = vals
+        elif mode == "I" and lo >= 0 and hi <= 65535:
+            grey = vals / 257.0
+        elif hi > lo:
+            grey = (vals - lo) * (255.0 / (hi - lo))
+        else:
+            grey = np.zeros_like(vals)
+        if mode == "F":
+            grey[np.isnan(arr)] = 0.0
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """:func:`to_8bit` as RGB; a transparent grey value (PNG ``tRNS``) becomes alpha."""
+    grey = Image.fromarray(to_8bit(img), "L")
+    key = img.info.get("transparency")
+    if isinstance(key, (int, float)) and not isinstance(key, bool):
+        alpha = np.where(np.asarray(img) == key, 0, 255).astype(np.uint8)
+        out = Image.merge("RGBA", (grey, grey, grey, Image.fromarray(alpha, "L")))
+        return out
+    return grey.convert("RGB")
 
 
 def _short(exc: BaseException, limit: int = 120) -> str:
