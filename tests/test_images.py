@@ -98,34 +98,37 @@ def test_pillow_warning_range_is_an_error_under_our_limit() -> None:
         decode_image(data, max_pixels=50_000_000)
 
 
-def test_draft_mode_shrinks_large_jpeg_but_keeps_requested_size() -> None:
+def test_draft_mode_keeps_twice_the_requested_size() -> None:
     data = encode(noisy(3000, 2000), "JPEG", quality=85)
     full = decode_image(data)
     assert full.size == (3000, 2000)
     small = decode_image(data, draft_size=448)
-    assert small.size[0] < 3000 and small.size[1] < 2000
-    assert min(small.size) >= 448
-    assert small.size == (750, 500)  # libjpeg's 1/4 scale
+    assert min(small.size) >= 2 * 448  # as Pillow's thumbnail() with reducing_gap=2
+    assert small.size == (1500, 1000)  # libjpeg's 1/2 scale (1/4 would leave 500)
     assert small.mode == "RGB"
+    # draft_gap=1 is the rule before issue 10: down to the requested size itself
+    assert decode_image(data, draft_size=448, draft_gap=1.0).size == (750, 500)
 
 
-def test_draft_on_the_longer_side_decodes_a_phone_photo_at_one_eighth() -> None:
-    """4032x3024 (a 12 MP phone photo) for 448 px: both sides >= 448 needs 1/4; for a
-    model that pads to a square only the longer side counts, so 1/8 is enough."""
+def test_draft_on_the_longer_side_decodes_a_phone_photo_at_one_quarter() -> None:
+    """4032x3024 (a 12 MP phone photo) for 448 px: both sides >= 896 needs 1/2; for a
+    model that pads to a square only the longer side counts, so 1/4 is enough."""
     data = encode(noisy(4032, 3024), "JPEG", quality=85)
-    assert decode_image(data, draft_size=448).size == (1008, 756)
-    assert decode_image(data, draft_size=448, draft_longer_side=True).size == (504, 378)
+    assert decode_image(data, draft_size=448).size == (2016, 1512)
+    assert decode_image(data, draft_size=448, draft_longer_side=True).size == (1008, 756)
     portrait = encode(noisy(3024, 4032), "JPEG", quality=85)
-    assert decode_image(portrait, draft_size=448, draft_longer_side=True).size == (378, 504)
-    # never below the size asked for on the longer side
-    for w, h in [(3583, 2000), (3584, 2000), (7000, 900), (900, 7000)]:
+    assert decode_image(portrait, draft_size=448, draft_longer_side=True).size == (756, 1008)
+    # never below twice the size asked for on the longer side
+    for w, h in [(3583, 2000), (3584, 2000), (7000, 900), (900, 7000), (1792, 1000)]:
         got = decode_image(encode(noisy(w, h), "JPEG"), draft_size=448, draft_longer_side=True)
-        assert max(got.size) >= 448, (w, h, got.size)
+        assert max(got.size) >= 896, (w, h, got.size)
 
 
 def test_draft_mode_leaves_small_jpeg_and_png_alone() -> None:
     jpg = encode(noisy(600, 500), "JPEG")
     assert decode_image(jpg, draft_size=448).size == (600, 500)
+    jpg = encode(noisy(1791, 1000), "JPEG")  # 1/2 would go below 2 x 448
+    assert decode_image(jpg, draft_size=448, draft_longer_side=True).size == (1791, 1000)
     png = encode(noisy(2000, 2000), "PNG", compress_level=1)
     assert decode_image(png, draft_size=448).size == (2000, 2000)
 
@@ -147,7 +150,7 @@ def test_exif_orientation_applied_with_draft() -> None:
     exif = Image.Exif()
     exif[0x0112] = 8  # rotate 270 CW
     img = decode_image(encode(src, "JPEG", exif=exif.tobytes()), draft_size=200)
-    assert img.size == (250, 500)  # drafted to 1/4, then turned upright
+    assert img.size == (500, 1000)  # drafted to 1/2 (both sides >= 400), then upright
 
 
 def test_animated_gif_and_webp_use_the_first_frame() -> None:

@@ -275,7 +275,7 @@ def test_prepare_shrinks_and_flattens_alpha(gens: dict[str, VLMGenerator]) -> No
     prep = gen.prepare(item)
     assert prep.image.mode == "RGB" and prep.image.size == (1024, 512) == prep.size
     assert prep.image.getpixel((10, 10)) == (255, 255, 255)  # transparency on white
-    assert gen.draft_size == 1024
+    assert gen.draft_size == 1024 and gen.draft_longer_side  # shrink() bounds the longer side
 
 
 # -- remote code, loading errors, unload --------------------------------------------------

@@ -534,7 +534,11 @@ class MultiPersonGenerator(Generator):
 
     @property
     def draft_size(self) -> int | None:
-        return self.config.max_image_side // 2
+        return self.config.max_image_side
+
+    @property
+    def draft_longer_side(self) -> bool:
+        return True  # prepare() shrinks the longer side to max_image_side
 
     @property
     def loaded(self) -> bool:

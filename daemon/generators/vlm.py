@@ -357,6 +357,10 @@ class VLMGenerator(Generator):
         return self.max_image_side or None
 
     @property
+    def draft_longer_side(self) -> bool:
+        return True  # shrink() bounds the longer side
+
+    @property
     def model_info(self) -> dict[str, Any]:
         if not self.loaded or self._family is None:
             return {}

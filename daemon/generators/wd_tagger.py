@@ -7,7 +7,9 @@ categories (9 rating, 0 general, 4 character; other categories are never output)
 
 Preprocessing gives the reference space's pixels (alpha onto white, centred white
 square pad, BICUBIC to the model size, RGB -> BGR) without building the padded square
-(:func:`preprocess`). Formatting is the pure function :func:`format_tags`.
+(:func:`preprocess`). JPEGs are drafted by the decoder to no less than twice the model
+size (:attr:`WDTagger.draft_size`, ``decode_image``'s ``draft_gap``). Formatting is the
+pure function :func:`format_tags`.
 """
 
 from __future__ import annotations
