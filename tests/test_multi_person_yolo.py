@@ -210,3 +210,18 @@ def test_smoke_fine_tune_with_tiny_vlm(
             text = line.split(": ", 1)[1]
             assert text[0].isupper() and text.endswith(".") and len(text.split()) <= 35
         assert len(lines) == 3 or lines[3].startswith("Scene: ")
+
+
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (3, 2000), (1, 1)])
+def test_extreme_aspect_ratios_are_captioned(
+    yolo_dir: Path, wd_model_dir: Path, size: tuple[int, int]
+) -> None:
+    cfg = _smoke_config(yolo_dir, wd_model_dir).model_copy(update={"min_size": 1})
+    gen = MultiPersonGenerator(cfg)
+    assert gen.draft_size == 2048 and gen.draft_longer_side
+    gen.load()
+    item = gen.prepare(ImageInput(Path("strip.png"), Image.new("RGB", size, (0, 0, 0))))
+    w, h = item.image.size
+    assert max(w, h) <= 20 * min(w, h) and max(w, h) <= 2048
+    caption = gen.generate([item])[0]
+    assert caption.startswith("person1, ") or caption.endswith("background, no humans")

@@ -40,6 +40,7 @@ from daemon.generators.vlm import (
     VLMItem,
     pull,
     render_prompt,
+    shrink,
     strip_task_tokens,
 )
 from daemon.generators.vlm_families import detect_family
@@ -276,6 +277,43 @@ def test_prepare_shrinks_and_flattens_alpha(gens: dict[str, VLMGenerator]) -> No
     assert prep.image.mode == "RGB" and prep.image.size == (1024, 512) == prep.size
     assert prep.image.getpixel((10, 10)) == (255, 255, 255)  # transparency on white
     assert gen.draft_size == 1024 and gen.draft_longer_side  # shrink() bounds the longer side
+
+
+EXTREME = [(1, 20000), (20000, 1), (3, 2000), (2000, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "florence2"])
+def test_extreme_aspect_ratios_are_captioned(gens: dict[str, VLMGenerator], family: str) -> None:
+    gen = gens[family]
+    items = [
+        gen.prepare(
+            ImageInput(
+                Path(f"/d/{w}x{h}.png"),
+                Image.new("RGB", (w, h), (200, 0, 0)),
+                {"name": "strip", "folder": "d"},
+            )
+        )
+        for w, h in EXTREME
+    ]
+    for item in items:
+        w, h = item.image.size
+        assert max(w, h) <= 20 * min(w, h) and max(w, h) <= gen.max_image_side
+    out = gen.generate(items)
+    assert len(out) == len(EXTREME) and all(t.strip() for t in out)
+
+
+def test_thin_strips_get_white_bars_that_image_processors_accept() -> None:
+    from transformers import Qwen2VLImageProcessor
+
+    line = Image.new("RGB", (1, 20000), (0, 0, 255))
+    small = shrink(line, 1024)
+    assert small.size == (52, 1024)  # ceil(1024 / 20) wide, the line in the middle
+    assert small.getpixel((25, 500)) == (0, 0, 255) and small.getpixel((0, 500)) == (255,) * 3
+    assert shrink(Image.new("RGB", (30000, 2)), 0).size == (30000, 1500)
+    assert shrink(Image.new("RGB", (400, 300)), 1024).size == (400, 300)  # normal: as is
+    # Qwen2-VL's processor refuses an aspect ratio above 200 (the unpadded strip)
+    out = Qwen2VLImageProcessor()(images=[small], return_tensors="pt")
+    assert out["pixel_values"].shape[0] > 0
 
 
 # -- remote code, loading errors, unload --------------------------------------------------

@@ -592,7 +592,8 @@ class MultiPersonGenerator(Generator):
         self._detector, self._tagger, self._describer = keep
 
     def prepare(self, item: ImageInput) -> PreparedImage:
-        """RGB (transparency on white), longer side at most ``max_image_side``."""
+        """RGB (transparency on white), longer side at most ``max_image_side``, no
+        thinner than 1:20 (:func:`~daemon.generators.vlm.shrink`)."""
         image = shrink(item.image, self.config.max_image_side)
         return PreparedImage(item.path, image, np.asarray(image, dtype=np.uint8))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import math
 import re
 import string
 import sys
@@ -58,6 +59,8 @@ from daemon.generators.vlm_families import (
 
 PROMPT_VARIABLES = ("tags", "name", "folder")
 REDUCING_GAP = 2.0
+# Longest side : shortest side given to a model; a thinner image gets white bars.
+MAX_ASPECT = 20.0
 # Weight formats never needed by transformers: other runtimes' files in the same repos.
 _IGNORE = [
     "*.onnx",
@@ -280,13 +283,31 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def shrink(image: Image.Image, max_side: int) -> Image.Image:
-    """RGB (transparency on white), longer side at most ``max_side`` (0 = as is)."""
+    """RGB (transparency on white), longer side at most ``max_side`` (0 = as is), and
+    no thinner than 1:``MAX_ASPECT``: a thinner image is centred between white bars
+    (as the WD tagger pads to a square). Image processors choke on a 1x20000 strip:
+    Qwen2-VL's refuses an aspect ratio above 200, CLIP's scales the short side up to
+    336 px and the long side with it."""
     img = _to_rgb(image)
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
-    return img
+    return pad_to_aspect(img, MAX_ASPECT)
+
+
+def pad_to_aspect(img: Image.Image, max_aspect: float) -> Image.Image:
+    """``img`` centred on white so that its longer side is at most ``max_aspect``
+    times its shorter side (unchanged when it already is)."""
+    w, h = img.size
+    long, short = max(w, h), min(w, h)
+    if long <= max_aspect * short:
+        return img
+    need = math.ceil(long / max_aspect)
+    size = (need, h) if w < h else (w, need)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(img, ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas
 
 
 class VLMGenerator(Generator):
