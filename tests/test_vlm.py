@@ -157,13 +157,49 @@ def test_strip_task_tokens() -> None:
     assert strip_task_tokens("x <unk> y", ["<unk>"]) == "x y"
 
 
-def test_florence_prompt_must_be_a_task_token(model_dirs: dict[str, Path]) -> None:
-    with pytest.raises(ValidationError, match="<DETAILED_CAPTION>"):
-        VLMConfig(model="x", family="florence2", prompt="Describe the image")
-    gen = VLMGenerator(VLMConfig(model=str(model_dirs["florence2"]), prompt="Describe it"))
-    with pytest.raises(ModelUnavailableError, match="task token"):
+def test_florence_takes_free_text_as_its_detailed_caption_task(
+    model_dirs: dict[str, Path],
+) -> None:
+    """Issue 10, item 6: Florence-2 takes task tokens; a free-text prompt is sent as the
+    fitting task, said once in the log, and the settings validate."""
+    import structlog
+
+    cfg = VLMConfig(model="x", family="florence2", prompt="Describe {tags} in detail")
+    assert VLMGenerator(cfg).prompt == "<DETAILED_CAPTION>"
+    assert VLMGenerator(cfg).context_keys == frozenset()  # {tags} is not needed any more
+    with structlog.testing.capture_logs() as logs:
+        gen = make(model_dirs["florence2"], prompt="Describe this picture, {name}.")
+        try:
+            assert gen.prompt == "<DETAILED_CAPTION>"
+            items = prepared(gen, 2) + prepared(gen, 1)
+            assert {(i.prompt, i.text) for i in items} == {("<DETAILED_CAPTION>",) * 2}
+            out = gen.generate(items)
+            assert len(out) == 3 and all(t.strip() for t in out)
+        finally:
+            gen.unload()
+    mapped = [e for e in logs if e["event"] == "vlm_prompt_mapped_to_task"]
+    assert len(mapped) == 1  # once, at load; not per image
+    assert mapped[0]["task"] == "<DETAILED_CAPTION>"
+    assert mapped[0]["prompt"] == "Describe this picture, {name}."
+    # A task token is sent as it is, and says nothing in the log.
+    with structlog.testing.capture_logs() as logs:
+        gen = make(model_dirs["florence2"], prompt="<MORE_DETAILED_CAPTION>")
+    try:
+        assert gen.prompt == "<MORE_DETAILED_CAPTION>"
+        assert not [e for e in logs if e["event"] == "vlm_prompt_mapped_to_task"]
+    finally:
+        gen.unload()
+
+
+def test_florence_refuses_a_task_that_gives_no_caption(model_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValidationError, match="<OD>"):
+        VLMConfig(model="x", family="florence2", prompt="<OD>")
+    gen = VLMGenerator(VLMConfig(model=str(model_dirs["florence2"]), prompt="<OD>"))
+    with pytest.raises(ModelUnavailableError, match="task tokens"):
         gen.load()  # family auto-detected, then the prompt checked
     assert not gen.loaded
+    # chat families take any text, task-token-like or not
+    VLMConfig(model="x", family="llava", prompt="<OD>")
 
 
 def test_empty_batch_and_not_loaded(model_dirs: dict[str, Path]) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
@@ -55,7 +56,11 @@ from daemon.generators.vlm_families import (
     Family,
     detect_family,
     family_named,
+    is_task_token,
+    task_for,
 )
+
+log = structlog.get_logger(__name__)
 
 PROMPT_VARIABLES = ("tags", "name", "folder")
 REDUCING_GAP = 2.0
@@ -138,7 +143,10 @@ class VLMConfig(GeneratorConfig):
     model: str = "HuggingFaceTB/SmolVLM-256M-Instruct"  # hub repo id or a local folder
     family: FamilyName = "auto"  # auto = from config.json's model_type
     revision: str | None = None
-    prompt: str | None = None  # None = the family's default; may use {tags} {name} {folder}
+    # None = the family's default; may use {tags} {name} {folder}. Florence-2 takes a
+    # task token (<CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>); free text is
+    # sent to it as <DETAILED_CAPTION> (logged at load).
+    prompt: str | None = None
     system_prompt: str | None = None  # chat families; None = the family's default (if any)
     max_new_tokens: int = Field(128, ge=1, le=8192)
     min_new_tokens: int | None = Field(None, ge=0)
@@ -179,10 +187,15 @@ class VLMConfig(GeneratorConfig):
 def check_prompt_for_family(
     prompt: str | None, family: Family, error: type[Exception] = ModelUnavailableError
 ) -> None:
-    if prompt is not None and family.task_prompts and prompt.strip() not in family.task_prompts:
+    """Refuse a task token the family does not caption with (Florence-2's ``<OD>``
+    gives boxes, not a caption). Free text is fine: :func:`task_for` maps it."""
+    if prompt is None or not family.task_prompts or prompt.strip() in family.task_prompts:
+        return
+    if is_task_token(prompt):
         raise error(
-            f"{family.name} takes a task token as its prompt: one of "
-            f"{', '.join(family.task_prompts)} (got {prompt!r})"
+            f"{family.name} captions with the task tokens "
+            f"{', '.join(family.task_prompts)} (or free text, sent as "
+            f"{family.free_text_task}); {prompt.strip()!r} is not one of them"
         )
 
 
@@ -357,9 +370,12 @@ class VLMGenerator(Generator):
 
     @property
     def prompt(self) -> str:
+        """The prompt the model is given: the configured one or the family's default;
+        for Florence-2, free text becomes its task token (:func:`task_for`)."""
         fam = self.family
         if self.config.prompt is not None:
-            return self.config.prompt
+            task = task_for(fam, self.config.prompt) if fam is not None else None
+            return task or self.config.prompt
         return fam.default_prompt if fam is not None else FAMILIES["llava"].default_prompt
 
     @property
@@ -472,6 +488,16 @@ class VLMGenerator(Generator):
             )
         self._refuse_remote_code(family)
         check_prompt_for_family(cfg.prompt, family)
+        task = task_for(family, cfg.prompt) if cfg.prompt is not None else None
+        if task is not None and task != cfg.prompt.strip():
+            log.info(
+                "vlm_prompt_mapped_to_task",
+                model=cfg.model,
+                family=family.name,
+                prompt=cfg.prompt,
+                task=task,
+                why=f"{family.name} takes a task token, not free text",
+            )
 
         try:
             import torch
