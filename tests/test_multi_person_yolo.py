@@ -287,3 +287,20 @@ def test_florence2_describer_works_with_the_default_prompts(
     sent.clear()
     assert gen._describer.describe([photos[0]], [cfg.whole_prompt])[0].strip()
     assert sent == [("<DETAILED_CAPTION>",) * 2]
+
+
+def test_detector_download_that_cannot_connect_is_a_network_error(
+    yolo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ultralytics
+
+    from daemon.errors import ErrorType, NetworkError, classify
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Download failure for https://github.com/...: retry limit reached")
+
+    monkeypatch.setattr(ultralytics, "YOLO", unreachable)
+    with pytest.raises(NetworkError) as info:
+        YOLODetector(str(yolo_dir / "yolov8n.pt")).load()
+    c = classify(info.value)
+    assert (c.error_type, c.retryable) == (ErrorType.NETWORK, True)

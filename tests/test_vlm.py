@@ -28,6 +28,7 @@ from daemon.errors import (
     GenerationError,
     ModelDownloadError,
     ModelUnavailableError,
+    NetworkError,
     classify,
 )
 from daemon.generators import vlm as vlm_mod
@@ -49,8 +50,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 try:
+    from tests.hubstub import busy_hub, unreachable_hub
     from tests.vlmmodels import BUILDERS
 except ImportError:  # tests/ is not a package
+    from hubstub import busy_hub, unreachable_hub  # type: ignore[no-redef]
     from vlmmodels import BUILDERS  # type: ignore[no-redef]
 
 TOKENS = 6
@@ -394,6 +397,24 @@ def test_repo_id_offline_with_empty_cache_is_retryable_download_error(tmp_path: 
     assert "SmolVLM-256M-Instruct" in str(info.value)
     with pytest.raises(ModelDownloadError):
         pull("HuggingFaceTB/SmolVLM-256M-Instruct", None, tmp_path / "hf")
+
+
+def test_unreachable_or_busy_hub_is_a_network_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connection refused (a closed local port) and a 503 with Retry-After, through the
+    real snapshot_download: `network`, retryable. Offline stays `model_download`
+    (the test above)."""
+    unreachable_hub(monkeypatch)
+    gen = VLMGenerator(VLMConfig(model="HuggingFaceTB/SmolVLM-256M-Instruct"), cache_dir=tmp_path)
+    with pytest.raises(NetworkError) as info:
+        gen.load()
+    c = classify(info.value)
+    assert (c.error_type, c.retryable) == (ErrorType.NETWORK, True)
+    assert "SmolVLM-256M-Instruct" in str(info.value)
+    with busy_hub(monkeypatch, 503, retry_after="30"), pytest.raises(NetworkError) as info:
+        pull("HuggingFaceTB/SmolVLM-256M-Instruct", None, tmp_path / "hf")
+    assert info.value.retry_after == 30.0
 
 
 def test_pull_returns_a_local_folder_and_refuses_a_missing_one(tmp_path: Path) -> None:

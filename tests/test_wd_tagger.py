@@ -12,10 +12,13 @@ from PIL import Image
 from pydantic import ValidationError
 
 from daemon.errors import (
+    ErrorType,
     GenerationError,
     ModelDownloadError,
     ModelLoadingError,
     ModelUnavailableError,
+    NetworkError,
+    classify,
 )
 from daemon.generators import wd_tagger as wd
 from daemon.generators.base import ImageInput
@@ -31,9 +34,11 @@ from daemon.generators.wd_tagger import (
 from daemon.pipeline.images import decode_image
 
 try:
+    from tests.hubstub import busy_hub, unreachable_hub
     from tests.textures import camera_photo
     from tests.wdmodel import TINY_TAGS, build_wd_model
 except ImportError:  # tests/ is not a package
+    from hubstub import busy_hub, unreachable_hub  # type: ignore[no-redef]
     from textures import camera_photo  # type: ignore[no-redef]
     from wdmodel import TINY_TAGS, build_wd_model  # type: ignore[no-redef]
 
@@ -513,7 +518,9 @@ def test_repo_id_offline_with_empty_cache(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_hub_errors_are_classified_by_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx2
     import huggingface_hub
+    import requests
     from huggingface_hub import errors as hf
 
     def raiser(exc: BaseException) -> Callable[..., Any]:
@@ -522,17 +529,71 @@ def test_hub_errors_are_classified_by_type(monkeypatch: pytest.MonkeyPatch) -> N
 
         return _f
 
+    def chained(outer: BaseException, cause: BaseException) -> BaseException:
+        outer.__cause__ = cause  # how huggingface_hub raises it: "... from cause"
+        return outer
+
+    def http_error(status: int, **headers: str) -> BaseException:
+        request = httpx2.Request("HEAD", "https://hub.example/a/b")
+        return hf.HfHubHTTPError(
+            "x", response=httpx2.Response(status, headers=headers, request=request)
+        )
+
     cases: list[tuple[BaseException, type[Exception]]] = [
-        (hf.LocalEntryNotFoundError("x"), ModelDownloadError),
+        (hf.LocalEntryNotFoundError("x"), ModelDownloadError),  # local_files_only
         (hf.OfflineModeIsEnabled("x"), ModelDownloadError),
-        (ConnectionResetError("x"), ModelDownloadError),
+        (
+            chained(hf.LocalEntryNotFoundError("x"), hf.OfflineModeIsEnabled("x")),
+            ModelDownloadError,
+        ),
+        (chained(hf.LocalEntryNotFoundError("x"), httpx2.ConnectError("refused")), NetworkError),
+        (chained(hf.LocalEntryNotFoundError("x"), httpx2.ReadTimeout("slow")), NetworkError),
+        (chained(hf.LocalEntryNotFoundError("x"), http_error(503)), NetworkError),
+        (ConnectionResetError("x"), NetworkError),
+        (requests.ConnectionError("x"), NetworkError),
+        (httpx2.ProxyError("x"), NetworkError),
+        (http_error(429), NetworkError),
+        (http_error(403), ModelDownloadError),
         (hf.HFValidationError("x"), ModelUnavailableError),
         (hf.EntryNotFoundError("x"), ModelUnavailableError),
     ]
     for exc, expected in cases:
         monkeypatch.setattr(huggingface_hub, "hf_hub_download", raiser(exc))
-        with pytest.raises(expected):
+        with pytest.raises(expected) as info:
             wd._hub_download("a/b", "model.onnx", None, None)
+        assert type(info.value) is expected, (exc, exc.__cause__)
+        assert classify(info.value).retryable is (expected is not ModelUnavailableError)
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", raiser(http_error(503, **{"Retry-After": "12"}))
+    )
+    with pytest.raises(NetworkError) as info:
+        wd._hub_download("a/b", "model.onnx", None, None)
+    assert info.value.retry_after == 12.0
+
+
+def test_unreachable_hub_is_a_network_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real connection failure (a closed local port) through huggingface_hub:
+    `network`, retryable; not `model_download`, which means not cached while offline."""
+    unreachable_hub(monkeypatch)
+    g = WDTagger(WDTaggerConfig(model="SmilingWolf/wd-vit-tagger-v3"), cache_dir=tmp_path)
+    with pytest.raises(NetworkError) as info:
+        g.load()
+    c = classify(info.value)
+    assert (c.error_type, c.retryable) == (ErrorType.NETWORK, True)
+    assert "model.onnx of SmilingWolf/wd-vit-tagger-v3" in str(info.value)
+    assert not g.loaded
+
+
+def test_hub_answering_503_is_a_network_error_with_its_retry_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with busy_hub(monkeypatch, 503, retry_after="7"):
+        g = WDTagger(WDTaggerConfig(model="SmilingWolf/wd-vit-tagger-v3"), cache_dir=tmp_path)
+        with pytest.raises(NetworkError) as info:
+            g.load()
+    assert info.value.retry_after == 7.0 and classify(info.value).error_type is ErrorType.NETWORK
 
 
 # -- discovery -----------------------------------------------------------------------------

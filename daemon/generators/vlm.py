@@ -35,7 +35,6 @@ from pydantic import Field, field_validator, model_validator
 from daemon.errors import (
     ErrorType,
     GenerationError,
-    ModelDownloadError,
     ModelLoadingError,
     ModelUnavailableError,
     is_out_of_memory,
@@ -47,7 +46,7 @@ from daemon.generators.base import (
     ImageInput,
     WeightClass,
 )
-from daemon.generators.hub import hub_errors, looks_like_path
+from daemon.generators.hub import hub_errors, hub_failure, looks_like_path
 from daemon.generators.vlm_families import (
     FAMILIES,
     FAMILY_NAMES,
@@ -208,8 +207,9 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
 
     Other runtimes' weights (ONNX, GGUF, ...) are skipped, and PyTorch pickles are
     fetched only when the repository has no safetensors. Failures are classified by
-    exception type: not cached while offline or a network/hub failure ->
-    ModelDownloadError (retryable); no such repository, revision or access ->
+    exception type (:func:`~daemon.generators.hub.hub_failure`): not cached while
+    offline or other download trouble -> ModelDownloadError, the hub unreachable ->
+    NetworkError (both retryable); no such repository, revision or access ->
     ModelUnavailableError.
     """
     local = Path(model).expanduser()
@@ -220,7 +220,6 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
     errs = hub_errors(model)
     from huggingface_hub import snapshot_download
 
-    offline, gated, missing, transient = errs.offline, errs.gated, errs.missing, errs.transient
     where = f"{model}{'@' + revision if revision else ''}"
 
     def fetch(ignore: list[str]) -> Path:
@@ -237,23 +236,15 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
         folder = fetch(_IGNORE + _TORCH_PICKLES)
         if not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
             folder = fetch(_IGNORE)  # an older repository with PyTorch pickles only
-    except offline as exc:
-        raise ModelDownloadError(
-            f"cannot fetch {where}: not in the cache and the hub is unreachable or "
-            f"disabled ({type(exc).__name__}); run `captiond models pull` with network, "
-            "or point model at a local folder"
+    except Exception as exc:
+        failure = hub_failure(exc, errs)
+        if failure is None:
+            raise
+        raise failure.error(
+            where,
+            offline_hint="; run `captiond models pull` with network, or point model at a "
+            "local folder",
         ) from exc
-    except gated as exc:
-        raise ModelUnavailableError(
-            f"{where} is gated: accept its licence on the hub and provide a token "
-            f"(HF_TOKEN) ({type(exc).__name__})"
-        ) from exc
-    except missing as exc:
-        raise ModelUnavailableError(
-            f"{where} does not exist or is not accessible ({type(exc).__name__})"
-        ) from exc
-    except transient as exc:
-        raise ModelDownloadError(f"downloading {where} failed ({type(exc).__name__})") from exc
     return folder
 
 

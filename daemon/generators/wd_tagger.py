@@ -27,7 +27,6 @@ from pydantic import Field, field_validator
 
 from daemon.errors import (
     GenerationError,
-    ModelDownloadError,
     ModelLoadingError,
     ModelUnavailableError,
 )
@@ -38,7 +37,7 @@ from daemon.generators.base import (
     ImageInput,
     WeightClass,
 )
-from daemon.generators.hub import hub_errors, looks_like_path
+from daemon.generators.hub import hub_errors, hub_failure, looks_like_path
 from daemon.text.tags import KAOMOJI
 
 MODEL_FILENAME = "model.onnx"
@@ -247,11 +246,13 @@ def _display(name: str, config: WDTaggerConfig, replacements: dict[str, str]) ->
 def _hub_download(
     repo_id: str, filename: str, revision: str | None, cache_dir: Path | None
 ) -> Path:
-    """hf_hub_download with failures mapped by exception type to captiond's errors."""
+    """hf_hub_download with failures mapped by type to captiond's errors
+    (:func:`~daemon.generators.hub.hub_failure`): not cached while offline ->
+    ModelDownloadError, the hub unreachable -> NetworkError, no such repository or
+    file -> ModelUnavailableError."""
     errs = hub_errors(repo_id)
     from huggingface_hub import hf_hub_download
 
-    offline, missing, transient = errs.offline, errs.gated + errs.missing, errs.transient
     try:
         return Path(
             hf_hub_download(
@@ -261,20 +262,12 @@ def _hub_download(
                 cache_dir=str(cache_dir) if cache_dir is not None else None,
             )
         )
-    except offline as exc:  # not cached and the hub is unreachable or disabled
-        raise ModelDownloadError(
-            f"cannot fetch {filename} of {repo_id}: not in the cache and the hub is "
-            f"unreachable ({type(exc).__name__})"
-        ) from exc
-    except missing as exc:
-        raise ModelUnavailableError(
-            f"{repo_id}{'@' + revision if revision else ''} has no {filename} "
-            f"or does not exist ({type(exc).__name__})"
-        ) from exc
-    except transient as exc:
-        raise ModelDownloadError(
-            f"downloading {filename} of {repo_id} failed ({type(exc).__name__})"
-        ) from exc
+    except Exception as exc:
+        failure = hub_failure(exc, errs)
+        if failure is None:
+            raise
+        where = f"{filename} of {repo_id}{'@' + revision if revision else ''}"
+        raise failure.error(where) from exc
 
 
 class WDTagger(Generator):
