@@ -247,8 +247,8 @@ def test_config_validation() -> None:
 # -- preprocessing -------------------------------------------------------------------------
 
 
-def prep(img: Image.Image, size: int = 448) -> np.ndarray:
-    out = preprocess(img, size)
+def prep(img: Image.Image, size: int = 448, **kw: Any) -> np.ndarray:
+    out = preprocess(img, size, **kw)
     assert out.dtype == np.float32 and out.shape == (size, size, 3)
     return out
 
@@ -334,12 +334,27 @@ def test_matches_the_reference_pad_then_resize(size: tuple[int, int]) -> None:
     rng = np.random.default_rng(1)
     base = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
     img = Image.fromarray(base).resize(size, Image.Resampling.BILINEAR)
-    diff = np.abs(prep(img) - reference_preprocess(img))
+    diff = np.abs(prep(img, reducing_gap=None) - reference_preprocess(img))
     # The same pixels, including the rows where the image meets the padding. Pillow
     # rounds to 8 bits between its two passes and picks their order by shape, so a
     # few edge pixels may differ by a little.
     assert diff.mean() < 0.01
     assert diff.max() <= 6
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (2400, 1600), (1600, 2400), (3840, 2160)])
+def test_large_undrafted_images_reduce_to_twice_the_model_size_first(
+    size: tuple[int, int],
+) -> None:
+    """A large PNG is box-reduced to no less than 2 x 448 before the exact BICUBIC
+    (REDUCING_GAP, like the JPEG draft): within half a grey level of the reference on
+    textured content, and far faster than one BICUBIC pass over all of it."""
+    img = camera_photo(*size, seed=7)
+    diff = np.abs(prep(img) - reference_preprocess(img))
+    assert diff.mean() <= 0.5
+    # below 2 x REDUCING_GAP times the model size nothing is reduced: exact
+    small = img.resize((size[0] * 1700 // max(size), size[1] * 1700 // max(size)))
+    assert np.abs(prep(small) - prep(small, reducing_gap=None)).max() == 0
 
 
 @pytest.mark.parametrize(
