@@ -164,27 +164,43 @@ def to_8bit(img: Image.Image) -> np.ndarray:
     if mode not in HIGH_DEPTH_MODES:
         raise ValueError(f"{mode} is not a high-bit-depth mode")
     arr = np.asarray(img)
-    if mode.startswith("I;16"):
-        grey = arr.astype(np.float32) / 257.0
-    else:
-        vals = arr.astype(np.float64)
-        finite = np.isfinite(vals)
+    if mode.startswith("I;16"):  # round(v / 257) in integers: 2 bytes in, 4 while working
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if mode == "I":
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo >= 0 and hi <= 255:
+            return arr.astype(np.uint8)
+        if lo >= 0 and hi <= 65535:
+            return ((arr + 128) // 257).astype(np.uint8)
+        return _stretch(arr.astype(np.float32), float(lo), float(hi))
+    vals = arr.astype(np.float32)  # F: a copy, NaN and infinities replaced in it
+    finite = np.isfinite(vals)
+    if not finite.all():
+        nan = np.isnan(vals)
         lo = float(vals[finite].min()) if finite.any() else 0.0
         hi = float(vals[finite].max()) if finite.any() else 0.0
-        vals = np.nan_to_num(vals, nan=lo, posinf=hi, neginf=lo)
-        if mode == "F" and lo >= 0.0 and hi <= 1.0:
-            grey = vals * 255.0
-        elif mode == "I" and lo >= 0 and hi <= 255:
-            grey = vals
-        elif mode == "I" and lo >= 0 and hi <= 65535:
-            grey = vals / 257.0
-        elif hi > lo:
-            grey = (vals - lo) * (255.0 / (hi - lo))
-        else:
-            grey = np.zeros_like(vals)
-        if mode == "F":
-            grey[np.isnan(arr)] = 0.0
-    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        np.clip(vals, lo, hi, out=vals)  # +-inf -> the finite extremes
+        vals[nan] = lo
+    else:
+        nan = None
+        lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 0.0)
+    if lo >= 0.0 and hi <= 1.0:
+        vals *= 255.0
+        out = np.rint(vals).astype(np.uint8)
+    else:
+        out = _stretch(vals, lo, hi)
+    if nan is not None:
+        out[nan] = 0
+    return out
+
+
+def _stretch(vals: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Min-max to 0-255 in place (float32); one value throughout becomes black."""
+    if hi <= lo:
+        return np.zeros(vals.shape, np.uint8)
+    vals -= lo
+    vals *= 255.0 / (hi - lo)
+    return np.clip(np.rint(vals), 0, 255).astype(np.uint8)
 
 
 def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
