@@ -66,8 +66,8 @@ def decode_image(
       with its ``reducing_gap``: libjpeg's scaling is a crude box-like filter, and
       left at no less than twice the target size the generator's own resampling still
       sees nearly the pixels a full decode gives (for the WD tagger on textured
-      camera photos: 0.2-0.45 grey levels from the reference preprocessing on average,
-      against 1.1-3.4 when drafted down to the model size; bench/README.md). A
+      JPEGs: 0.12-0.41 grey levels from the reference preprocessing on average,
+      against 0.43-3.16 when drafted down to the model size; bench/README.md). A
       4032x3024 photo for 448 px decodes at 1/4 (1008x756), a 3000x2000 one at 1/2.
     - ``max_pixels``: images whose header declares more pixels are refused before
       decoding. Pillow's own process-wide limit (``Image.MAX_IMAGE_PIXELS``, twice
