@@ -312,6 +312,10 @@ def test_partial_document_over_the_current_settings() -> None:
     # a generator with its own chain keeps it: the base's overrides are whole chains
     assert got["max_words"] == 10 and got["overrides"] == current["overrides"]
     assert got["case"] == "sentence"
+    # settings with no steps at all are not a switch that stays off
+    empty = {"steps": [], "case": "keep", "max_words": 0, "overrides": {}}
+    assert to_reynard(empty)["enabled"] is False
+    assert from_reynard({"rules": {"trim_whitespace": True}}, base=empty)["steps"] == ["trim"]
     # a document's own partial override follows the global rules it does not name
     partial = from_reynard({"rules": {"trim_whitespace": True}, "overrides": {"v": {}}})
     assert partial["overrides"] == {"v": ["trim"]}

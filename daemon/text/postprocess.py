@@ -303,9 +303,12 @@ def from_reynard(document: Mapping[str, Any], base: Any = None) -> dict[str, Any
     """A Reynard post-processing document as today's settings: a dict with ``steps``,
     ``case``, ``max_words`` and ``overrides`` (for ``PostProcessConfig``).
 
-    Keys the document leaves out come from ``base`` (today's settings, e.g. the current
-    ones, for a partial update), else: ``enabled`` true, rules off, the pipeline in
-    REYNARD_RULES order, no overrides, ``max_words`` 0. Raises ValueError, naming the
+    For a partial update, what the document leaves out comes from ``base`` (today's
+    settings, e.g. the current ones): ``rules`` are merged rule by rule, ``pipeline``,
+    ``overrides`` and ``max_words`` are taken whole. Without a base: rules off, the
+    pipeline in REYNARD_RULES order, no overrides, ``max_words`` 0. ``enabled`` is true
+    unless the document says false (captiond stores no switch: a base whose chains are
+    all empty is not "disabled"). Raises ValueError, naming the
     key, for unknown rules or keys, wrong types, a case conversion captiond does not
     have ("upper", "title"), and overrides that need two different case conversions.
     """
@@ -315,7 +318,7 @@ def from_reynard(document: Mapping[str, Any], base: Any = None) -> dict[str, Any
     if extra:
         raise ValueError(f"unknown keys {extra}; the document has {sorted(REYNARD_KEYS)}")
     start = to_reynard(base) if base is not None else None
-    enabled = document.get("enabled", start["enabled"] if start else True)
+    enabled = document.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ValueError("enabled must be true or false")
     rules = {r: False for r in REYNARD_RULES} | {CASE_RULE: "none"}
