@@ -4,6 +4,7 @@ and smoke runs on the photos the ultralytics wheel ships (bus.jpg, zidane.jpg)."
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -209,3 +210,96 @@ def test_smoke_fine_tune_with_tiny_vlm(
             text = line.split(": ", 1)[1]
             assert text[0].isupper() and text.endswith(".") and len(text.split()) <= 35
         assert len(lines) == 3 or lines[3].startswith("Scene: ")
+
+
+@pytest.mark.parametrize("size", [(1, 20000), (20000, 1), (3, 2000), (1, 1)])
+def test_extreme_aspect_ratios_are_captioned(
+    yolo_dir: Path, wd_model_dir: Path, size: tuple[int, int]
+) -> None:
+    cfg = _smoke_config(yolo_dir, wd_model_dir).model_copy(update={"min_size": 1})
+    gen = MultiPersonGenerator(cfg)
+    assert gen.draft_size == 2048 and gen.draft_longer_side
+    gen.load()
+    item = gen.prepare(ImageInput(Path("strip.png"), Image.new("RGB", size, (0, 0, 0))))
+    w, h = item.image.size
+    assert max(w, h) <= 20 * min(w, h) and max(w, h) <= 2048
+    caption = gen.generate([item])[0]
+    assert caption.startswith("person1, ") or caption.endswith("background, no humans")
+
+
+def test_florence2_describer_works_with_the_default_prompts(
+    yolo_dir: Path,
+    wd_model_dir: Path,
+    photos: list[Image.Image],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Issue 10, item 6: Florence-2 takes task tokens, not the plan's sentences. Each
+    prompt is sent as its role's task: a detailed caption of a person's crop or of the
+    whole image, a short caption of the scene."""
+    pytest.importorskip("transformers")
+    import structlog
+
+    try:
+        from tests.vlmmodels import build_florence2
+    except ImportError:
+        pytest.skip("tests/vlmmodels.py (the VLM generator's test models) is not here")
+    folder = build_florence2(tmp_path_factory.mktemp("florence2"))
+    cfg = _smoke_config(
+        yolo_dir,
+        wd_model_dir,
+        mode="fine_tune_caption",
+        describer=VLMConfig(model=str(folder), max_new_tokens=12, min_new_tokens=12),
+    )
+    gen = MultiPersonGenerator(cfg)
+    with structlog.testing.capture_logs() as logs:
+        gen.load()
+    mapped = [e for e in logs if e["event"] == "describer_prompts_mapped_to_tasks"]
+    assert len(mapped) == 1 and mapped[0]["family"] == "florence2"
+    assert mapped[0]["tasks"] == {
+        "person": "<DETAILED_CAPTION>",
+        "scene": "<CAPTION>",
+        "whole": "<DETAILED_CAPTION>",
+    }
+    assert isinstance(gen._describer, VLMDescriber)
+    sent: list[tuple[str, str]] = []
+    describe = gen._describer.vlm.generate
+
+    def spy(items: list) -> list[str]:
+        sent.extend((i.prompt, i.text) for i in items)
+        return describe(items)
+
+    gen._describer.vlm.generate = spy
+    items = [gen.prepare(ImageInput(Path(f"{i}.jpg"), im)) for i, im in enumerate(photos)]
+    out = gen.generate(items)
+    task = [("<DETAILED_CAPTION>",) * 2] * 3 + [("<CAPTION>",) * 2]
+    assert sent == task * 2  # 3 people + the scene per photo
+    for caption in out:
+        lines = caption.splitlines()
+        assert [line.split(":")[0] for line in lines[:3]] == [
+            "sksA",
+            "sksB",
+            "unidentified person",
+        ]
+        for line in lines[:3]:
+            text = line.split(": ", 1)[1]
+            assert text and not re.search(r"<[A-Z_]+>|</?s>|<pad>", text), text
+    sent.clear()
+    assert gen._describer.describe([photos[0]], [cfg.whole_prompt])[0].strip()
+    assert sent == [("<DETAILED_CAPTION>",) * 2]
+
+
+def test_detector_download_that_cannot_connect_is_a_network_error(
+    yolo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ultralytics
+
+    from daemon.errors import ErrorType, NetworkError, classify
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Download failure for https://github.com/...: retry limit reached")
+
+    monkeypatch.setattr(ultralytics, "YOLO", unreachable)
+    with pytest.raises(NetworkError) as info:
+        YOLODetector(str(yolo_dir / "yolov8n.pt")).load()
+    c = classify(info.value)
+    assert (c.error_type, c.retryable) == (ErrorType.NETWORK, True)

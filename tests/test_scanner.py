@@ -376,6 +376,9 @@ def test_candidate_rules(tmp_path: Path) -> None:
         "a.jpg.part",
         "a.jpg.crdownload",
         "a.jpg~",
+        "~$a.jpg",  # office suite lock file
+        "~a.jpg",  # editor backup
+        "sub/~$B.PNG",
         ".hidden.jpg",
         ".a.jpg.Xy12Qz",  # rsync temp
         ".cache/a.jpg",  # dot-directory
@@ -389,6 +392,7 @@ def test_candidate_rules(tmp_path: Path) -> None:
         assert not ok(bad), bad
     assert not is_candidate(w, tmp_path / "outside.jpg")
     assert not is_candidate(w, r)
+    assert ok("a~b.jpg") and ok("x/a~.png")  # a "~" inside the name is fine
 
 
 def test_include_and_non_recursive(tmp_path: Path) -> None:
@@ -414,6 +418,9 @@ def test_scan_applies_candidate_rules(env, tmp_path: Path) -> None:
         "OK2.JPEG",
         "x.jpg.part",
         "y.jpg~",
+        "~$lock.jpg",
+        "~backup.png",
+        "deep/~$x.jpg",
         ".z.jpg",
         ".dot/in.jpg",
         "raw/skip.jpg",

@@ -28,6 +28,7 @@ from daemon.errors import (
     GenerationError,
     ModelDownloadError,
     ModelUnavailableError,
+    NetworkError,
     classify,
 )
 from daemon.generators import vlm as vlm_mod
@@ -40,6 +41,7 @@ from daemon.generators.vlm import (
     VLMItem,
     pull,
     render_prompt,
+    shrink,
     strip_task_tokens,
 )
 from daemon.generators.vlm_families import detect_family
@@ -48,6 +50,7 @@ from tests.deps import require
 require("torch", "the vlm extra")
 require("transformers", "the vlm extra")
 
+from tests.hubstub import busy_hub, unreachable_hub  # noqa: E402
 from tests.vlmmodels import BUILDERS  # noqa: E402
 
 # One worker builds the tiny models once (pytest-xdist, --dist loadgroup).
@@ -158,13 +161,49 @@ def test_strip_task_tokens() -> None:
     assert strip_task_tokens("x <unk> y", ["<unk>"]) == "x y"
 
 
-def test_florence_prompt_must_be_a_task_token(model_dirs: dict[str, Path]) -> None:
-    with pytest.raises(ValidationError, match="<DETAILED_CAPTION>"):
-        VLMConfig(model="x", family="florence2", prompt="Describe the image")
-    gen = VLMGenerator(VLMConfig(model=str(model_dirs["florence2"]), prompt="Describe it"))
-    with pytest.raises(ModelUnavailableError, match="task token"):
+def test_florence_takes_free_text_as_its_detailed_caption_task(
+    model_dirs: dict[str, Path],
+) -> None:
+    """Issue 10, item 6: Florence-2 takes task tokens; a free-text prompt is sent as the
+    fitting task, said once in the log, and the settings validate."""
+    import structlog
+
+    cfg = VLMConfig(model="x", family="florence2", prompt="Describe {tags} in detail")
+    assert VLMGenerator(cfg).prompt == "<DETAILED_CAPTION>"
+    assert VLMGenerator(cfg).context_keys == frozenset()  # {tags} is not needed any more
+    with structlog.testing.capture_logs() as logs:
+        gen = make(model_dirs["florence2"], prompt="Describe this picture, {name}.")
+        try:
+            assert gen.prompt == "<DETAILED_CAPTION>"
+            items = prepared(gen, 2) + prepared(gen, 1)
+            assert {(i.prompt, i.text) for i in items} == {("<DETAILED_CAPTION>",) * 2}
+            out = gen.generate(items)
+            assert len(out) == 3 and all(t.strip() for t in out)
+        finally:
+            gen.unload()
+    mapped = [e for e in logs if e["event"] == "vlm_prompt_mapped_to_task"]
+    assert len(mapped) == 1  # once, at load; not per image
+    assert mapped[0]["task"] == "<DETAILED_CAPTION>"
+    assert mapped[0]["prompt"] == "Describe this picture, {name}."
+    # A task token is sent as it is, and says nothing in the log.
+    with structlog.testing.capture_logs() as logs:
+        gen = make(model_dirs["florence2"], prompt="<MORE_DETAILED_CAPTION>")
+    try:
+        assert gen.prompt == "<MORE_DETAILED_CAPTION>"
+        assert not [e for e in logs if e["event"] == "vlm_prompt_mapped_to_task"]
+    finally:
+        gen.unload()
+
+
+def test_florence_refuses_a_task_that_gives_no_caption(model_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValidationError, match="<OD>"):
+        VLMConfig(model="x", family="florence2", prompt="<OD>")
+    gen = VLMGenerator(VLMConfig(model=str(model_dirs["florence2"]), prompt="<OD>"))
+    with pytest.raises(ModelUnavailableError, match="task tokens"):
         gen.load()  # family auto-detected, then the prompt checked
     assert not gen.loaded
+    # chat families take any text, task-token-like or not
+    VLMConfig(model="x", family="llava", prompt="<OD>")
 
 
 def test_empty_batch_and_not_loaded(model_dirs: dict[str, Path]) -> None:
@@ -278,7 +317,44 @@ def test_prepare_shrinks_and_flattens_alpha(gens: dict[str, VLMGenerator]) -> No
     prep = gen.prepare(item)
     assert prep.image.mode == "RGB" and prep.image.size == (1024, 512) == prep.size
     assert prep.image.getpixel((10, 10)) == (255, 255, 255)  # transparency on white
-    assert gen.draft_size == 1024
+    assert gen.draft_size == 1024 and gen.draft_longer_side  # shrink() bounds the longer side
+
+
+EXTREME = [(1, 20000), (20000, 1), (3, 2000), (2000, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("family", ["llava", "idefics3", "florence2"])
+def test_extreme_aspect_ratios_are_captioned(gens: dict[str, VLMGenerator], family: str) -> None:
+    gen = gens[family]
+    items = [
+        gen.prepare(
+            ImageInput(
+                Path(f"/d/{w}x{h}.png"),
+                Image.new("RGB", (w, h), (200, 0, 0)),
+                {"name": "strip", "folder": "d"},
+            )
+        )
+        for w, h in EXTREME
+    ]
+    for item in items:
+        w, h = item.image.size
+        assert max(w, h) <= 20 * min(w, h) and max(w, h) <= gen.max_image_side
+    out = gen.generate(items)
+    assert len(out) == len(EXTREME) and all(t.strip() for t in out)
+
+
+def test_thin_strips_get_white_bars_that_image_processors_accept() -> None:
+    from transformers import Qwen2VLImageProcessor
+
+    line = Image.new("RGB", (1, 20000), (0, 0, 255))
+    small = shrink(line, 1024)
+    assert small.size == (52, 1024)  # ceil(1024 / 20) wide, the line in the middle
+    assert small.getpixel((25, 500)) == (0, 0, 255) and small.getpixel((0, 500)) == (255,) * 3
+    assert shrink(Image.new("RGB", (30000, 2)), 0).size == (30000, 1500)
+    assert shrink(Image.new("RGB", (400, 300)), 1024).size == (400, 300)  # normal: as is
+    # Qwen2-VL's processor refuses an aspect ratio above 200 (the unpadded strip)
+    out = Qwen2VLImageProcessor()(images=[small], return_tensors="pt")
+    assert out["pixel_values"].shape[0] > 0
 
 
 # -- remote code, loading errors, unload --------------------------------------------------
@@ -409,6 +485,24 @@ def test_repo_id_offline_with_empty_cache_is_retryable_download_error(tmp_path: 
     assert "SmolVLM-256M-Instruct" in str(info.value)
     with pytest.raises(ModelDownloadError):
         pull("HuggingFaceTB/SmolVLM-256M-Instruct", None, tmp_path / "hf")
+
+
+def test_unreachable_or_busy_hub_is_a_network_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connection refused (a closed local port) and a 503 with Retry-After, through the
+    real snapshot_download: `network`, retryable. Offline stays `model_download`
+    (the test above)."""
+    unreachable_hub(monkeypatch)
+    gen = VLMGenerator(VLMConfig(model="HuggingFaceTB/SmolVLM-256M-Instruct"), cache_dir=tmp_path)
+    with pytest.raises(NetworkError) as info:
+        gen.load()
+    c = classify(info.value)
+    assert (c.error_type, c.retryable) == (ErrorType.NETWORK, True)
+    assert "SmolVLM-256M-Instruct" in str(info.value)
+    with busy_hub(monkeypatch, 503, retry_after="30"), pytest.raises(NetworkError) as info:
+        pull("HuggingFaceTB/SmolVLM-256M-Instruct", None, tmp_path / "hf")
+    assert info.value.retry_after == 30.0
 
 
 def test_pull_returns_a_local_folder_and_refuses_a_missing_one(tmp_path: Path) -> None:

@@ -91,6 +91,46 @@ def test_the_prompt_echo_is_needed_by_the_table() -> None:
     assert any(clean_vlm_output(raw, CTX) != want for raw, want in echoed)
 
 
+# The plan's clean_vlm_output (seeds/000) removes these openings, case-insensitively.
+SEED_PREFIXES = [
+    "The person is ",
+    "This person is ",
+    "The image shows ",
+    "In the image, ",
+    "Description: ",
+    "A: ",
+    "Answer: ",
+]
+
+
+@pytest.mark.parametrize("prefix", SEED_PREFIXES)
+@pytest.mark.parametrize("case", [str, str.lower, str.upper])
+def test_every_seed_prefix_is_stripped(prefix: str, case) -> None:
+    raw = case(prefix) + "a tall man in a grey coat, smiling"
+    assert clean_vlm_output(raw, CTX) == "A tall man in a grey coat, smiling."
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("The person is wearing a red dress.", "Wearing a red dress."),
+        ("The person in the photo is sitting on a bench", "Sitting on a bench."),
+        ("Q: Describe this person. A: a woman with short hair", "A woman with short hair."),
+        ("A: The person is standing", "Standing."),  # stacked: both go
+        ("The person is", "The person is."),  # never empty
+        ("The personal computer is old.", "The personal computer is old."),
+        ("A:B testing of two layouts", "A:B testing of two layouts."),  # no space: kept
+        ("A person is walking a dog.", "A person is walking a dog."),
+    ],
+)
+def test_person_and_answer_prefixes(raw: str, expected: str) -> None:
+    assert clean_vlm_output(raw, CTX) == expected
+
+
+def test_table_is_large_enough() -> None:
+    assert len(CASES) >= 15
+
+
 def test_clean_truncates_at_sentence_boundary() -> None:
     raw = (
         "The image shows a woman in a red dress. She stands beside a tall window. "

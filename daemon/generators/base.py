@@ -76,13 +76,15 @@ class Generator(ABC):
 
     @property
     def draft_size(self) -> int | None:
-        """Smallest side the model needs, so decoders may use JPEG draft mode."""
+        """The size ``prepare()`` resamples the image to (its shorter side, or with
+        :attr:`draft_longer_side` its longer side), so the decoder may use JPEG draft
+        mode; it keeps at least twice this (``decode_image``'s ``draft_gap``)."""
         return None
 
     @property
     def draft_longer_side(self) -> bool:
-        """True when only the longer side needs ``draft_size`` (the model pads the
-        image to a square before resizing it)."""
+        """True when ``draft_size`` is the longer side's target (the model pads the
+        image to a square, or shrinks it by its longer side)."""
         return False
 
     def fetch(self) -> str:

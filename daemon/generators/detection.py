@@ -28,8 +28,10 @@ from daemon.errors import (
     ModelDownloadError,
     ModelLoadingError,
     ModelUnavailableError,
+    NetworkError,
     is_out_of_memory,
 )
+from daemon.generators.hub import connection_errors
 
 log = structlog.get_logger(__name__)
 
@@ -267,9 +269,10 @@ class YOLODetector:
         path = self.resolve()
         try:
             yolo = YOLO(str(path))
-        except (ConnectionError, TimeoutError) as exc:
-            raise ModelDownloadError(
-                f"downloading {self.model_name} failed ({type(exc).__name__})"
+        except connection_errors() as exc:  # the release download could not connect
+            raise NetworkError(
+                f"downloading {self.model_name} failed: the remote was not reached "
+                f"({type(exc).__name__}); retrying later"
             ) from exc
         except FileNotFoundError as exc:
             raise ModelUnavailableError(f"detector model {path} not found") from exc

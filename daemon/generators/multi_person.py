@@ -18,7 +18,9 @@ Two modes (``[generators.multi_person].mode``):
         unidentified woman: <sentence>      (third and later people, gender from WD tags)
         Scene: <sentence>
 
-    All crops of all images in a batch go to the describer in one batched call.
+    All crops of all images in a batch go to the describer in one batched call. A
+    describer that takes task tokens instead of prompts (Florence-2) gets each
+    prompt's fitting task (:data:`ROLE_TASKS`).
 
 Aliases: ``aliases`` (custom, by position; ``""`` keeps the default of that position)
 take precedence; the rest are ``person{n}`` (tags) or ``sksA``, ``sksB``, then
@@ -35,12 +37,13 @@ stay in memory. Heavy imports happen in ``load()``.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
+import structlog
 from PIL import Image
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
@@ -55,6 +58,7 @@ from daemon.generators.base import (
 from daemon.generators.detection import Detector, Person, YOLODetector, select_people
 from daemon.generators.remote_vlm import RemoteDescriber, RemoteVLMConfig, http_warning
 from daemon.generators.vlm import VLMConfig, shrink
+from daemon.generators.vlm_families import CAPTION, DETAILED_CAPTION, task_for
 from daemon.generators.wd_tagger import WDTagger, WDTaggerConfig, format_tags
 from daemon.text.vlm import clean_vlm_output
 
@@ -70,6 +74,12 @@ SCENE_PROMPT = (
     "Do not describe people."
 )
 WHOLE_PROMPT = "Describe this image in one clear sentence (15-35 words)."
+# What each prompt asks, as a Florence-2 task (it takes task tokens, not words): a
+# person in 15-35 words and the whole image -> a detailed caption (a few sentences, cut
+# at max_words); the setting in 5-15 words -> a short caption.
+ROLE_TASKS = {"person": DETAILED_CAPTION, "scene": CAPTION, "whole": DETAILED_CAPTION}
+
+log = structlog.get_logger(__name__)
 
 # WD tags that say who a crop shows (exact names, compared lower-case with spaces).
 FEMALE_TAGS = frozenset(
@@ -466,15 +476,26 @@ class WDPersonTagger:
 
 class VLMDescriber:
     """The VLM generator (:mod:`daemon.generators.vlm`) as a describer: each crop is
-    shrunk and its prompt rendered the generator's way, then one ``generate()`` call."""
+    shrunk and its prompt rendered the generator's way, then one ``generate()`` call.
+
+    ``prompts`` maps a role (``person``, ``scene``, ``whole``) to its prompt. A family
+    that takes task tokens instead of words (Florence-2) gets each role's fitting task
+    (:data:`ROLE_TASKS`: a detailed caption of a person's crop or of the whole image,
+    a short caption of the scene), unless the prompt already is one of its tasks; the
+    mapping is logged once per load."""
 
     def __init__(
-        self, config: VLMConfig, *, cache_dir: Path | None = None, prompts: Sequence[str] = ()
+        self,
+        config: VLMConfig,
+        *,
+        cache_dir: Path | None = None,
+        prompts: Mapping[str, str] | None = None,
     ):
         from daemon.generators.vlm import VLMGenerator
 
         self.vlm = VLMGenerator(config, cache_dir=cache_dir)
-        self.prompts = tuple(prompts)
+        self.prompts = dict(prompts or {})
+        self._tasks: dict[str, str] = {}  # prompt -> the task token it is sent as
 
     @property
     def loaded(self) -> bool:
@@ -485,9 +506,22 @@ class VLMDescriber:
 
         self.vlm.load()
         family = self.vlm.family
-        if family is not None:
-            for prompt in self.prompts:
-                check_prompt_for_family(prompt, family)
+        self._tasks = {}
+        if family is None:
+            return
+        for role, prompt in self.prompts.items():
+            check_prompt_for_family(prompt, family)
+            task = task_for(family, prompt, ROLE_TASKS.get(role))
+            if task is not None:
+                self._tasks.setdefault(prompt.strip(), task)
+        mapped = {p: t for p, t in self._tasks.items() if p != t}
+        if mapped:
+            log.info(
+                "describer_prompts_mapped_to_tasks",
+                family=family.name,
+                tasks={role: self._tasks[p.strip()] for role, p in self.prompts.items()},
+                why=f"{family.name} takes a task token, not free text",
+            )
 
     def unload(self) -> None:
         self.vlm.unload()
@@ -499,7 +533,8 @@ class VLMDescriber:
         items = []
         for image, prompt in zip(images, prompts, strict=True):
             small = shrink(image, side)
-            items.append(VLMItem(small, self.vlm.render_text(prompt), prompt.strip(), small.size))
+            sent = self._tasks.get(prompt.strip(), prompt.strip())
+            items.append(VLMItem(small, self.vlm.render_text(sent), sent, small.size))
         return self.vlm.generate(items)
 
 
@@ -574,7 +609,11 @@ class MultiPersonGenerator(Generator):
 
     @property
     def draft_size(self) -> int | None:
-        return self.config.max_image_side // 2
+        return self.config.max_image_side
+
+    @property
+    def draft_longer_side(self) -> bool:
+        return True  # prepare() shrinks the longer side to max_image_side
 
     def warnings(self) -> list[str]:
         describer = self.config.describer
@@ -627,7 +666,11 @@ class MultiPersonGenerator(Generator):
                 self._describer = VLMDescriber(
                     cfg.describer,
                     cache_dir=self.cache_dir,
-                    prompts=(cfg.person_prompt, cfg.scene_prompt, cfg.whole_prompt),
+                    prompts={
+                        "person": cfg.person_prompt,
+                        "scene": cfg.scene_prompt,
+                        "whole": cfg.whole_prompt,
+                    },
                 )
             _load(self._describer)
 
@@ -642,7 +685,8 @@ class MultiPersonGenerator(Generator):
         self._detector, self._tagger, self._describer = keep
 
     def prepare(self, item: ImageInput) -> PreparedImage:
-        """RGB (transparency on white), longer side at most ``max_image_side``."""
+        """RGB (transparency on white), longer side at most ``max_image_side``, no
+        thinner than 1:20 (:func:`~daemon.generators.vlm.shrink`)."""
         image = shrink(item.image, self.config.max_image_side)
         return PreparedImage(item.path, image, np.asarray(image, dtype=np.uint8))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
+import math
 import re
 import string
 import sys
@@ -27,13 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from daemon.errors import (
     ErrorType,
     GenerationError,
-    ModelDownloadError,
     ModelLoadingError,
     ModelUnavailableError,
     is_out_of_memory,
@@ -45,7 +46,7 @@ from daemon.generators.base import (
     ImageInput,
     WeightClass,
 )
-from daemon.generators.hub import hub_errors, looks_like_path
+from daemon.generators.hub import hub_errors, hub_failure, looks_like_path
 from daemon.generators.vlm_families import (
     FAMILIES,
     FAMILY_NAMES,
@@ -54,10 +55,16 @@ from daemon.generators.vlm_families import (
     Family,
     detect_family,
     family_named,
+    is_task_token,
+    task_for,
 )
+
+log = structlog.get_logger(__name__)
 
 PROMPT_VARIABLES = ("tags", "name", "folder")
 REDUCING_GAP = 2.0
+# Longest side : shortest side given to a model; a thinner image gets white bars.
+MAX_ASPECT = 20.0
 # Weight formats never needed by transformers: other runtimes' files in the same repos.
 _IGNORE = [
     "*.onnx",
@@ -135,7 +142,10 @@ class VLMConfig(GeneratorConfig):
     model: str = "HuggingFaceTB/SmolVLM-256M-Instruct"  # hub repo id or a local folder
     family: FamilyName = "auto"  # auto = from config.json's model_type
     revision: str | None = None
-    prompt: str | None = None  # None = the family's default; may use {tags} {name} {folder}
+    # None = the family's default; may use {tags} {name} {folder}. Florence-2 takes a
+    # task token (<CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>); free text is
+    # sent to it as <DETAILED_CAPTION> (logged at load).
+    prompt: str | None = None
     system_prompt: str | None = None  # chat families; None = the family's default (if any)
     max_new_tokens: int = Field(128, ge=1, le=8192)
     min_new_tokens: int | None = Field(None, ge=0, le=8192)
@@ -176,10 +186,15 @@ class VLMConfig(GeneratorConfig):
 def check_prompt_for_family(
     prompt: str | None, family: Family, error: type[Exception] = ModelUnavailableError
 ) -> None:
-    if prompt is not None and family.task_prompts and prompt.strip() not in family.task_prompts:
+    """Refuse a task token the family does not caption with (Florence-2's ``<OD>``
+    gives boxes, not a caption). Free text is fine: :func:`task_for` maps it."""
+    if prompt is None or not family.task_prompts or prompt.strip() in family.task_prompts:
+        return
+    if is_task_token(prompt):
         raise error(
-            f"{family.name} takes a task token as its prompt: one of "
-            f"{', '.join(family.task_prompts)} (got {prompt!r})"
+            f"{family.name} captions with the task tokens "
+            f"{', '.join(family.task_prompts)} (or free text, sent as "
+            f"{family.free_text_task}); {prompt.strip()!r} is not one of them"
         )
 
 
@@ -192,8 +207,9 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
 
     Other runtimes' weights (ONNX, GGUF, ...) are skipped, and PyTorch pickles are
     fetched only when the repository has no safetensors. Failures are classified by
-    exception type: not cached while offline or a network/hub failure ->
-    ModelDownloadError (retryable); no such repository, revision or access ->
+    exception type (:func:`~daemon.generators.hub.hub_failure`): not cached while
+    offline or other download trouble -> ModelDownloadError, the hub unreachable ->
+    NetworkError (both retryable); no such repository, revision or access ->
     ModelUnavailableError.
     """
     local = Path(model).expanduser()
@@ -204,7 +220,6 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
     errs = hub_errors(model)
     from huggingface_hub import snapshot_download
 
-    offline, gated, missing, transient = errs.offline, errs.gated, errs.missing, errs.transient
     where = f"{model}{'@' + revision if revision else ''}"
 
     def fetch(ignore: list[str]) -> Path:
@@ -221,23 +236,15 @@ def pull(model: str, revision: str | None = None, cache_dir: Path | None = None)
         folder = fetch(_IGNORE + _TORCH_PICKLES)
         if not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
             folder = fetch(_IGNORE)  # an older repository with PyTorch pickles only
-    except offline as exc:
-        raise ModelDownloadError(
-            f"cannot fetch {where}: not in the cache and the hub is unreachable or "
-            f"disabled ({type(exc).__name__}); run `captiond models pull` with network, "
-            "or point model at a local folder"
+    except Exception as exc:
+        failure = hub_failure(exc, errs)
+        if failure is None:
+            raise
+        raise failure.error(
+            where,
+            offline_hint="; run `captiond models pull` with network, or point model at a "
+            "local folder",
         ) from exc
-    except gated as exc:
-        raise ModelUnavailableError(
-            f"{where} is gated: accept its licence on the hub and provide a token "
-            f"(HF_TOKEN) ({type(exc).__name__})"
-        ) from exc
-    except missing as exc:
-        raise ModelUnavailableError(
-            f"{where} does not exist or is not accessible ({type(exc).__name__})"
-        ) from exc
-    except transient as exc:
-        raise ModelDownloadError(f"downloading {where} failed ({type(exc).__name__})") from exc
     return folder
 
 
@@ -280,13 +287,31 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def shrink(image: Image.Image, max_side: int) -> Image.Image:
-    """RGB (transparency on white), longer side at most ``max_side`` (0 = as is)."""
+    """RGB (transparency on white), longer side at most ``max_side`` (0 = as is), and
+    no thinner than 1:``MAX_ASPECT``: a thinner image is centred between white bars
+    (as the WD tagger pads to a square). Image processors choke on a 1x20000 strip:
+    Qwen2-VL's refuses an aspect ratio above 200, CLIP's scales the short side up to
+    336 px and the long side with it."""
     img = _to_rgb(image)
     if max_side and max(img.size) > max_side:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP)
-    return img
+    return pad_to_aspect(img, MAX_ASPECT)
+
+
+def pad_to_aspect(img: Image.Image, max_aspect: float) -> Image.Image:
+    """``img`` centred on white so that its longer side is at most ``max_aspect``
+    times its shorter side (unchanged when it already is)."""
+    w, h = img.size
+    long, short = max(w, h), min(w, h)
+    if long <= max_aspect * short:
+        return img
+    need = math.ceil(long / max_aspect)
+    size = (need, h) if w < h else (w, need)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(img, ((size[0] - w) // 2, (size[1] - h) // 2))
+    return canvas
 
 
 class VLMGenerator(Generator):
@@ -336,9 +361,12 @@ class VLMGenerator(Generator):
 
     @property
     def prompt(self) -> str:
+        """The prompt the model is given: the configured one or the family's default;
+        for Florence-2, free text becomes its task token (:func:`task_for`)."""
         fam = self.family
         if self.config.prompt is not None:
-            return self.config.prompt
+            task = task_for(fam, self.config.prompt) if fam is not None else None
+            return task or self.config.prompt
         return fam.default_prompt if fam is not None else FAMILIES["llava"].default_prompt
 
     @property
@@ -355,6 +383,10 @@ class VLMGenerator(Generator):
     @property
     def draft_size(self) -> int | None:
         return self.max_image_side or None
+
+    @property
+    def draft_longer_side(self) -> bool:
+        return True  # shrink() bounds the longer side
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -447,6 +479,16 @@ class VLMGenerator(Generator):
             )
         self._refuse_remote_code(family)
         check_prompt_for_family(cfg.prompt, family)
+        task = task_for(family, cfg.prompt) if cfg.prompt is not None else None
+        if task is not None and task != cfg.prompt.strip():
+            log.info(
+                "vlm_prompt_mapped_to_task",
+                model=cfg.model,
+                family=family.name,
+                prompt=cfg.prompt,
+                task=task,
+                why=f"{family.name} takes a task token, not free text",
+            )
 
         try:
             import torch

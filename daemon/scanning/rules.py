@@ -7,7 +7,9 @@ bare name matches; ``*`` also matches ``/``. A directory whose relative path or 
 matches an ``exclude`` pattern is not descended into (``exclude = ["thumbs"]`` skips
 every ``thumbs`` directory). An ``include`` list that is empty or contains ``"*"``
 includes everything. Extensions are compared case-insensitively. Dotfiles,
-dot-directories and temporary names are never candidates.
+dot-directories, temporary names and the lock and backup files editors and office
+suites leave beside a file (``~$name.jpg``, ``~name.jpg``: any name starting with
+``~``) are never candidates.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
 @dataclass(frozen=True, slots=True)
 class Rules:
     exts: frozenset[str]
-    name_re: re.Pattern[str]  # not a dotfile, an image extension, not a temp name
+    name_re: re.Pattern[str]  # not a dotfile or ~lock file, an image extension, not a temp name
     include: re.Pattern[str] | None  # None: everything included
     exclude: re.Pattern[str] | None
     recursive: bool
@@ -60,7 +62,9 @@ def _rules_for(
     # rules out *.tmp, *.part, *.crdownload and *~.
     keep = sorted({e.lower() for e in exts} - {t.lstrip(".") for t in TEMP_SUFFIXES} - {""})
     alt = "|".join(re.escape(e) for e in keep) or "(?!)"
-    name_re = re.compile(rf"[^.].*\.(?:{alt})\Z", re.IGNORECASE | re.DOTALL)
+    # No leading "." (dotfiles, rsync's .name.XXXXXX) or "~" (~$name.jpg office locks,
+    # ~name.jpg editor backups).
+    name_re = re.compile(rf"[^.~].*\.(?:{alt})\Z", re.IGNORECASE | re.DOTALL)
     return Rules(frozenset(keep), name_re, inc, _compile(exclude), recursive)
 
 

@@ -1,7 +1,9 @@
 """Cleaning of vision-language model output, usable as a post-processing step.
 
-``clean_vlm_output(text, ctx)`` strips a prompt echo and chat role markers, removes
-boilerplate openings ("The image shows", "In this image we can see", ...), collapses
+``clean_vlm_output(text, ctx)`` strips a prompt echo and chat role markers
+("ASSISTANT:", "Answer:", "A:", "Description:"), removes boilerplate openings ("The
+image shows", "In this image we can see", "The person is", ...: every prefix the
+multi-person plan in seeds/000 lists among them), case-insensitively, collapses
 whitespace, capitalises the first letter, truncates to a word budget at a sentence
 boundary and ends the caption with a full stop. Pure functions, no dependencies.
 """
@@ -16,10 +18,13 @@ _WS = re.compile(r"\s+")
 # Chat residue at the start: special tokens, an echoed user turn, role markers.
 _SPECIAL_TOKEN = re.compile(r"^\s*(?:<\|?[\w-]+\|?>|</?s>)\s*")
 _USER_TURN = re.compile(
-    r"^\s*(?:user|human)\s*:.*?\b(?:assistant|gpt)\s*:\s*", re.IGNORECASE | re.DOTALL
+    r"^\s*(?:user|human|q)\s*:.*?(?:\b(?:assistant|gpt)\s*:\s*|\ba\s*:\s+)",
+    re.IGNORECASE | re.DOTALL,
 )
+# "A: " is the answer half of a "Q: ... A: ..." exchange (with a space: "A:B" is text).
 _ROLE = re.compile(
-    r"^\s*(?:assistant|gpt|bot|answer|caption|description|output|response)\s*:\s*",
+    r"^\s*(?:(?:assistant|gpt|bot|answer|caption|description|output|response)\s*:\s*"
+    r"|a\s*:\s+)",
     re.IGNORECASE,
 )
 
@@ -46,6 +51,10 @@ _BOILERPLATE = [
     ),
     # "We can see", "I can see", "I see"
     re.compile(rf"^(?:{_SEE}|i\s+see)\s+", re.IGNORECASE),
+    # "The person is", "This person is", "The person in the photo is" (person crops)
+    re.compile(
+        rf"^(?:the|this)\s+person\s+(?:in\s+(?:the|this)\s+{_NOUN}\s+)?is\s+", re.IGNORECASE
+    ),
 ]
 
 _SENTENCE = re.compile(r".*?[.!?…]+[\"')\]”’]*(?=\s|$)|.+$", re.DOTALL)
