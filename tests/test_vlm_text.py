@@ -24,6 +24,7 @@ CASES = [
     ("In this image, there are three apples on a table", "", "Three apples on a table."),
     ("We can see a horse in a field.", "", "A horse in a field."),
     ("I see two cups on a table", "", "Two cups on a table."),
+    ("The person in the photo is sitting on a bench", "", "Sitting on a bench."),
     ("THE IMAGE SHOWS a bowl of fruit.", "", "A bowl of fruit."),
     ("This is an image of a lighthouse on a cliff!", "", "A lighthouse on a cliff!"),
     ("The image features a young man in a blue jacket.", "", "A young man in a blue jacket."),
