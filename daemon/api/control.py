@@ -1077,14 +1077,10 @@ class Control:
 
     def image_history(self, ref: ImageRef) -> dict[str, Any]:
         """An image's jobs (one per generator), its failed attempts, its caption
-        records, open flags and what the index knows of its size."""
+        records, open flags and its file's size and modification time as indexed."""
         image = str(ref.path)
         jobs = self.queue.jobs_of(image)
         item = self.index.gallery_items([image])[image]
-        dims = None
-        for rec in (self.index.get_caption(image, g) for g in item["captions"]):
-            if rec is not None and (dims := self.index.image_size(rec.content_hash)):
-                break
         return {
             "jobs": [
                 {
@@ -1105,7 +1101,6 @@ class Control:
             "flags": item["flags"],
             "size": item["size"],
             "mtime_ns": item["mtime_ns"],
-            "dimensions": dims,
         }
 
     def retry_job(self, ref: ImageRef, generator: str) -> bool:

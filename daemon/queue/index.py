@@ -350,13 +350,6 @@ class FileIndex:
                 )
         return out
 
-    def image_size(self, content_hash: str) -> tuple[int, int] | None:
-        """(width, height) of a content the worker decoded, if known."""
-        row = self.db.conn.execute(
-            "SELECT width, height FROM images WHERE content_hash = ?", (content_hash,)
-        ).fetchone()
-        return None if row is None or row[0] is None else (row[0], row[1])
-
     def folder_counts(self, roots: Iterable[str]) -> dict[str, dict[str, dict[str, int]]]:
         """root -> folder (relative, ``''`` for the root) -> counts of what lies
         directly in it: ``images`` (indexed), jobs by state (``pending`` counts leased

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 import structlog
+from PIL import Image
 
 from daemon.api.control import Control, Queued
 from daemon.api.http import HTTPError, Request, Response, Router
@@ -518,6 +519,7 @@ class WebUI:
             generators=gens,
             at_risk=at_risk,
             mtime=history["mtime_ns"] or 0,
+            dimensions=_header_size(ref),
         )
 
     def _thumb(self, ctx: Ctx) -> Response:
@@ -639,6 +641,20 @@ def _open_confined(ref: ImageRef) -> tuple[int, int]:
         os.close(fd)
         raise Problem("invalid", "not a regular file")
     return fd, st.st_size
+
+
+def _header_size(ref: ImageRef) -> tuple[int, int] | None:
+    """The image's size as its header declares it (read confined; None when it cannot
+    be read), without decoding the pixels."""
+    try:
+        fd, _ = _open_confined(ref)
+    except Problem:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as fh, Image.open(fh) as img:
+            return img.size
+    except Exception:
+        return None
 
 
 def register_web(
