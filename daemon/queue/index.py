@@ -492,15 +492,16 @@ def _gallery_sql(
 
     if f.text:
         # Driven by the caption records in image order, filtered on their text.
-        rng, params = _range("image_path", f, after, before)
-        sql = "SELECT image_path FROM captions WHERE text LIKE ? ESCAPE '\\'"
-        params = [_like(f.text), *params]
+        # (aliased: the probes' own captions table has an image_path too)
+        rng, rng_params = _range("d.image_path", f, after, before)
+        sql = "SELECT d.image_path FROM captions AS d WHERE d.text LIKE ? ESCAPE '\\'"
+        params = [_like(f.text)]
         if gen is not None:
-            sql += " AND generator = ?"
+            sql += " AND d.generator = ?"
             params.append(gen)
-        probe, more = state_probe("image_path")
-        sql += rng + probe + f" GROUP BY image_path ORDER BY image_path {order} LIMIT ?"
-        return sql, [*params, *more, limit]
+        probe, more = state_probe("d.image_path")
+        sql += rng + probe + f" GROUP BY d.image_path ORDER BY d.image_path {order} LIMIT ?"
+        return sql, [*params, *rng_params, *more, limit]
     if f.state == "flagged":
         rng, params = _range("image_path", f, after, before)
         sql = "SELECT image_path FROM flags WHERE dismissed_at IS NULL"
@@ -517,9 +518,10 @@ def _gallery_sql(
         sql = (
             "SELECT path FROM ("
             f"SELECT * FROM (SELECT image_path AS path FROM captions INDEXED BY captions_person "
-            f"WHERE {PERSON_WHERE}{g}{rng_c} ORDER BY image_path {order} LIMIT ?) UNION "
+            f"WHERE {PERSON_WHERE}{g}{rng_c} GROUP BY image_path ORDER BY image_path {order} "
+            "LIMIT ?) UNION "
             f"SELECT * FROM (SELECT path FROM jobs INDEXED BY jobs_person WHERE outcome IN "
-            f"{_PERSON_OUTCOMES}{g}{rng_j} ORDER BY path {order} LIMIT ?)"
+            f"{_PERSON_OUTCOMES}{g}{rng_j} GROUP BY path ORDER BY path {order} LIMIT ?)"
             f") ORDER BY path {order} LIMIT ?"
         )
         return sql, [*gp, *p_c, limit, *gp, *p_j, limit, limit]
