@@ -238,7 +238,8 @@ def _job(site: Site, rel: str) -> dict:
     uri = f"file:{site.d.state_dir / 'captiond.db'}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         row = conn.execute(
-            "SELECT state, outcome, updated_at FROM jobs WHERE path = ? AND generator = 'wd_tagger'",
+            "SELECT state, outcome, updated_at FROM jobs "
+            "WHERE path = ? AND generator = 'wd_tagger'",
             (path,),
         ).fetchone()
     return {} if row is None else {"state": row[0], "outcome": row[1], "updated_at": row[2]}
