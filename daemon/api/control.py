@@ -936,8 +936,11 @@ class Control:
 
     def rel_of(self, path: str) -> str | None:
         """The API name of an absolute path under a watched root (None outside)."""
-        watch = self.settings.watch_for(path)
-        return None if watch is None else api_path(watch, path)
+        for w in self.watches:  # roots never overlap
+            root = str(w.path).rstrip("/")
+            if path.startswith(root + "/"):
+                return f"{w.name}/{path[len(root) + 1 :]}"
+        return None
 
     def folder_path(self, rel: str) -> str:
         """The absolute folder a client names as ``ROOT`` or ``ROOT/sub`` (lexical

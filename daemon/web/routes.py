@@ -481,6 +481,7 @@ class WebUI:
             ctx,
             "gallery.html",
             page=page,
+            tiles=[_tile(it) for it in page["items"]],
             params=params,
             qs=qs,
             roots=[w.name for w in self.c.watches],
@@ -617,6 +618,29 @@ class WebUI:
         else:
             data = {"count": self.c.retry(None, None, ["failed", "dead"])}
         return self._back(ctx, f"{UI_PREFIX}/", data)
+
+
+def _tile(it: dict[str, Any]) -> dict[str, Any]:
+    """What a gallery tile shows of an image (plain values: the template only prints)."""
+    sub = it["rel"].split("/", 1)[1]
+    folder, _, name = sub.rpartition("/")
+    states = {j["state"] for j in it["jobs"].values()}
+    person = any(c["by_person"] for c in it["captions"].values()) or any(
+        j["outcome"] in ("caption_edited", "caption_exists") for j in it["jobs"].values()
+    )
+    badge = next((s for s in ("failed", "dead") if s in states), None)
+    if badge is None and states & {"pending", "leased"}:
+        badge = "pending"
+    return {
+        "rel": it["rel"],
+        "folder": folder,
+        "name": name,
+        "v": it["mtime_ns"] or 0,
+        "badge": badge,
+        "person": person,
+        "flags": "; ".join(f["reason"] for f in it["flags"]),
+        "text": next((c["text"] for c in it["captions"].values() if c["text"]), None),
+    }
 
 
 _LIVE_SECTIONS = ("queue", "activity", "generators", "watchers", "errors", "backfill")
