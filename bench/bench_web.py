@@ -406,8 +406,11 @@ def main() -> None:
         f"Image page (next/previous in a text filter): median {med:.1f} ms, p99 {p99:.1f} ms. "
         f"Folder counts: {g['folders_ms']:.0f} ms (cached 15 s)."
     )
-    print(f"\n### Thumbnail making, {args.camera} JPEGs 4032x3024 "
-          f"(avg {t['avg_bytes'] / 1e6:.1f} MB), 320 px, median of 5 alternating runs\n")  # fmt: skip
+    mb = t["avg_bytes"] / 1e6
+    print(
+        f"\n### Thumbnail making, {args.camera} JPEGs 4032x3024 (avg {mb:.1f} MB), 320 px, "
+        "median of 5 alternating runs\n"
+    )
     print("| what | images/s | vs plain |")
     print("|---|---|---|")
     print(f"| captiond thumbnailer (confined read, draft decode, EXIF, JPEG, cache write) "
