@@ -587,3 +587,21 @@ def test_captions_written_per_minute(tmp_path: Path) -> None:
     assert ix.written_per_minute(600.0, 6) == [2, 1, 0, 0, 0, 0]
     assert ix.written_per_minute(960.0, 2) == [1, 0]
     db.close()
+
+
+def test_overview_rate_and_eta(ui: UI) -> None:
+    while time.time() % 60 > 55:  # all of it within one minute
+        time.sleep(0.5)
+    c = ui.d.control
+    c.queue.enqueue_many((f"/nowhere/{i}.png", "wd_tagger", 0) for i in range(30))
+    c.index.record_captions(
+        CaptionRecord(f"/nowhere/w{i}.png", "wd_tagger", "c", "/nowhere/x.txt", "h", 0)
+        for i in range(6)
+    )
+    a = c.activity()
+    assert a["written_last_hour"] == 6 and a["per_minute"][-1] == 6
+    assert a["rate_per_minute"] == 6.0  # started this minute: a minute's rate, not an hour's
+    assert a["backlog"] == {"explicit": 0, "new": 0, "backfill": 30}
+    assert a["eta_seconds"] == 300
+    html = ui.call("GET", "/ui/").encode().decode()
+    assert 'id="count-pending">30<' in html and "5 min" in html

@@ -1139,8 +1139,15 @@ class Control:
         explicit, new, backfill = self.queue.pending_by_priority(
             [PRIORITY_EXPLICIT - 50, PRIORITY_NEW - 50]
         )
-        recent = sum(per_minute[-10:])  # the last 10 minutes say more about now
-        rate = recent / min(600.0, elapsed) if recent else sum(per_minute) / elapsed
+        # The last 10 minutes say more about now; counted from the first of them that
+        # wrote anything (a daemon that started 2 minutes ago has 2 minutes of rate).
+        last = per_minute[-10:]
+        first = next((i for i, n in enumerate(last) if n), None)
+        if first is not None:
+            window = max(60.0, now - (since + (minutes - len(last) + first) * 60))
+            rate = sum(last) / window
+        else:
+            rate = sum(per_minute) / elapsed
         backlog = explicit + new + backfill
         return {
             "per_minute": per_minute,
