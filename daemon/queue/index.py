@@ -490,9 +490,63 @@ def _gallery_sql(
             return job_probe(col, _STATE_SQL[f.state])
         return "", []
 
+    def text_probe(col: str) -> tuple[str, list]:
+        if not f.text:
+            return "", []
+        sql = (
+            f" AND EXISTS (SELECT 1 FROM captions AS t WHERE t.image_path = {col} "
+            "AND t.text LIKE ? ESCAPE '\\'"
+        )
+        if gen is not None:
+            return sql + " AND t.generator = ?)", [_like(f.text), gen]
+        return sql + ")", [_like(f.text)]
+
+    # The driver is the rarest condition: a state that few images are in (with the text
+    # as a probe), else the text, else every image. Each is aliased ``d``: the probes'
+    # own tables have the same column names.
+    if f.state == "flagged":
+        rng, params = _range("d.image_path", f, after, before)
+        sql = "SELECT d.image_path FROM flags AS d WHERE d.dismissed_at IS NULL"
+        if gen is not None:
+            sql += " AND d.generator = ?"
+            params = [gen, *params]
+        probe, more = text_probe("d.image_path")
+        sql += rng + probe + f" GROUP BY d.image_path ORDER BY d.image_path {order} LIMIT ?"
+        return sql, [*params, *more, limit]
+    if f.state == "person":
+        rng_c, p_c = _range("d.image_path", f, after, before)
+        rng_j, p_j = _range("d.path", f, after, before)
+        g = " AND d.generator = ?" if gen is not None else ""
+        gp = [gen] if gen is not None else []
+        t_c, tp_c = text_probe("d.image_path")
+        t_j, tp_j = text_probe("d.path")
+        sql = (
+            "SELECT path FROM ("
+            "SELECT * FROM (SELECT d.image_path AS path FROM captions AS d INDEXED BY "
+            f"captions_person WHERE {PERSON_WHERE.replace('sidecar_hash', 'd.sidecar_hash')}"
+            f"{g}{rng_c}{t_c} GROUP BY d.image_path ORDER BY d.image_path {order} LIMIT ?) "
+            "UNION SELECT * FROM (SELECT d.path FROM jobs AS d INDEXED BY jobs_person WHERE "
+            f"d.outcome IN {_PERSON_OUTCOMES}{g}{rng_j}{t_j} GROUP BY d.path "
+            f"ORDER BY d.path {order} LIMIT ?)"
+            f") ORDER BY path {order} LIMIT ?"
+        )
+        return sql, [*gp, *p_c, *tp_c, limit, *gp, *p_j, *tp_j, limit, limit]
+    if f.state in ("failed", "dead", "pending"):
+        # The partial index serves a query whose WHERE repeats the index's own.
+        if f.state == "pending":
+            where = "jobs_waiting WHERE d.state IN ('pending', 'leased')"
+        else:
+            where = f"jobs_trouble WHERE d.state IN ('failed', 'dead') AND +d.state = '{f.state}'"
+        rng, params = _range("d.path", f, after, before)
+        sql = f"SELECT d.path FROM jobs AS d INDEXED BY {where}"
+        if gen is not None:
+            sql += " AND d.generator = ?"
+            params = [gen, *params]
+        probe, more = text_probe("d.path")
+        sql += rng + probe + f" GROUP BY d.path ORDER BY d.path {order} LIMIT ?"
+        return sql, [*params, *more, limit]
     if f.text:
         # Driven by the caption records in image order, filtered on their text.
-        # (aliased: the probes' own captions table has an image_path too)
         rng, rng_params = _range("d.image_path", f, after, before)
         sql = "SELECT d.image_path FROM captions AS d WHERE d.text LIKE ? ESCAPE '\\'"
         params = [_like(f.text)]
@@ -502,42 +556,6 @@ def _gallery_sql(
         probe, more = state_probe("d.image_path")
         sql += rng + probe + f" GROUP BY d.image_path ORDER BY d.image_path {order} LIMIT ?"
         return sql, [*params, *rng_params, *more, limit]
-    if f.state == "flagged":
-        rng, params = _range("image_path", f, after, before)
-        sql = "SELECT image_path FROM flags WHERE dismissed_at IS NULL"
-        if gen is not None:
-            sql += " AND generator = ?"
-            params = [gen, *params]
-        sql += rng + f" GROUP BY image_path ORDER BY image_path {order} LIMIT ?"
-        return sql, [*params, limit]
-    if f.state == "person":
-        rng_c, p_c = _range("image_path", f, after, before)
-        rng_j, p_j = _range("path", f, after, before)
-        g = " AND generator = ?" if gen is not None else ""
-        gp = [gen] if gen is not None else []
-        sql = (
-            "SELECT path FROM ("
-            f"SELECT * FROM (SELECT image_path AS path FROM captions INDEXED BY captions_person "
-            f"WHERE {PERSON_WHERE}{g}{rng_c} GROUP BY image_path ORDER BY image_path {order} "
-            "LIMIT ?) UNION "
-            f"SELECT * FROM (SELECT path FROM jobs INDEXED BY jobs_person WHERE outcome IN "
-            f"{_PERSON_OUTCOMES}{g}{rng_j} GROUP BY path ORDER BY path {order} LIMIT ?)"
-            f") ORDER BY path {order} LIMIT ?"
-        )
-        return sql, [*gp, *p_c, limit, *gp, *p_j, limit, limit]
-    if f.state in ("failed", "dead", "pending"):
-        # The partial index serves a query whose WHERE repeats the index's own.
-        if f.state == "pending":
-            where = "jobs_waiting WHERE state IN ('pending', 'leased')"
-        else:
-            where = f"jobs_trouble WHERE state IN ('failed', 'dead') AND +state = '{f.state}'"
-        rng, params = _range("path", f, after, before)
-        sql = f"SELECT path FROM jobs INDEXED BY {where}"
-        if gen is not None:
-            sql += " AND generator = ?"
-            params = [gen, *params]
-        sql += rng + f" GROUP BY path ORDER BY path {order} LIMIT ?"
-        return sql, [*params, limit]
     # Every indexed image, in path order through files_path; a state or generator is a
     # probe of the image's jobs.
     rng, params = _range(FILE_PATH, f, after, before)
