@@ -502,7 +502,13 @@ FILTERS = [GalleryFilter()] + [
 ]
 
 
-def test_gallery_pages_list_exactly_what_a_brute_force_filter_finds(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sparse_pending", [2000, 0], ids=["few-pending", "many-pending"])
+def test_gallery_pages_list_exactly_what_a_brute_force_filter_finds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sparse_pending: int
+) -> None:
+    """Both ways of listing pending jobs (read and sorted, or a walk of the images
+    with a probe each) are checked: the threshold is moved below the dataset's count."""
+    monkeypatch.setattr("daemon.queue.index.SPARSE_PENDING", sparse_pending)
     db, ix, truth = _dataset(tmp_path)
     for f in FILTERS:
         want = sorted(p for p, t in truth.items() if _matches(t, f, p))

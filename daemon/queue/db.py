@@ -146,13 +146,11 @@ _ADDITIONS = [
     # listing is ordered by the image's absolute path and read from one of these in
     # that order, LIMIT rows at a time (keyset paging), whatever the filter.
     f"CREATE INDEX IF NOT EXISTS files_path ON files {FILE_PATH}",
-    # Partial indexes: jobs_trouble holds failed and dead jobs only (enqueue, claim and
-    # the ack of a done job never touch it); jobs_waiting pending and leased ones (its
-    # cost to enqueue, claim and ack: bench/README.md, Queue).
+    # Partial: failed and dead jobs only, so enqueue, claim and the ack of a done job
+    # never touch it. (Pending jobs have no such index: it would cost every enqueue;
+    # see FileIndex.gallery_paths.)
     """CREATE INDEX IF NOT EXISTS jobs_trouble
         ON jobs (path) WHERE state IN ('failed', 'dead')""",
-    """CREATE INDEX IF NOT EXISTS jobs_waiting
-        ON jobs (path) WHERE state IN ('pending', 'leased')""",
     """CREATE INDEX IF NOT EXISTS jobs_person
         ON jobs (path) WHERE outcome IN ('caption_edited', 'caption_exists')""",
     f"""CREATE INDEX IF NOT EXISTS captions_person

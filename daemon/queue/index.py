@@ -298,10 +298,19 @@ class FileIndex:
         (the other conditions are probes of single rows), so a page costs about the
         same at 100,000 images as at 100, unless few images match a probe: then the
         walk goes on until it has found ``limit`` or reached the end
-        (bench/README.md, Web UI)."""
+        (bench/README.md, Web UI). Pending jobs have no index by path (it would slow
+        every enqueue): up to ``SPARSE_PENDING`` of them are read through the state
+        index and sorted; more, and the images are walked with a probe each."""
         if limit <= 0:
             return []
-        sql, params = _gallery_sql(f, after=after, before=before, limit=limit)
+        sparse = False
+        if f.state == "pending":  # few pending jobs: read them all and sort them
+            n = self.db.conn.execute(
+                "SELECT count(*) FROM jobs INDEXED BY jobs_state "
+                "WHERE state IN ('pending', 'leased')"
+            ).fetchone()[0]
+            sparse = n <= SPARSE_PENDING
+        sql, params = _gallery_sql(f, after=after, before=before, limit=limit, sparse=sparse)
         rows = [r[0] for r in self.db.conn.execute(sql, params)]
         return rows[::-1] if before is not None and after is None else rows
 
@@ -401,6 +410,7 @@ class FileIndex:
         return out
 
 
+SPARSE_PENDING = 2000
 GALLERY_STATES = ("captioned", "pending", "failed", "dead", "person", "flagged")
 _JOB_KEYS = ("state", "outcome", "error_type", "error_message", "attempts", "updated_at")
 _PERSON_OUTCOMES = "('caption_edited', 'caption_exists')"
@@ -445,7 +455,7 @@ def _range(col: str, f: GalleryFilter, after: str | None, before: str | None) ->
 
 
 def _gallery_sql(
-    f: GalleryFilter, *, after: str | None, before: str | None, limit: int
+    f: GalleryFilter, *, after: str | None, before: str | None, limit: int, sparse: bool = False
 ) -> tuple[str, list]:
     """One SELECT of paths in path order for a filter (see gallery_paths)."""
     order = "DESC" if before is not None and after is None else "ASC"
@@ -531,10 +541,10 @@ def _gallery_sql(
             f") ORDER BY path {order} LIMIT ?"
         )
         return sql, [*gp, *p_c, *tp_c, limit, *gp, *p_j, *tp_j, limit, limit]
-    if f.state in ("failed", "dead", "pending"):
+    if f.state in ("failed", "dead") or (f.state == "pending" and sparse):
         # The partial index serves a query whose WHERE repeats the index's own.
         if f.state == "pending":
-            where = "jobs_waiting WHERE d.state IN ('pending', 'leased')"
+            where = "jobs_state WHERE d.state IN ('pending', 'leased')"
         else:
             where = f"jobs_trouble WHERE d.state IN ('failed', 'dead') AND +d.state = '{f.state}'"
         rng, params = _range("d.path", f, after, before)
