@@ -37,13 +37,20 @@ setup: $(call stamps,$(EXTRAS))
 setup-test: $(call stamps,$(TEST_EXTRAS))
 
 # systemd-analyze checks the unit files in the tests (Debian's systemd package
-# provides it without systemd running).
+# provides it without systemd running); chromium and chromedriver drive the web UI's
+# browser tests (Debian's packages: browsers cannot be downloaded by the tests).
 system-deps:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; \
 	  else \
 	    echo "systemd-analyze missing: install your distribution's systemd package" >&2; exit 1; \
+	  fi; }
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver fonts-dejavu-core >/dev/null; \
+	  else \
+	    echo "chromium/chromedriver missing: install your distribution's chromium and chromium-driver" >&2; exit 1; \
 	  fi; }
 
 run: setup

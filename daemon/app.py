@@ -30,6 +30,7 @@ from daemon.scanning.rules import is_candidate
 from daemon.scanning.scheduler import ScanRequest, ScanScheduler
 from daemon.watch.mounts import fs_type, is_network_fs
 from daemon.watch.watcher import WatchSupervisor
+from daemon.web import register_web
 from daemon.worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -127,9 +128,16 @@ class Daemon:
             metrics=lambda: (metrics.render(), metrics.CONTENT_TYPE),
         )
         self._collector = metrics.register_daemon(self.status)
+        token = None
         if settings.api.tcp.enabled:  # off by default; bearer token from a 0600 file
             tcp = settings.api.tcp
-            self.server.enable_tcp(tcp.host, tcp.port, load_token(tcp.token_file))
+            token = load_token(tcp.token_file)
+            self.server.enable_tcp(tcp.host, tcp.port, token)
+        if settings.ui.enabled:  # the web UI: routes over the same facade, under /ui/
+            self.ui = register_web(
+                self.server.router, self.control, status=self.status, token=token
+            )
+            self.server.tcp_gate = self.ui.auth.tcp_gate
         for slot in self.models.slots.values():  # e.g. a remote server over plain http
             for w in getattr(slot.raw, "warnings", lambda: [])():
                 self.warnings.append(f"generator {slot.name}: {w}")

@@ -322,6 +322,17 @@ class ApiConfig(_Section):
         return None if v is None else Path(os.path.expandvars(str(v))).expanduser().absolute()
 
 
+class UiConfig(_Section):
+    """The web UI under ``/ui/`` on the socket and the TCP listener."""
+
+    enabled: bool = True
+    # Thumbnails kept under <cache_dir>/thumbnails (least recently used removed first).
+    thumbnail_cache_mb: int = Field(256, ge=1)
+    # Host names (besides loopback ones) a browser may use to reach the socket's UI,
+    # e.g. through a reverse proxy: a guard against DNS rebinding.
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+
 def _default_state_dir() -> Path:
     if d := os.environ.get("STATE_DIRECTORY"):  # set by systemd's StateDirectory=
         return Path(d.split(":")[0])
@@ -368,6 +379,7 @@ class Settings(BaseSettings):
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
     postprocess: PostProcessConfig = Field(default_factory=PostProcessConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
+    ui: UiConfig = Field(default_factory=UiConfig)
     # generator name -> its settings table, validated against the generator's schema
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

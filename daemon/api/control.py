@@ -17,12 +17,13 @@ batches) or are a single reference swap (the post-processing pipelines).
 from __future__ import annotations
 
 import os
+import contextlib
 import re
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +54,15 @@ from daemon.config import (
     generator_config,
 )
 from daemon.confined import ConfinementError, Root
+from daemon.errors import UnsafeSidecarError
 from daemon.generators.registry import Discovered
 from daemon.hashing import content_hash, sidecar_hash
 from daemon.overrides import FILE_ONLY_KEYS, Overrides
 from daemon.pipeline.caption import SidecarInfo
 from daemon.pipeline.targets import sidecar_target
 from daemon.queue import CaptionRecord, FileIndex, JobQueue
+from daemon.queue.db import PERSON_EDIT
+from daemon.queue.index import GalleryFilter
 from daemon.residency.manager import ModelManager, ReconfigureError
 from daemon.residency.slot import ModelSlot, ModelState
 from daemon.scanning.reconcile import Scanner
@@ -71,7 +75,7 @@ log = structlog.get_logger(__name__)
 
 # Recorded as the sidecar hash of a caption a person wrote through the API: it never
 # equals a real content hash, so the file is never "ours" and never overwritten.
-HUMAN_EDIT = "human-edit"
+HUMAN_EDIT = PERSON_EDIT
 _EXT_RE = re.compile(r"[\w+-]+(\.[\w+-]+)*")
 BATCH_POLL_SECONDS = 0.5
 SYNC_SLICE_SECONDS = 0.25
@@ -960,6 +964,231 @@ class Control:
         if generator is not None and generator not in self.discovered:
             raise Problem("not_found", f"unknown generator {generator!r}", "not_found")
 
+    # -- browsing (the web UI) -----------------------------------------------------------
+
+    def rel_of(self, path: str) -> str | None:
+        """The API name of an absolute path under a watched root (None outside)."""
+        for w in self.watches:  # roots never overlap
+            root = str(w.path).rstrip("/")
+            if path.startswith(root + "/"):
+                return f"{w.name}/{path[len(root) + 1 :]}"
+        return None
+
+    def folder_path(self, rel: str) -> str:
+        """The absolute folder a client names as ``ROOT`` or ``ROOT/sub`` (lexical
+        checks only: it is a range of paths in the index, never opened)."""
+        parts = rel.strip("/").split("/")
+        if any(p in ("", ".", "..") or "\x00" in p or "\\" in p for p in parts):
+            raise Problem("invalid", "a folder is named ROOT or ROOT/sub, without '.' or '..'")
+        watch = self.watch_named(parts[0])
+        return "/".join([str(watch.path).rstrip("/"), *parts[1:]])
+
+    def gallery(
+        self, f: GalleryFilter, *, after: str | None, before: str | None, limit: int
+    ) -> dict[str, Any]:
+        """One page of images matching ``f`` (keyset paging on API paths): ``items``
+        (the index's view of each) and the cursors ``prev``/``next`` (None at an end)."""
+        a = None if after is None else str(self.image_path(after))
+        b = None if before is None else str(self.image_path(before))
+        paths = self.index.gallery_paths(f, after=a, before=b, limit=limit + 1)
+        more = len(paths) > limit
+        if b is not None and a is None:
+            paths = paths[-limit:] if more else paths
+            has_prev, has_next = more, True
+        else:
+            paths = paths[:limit]
+            has_prev, has_next = a is not None, more
+        details = self.index.gallery_items(paths)
+        items = []
+        for p in paths:
+            rel = self.rel_of(p)
+            if rel is not None:
+                items.append(details[p] | {"rel": rel})
+        return {
+            "items": items,
+            "prev": items[0]["rel"] if items and has_prev else None,
+            "next": items[-1]["rel"] if items and has_next else None,
+        }
+
+    def neighbours(self, f: GalleryFilter, ref: ImageRef) -> tuple[str | None, str | None]:
+        """The images before and after ``ref`` in the gallery's order under ``f``."""
+        p = str(ref.path)
+        prev = self.index.gallery_paths(f, before=p, limit=1)
+        nxt = self.index.gallery_paths(f, after=p, limit=1)
+        return (
+            self.rel_of(prev[0]) if prev else None,
+            self.rel_of(nxt[0]) if nxt else None,
+        )
+
+    def image_path(self, rel: str) -> Path:
+        """An image's absolute path from its API name, checked lexically only (a
+        cursor: the image may be gone)."""
+        return resolve_image(self.watches, rel, must_exist=False).path
+
+    def folders(self) -> list[dict[str, Any]]:
+        """Every root and folder holding images, depth first, each with the counts of
+        what lies in it and below it: images, jobs by state, captions by a person."""
+        counts = self.index.folder_counts([str(w.path) for w in self.watches])
+        rows = []
+        for w in self.watches:
+            own = counts.get(str(w.path).rstrip("/"), {})
+            total: dict[str, dict[str, int]] = {}
+            for d, c in own.items():
+                parts = d.split("/") if d else []
+                for i in range(len(parts) + 1):
+                    acc = total.setdefault("/".join(parts[:i]), {})
+                    for k, n in c.items():
+                        acc[k] = acc.get(k, 0) + n
+            total.setdefault("", {})
+            for d in sorted(total, key=lambda d: d.split("/") if d else []):
+                rows.append(
+                    {
+                        "root": w.name,
+                        "folder": d,
+                        "rel": f"{w.name}/{d}" if d else w.name,
+                        "depth": d.count("/") + 1 if d else 0,
+                        "counts": total[d],
+                    }
+                )
+        return rows
+
+    def sidecars(self, ref: ImageRef) -> list[dict[str, Any]]:
+        """Every sidecar beside an image (its generators' targets and any file named
+        ``stem.TYPE`` or ``name.TYPE`` of a recognised caption type), read confined,
+        with who wrote it: ``captiond``, ``person`` (through captiond), ``edited`` (on
+        disk since captiond wrote it) or ``unknown`` (captiond never wrote it)."""
+        watch, image = ref.watch, str(ref.path)
+        root = Root(str(watch.path), watch.follow_symlinks)
+        rel_dir = root.rel(str(ref.path.parent))
+        targets: dict[str, list[str]] = {}  # sidecar name -> generators writing it
+        for g in watch.generators:
+            with contextlib.suppress(FileNotFoundError, ConfinementError, OSError):
+                targets.setdefault(Path(self.worker.sidecar_of(image, g).path).name, []).append(g)
+        stem = ref.path.stem
+        names = dict.fromkeys(targets)
+        for t in self.caption_types()["types"]:
+            names.update(dict.fromkeys([f"{stem}.{t}", f"{ref.path.name}.{t}"]))
+        records = {
+            g: r
+            for g in {*watch.generators, *self.models.slots}
+            if (r := self.index.get_caption(image, g)) is not None
+        }
+        out = []
+        with root.folder(rel_dir) as folder:
+            for name in names:
+                st = folder.lstat(name)
+                gens = targets.get(name, [])
+                if st is None and not gens:
+                    continue
+                entry: dict[str, Any] = {
+                    "name": name,
+                    "rel": f"{watch.name}/{rel_dir}/{name}" if rel_dir else f"{watch.name}/{name}",
+                    "type": name.rsplit(".", 1)[-1],
+                    "generators": gens,
+                    "exists": st is not None,
+                    "text": None,
+                    "problem": None,
+                    "written_by": None,
+                }
+                if st is not None:
+                    try:
+                        data = folder.read_sidecar(name)
+                    except UnsafeSidecarError as exc:
+                        entry["problem"] = str(exc).rsplit(": ", 1)[-1]
+                        data = None
+                    if data is not None:
+                        entry["text"] = data.decode("utf-8", "replace")
+                        entry["written_by"] = _written_by(
+                            data, f"{folder.path}/{name}", records.values()
+                        )
+                out.append(entry)
+        return out
+
+    def person_caption_at_risk(self, ref: ImageRef, generator: str) -> str | None:
+        """The sidecar a forced caption of ``generator`` would replace when captiond
+        did not write what is there (a person's caption), else None."""
+        info = self.worker.sidecar_of(str(ref.path), generator)
+        return Path(info.path).name if info.exists and not info.ours else None
+
+    def image_history(self, ref: ImageRef) -> dict[str, Any]:
+        """An image's jobs (one per generator), its failed attempts, its caption
+        records, open flags and its file's size and modification time as indexed."""
+        image = str(ref.path)
+        jobs = self.queue.jobs_of(image)
+        item = self.index.gallery_items([image])[image]
+        return {
+            "jobs": [
+                {
+                    "generator": j.generator,
+                    "state": str(j.state),
+                    "outcome": j.outcome,
+                    "attempts": j.attempts,
+                    "error_type": j.error_type,
+                    "error": j.error_message,
+                    "enqueued_at": j.enqueued_at,
+                    "updated_at": j.updated_at,
+                    "not_before": j.not_before,
+                }
+                for j in jobs
+            ],
+            "failed_attempts": self.queue.failed_attempts(image),
+            "captions": item["captions"],
+            "flags": item["flags"],
+            "size": item["size"],
+            "mtime_ns": item["mtime_ns"],
+        }
+
+    def retry_job(self, ref: ImageRef, generator: str) -> bool:
+        """Retry one failed or dead job now."""
+        self._known_generator(generator)
+        ok = self.queue.retry_job(str(ref.path), generator)
+        if ok:
+            self.worker.wake()
+        return ok
+
+    def recent_errors(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [
+            {
+                "path": j.path,
+                "rel": self.rel_of(j.path),
+                "generator": j.generator,
+                "state": str(j.state),
+                "error_type": j.error_type,
+                "error": j.error_message,
+                "attempts": j.attempts,
+                "updated_at": j.updated_at,
+            }
+            for j in self.queue.recent_errors(limit)
+        ]
+
+    def activity(self, minutes: int = 60) -> dict[str, Any]:
+        """Captions written per minute over the last ``minutes`` (oldest first), the
+        rate, the backlog by priority class and an ETA for it at that rate."""
+        now = time.time()
+        since = (now // 60 - minutes + 1) * 60  # whole minutes; the last one is running
+        per_minute = self.index.written_per_minute(since, minutes)
+        elapsed = max(60.0, now - since)
+        explicit, new, backfill = self.queue.pending_by_priority(
+            [PRIORITY_EXPLICIT - 50, PRIORITY_NEW - 50]
+        )
+        # The last 10 minutes say more about now; counted from the first of them that
+        # wrote anything (a daemon that started 2 minutes ago has 2 minutes of rate).
+        last = per_minute[-10:]
+        first = next((i for i, n in enumerate(last) if n), None)
+        if first is not None:
+            window = max(60.0, now - (since + (minutes - len(last) + first) * 60))
+            rate = sum(last) / window
+        else:
+            rate = sum(per_minute) / elapsed
+        backlog = explicit + new + backfill
+        return {
+            "per_minute": per_minute,
+            "written_last_hour": sum(per_minute),
+            "rate_per_minute": round(rate * 60, 1),
+            "backlog": {"explicit": explicit, "new": new, "backfill": backfill},
+            "eta_seconds": round(backlog / rate) if rate > 0 and backlog else None,
+        }
+
 
 def _regular(mode: int) -> bool:
     return stat.S_ISREG(mode)
@@ -967,3 +1196,14 @@ def _regular(mode: int) -> bool:
 
 def _link(mode: int) -> bool:
     return stat.S_ISLNK(mode)
+
+
+def _written_by(data: bytes, path: str, records: Iterable[CaptionRecord]) -> str:
+    digest = sidecar_hash(data)
+    for rec in records:
+        if rec.sidecar_path != path:
+            continue
+        if rec.sidecar_hash == f"{HUMAN_EDIT}:{digest}":
+            return "person"
+        return "captiond" if digest in rec.owned_hashes(path) else "edited"
+    return "unknown"

@@ -231,30 +231,36 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 return
             length -= len(chunk)
 
-    def _check_token(self) -> None:
+    def _check_token(self, path: str) -> str:
+        """How the request is authenticated: ``peer`` (Unix socket), ``token`` (TCP,
+        bearer), or what the server's ``tcp_gate`` lets through without the bearer
+        header (the web UI's session cookie); else 401."""
         token: bytes | None = getattr(self.server, "token", None)
         if token is None:
-            return
+            return "peer"
         header = self.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-            self.close_connection = True  # the body (if any) is not read
-            raise HTTPError(
-                401,
-                "missing or wrong bearer token",
-                headers={"WWW-Authenticate": 'Bearer realm="captiond"'},
-            )
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token):
+            return "token"
+        gate = self.server.control.tcp_gate
+        if not header and gate is not None and (auth := gate(path, self.headers)) is not None:
+            return auth
+        self.close_connection = True  # the body (if any) is not read
+        raise HTTPError(
+            401,
+            "missing or wrong bearer token",
+            headers={"WWW-Authenticate": 'Bearer realm="captiond"'},
+        )
 
     def _dispatch(self) -> None:
         started = time.perf_counter()
         split = urlsplit(self.path)
         path = split.path or "/"
         route: Route | None = None
-        tcp = getattr(self.server, "token", None) is not None
         read = False
         try:
             length = self._body_length()
-            self._check_token()
+            auth = self._check_token(path)
             route, params = self.server.control.router.match(self.command, path)
             req = Request(
                 method=self.command,
@@ -264,7 +270,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
                 body=b"",
                 peer=self.peer,
                 params=params,
-                auth="token" if tcp else "peer",
+                auth=auth,
             )
             if route.guard is not None:
                 route.guard(req)  # before the body: who may not use it sends none
@@ -557,6 +563,9 @@ class ControlServer:
         self._tcp_config: tuple[str, int, bytes] | None = None
         self._tcp: _TCPHTTPServer | None = None
         self._tcp_thread: threading.Thread | None = None
+        # TCP requests without the bearer header: (path, headers) -> an auth label to
+        # serve them with, or None to refuse (401). Set by the web UI (its cookie).
+        self.tcp_gate: Callable[[str, Any], str | None] | None = None
 
     def enable_tcp(self, host: str, port: int, token: bytes) -> None:
         """Also serve on TCP ``host:port`` from ``start()``; requests need the token."""

@@ -23,6 +23,17 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 
+# A ``files`` row's absolute path, spelt as ``jobs.path`` and ``captions.image_path``
+# spell it. The ``files_path`` index is on this very expression: queries that order or
+# look up files by path must use it as it is written here to be served by the index.
+FILE_PATH = "(root || '/' || CASE WHEN dir = '' THEN name ELSE dir || '/' || name END)"
+# Recorded as the sidecar hash (before ":<hash>") of a caption a person wrote through
+# captiond (the API, the web UI): it never equals a real hash, so it is never "ours".
+PERSON_EDIT = "human-edit"
+HISTORY_KEEP = 20  # failed attempts kept per job in job_history
+# The captions a person wrote (served by the captions_person index when written so).
+PERSON_WHERE = f"substr(sidecar_hash, 1, {len(PERSON_EDIT) + 1}) = '{PERSON_EDIT}:'"
+
 # Version 1. Later versions add an entry to _MIGRATIONS (from_version -> statements).
 _SCHEMA_V1 = [
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -139,6 +150,56 @@ _ADDITIONS = [
     "CREATE INDEX IF NOT EXISTS stem_clashes_at ON stem_clashes (at)",
     # One row, rewritten by probe_write() to learn whether the database takes writes.
     "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
+    # The web UI's gallery pages over 100,000 images (bench/README.md, Web UI): every
+    # listing is ordered by the image's absolute path and read from one of these in
+    # that order, LIMIT rows at a time (keyset paging), whatever the filter.
+    f"CREATE INDEX IF NOT EXISTS files_path ON files {FILE_PATH}",
+    # Partial: failed and dead jobs only, so enqueue, claim and the ack of a done job
+    # never touch it. (Pending jobs have no such index: it would cost every enqueue;
+    # see FileIndex.gallery_paths.)
+    """CREATE INDEX IF NOT EXISTS jobs_trouble
+        ON jobs (path) WHERE state IN ('failed', 'dead')""",
+    """CREATE INDEX IF NOT EXISTS jobs_person
+        ON jobs (path) WHERE outcome IN ('caption_edited', 'caption_exists')""",
+    f"""CREATE INDEX IF NOT EXISTS captions_person
+        ON captions (image_path) WHERE {PERSON_WHERE}""",
+    # Captions written per minute (the web UI's overview).
+    "CREATE INDEX IF NOT EXISTS captions_written ON captions (written_at)",
+    # The failed attempts of each job (the web UI's image page): one row per attempt
+    # that ended with an error, the last HISTORY_KEEP per job, written by the trigger
+    # below whoever changes the job (fail, bury, lease recovery). Attempts that
+    # succeed leave no row (the job's outcome and the caption record tell them), so
+    # the acks of the hot path only evaluate the trigger's WHEN. A job leaving
+    # ``leased`` for ``pending`` with its error unchanged and one attempt less is a
+    # release (the batch never ran): not an attempt. The rows of a job go with it.
+    """CREATE TABLE IF NOT EXISTS job_history (
+        id            INTEGER PRIMARY KEY,
+        path          TEXT    NOT NULL,
+        generator     TEXT    NOT NULL,
+        at            REAL    NOT NULL,
+        state         TEXT    NOT NULL,
+        error_type    TEXT    NOT NULL,
+        error_message TEXT,
+        attempt       INTEGER NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS job_history_job ON job_history (path, generator, id)",
+    f"""CREATE TRIGGER IF NOT EXISTS jobs_history_attempt AFTER UPDATE OF state ON jobs
+    WHEN old.state = 'leased' AND new.state != 'leased' AND new.error_type IS NOT NULL AND (
+        new.state != 'pending' OR new.attempts = old.attempts
+        OR new.error_type IS NOT old.error_type OR new.error_message IS NOT old.error_message)
+    BEGIN
+        INSERT INTO job_history (path, generator, at, state, error_type, error_message,
+                                 attempt)
+        VALUES (new.path, new.generator, new.updated_at, new.state, new.error_type,
+                new.error_message, old.attempts);
+        DELETE FROM job_history WHERE path = new.path AND generator = new.generator
+            AND id <= (SELECT id FROM job_history WHERE path = new.path
+                       AND generator = new.generator ORDER BY id DESC
+                       LIMIT 1 OFFSET {HISTORY_KEEP});
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS jobs_history_forget AFTER DELETE ON jobs BEGIN
+        DELETE FROM job_history WHERE path = old.path AND generator = old.generator;
+    END""",
 ]
 
 # Columns an older captiond ignores (it names the columns it reads): added at every

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
+from typing import Any
 
-from daemon.queue.db import Database
+from daemon.queue.db import FILE_PATH, PERSON_WHERE, Database
 
 BATCH = 1000
 
@@ -295,3 +296,309 @@ class FileIndex:
     def forget_captions(self, image_path: str) -> None:
         """Drop every caption record of an image. Not called on deletion (see module doc)."""
         self.db.conn.execute("DELETE FROM captions WHERE image_path = ?", (image_path,))
+
+    # -- browsing (the web UI) ----------------------------------------------------------
+
+    def gallery_paths(
+        self,
+        f: GalleryFilter,
+        *,
+        after: str | None = None,
+        before: str | None = None,
+        limit: int = 60,
+    ) -> list[str]:
+        """Up to ``limit`` images (absolute paths, ascending) that match ``f``, right
+        after ``after`` or right before ``before`` in path order (keyset paging).
+
+        Each filter reads one index in path order and stops after ``limit`` matches
+        (the other conditions are probes of single rows), so a page costs about the
+        same at 100,000 images as at 100, unless few images match a probe: then the
+        walk goes on until it has found ``limit`` or reached the end
+        (bench/README.md, Web UI). Pending jobs have no index by path (it would slow
+        every enqueue): up to ``SPARSE_PENDING`` of them are read through the state
+        index and sorted; more, and the images are walked with a probe each."""
+        if limit <= 0:
+            return []
+        sparse = False
+        if f.state == "pending":  # few pending jobs: read them all and sort them
+            n = self.db.conn.execute(
+                "SELECT count(*) FROM jobs INDEXED BY jobs_state "
+                "WHERE state IN ('pending', 'leased')"
+            ).fetchone()[0]
+            sparse = n <= SPARSE_PENDING
+        sql, params = _gallery_sql(f, after=after, before=before, limit=limit, sparse=sparse)
+        rows = [r[0] for r in self.db.conn.execute(sql, params)]
+        return rows[::-1] if before is not None and after is None else rows
+
+    def gallery_items(self, paths: list[str]) -> dict[str, dict[str, Any]]:
+        """What the gallery shows of each image: its file row, its jobs, the caption
+        records and open flags, by path (an image no longer indexed has ``size``
+        None)."""
+        out: dict[str, dict[str, Any]] = {
+            p: {"path": p, "size": None, "mtime_ns": None, "jobs": {}, "captions": {},
+                "flags": []}
+            for p in paths
+        }  # fmt: skip
+        conn = self.db.conn
+        for i in range(0, len(paths), 500):
+            chunk = paths[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for path, size, mtime in conn.execute(
+                f"SELECT {FILE_PATH}, size, mtime_ns FROM files WHERE {FILE_PATH} IN ({marks})",
+                chunk,
+            ):
+                out[path]["size"], out[path]["mtime_ns"] = size, mtime
+            for row in conn.execute(
+                "SELECT path, generator, state, outcome, error_type, error_message, attempts, "
+                f"updated_at FROM jobs WHERE path IN ({marks})",
+                chunk,
+            ):
+                out[row[0]]["jobs"][row[1]] = dict(zip(_JOB_KEYS, row[2:], strict=True))
+            for row in conn.execute(
+                "SELECT image_path, generator, sidecar_path, sidecar_hash, text, written_at, "
+                f"{PERSON_WHERE} FROM captions WHERE image_path IN ({marks})",
+                chunk,
+            ):
+                out[row[0]]["captions"][row[1]] = {
+                    "sidecar_path": row[2],
+                    "text": row[4],
+                    "written_at": row[5],
+                    "by_person": bool(row[6]),
+                }
+            for row in conn.execute(
+                "SELECT image_path, generator, check_name, reason, created_at FROM flags "
+                f"WHERE image_path IN ({marks}) AND dismissed_at IS NULL",
+                chunk,
+            ):
+                out[row[0]]["flags"].append(
+                    {"generator": row[1], "check": row[2], "reason": row[3], "at": row[4]}
+                )
+        return out
+
+    def folder_counts(self, roots: Iterable[str]) -> dict[str, dict[str, dict[str, int]]]:
+        """root -> folder (relative, ``''`` for the root) -> counts of what lies
+        directly in it: ``images`` (indexed), jobs by state (``pending`` counts leased
+        ones too), and ``person`` (images with a caption a person wrote). One pass
+        over each table: about half a second at 100,000 images (cache it)."""
+        roots = sorted((r.rstrip("/") for r in roots), key=len, reverse=True)
+        out: dict[str, dict[str, dict[str, int]]] = {r: {} for r in roots}
+        conn = self.db.conn
+
+        def slot(path_dir: str) -> dict[str, int] | None:
+            root = next((r for r in roots if path_dir == r or path_dir.startswith(r + "/")), None)
+            if root is None:
+                return None
+            rel = path_dir[len(root) + 1 :]
+            return out[root].setdefault(rel, {})
+
+        for root in roots:
+            for d, n in conn.execute(
+                "SELECT dir, count(*) FROM files WHERE root = ? GROUP BY dir", (root,)
+            ):
+                out[root].setdefault(d, {})["images"] = n
+        # rtrim(p, replace(p, '/', '')) is p up to its last '/': the image's folder.
+        for d, state, n in conn.execute(
+            "SELECT rtrim(path, replace(path, '/', '')), state, count(*) FROM jobs GROUP BY 1, 2"
+        ):
+            if (counts := slot(d.rstrip("/"))) is not None:
+                key = "pending" if state == "leased" else state
+                counts[key] = counts.get(key, 0) + n
+        for d, n in conn.execute(
+            "SELECT rtrim(p, replace(p, '/', '')), count(*) FROM ("
+            f"SELECT image_path AS p FROM captions WHERE {PERSON_WHERE} UNION "
+            "SELECT path FROM jobs WHERE outcome IN ('caption_edited', 'caption_exists')"
+            ") GROUP BY 1"
+        ):
+            if (counts := slot(d.rstrip("/"))) is not None:
+                counts["person"] = counts.get("person", 0) + n
+        return out
+
+    def written_per_minute(self, since: float, minutes: int) -> list[int]:
+        """Caption records written in each of the ``minutes`` minutes from ``since``."""
+        out = [0] * minutes
+        for bucket, n in self.db.conn.execute(
+            "SELECT CAST((written_at - ?) / 60 AS INTEGER), count(*) FROM captions "
+            "WHERE written_at >= ? AND written_at < ? GROUP BY 1",
+            (since, since, since + minutes * 60),
+        ):
+            if 0 <= bucket < minutes:
+                out[bucket] = n
+        return out
+
+
+SPARSE_PENDING = 2000
+GALLERY_STATES = ("captioned", "pending", "failed", "dead", "person", "flagged")
+_JOB_KEYS = ("state", "outcome", "error_type", "error_message", "attempts", "updated_at")
+_PERSON_OUTCOMES = "('caption_edited', 'caption_exists')"
+
+
+@dataclass(frozen=True, slots=True)
+class GalleryFilter:
+    """Which images a gallery lists. ``folder``: an absolute folder (its images at any
+    depth); ``state``: one of :data:`GALLERY_STATES` (of ``generator``'s job when
+    given; ``person``: a caption a person wrote or edited; ``flagged``: an open flag of
+    a caption check); ``generator``: images with a job or caption of it; ``text``: a
+    substring of the caption text captiond recorded (case-insensitive for ASCII)."""
+
+    folder: str | None = None
+    state: str | None = None
+    generator: str | None = None
+    text: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state is not None and self.state not in GALLERY_STATES:
+            raise ValueError(f"unknown gallery state {self.state!r}")
+
+
+def _like(text: str) -> str:
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def _range(col: str, f: GalleryFilter, after: str | None, before: str | None) -> tuple[str, list]:
+    """The keyset and folder conditions on an ordered path column."""
+    sql, params = "", []
+    if f.folder is not None:
+        p = f.folder.rstrip("/")
+        sql += f" AND {col} >= ? AND {col} < ?"
+        params += [p + "/", p + "0"]  # '0' sorts right after '/'
+    if after is not None:
+        sql += f" AND {col} > ?"
+        params.append(after)
+    elif before is not None:
+        sql += f" AND {col} < ?"
+        params.append(before)
+    return sql, params
+
+
+def _gallery_sql(
+    f: GalleryFilter, *, after: str | None, before: str | None, limit: int, sparse: bool = False
+) -> tuple[str, list]:
+    """One SELECT of paths in path order for a filter (see gallery_paths)."""
+    order = "DESC" if before is not None and after is None else "ASC"
+    gen = f.generator
+
+    def job_probe(col: str, state_sql: str | None) -> tuple[str, list]:
+        """EXISTS a job of ``col``'s image (in a state; of the generator). ``+state``
+        keeps the planner on the (path, generator) index: the state index would read
+        every job in that state for each probe."""
+        sql = f" AND EXISTS (SELECT 1 FROM jobs WHERE path = {col}"
+        params: list = []
+        if state_sql is not None:
+            sql += f" AND +state {state_sql}"
+        if gen is not None:
+            sql += " AND generator = ?"
+            params.append(gen)
+        return sql + ")", params
+
+    def person_probe(col: str) -> tuple[str, list]:
+        g_c, g_j, params = "", "", []
+        if gen is not None:
+            g_c, g_j, params = " AND generator = ?", " AND generator = ?", [gen, gen]
+        return (
+            f" AND (EXISTS (SELECT 1 FROM captions WHERE image_path = {col} AND {PERSON_WHERE}"
+            f"{g_c}) OR EXISTS (SELECT 1 FROM jobs WHERE path = {col} AND outcome IN "
+            f"{_PERSON_OUTCOMES}{g_j}))",
+            params,
+        )
+
+    def flag_probe(col: str) -> tuple[str, list]:
+        sql = f" AND EXISTS (SELECT 1 FROM flags WHERE image_path = {col} AND dismissed_at IS NULL"
+        if gen is not None:
+            return sql + " AND generator = ?)", [gen]
+        return sql + ")", []
+
+    def state_probe(col: str) -> tuple[str, list]:
+        if f.state == "person":
+            return person_probe(col)
+        if f.state == "flagged":
+            return flag_probe(col)
+        if f.state is not None:
+            return job_probe(col, _STATE_SQL[f.state])
+        return "", []
+
+    def text_probe(col: str) -> tuple[str, list]:
+        if not f.text:
+            return "", []
+        sql = (
+            f" AND EXISTS (SELECT 1 FROM captions AS t WHERE t.image_path = {col} "
+            "AND t.text LIKE ? ESCAPE '\\'"
+        )
+        if gen is not None:
+            return sql + " AND t.generator = ?)", [_like(f.text), gen]
+        return sql + ")", [_like(f.text)]
+
+    # The driver is the rarest condition: a state that few images are in (with the text
+    # as a probe), else the text, else every image. Each is aliased ``d``: the probes'
+    # own tables have the same column names.
+    if f.state == "flagged":
+        rng, params = _range("d.image_path", f, after, before)
+        sql = "SELECT d.image_path FROM flags AS d WHERE d.dismissed_at IS NULL"
+        if gen is not None:
+            sql += " AND d.generator = ?"
+            params = [gen, *params]
+        probe, more = text_probe("d.image_path")
+        sql += rng + probe + f" GROUP BY d.image_path ORDER BY d.image_path {order} LIMIT ?"
+        return sql, [*params, *more, limit]
+    if f.state == "person":
+        rng_c, p_c = _range("d.image_path", f, after, before)
+        rng_j, p_j = _range("d.path", f, after, before)
+        g = " AND d.generator = ?" if gen is not None else ""
+        gp = [gen] if gen is not None else []
+        t_c, tp_c = text_probe("d.image_path")
+        t_j, tp_j = text_probe("d.path")
+        sql = (
+            "SELECT path FROM ("
+            "SELECT * FROM (SELECT d.image_path AS path FROM captions AS d INDEXED BY "
+            f"captions_person WHERE {PERSON_WHERE.replace('sidecar_hash', 'd.sidecar_hash')}"
+            f"{g}{rng_c}{t_c} GROUP BY d.image_path ORDER BY d.image_path {order} LIMIT ?) "
+            "UNION SELECT * FROM (SELECT d.path FROM jobs AS d INDEXED BY jobs_person WHERE "
+            f"d.outcome IN {_PERSON_OUTCOMES}{g}{rng_j}{t_j} GROUP BY d.path "
+            f"ORDER BY d.path {order} LIMIT ?)"
+            f") ORDER BY path {order} LIMIT ?"
+        )
+        return sql, [*gp, *p_c, *tp_c, limit, *gp, *p_j, *tp_j, limit, limit]
+    if f.state in ("failed", "dead") or (f.state == "pending" and sparse):
+        # The partial index serves a query whose WHERE repeats the index's own.
+        if f.state == "pending":
+            where = "jobs_state WHERE d.state IN ('pending', 'leased')"
+        else:
+            where = f"jobs_trouble WHERE d.state IN ('failed', 'dead') AND +d.state = '{f.state}'"
+        rng, params = _range("d.path", f, after, before)
+        sql = f"SELECT d.path FROM jobs AS d INDEXED BY {where}"
+        if gen is not None:
+            sql += " AND d.generator = ?"
+            params = [gen, *params]
+        probe, more = text_probe("d.path")
+        sql += rng + probe + f" GROUP BY d.path ORDER BY d.path {order} LIMIT ?"
+        return sql, [*params, *more, limit]
+    if f.text:
+        # Driven by the caption records in image order, filtered on their text.
+        rng, rng_params = _range("d.image_path", f, after, before)
+        sql = "SELECT d.image_path FROM captions AS d WHERE d.text LIKE ? ESCAPE '\\'"
+        params = [_like(f.text)]
+        if gen is not None:
+            sql += " AND d.generator = ?"
+            params.append(gen)
+        probe, more = state_probe("d.image_path")
+        sql += rng + probe + f" GROUP BY d.image_path ORDER BY d.image_path {order} LIMIT ?"
+        return sql, [*params, *rng_params, *more, limit]
+    # Every indexed image, in path order through files_path; a state or generator is a
+    # probe of the image's jobs.
+    rng, params = _range(FILE_PATH, f, after, before)
+    sql = f"SELECT {FILE_PATH} FROM files WHERE 1" + rng
+    if f.state is not None:
+        probe, more = state_probe(FILE_PATH)
+    elif gen is not None:
+        probe, more = job_probe(FILE_PATH, None)
+    else:
+        probe, more = "", []
+    sql += probe + f" ORDER BY {FILE_PATH} {order} LIMIT ?"
+    return sql, [*params, *more, limit]
+
+
+_STATE_SQL = {
+    "captioned": "= 'done'",
+    "pending": "IN ('pending', 'leased')",
+    "failed": "= 'failed'",
+    "dead": "= 'dead'",
+}

@@ -692,3 +692,45 @@ class JobQueue:
     def get_by_id(self, job_id: int) -> Job | None:
         row = self.db.conn.execute(f"SELECT {_COLS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _job(row)
+
+    # -- browsing (the web UI) -------------------------------------------------------
+
+    def jobs_of(self, path: str) -> list[Job]:
+        """Every job of one image (one per generator)."""
+        rows = self.db.conn.execute(
+            f"SELECT {_COLS} FROM jobs WHERE path = ? ORDER BY generator", (path,)
+        )
+        return [_job(r) for r in rows]
+
+    def failed_attempts(self, path: str) -> list[dict[str, Any]]:
+        """The attempts of an image's jobs that ended with an error, newest first (the
+        last ``HISTORY_KEEP`` per job, kept by a trigger: see ``db.py``)."""
+        rows = self.db.conn.execute(
+            "SELECT generator, at, state, error_type, error_message, attempt FROM job_history "
+            "WHERE path = ? ORDER BY id DESC",
+            (path,),
+        )
+        keys = ("generator", "at", "state", "error_type", "error_message", "attempt")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def retry_job(self, path: str, generator: str) -> bool:
+        """One failed or dead job -> pending afresh (as :meth:`retry`)."""
+        cur = self.db.conn.execute(
+            "UPDATE jobs SET state = 'pending', attempts = 0, not_before = 0, rerun = 0, "
+            "lease_until = NULL, outcome = NULL, updated_at = ? "
+            "WHERE path = ? AND generator = ? AND state IN ('failed', 'dead')",
+            (self.clock(), path, generator),
+        )
+        return cur.rowcount > 0
+
+    def pending_by_priority(self, bounds: Sequence[int]) -> list[int]:
+        """Pending and leased jobs per priority class: ``bounds`` are the classes'
+        lower bounds, highest first (``[150, 50]`` -> [>= 150, 50..149, < 50])."""
+        out = [0] * (len(bounds) + 1)
+        for priority, n in self.db.conn.execute(
+            "SELECT priority, count(*) FROM jobs WHERE state IN ('pending', 'leased') "
+            "GROUP BY priority"
+        ):
+            i = next((k for k, b in enumerate(bounds) if priority >= b), len(bounds))
+            out[i] += n
+        return out
