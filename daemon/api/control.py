@@ -16,8 +16,8 @@ batches) or are a single reference swap (the post-processing pipelines).
 
 from __future__ import annotations
 
-import os
 import contextlib
+import os
 import re
 import stat
 import threading
