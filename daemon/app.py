@@ -133,6 +133,7 @@ class Daemon:
             tcp = settings.api.tcp
             token = load_token(tcp.token_file)
             self.server.enable_tcp(tcp.host, tcp.port, token)
+        self.server.allowed_hosts = frozenset(h.lower() for h in settings.ui.allowed_hosts)
         if settings.ui.enabled:  # the web UI: routes over the same facade, under /ui/
             self.ui = register_web(
                 self.server.router, self.control, status=self.status, token=token

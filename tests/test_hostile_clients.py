@@ -266,3 +266,132 @@ def test_clients_that_hang_up_are_not_errors(sock_dir: Path) -> None:
         time.sleep(0.5)
         assert request(srv.path, "GET", "/health")[0] == 200
     assert not [e for e in logs if e.get("log_level") == "error"], logs
+
+
+def _browser(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Connection: close", f"Content-Length: {len(body)}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "headers", "body", "status"),
+    [
+        # a page elsewhere posts JSON as text/plain with a plain form (no preflight)
+        (
+            "POST",
+            "/echo",
+            {
+                "Host": "localhost:8765",
+                "User-Agent": CHROME,
+                "Sec-Fetch-Site": "cross-site",
+                "Origin": "https://evil.example",
+                "Content-Type": "text/plain",
+            },
+            b'{"a": 1}',
+            403,
+        ),
+        # an older browser: no Sec-Fetch headers, but the Origin gives it away
+        (
+            "POST",
+            "/echo",
+            {
+                "Host": "localhost:8765",
+                "User-Agent": CHROME,
+                "Origin": "http://localhost:3000",
+                "Content-Type": "text/plain",
+            },
+            b'{"a": 1}',
+            403,
+        ),
+        # one older still, with no Origin either: the content type gives it away
+        (
+            "POST",
+            "/echo",
+            {"Host": "localhost:8765", "User-Agent": CHROME, "Content-Type": "text/plain"},
+            b'{"a": 1}',
+            415,
+        ),
+        # an empty form post from a same-site page
+        (
+            "POST",
+            "/echo",
+            {
+                "Host": "localhost:8765",
+                "User-Agent": CHROME,
+                "Sec-Fetch-Site": "same-site",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+            b"",
+            403,
+        ),
+        # DNS rebinding: "same-origin" to the browser, but the name is not ours
+        (
+            "GET",
+            "/health",
+            {
+                "Host": "rebound.evil.example:8765",
+                "User-Agent": CHROME,
+                "Sec-Fetch-Site": "same-origin",
+                "Sec-Fetch-Mode": "cors",
+            },
+            b"",
+            403,
+        ),
+        # our own page's script: allowed
+        (
+            "POST",
+            "/echo",
+            {
+                "Host": "localhost:8765",
+                "User-Agent": CHROME,
+                "Sec-Fetch-Site": "same-origin",
+                "Origin": "http://localhost:8765",
+                "Content-Type": "application/json",
+            },
+            b'{"a": 1}',
+            200,
+        ),
+        # a browser opening the address typed by its user
+        (
+            "GET",
+            "/health",
+            {"Host": "127.0.0.1:8765", "User-Agent": CHROME, "Sec-Fetch-Site": "none"},
+            b"",
+            200,
+        ),
+        # programs: any Host, no browser headers
+        ("GET", "/health", {"Host": "captiond", "User-Agent": "curl/8.5.0"}, b"", 200),
+        (
+            "POST",
+            "/echo",
+            {"Host": "captiond", "Content-Type": "application/json"},
+            b'{"a": 1}',
+            200,
+        ),
+    ],
+)
+def test_a_page_in_the_users_browser_cannot_use_the_forwarded_socket(
+    sock_dir: Path, method: str, path: str, headers: dict[str, str], body: bytes, status: int
+) -> None:
+    """``ssh -L`` forwards a port to the socket with the SSH user's credentials: pages
+    the user's browser opens must not be able to use them."""
+    with _server(sock_dir) as srv:
+        out = _raw(srv.path, _browser(method, path, headers, body))
+    assert out.split(b"\r\n", 1)[0].split()[1] == str(status).encode(), out[:300]
+    if status == 200 and method == "POST":
+        assert b'"got": {"a": 1}' in out or b'"got":{"a":1}' in out
+
+
+def test_a_name_listed_in_allowed_hosts_may_reach_the_socket(sock_dir: Path) -> None:
+    srv = _server(sock_dir)
+    srv.allowed_hosts = frozenset({"nas.lan"})
+    hdr = {"User-Agent": CHROME, "Sec-Fetch-Site": "same-origin"}
+    with srv:
+        ok = _raw(srv.path, _browser("GET", "/health", {"Host": "nas.lan:8765", **hdr}))
+        bad = _raw(srv.path, _browser("GET", "/health", {"Host": "nas2.lan", **hdr}))
+    assert ok.startswith(b"HTTP/1.1 200") or ok.startswith(b"HTTP/1.0 200"), ok[:200]
+    assert b" 403 " in bad.split(b"\r\n", 1)[0]

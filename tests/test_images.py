@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from daemon.errors import BadImageError
-from daemon.pipeline.images import decode_image
+from daemon.pipeline.images import decode_image, full_size
 
 
 def encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
@@ -151,6 +151,19 @@ def test_exif_orientation_applied_with_draft() -> None:
     exif[0x0112] = 8  # rotate 270 CW
     img = decode_image(encode(src, "JPEG", exif=exif.tobytes()), draft_size=200)
     assert img.size == (500, 1000)  # drafted to 1/2 (both sides >= 400), then upright
+    assert full_size(img) == (1000, 2000)  # the image as shown, not as decoded
+
+
+def test_full_size_is_the_images_own_whatever_the_draft() -> None:
+    data = encode(noisy(4032, 3024), "JPEG", quality=85)
+    small = decode_image(data, draft_size=448, draft_longer_side=True)
+    assert small.size == (1008, 756) and full_size(small) == (4032, 3024)
+    png = decode_image(encode(noisy(300, 200), "PNG"))
+    assert full_size(png) == png.size == (300, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    turned = decode_image(encode(noisy(3000, 2000), "JPEG", exif=exif.tobytes()), draft_size=200)
+    assert full_size(turned) == (2000, 3000) and turned.size == (500, 750)
 
 
 def test_animated_gif_and_webp_use_the_first_frame() -> None:

@@ -69,6 +69,21 @@ class Rig:
         self.worker.stop()
 
 
+def test_the_index_records_an_images_own_size_not_the_drafted_one(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(EchoGenerator, "draft_size", property(lambda self: 100))
+    rig = Rig(tmp_path)
+    p = rig.root / "photo.jpg"
+    Image.new("RGB", (2000, 1000), (200, 30, 30)).save(p, quality=80)
+    rig.queue.enqueue(str(p), "echo", 100)
+    with rig:
+        wait_for(rig.settled)
+    assert p.with_suffix(".txt").read_text() == "echo photo.jpg 500x250.\n"  # decoded at 1/4
+    rec = rig.index.get_caption(str(p), "echo")
+    assert rec is not None and rig.index.image_size(rec.content_hash) == (2000, 1000)
+
+
 def test_captions_written_and_recorded(tmp_path):
     rig = Rig(tmp_path)
     paths = [rig.add(f"i{i}.png") for i in range(5)]

@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from daemon import __version__
+from daemon.api.browsers import check_browser_request
 from daemon.api.http import (
     Handler,
     HTTPError,
@@ -261,6 +262,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
         try:
             length = self._body_length()
             auth = self._check_token(path)
+            check_browser_request(
+                self.command,
+                path,
+                self.headers,
+                on_socket=self.peer is not None,
+                allowed_hosts=self.server.control.allowed_hosts,
+                has_body=length > 0,
+            )
             route, params = self.server.control.router.match(self.command, path)
             req = Request(
                 method=self.command,
@@ -566,6 +575,8 @@ class ControlServer:
         # TCP requests without the bearer header: (path, headers) -> an auth label to
         # serve them with, or None to refuse (401). Set by the web UI (its cookie).
         self.tcp_gate: Callable[[str, Any], str | None] | None = None
+        # host names a browser may use to reach the socket besides loopback ones
+        self.allowed_hosts: frozenset[str] = frozenset()
 
     def enable_tcp(self, host: str, port: int, token: bytes) -> None:
         """Also serve on TCP ``host:port`` from ``start()``; requests need the token."""

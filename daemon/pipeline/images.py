@@ -49,6 +49,10 @@ def _formats() -> tuple[str, ...]:
     return tuple(f for f in DECODE_FORMATS if f in Image.OPEN)
 
 
+# where decode_image keeps the undrafted size in ``Image.info``
+FULL_SIZE = "captiond_full_size"
+
+
 def decode_image(
     data: bytes,
     *,
@@ -116,21 +120,32 @@ def decode_image(
         # Truncated data ("image file is truncated"), broken chunks, bad codecs...
         raise BadImageError(f"truncated or corrupt image data: {_short(exc)}") from exc
 
+    drafted = img.size
     try:
         ImageOps.exif_transpose(img, in_place=True)
     except MemoryError:
         raise
     except Exception:
         pass  # malformed EXIF: the pixels are fine, keep them unrotated
+    full = (h, w) if img.size != drafted else (w, h)  # turned a quarter by EXIF
 
     try:
-        return _to_rgb_or_rgba(img)
+        out = _to_rgb_or_rgba(img)
     except BadImageError:
         raise
     except MemoryError:
         raise
     except Exception as exc:
         raise BadImageError(f"cannot convert image mode {img.mode}: {_short(exc)}") from exc
+    out.info[FULL_SIZE] = full
+    return out
+
+
+def full_size(img: Image.Image) -> tuple[int, int]:
+    """The image's own width and height as it is shown (after EXIF rotation), whatever
+    scale :func:`decode_image` decoded it at."""
+    size = img.info.get(FULL_SIZE)
+    return tuple(size) if size else img.size  # type: ignore[return-value]
 
 
 def _to_rgb_or_rgba(img: Image.Image) -> Image.Image:

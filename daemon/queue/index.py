@@ -236,7 +236,8 @@ class FileIndex:
         return None if row is None else CaptionRecord(*row)
 
     def record_images(self, rows: Iterable[tuple[str, int, int]]) -> None:
-        """Remember (content hash, width, height) of decoded images (for reports)."""
+        """Remember (content hash, width, height) of decoded images (for reports): the
+        image's own size as shown, not the scale a JPEG was decoded at."""
         rows = list(rows)
         if rows:
             with self.db.transaction() as conn:
@@ -246,6 +247,12 @@ class FileIndex:
                     "height = excluded.height",
                     rows,
                 )
+
+    def image_size(self, content_hash: str) -> tuple[int, int] | None:
+        row = self.db.conn.execute(
+            "SELECT width, height FROM images WHERE content_hash = ?", (content_hash,)
+        ).fetchone()
+        return None if row is None else (row[0], row[1])
 
     def record_stem_clash(self, image_path: str, sidecar_path: str, shares_stem_with: str) -> None:
         self.db.conn.execute(

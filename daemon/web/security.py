@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import hmac
-import ipaddress
 import os
 import secrets
 import stat
@@ -44,6 +43,7 @@ from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from daemon.api.browsers import host_allowed
 from daemon.api.http import HTTPError, Request
 
 SESSION_COOKIE = "captiond_session"
@@ -109,20 +109,6 @@ def load_secret(path: Path) -> bytes:
         os.close(fd)
     os.replace(tmp, path)
     return secret
-
-
-def _loopback(host: str) -> bool:
-    name = host.strip().lower()
-    if name.startswith("["):  # [::1]:8080
-        name = name[1:].split("]", 1)[0]
-    elif name.count(":") == 1:
-        name = name.rsplit(":", 1)[0]
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 class WebAuth:
@@ -222,14 +208,7 @@ class WebAuth:
 
     def host_ok(self, req: Request) -> bool:
         """On the Unix socket: the Host header is a loopback name or an allowed host."""
-        host = (req.headers.get("Host") or "").strip().lower()
-        if not host:
-            return True  # HTTP/1.0 tools, never a browser
-        return (
-            _loopback(host)
-            or host in self.allowed_hosts
-            or host.split(":")[0] in (self.allowed_hosts)
-        )
+        return host_allowed(req.headers.get("Host") or "", self.allowed_hosts)
 
 
 def new_csrf_cookie() -> str:
