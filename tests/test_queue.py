@@ -727,3 +727,33 @@ def test_prune_drops_unconfigured_jobs_but_not_leased_ones(tmp_path):
     assert q.get("/a/2.png", "old") is None
     assert q.get("/a/1.png", "wd") is not None
     assert q.get("/gone/3.png", "wd") is not None  # leased: left for its worker
+
+
+def test_history_keeps_crashes_and_burials_but_not_a_fresh_start(tmp_path) -> None:
+    now = [1000.0]
+    db = Database(tmp_path / "h.db")
+    q = JobQueue(db, max_attempts=2, clock=lambda: now[0], rng=lambda: 0.5, lease_seconds=10)
+    q.enqueue("/r/a.png", "wd", 1)
+    q.claim("wd", 1)
+    now[0] += 20
+    assert q.recover_expired() == 1  # the first attempt crashed without an error: no row
+    assert q.failed_attempts("/r/a.png") == []
+    q.claim("wd", 1)
+    assert q.recover_all_leased() == 1  # the last attempt: dead, as the worker's crash
+    (row,) = q.failed_attempts("/r/a.png")
+    assert (row["state"], row["error_type"], row["attempt"]) == ("dead", "worker_crash", 2)
+    q.enqueue("/r/b.png", "wd", 1)
+    (job,) = q.claim("wd", 1)
+    assert q.bury(job.id, "worker_crash", "crashed the model's process 3 times")
+    (row,) = q.failed_attempts("/r/b.png")
+    assert (row["state"], row["attempt"]) == ("dead", 1)
+    q.enqueue("/r/c.png", "wd", 1)
+    (job,) = q.claim("wd", 1)
+    q.fail(job.id, "io", "hiccup", retryable=True)
+    now[0] += 100
+    q.claim("wd", 1)
+    q.enqueue("/r/c.png", "wd", 1)  # changed while leased: rerun
+    now[0] += 100
+    q.recover_expired()  # a fresh start, not an attempt
+    assert [r["attempt"] for r in q.failed_attempts("/r/c.png")] == [1]
+    db.close()

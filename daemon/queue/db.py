@@ -166,12 +166,12 @@ _ADDITIONS = [
     # Captions written per minute (the web UI's overview).
     "CREATE INDEX IF NOT EXISTS captions_written ON captions (written_at)",
     # The failed attempts of each job (the web UI's image page): one row per attempt
-    # that ended with an error, the last HISTORY_KEEP per job, written by the trigger
-    # below whoever changes the job (fail, bury, lease recovery). Attempts that
-    # succeed leave no row (the job's outcome and the caption record tell them), so
-    # the acks of the hot path only evaluate the trigger's WHEN. A job leaving
-    # ``leased`` for ``pending`` with its error unchanged and one attempt less is a
-    # release (the batch never ran): not an attempt. The rows of a job go with it.
+    # that ended with an error, the last HISTORY_KEEP per job, written by the queue
+    # where an attempt ends with one (fail, bury, lease recovery; JobQueue._remember).
+    # Attempts that succeed leave no row (the job's outcome and the caption record tell
+    # them); a release (the batch never ran) is no attempt. The rows of a job go with
+    # it. (Not an UPDATE trigger: its mere presence made every enqueue's upsert 1.4x
+    # slower, measured; bench/README.md, Queue.)
     """CREATE TABLE IF NOT EXISTS job_history (
         id            INTEGER PRIMARY KEY,
         path          TEXT    NOT NULL,
@@ -183,20 +183,7 @@ _ADDITIONS = [
         attempt       INTEGER NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS job_history_job ON job_history (path, generator, id)",
-    f"""CREATE TRIGGER IF NOT EXISTS jobs_history_attempt AFTER UPDATE OF state ON jobs
-    WHEN old.state = 'leased' AND new.state != 'leased' AND new.error_type IS NOT NULL AND (
-        new.state != 'pending' OR new.attempts = old.attempts
-        OR new.error_type IS NOT old.error_type OR new.error_message IS NOT old.error_message)
-    BEGIN
-        INSERT INTO job_history (path, generator, at, state, error_type, error_message,
-                                 attempt)
-        VALUES (new.path, new.generator, new.updated_at, new.state, new.error_type,
-                new.error_message, old.attempts);
-        DELETE FROM job_history WHERE path = new.path AND generator = new.generator
-            AND id <= (SELECT id FROM job_history WHERE path = new.path
-                       AND generator = new.generator ORDER BY id DESC
-                       LIMIT 1 OFFSET {HISTORY_KEEP});
-    END""",
+    "DROP TRIGGER IF EXISTS jobs_history_attempt",
     """CREATE TRIGGER IF NOT EXISTS jobs_history_forget AFTER DELETE ON jobs BEGIN
         DELETE FROM job_history WHERE path = old.path AND generator = old.generator;
     END""",

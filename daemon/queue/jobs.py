@@ -22,7 +22,7 @@ from itertools import islice
 from typing import Any
 
 from daemon.errors import ErrorType
-from daemon.queue.db import Database
+from daemon.queue.db import HISTORY_KEEP, Database
 
 BATCH = 1000
 
@@ -185,7 +185,7 @@ UPDATE jobs SET
     errno         = ?10,
     updated_at    = ?3
 WHERE id = ?9 AND state = 'leased'
-RETURNING state
+RETURNING state, path, generator
 """
 
 _RELEASE = """
@@ -206,6 +206,18 @@ UPDATE jobs SET
                          ELSE 'lease expired on the last attempt (worker crashed?)' END,
     not_before = 0, rerun = 0, lease_until = NULL, updated_at = ?2
 WHERE state = 'leased' AND lease_until < ?3
+RETURNING path, generator, state, error_type, error_message, attempts
+"""
+
+# One failed attempt into job_history, and the job's rows beyond the last HISTORY_KEEP out.
+_HISTORY = """
+INSERT INTO job_history (path, generator, at, state, error_type, error_message, attempt)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+"""
+_HISTORY_TRIM = f"""
+DELETE FROM job_history WHERE path = ?1 AND generator = ?2 AND id <= (
+    SELECT id FROM job_history WHERE path = ?1 AND generator = ?2
+    ORDER BY id DESC LIMIT 1 OFFSET {HISTORY_KEEP})
 """
 
 
@@ -363,21 +375,27 @@ class JobQueue:
         changes and its current state is returned; None if the job no longer exists.
         """
         now = self.clock()
-        row = self.db.conn.execute(
-            _FAIL,
-            (
-                1 if retryable else 0,
-                self.max_attempts,
-                now,
-                self.backoff_max,
-                self.backoff_base,
-                0.5 + self.rng(),
-                str(error_type),
-                message,
-                job_id,
-                errno,
-            ),
-        ).fetchone()
+        with self.db.transaction() as conn:
+            before = conn.execute("SELECT attempts FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(
+                _FAIL,
+                (
+                    1 if retryable else 0,
+                    self.max_attempts,
+                    now,
+                    self.backoff_max,
+                    self.backoff_base,
+                    0.5 + self.rng(),
+                    str(error_type),
+                    message,
+                    job_id,
+                    errno,
+                ),
+            ).fetchone()
+            if row is not None:
+                state, path, generator = row
+                error = str(error_type)
+                self._remember(conn, path, generator, now, state, error, message, before[0])
         if row is not None:
             return JobState(row[0])
         cur = self.db.conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -407,13 +425,37 @@ class JobQueue:
 
     def recover_expired(self) -> int:
         """Leased jobs past their lease -> pending (dead if that was the last attempt)."""
-        now = self.clock()
-        return self.db.conn.execute(_RECOVER, (self.max_attempts, now, now)).rowcount
+        return self._recover(self.clock())
 
     def recover_all_leased(self) -> int:
         """At daemon start: every lease belongs to a dead process; recover them all."""
+        return self._recover(float("inf"))
+
+    def _recover(self, expired_before: float) -> int:
         now = self.clock()
-        return self.db.conn.execute(_RECOVER, (self.max_attempts, now, float("inf"))).rowcount
+        with self.db.transaction() as conn:
+            rows = conn.execute(_RECOVER, (self.max_attempts, now, expired_before)).fetchall()
+            for path, generator, state, error_type, message, attempts in rows:
+                # an attempt that ended with an error: the last one's, or the worker's crash
+                # (attempts 0: the file changed meanwhile, a fresh start, not an attempt)
+                if error_type is not None and (state != "pending" or attempts > 0):
+                    self._remember(conn, path, generator, now, state, error_type, message, attempts)
+        return len(rows)
+
+    @staticmethod
+    def _remember(
+        conn: Any,
+        path: str,
+        generator: str,
+        at: float,
+        state: str,
+        error_type: str,
+        message: str | None,
+        attempt: int,
+    ) -> None:
+        """One attempt that ended with an error, into the job's history (see db.py)."""
+        conn.execute(_HISTORY, (path, generator, at, state, error_type, message, attempt))
+        conn.execute(_HISTORY_TRIM, (path, generator))
 
     # -- removal -------------------------------------------------------------------
 
@@ -523,12 +565,17 @@ class JobQueue:
     def bury(self, job_id: int, error_type: str, message: str) -> bool:
         """Leased -> dead at once (an image that keeps crashing the model's process),
         unless its file changed meanwhile (``rerun``). True if it was buried."""
-        cur = self.db.conn.execute(
-            "UPDATE jobs SET state = 'dead', lease_until = NULL, error_type = ?, "
-            "error_message = ?, updated_at = ? WHERE id = ? AND state = 'leased' AND NOT rerun",
-            (error_type, message, self.clock(), job_id),
-        )
-        return cur.rowcount > 0
+        now = self.clock()
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET state = 'dead', lease_until = NULL, error_type = ?, "
+                "error_message = ?, updated_at = ? WHERE id = ? AND state = 'leased' AND NOT rerun "
+                "RETURNING path, generator, attempts",
+                (error_type, message, now, job_id),
+            ).fetchone()
+            if row is not None:
+                self._remember(conn, row[0], row[1], now, "dead", error_type, message, row[2])
+        return row is not None
 
     def cancel(self, job_id: int, restore: Job | None, options: dict | None) -> bool:
         """Undo an explicit enqueue while the job is still pending with the request's
@@ -704,7 +751,7 @@ class JobQueue:
 
     def failed_attempts(self, path: str) -> list[dict[str, Any]]:
         """The attempts of an image's jobs that ended with an error, newest first (the
-        last ``HISTORY_KEEP`` per job, kept by a trigger: see ``db.py``)."""
+        last ``HISTORY_KEEP`` per job: see ``db.py``)."""
         rows = self.db.conn.execute(
             "SELECT generator, at, state, error_type, error_message, attempt FROM job_history "
             "WHERE path = ? ORDER BY id DESC",
