@@ -33,7 +33,13 @@ from pydantic import ValidationError
 
 from daemon.api.problems import Problem
 from daemon.api.requests import CaptionRequest, RequestRegistry
-from daemon.api.schemas import BatchItem, BatchRequest, PostProcessUpdate, validation_details
+from daemon.api.schemas import (
+    BatchItem,
+    BatchRequest,
+    PostProcessUpdate,
+    ReynardPostProcessing,
+    validation_details,
+)
 from daemon.api.security import (
     SINGLE_ROOT,
     Authoriser,
@@ -68,7 +74,7 @@ from daemon.residency.slot import ModelSlot, ModelState
 from daemon.scanning.reconcile import Scanner
 from daemon.scanning.rules import is_candidate
 from daemon.scanning.scheduler import ScanRequest, ScanScheduler
-from daemon.text.postprocess import STEPS
+from daemon.text.postprocess import STEPS, from_reynard, settings_shape, to_reynard
 from daemon.worker import Worker
 
 log = structlog.get_logger(__name__)
@@ -851,8 +857,10 @@ class Control:
 
     # -- post-processing -----------------------------------------------------------------
 
-    def postprocess(self) -> dict[str, Any]:
+    def postprocess(self, shape: str = "captiond") -> dict[str, Any]:
         pp = self.settings.postprocess
+        if shape == "reynard":
+            return to_reynard(pp)
         return {
             "steps": list(pp.steps),
             "case": pp.case,
@@ -861,21 +869,50 @@ class Control:
             "available_steps": sorted(STEPS),
         }
 
-    def set_postprocess(self, update: PostProcessUpdate) -> dict[str, Any]:
+    def set_postprocess(self, document: dict[str, Any]) -> dict[str, Any]:
+        """Change the chain from a partial document in either shape (captiond's or
+        Reynard's, told apart by their keys); the answer is in the shape sent."""
+        try:
+            shape = settings_shape(document)
+        except ValueError as exc:
+            raise Problem("invalid", str(exc)) from None
         with self._lock:
-            changed = update.model_dump(exclude_none=True)
-            merged = self.settings.postprocess.model_dump() | changed
+            current = self.settings.postprocess.model_dump()
+            if shape == "reynard":
+                try:
+                    ReynardPostProcessing.model_validate(document)
+                    new = from_reynard(document, base=self.settings.postprocess)
+                except ValidationError as exc:
+                    raise Problem(
+                        "invalid",
+                        "invalid post-processing document",
+                        details=validation_details(exc),
+                    ) from None
+                except ValueError as exc:
+                    raise Problem("invalid", f"invalid post-processing document: {exc}") from None
+                changed = {k: v for k, v in new.items() if current.get(k) != v}
+            else:
+                try:
+                    update = PostProcessUpdate.model_validate(document)
+                except ValidationError as exc:
+                    raise Problem(
+                        "invalid",
+                        "invalid post-processing settings",
+                        details=validation_details(exc),
+                    ) from None
+                changed = update.model_dump(exclude_none=True)
             try:
-                pp = PostProcessConfig.model_validate(merged)
+                pp = PostProcessConfig.model_validate(current | changed)
             except ValidationError as exc:
                 raise Problem(
                     "invalid", "invalid post-processing settings", details=validation_details(exc)
                 ) from None
             self.settings.postprocess = pp
             self.worker.set_postprocess(pp)
-            self.overrides.postprocess = (self.overrides.postprocess or {}) | changed
-            self.overrides.save()
-        return self.postprocess()
+            if changed:
+                self.overrides.postprocess = (self.overrides.postprocess or {}) | changed
+                self.overrides.save()
+        return self.postprocess(shape)
 
     # -- queue control -------------------------------------------------------------------
 

@@ -166,6 +166,18 @@ def endpoints(
             raise Problem("invalid", "the request body must be a JSON object of settings")
         return c.set_generator_config(req.params["name"], data)
 
+    def pp_shape(req: Request) -> str:
+        shape = qstr(req, "shape", max_len=16) or "captiond"
+        if shape not in ("captiond", "reynard"):
+            raise Problem("invalid", "shape must be captiond or reynard")
+        return shape
+
+    def set_postprocess(req: Request) -> dict[str, Any]:
+        data = req.json()
+        if not isinstance(data, dict):
+            raise Problem("invalid", "the request body must be a JSON object")
+        return c.set_postprocess(data)
+
     def reset_config(req: Request) -> dict[str, Any]:
         name = req.params["name"]
         return c.reset_overrides(None if name == "_all" else name, qstr(req, "key", max_len=128))
@@ -255,12 +267,18 @@ def endpoints(
           "Drop settings changed through the API (all of a generator's, one key with ?key=, or "
           "every override with the name _all): config.toml applies again", "settings", admin=True,
           query=[Query("key")], handler=reset_config),
-        E("GET", "/api/caption-post-processing", "The post-processing chain", "settings",
-          handler=lambda req: c.postprocess(), responses={200: s.PostProcessSettings}),
-        E("PUT", "/api/caption-post-processing", "Change the post-processing chain", "settings",
-          admin=True, body=s.PostProcessUpdate,
-          handler=lambda req: c.set_postprocess(s.parse_body(req, s.PostProcessUpdate)),
+        E("GET", "/api/caption-post-processing",
+          "The post-processing chain (captiond's shape, or Reynard's with ?shape=reynard)",
+          "settings", query=[Query("shape", description="captiond (default) or reynard")],
+          handler=lambda req: c.postprocess(pp_shape(req)),
           responses={200: s.PostProcessSettings}),
+        E("PUT", "/api/caption-post-processing",
+          "Change the post-processing chain: a partial document in captiond's shape or in "
+          "Reynard's (enabled, rules, pipeline, overrides of rules); the answer is in the "
+          "shape sent", "settings", admin=True,
+          body={"oneOf": [s.PostProcessUpdate.model_json_schema(),
+                          s.ReynardPostProcessing.model_json_schema()]},
+          handler=set_postprocess, responses={200: s.PostProcessSettings}),
         E("GET", "/api/queue", "Queue state by root, paused roots", "queue",
           handler=lambda req: c.queue_state(), responses={200: s.QueueState}),
         E("POST", "/api/queue/pause", "Pause the worker (all, or one root)", "queue", admin=True,

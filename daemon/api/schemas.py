@@ -86,7 +86,20 @@ class CaptionTypesUpdate(_Body):
 class PostProcessUpdate(_Body):
     steps: list[str] | None = Field(None, max_length=64)
     case: Literal["keep", "lower", "sentence"] | None = None
+    max_words: int | None = Field(None, ge=0, le=100_000)
     overrides: dict[str, list[str]] | None = None
+
+
+class ReynardPostProcessing(_Body):
+    """The post-processing document of Reynard's caption service (seeds/001): rules
+    switched on and off, the order they run in, per-generator rule overrides.
+    ``daemon.text.postprocess.from_reynard`` checks it in full."""
+
+    enabled: bool = True
+    rules: dict[str, bool | str] = Field(default_factory=dict)
+    pipeline: list[str] | None = None
+    overrides: dict[str, dict[str, bool | str | list[str]]] | None = None
+    max_words: int | None = None
 
 
 class ModelLoadRequest(_Body):
@@ -216,8 +229,12 @@ class CaptionerConfig(_Out):
 
 
 class PostProcessSettings(_Out):
+    """captiond's shape; with ``?shape=reynard`` (or after a PUT in that shape) the
+    answer is a :class:`ReynardPostProcessing` document instead."""
+
     steps: list[str]
     case: str
+    max_words: int
     overrides: dict[str, list[str]]
     available_steps: list[str]
 
