@@ -84,6 +84,30 @@ def test_the_index_records_an_images_own_size_not_the_drafted_one(tmp_path, monk
     assert rec is not None and rig.index.image_size(rec.content_hash) == (2000, 1000)
 
 
+def test_a_name_at_the_filesystems_limit_is_captioned_and_one_beyond_fails_once(tmp_path):
+    """A 252-byte image name: its stem-form sidecar fits and is written (the temporary
+    name stays short); with name-form naming the sidecar would be 256 bytes: one
+    non-retryable failure that names the limit, no retries, no stray files."""
+    rig = Rig(tmp_path)
+    long_name = "a" * 248 + ".png"
+    p = rig.add(long_name)
+    with rig:
+        wait_for(rig.settled)
+    assert (rig.root / ("a" * 248 + ".txt")).read_text() == f"echo {long_name} 64x48.\n"
+
+    (tmp_path / "name_form").mkdir()
+    rig2 = Rig(tmp_path / "name_form")
+    rig2.settings.watch[0].sidecar_naming = "name"
+    q = rig2.add(long_name)
+    with rig2:
+        wait_for(rig2.settled)
+    job = rig2.queue.get(str(q), "echo")
+    assert job is not None and job.state == "failed" and job.attempts == 1
+    assert "255 bytes" in (job.error_message or "") and "256 bytes" in job.error_message
+    assert sorted(x.name for x in rig2.root.iterdir()) == [long_name]
+    assert p.exists()
+
+
 def test_captions_written_and_recorded(tmp_path):
     rig = Rig(tmp_path)
     paths = [rig.add(f"i{i}.png") for i in range(5)]
