@@ -79,6 +79,34 @@ def test_database_pragmas_schema_and_parent_dir(tmp_path: Path) -> None:
     db2.close()
 
 
+def test_a_checkpoint_moves_the_wal_into_the_file_and_waits_for_no_reader(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    db = Database(path)
+    q = JobQueue(db)
+    db.checkpoint()
+    q.enqueue_many((f"/img/{i}.jpg", "wd", 1) for i in range(200))
+    size = path.stat().st_size
+    busy, frames, done = db.checkpoint()
+    assert (busy, done) == (0, frames) and frames > 0
+    assert path.stat().st_size > size  # the pages are in the database file now
+
+    # A reader holding a snapshot: the frames it may still need stay in the WAL, and
+    # the checkpoint returns at once instead of waiting for it.
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM jobs").fetchone()
+    q.enqueue_many((f"/more/{i}.jpg", "wd", 1) for i in range(50))
+    busy, frames, done = db.checkpoint()
+    assert frames > done
+    reader.rollback()
+    reader.close()
+    assert db.checkpoint()[2] == db.checkpoint()[1]
+    assert db.integrity_check() == "ok" and q.totals()["pending"] == 250
+    db.close()
+
+
 def test_a_database_made_before_jobs_state_gets_it_at_open_and_keeps_its_version(
     tmp_path: Path,
 ) -> None:
