@@ -394,3 +394,129 @@ def test_a_later_request_keeps_an_earlier_force(tmp_path: Path) -> None:
     assert first.job_id == second.job_id
     job = q.claim("g", 1)[0]
     assert job.options["request"] == second.id and job.options["force"] is True
+
+
+# -- requests a browser sends on a page's behalf (daemon.api.browsers) -----------------
+
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0"
+
+
+def browser_refusal(method: str = "POST", path: str = "/v1/x", **kw) -> tuple[int, str] | None:
+    """(status, error type) of the refusal, or None when the request may go on."""
+    from daemon.api.browsers import check_browser_request
+    from daemon.api.http import HTTPError
+
+    headers = kw.pop("headers")
+    kw.setdefault("on_socket", True)
+    try:
+        check_browser_request(method, path, headers, **kw)
+    except HTTPError as exc:
+        return exc.status, exc.error_type
+    return None
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("LOCALHOST:8765", True),
+        (" app.localhost ", True),
+        ("127.0.0.1", True),
+        ("127.9.8.7:80", True),
+        ("[::1]:8765", True),
+        ("[::1]", True),
+        ("::1", True),  # a bare IPv6 address: more than one colon, no port taken off
+        ("localhost.evil.example", False),
+        ("notlocalhost", False),
+        ("128.0.0.1", False),
+        ("[::2]:80", False),
+        ("evil.example:8765", False),
+        ("", False),
+    ],
+)
+def test_loopback_host_names(host: str, loopback: bool) -> None:
+    from daemon.api.browsers import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
+
+
+def test_hosts_allowed_on_the_socket() -> None:
+    from daemon.api.browsers import host_allowed
+
+    assert host_allowed("", ())  # no Host at all: an HTTP/1.0 tool, never a browser
+    assert host_allowed("localhost:1", ())
+    assert host_allowed("NAS.lan", {"nas.lan"}) and host_allowed("nas.lan:8765", {"nas.lan"})
+    assert host_allowed("nas.lan:8765", {"nas.lan:8765"})
+    assert not host_allowed("nas.lan", {"nas.lan:8765"})
+    assert not host_allowed("evil.example", {"nas.lan"})
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-site"},
+        {"Origin": "http://evil.example"},
+        {"User-Agent": CHROME, "Sec-Fetch-Site": "same-site"},
+    ],
+)
+def test_a_request_from_another_site_is_refused(headers: dict) -> None:
+    assert browser_refusal("GET", headers={"Host": "localhost:8765"} | headers) == (403, "csrf")
+
+
+def test_the_origin_must_be_the_host_it_was_sent_to() -> None:
+    base = {"Host": "localhost:8765", "Sec-Fetch-Site": "same-origin"}
+    for origin in ("null", "http://localhost:9999", "http://127.0.0.1:8765", "http://evil"):
+        assert browser_refusal("GET", headers=base | {"Origin": origin}) == (403, "csrf"), origin
+    assert browser_refusal("GET", headers=base | {"Origin": "http://LOCALHOST:8765"}) is None
+    assert browser_refusal("GET", headers=base | {"Origin": "http://localhost:8765"}) is None
+    # an Origin with no Host header to match: refused, as every other mismatch
+    assert browser_refusal("GET", headers={"Origin": "http://localhost:8765"}) == (403, "csrf")
+
+
+def test_programs_are_not_browsers() -> None:
+    for headers in ({}, {"User-Agent": "curl/8.5"}, {"User-Agent": "captiond-cli"}):
+        # no browser headers: whatever the host, method or body
+        assert browser_refusal(headers=headers | {"Host": "evil.example"}, has_body=True) is None
+    # a browser by its user agent alone
+    assert browser_refusal(headers={"Host": "evil.example", "User-Agent": CHROME}) == (
+        403,
+        "forbidden",
+    )
+
+
+def test_a_rebound_dns_name_reaches_the_socket_only_when_allowed() -> None:
+    hdr = {"User-Agent": CHROME, "Sec-Fetch-Site": "same-origin", "Host": "nas.lan:8765"}
+    assert browser_refusal("GET", headers=hdr) == (403, "forbidden")
+    assert browser_refusal("GET", headers=hdr, allowed_hosts={"nas.lan"}) is None
+    assert browser_refusal("GET", headers=hdr, on_socket=False) is None  # TCP: the token
+    hdr["Host"] = "localhost:8765"
+    assert browser_refusal("GET", headers=hdr) is None
+    assert browser_refusal("GET", headers=hdr | {"Sec-Fetch-Site": "none"}) is None
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_a_browsers_change_must_carry_json(method: str) -> None:
+    hdr = {"User-Agent": CHROME, "Sec-Fetch-Site": "same-origin", "Host": "localhost"}
+    assert browser_refusal(method, headers=hdr, has_body=True) == (415, "unsupported_media_type")
+    assert browser_refusal(method, headers=hdr | {"Content-Type": "text/plain"}) == (
+        415,
+        "unsupported_media_type",
+    )
+    for ctype in ("application/json", "Application/JSON; charset=utf-8"):
+        assert browser_refusal(method, headers=hdr | {"Content-Type": ctype}) is None
+    assert browser_refusal(method, headers=hdr) is None  # no body, no content type
+    # the web UI's forms carry a CSRF token instead
+    form = hdr | {"Content-Type": "application/x-www-form-urlencoded"}
+    assert browser_refusal(method, "/ui", headers=form, has_body=True) is None
+    assert browser_refusal(method, "/ui/watches", headers=form, has_body=True) is None
+    assert browser_refusal(method, "/uix", headers=form, has_body=True) == (
+        415,
+        "unsupported_media_type",
+    )
+
+
+def test_reads_by_a_browser_need_no_json() -> None:
+    hdr = {"User-Agent": CHROME, "Sec-Fetch-Site": "same-origin", "Host": "localhost"}
+    for method in ("GET", "HEAD", "OPTIONS"):
+        assert browser_refusal(method, headers=hdr | {"Content-Type": "text/plain"}) is None

@@ -138,7 +138,10 @@ def test_a_folder_on_the_way_that_is_a_file_or_missing_reads_as_missing(mode, tr
     r = Root(str(root))
     with pytest.raises(FileNotFoundError, match="not a folder") as info:
         r.folder("real.png/x")
-    assert info.value.errno == errno.ENOENT
+    assert info.value.errno == errno.ENOENT and "real.png/x" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="not a folder") as info:
+        Root(str(root / "real.png" / "x")).open()  # a root on such a path: named too
+    assert f"{root}/real.png/x: a folder on the way" in str(info.value)
     with pytest.raises(FileNotFoundError, match=r"No such file.*'gone"):
         r.folder("gone/deeper")
     with pytest.raises(ConfinementError, match="symbolic link"):
@@ -236,7 +239,7 @@ def test_links_are_followed_inside_the_root_in_every_spelling(mode, tree) -> Non
         assert f.read_file("doubled.png")[0] == deep
     with Root(str(root)).folder("x y/z") as f:
         assert f.read_file("up.png")[0] == deep
-    with Root(str(root)).folder("sub") as f, pytest.raises(ConfinementError):
+    with Root(str(root)).folder("sub") as f, pytest.raises(ConfinementError, match="outside"):
         f.read_file("to_root.png")
 
 
@@ -395,6 +398,13 @@ def test_a_write_failure_leaves_neither_a_temp_file_nor_a_descriptor(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     assert (tmp_path / "a.txt").read_text() == "old\n"
 
+    def gone(name, *, dir_fd):  # the folder went away too: the cleanup fails
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", name)
+
+    monkeypatch.setattr(confined.os, "unlink", gone)
+    with Folder.at(tmp_path) as f, pytest.raises(OSError, match="No space left"):
+        f.stage("a.txt", b"new\n")  # the write's error, not the cleanup's
+
 
 def test_a_guessed_temp_name_cannot_redirect_the_write(tmp_path, monkeypatch) -> None:
     """An attacker who could predict the temp name and plant a link there gets an error,
@@ -442,9 +452,16 @@ def test_names_at_the_filesystems_limit(tmp_path, monkeypatch) -> None:
         msg = str(info.value)
         assert f"is {limit + 5} bytes; this filesystem allows {limit} bytes" in msg
         assert "sidecar_naming = 'stem'" in msg
+
     # eCryptfs allows 143 bytes per name: asked of the filesystem, not assumed
-    monkeypatch.setattr(confined.os, "fpathconf", lambda fd, what: 143)
+    def ecryptfs(fd, what):  # like os.fpathconf: an unknown name is a ValueError
+        if what != "PC_NAME_MAX":
+            raise ValueError(f"unrecognized configuration name {what!r}")
+        return 143
+
+    monkeypatch.setattr(confined.os, "fpathconf", ecryptfs)
     with Folder.at(tmp_path) as f, pytest.raises(confined.NameTooLongError, match="143"):
+        assert f.name_max() == 143
         f.stage("n" * 150, b"x\n")
 
     def unknown(fd, what):
@@ -586,3 +603,96 @@ def test_status_says_which_confinement_is_in_use(daemon, tree, mode) -> None:
         timeout=30,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_the_resolver_in_use_is_the_one_reported(mode, tree, monkeypatch) -> None:
+    """status says ``openat2`` or ``walk``; that is what opens the root and its folders."""
+    calls = []
+    openat2 = confined._openat2
+
+    def spy(*args):
+        calls.append(args[1])
+        return openat2(*args)
+
+    monkeypatch.setattr(confined, "_openat2", spy)
+    with Root(str(tree[0])).folder("sub") as f:
+        assert f.names() == {"a.png"}
+    assert calls == ([str(tree[0]), "sub"] if mode == "openat2" else [])
+
+
+def test_a_file_that_keeps_changing_between_link_and_file_is_given_up(
+    mode, tree, monkeypatch
+) -> None:
+    """Each time the open sees a link and the readlink a plain file: tried again, but
+    only MAX_LINK_HOPS times, never for ever."""
+    root, _ = tree
+    os.symlink("real.png", root / "flip.png")
+    tries = []
+
+    def not_a_link(name, *, dir_fd):
+        tries.append(name)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(confined.os, "readlink", not_a_link)
+    with (
+        Root(str(root)).folder("") as f,
+        pytest.raises(ConfinementError, match=r"flip\.png: too many symbolic links"),
+    ):
+        f.open_file("flip.png")
+    assert len(tries) == confined.MAX_LINK_HOPS
+
+
+def test_a_file_read_in_short_pieces_is_read_whole(mode, tree, monkeypatch) -> None:
+    """A network filesystem may return fewer bytes than asked: read on to the end."""
+    root, _ = tree
+    data = os.urandom(300_000)
+    (root / "big.png").write_bytes(data)
+    read = os.read
+    monkeypatch.setattr(confined.os, "read", lambda fd, n: read(fd, min(n, 70_000)))
+    with Root(str(root)).folder("") as f:
+        assert f.read_file("big.png")[0] == data
+
+
+def test_absolute_links_inside_the_root_are_resolved_by_name(mode, tmp_path) -> None:
+    """An absolute link is followed when it names a file in the root: with spaces in
+    its folders, with ``..`` in it, in a root whose name ends in a space or an X."""
+    for root in (tmp_path / "set X", tmp_path / "set ", tmp_path / "setX"):
+        make_image(root / "x y" / "z" / "deep.png", "red")
+        make_image(root / "real.png", "green")
+        os.symlink(f"{root}/x y/z/deep.png", root / "abs_deep.png")
+        os.symlink(f"{root}/x y/../real.png", root / "abs_up.png")
+        r = Root(str(root))
+        assert r.rel(f"{root}/x y/z/deep.png") == "x y/z/deep.png"
+        with r.folder("") as f:
+            assert f.read_file("abs_deep.png")[0] == (root / "x y/z/deep.png").read_bytes()
+            assert f.read_file("abs_up.png")[0] == (root / "real.png").read_bytes()
+
+
+def test_a_relative_link_in_a_folder_with_a_space_climbs_from_that_folder(mode, tmp_path) -> None:
+    root = tmp_path / "root"
+    make_image(root / "x y" / "w.png", "red")
+    (root / "x y" / "z").mkdir()
+    os.symlink("../w.png", root / "x y" / "z" / "up.png")
+    with Root(str(root)).folder("x y/z") as f:
+        assert f.read_file("up.png")[0] == (root / "x y" / "w.png").read_bytes()
+
+
+def test_a_closed_folder_closes_nothing_more(tmp_path, monkeypatch) -> None:
+    f = Folder.at(tmp_path)
+    f.close()
+    closed = []
+    monkeypatch.setattr(confined.os, "close", closed.append)
+    f.close()
+    assert closed == []
+
+
+def test_stem_siblings_are_all_found_whatever_is_missing_or_too_long(tmp_path) -> None:
+    """A probe for an extension that is not there, or whose name is too long for the
+    filesystem, does not end the search: a missed sibling would share a sidecar."""
+    stem = "x" * 251  # x.png is 255 bytes, x.webp 256: longer than a name may be
+    for name in (f"{stem}.png", f"{stem}.jpg", "a.png", "a.jpg", ".png", ".png.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    with Folder.at(tmp_path) as f:
+        assert f.stem_siblings(f"{stem}.png", ["webp", "jpg"]) == [f"{stem}.jpg"]
+        assert f.stem_siblings("a.png", ["webp", "gif", "jpg"]) == ["a.jpg"]
+        assert f.stem_siblings(".png", ["jpg"]) == [".png.jpg"]  # a leading dot is no stem

@@ -229,7 +229,7 @@ def test_progress_watchdog_thread_pings_rechecks_and_stops(
         pings = wd.pings
         healthy.set()
         assert lst.recv(timeout=2.0) == "WATCHDOG=1"
-        assert wd.pings == pings + 1
+        assert _wait_for(lambda: wd.pings == pings + 1)  # counted just after the send
         n = len(stop.waits)
         assert _wait_for(lambda: len(stop.waits) > n)
         assert stop.waits[-1] == 0.5  # healthy again: back to the interval
@@ -351,7 +351,7 @@ def test_a_check_that_raises_is_logged_with_the_error_once() -> None:
 
     wd = ProgressWatchdog(Notifier({}), 10.0, [Probe()])
     with capture_logs() as logs:
-        assert not wd.healthy() and not wd.healthy()
+        assert not wd.healthy() and not wd.healthy() and not wd.healthy()
     assert events(logs, "watchdog_check_raised") == [
         {
             "event": "watchdog_check_raised",
@@ -442,3 +442,70 @@ def test_a_closed_notifier_gives_its_socket_back_and_opens_one_when_used_again(
     assert n.status("two")
     assert lst.drain() == ["STATUS=one", "STATUS=two"]
     n.close()
+
+
+class Recorder:
+    """A notifier that records what it sends; ``up = False`` makes every send fail."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.sent: list[str] = []
+
+    def _send(self, line: str) -> bool:
+        if self.up:
+            self.sent.append(line)
+        return self.up
+
+    def watchdog(self) -> bool:
+        return self._send("WATCHDOG=1")
+
+    def status(self, text: str) -> bool:
+        return self._send(f"STATUS={text}")
+
+
+def test_a_status_is_sent_in_the_first_round_and_again_after_a_failed_send() -> None:
+    n, text = Recorder(), ["a"]
+    wd = ProgressWatchdog(n, None, [], status=lambda: text[0])  # type: ignore[arg-type]
+    wd.tick()
+    assert n.sent == ["STATUS=a"]
+    wd.tick()
+    assert n.sent == ["STATUS=a"]  # unchanged: not sent again
+    text[0], n.up = "b", False
+    wd.tick()  # the send fails: "b" is still to be sent
+    n.up = True
+    wd.tick()
+    wd.tick()
+    assert n.sent == ["STATUS=a", "STATUS=b"]
+
+
+def test_a_ping_is_due_at_99_percent_of_the_interval() -> None:
+    """systemd is pinged at the interval, or up to 1% early (a round woken a little
+    early must not skip a ping and leave systemd without one for two intervals)."""
+    n, clock = Recorder(), FakeClock()
+    wd = ProgressWatchdog(n, 100.0, [], clock=clock)  # type: ignore[arg-type]
+    wd.tick()
+    clock.now += 100.0 * 0.99
+    wd.tick()
+    assert wd.pings == 2
+    clock.now += 100.0 * 0.99 - 0.01
+    wd.tick()
+    assert wd.pings == 2 and n.sent == ["WATCHDOG=1", "WATCHDOG=1"]
+
+
+def test_nothing_to_say_sends_nothing(path_listener: tuple[str, Listener]) -> None:
+    env, lst = path_listener
+    n = Notifier({"NOTIFY_SOCKET": env})
+    assert n.notify() is False
+    assert lst.drain() == []
+    n.close()
+
+
+def test_the_watchdog_thread_is_named_and_never_holds_the_process_open() -> None:
+    wd = ProgressWatchdog(Recorder(), 10.0, [])  # type: ignore[arg-type]
+    wd.start()
+    try:
+        (t,) = [t for t in threading.enumerate() if t.name == "sd-watchdog"]
+        assert t.daemon
+    finally:
+        wd.stop()
+    assert not t.is_alive()

@@ -381,6 +381,7 @@ def test_terminal_punctuation_looks_at_the_end_only() -> None:
     assert step(" 1girl, solo", TAGS) == " 1girl, solo"
     spaced = PostContext(caption_type="tags", separator=" ")
     assert step("1girl solo,", spaced) == "1girl solo"
+    assert step("1girl solo X", spaced) == "1girl solo X"  # only the separator goes
 
 
 def test_a_whitespace_separator_still_splits_a_tag_list_on_commas() -> None:
@@ -428,3 +429,18 @@ def test_a_document_that_is_not_an_object_is_refused() -> None:
         to_reynard({"steps": [], "case": "shout"})
     with pytest.raises(ValueError, match=r"\['steps'\] \(captiond\); use one"):
         settings_shape({"steps": [], "rules": {}})
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (["rules"], "the post-processing document must be an object"),
+        ({"enabled": "yes"}, "enabled must be true or false"),
+        ({"overrides": ["joy"]}, "overrides must be an object: generator -> rules"),
+        ({"max_words": -1}, "max_words must be a whole number >= 0"),
+    ],
+)
+def test_a_refusal_is_the_sentence_the_api_answers_with(doc, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        from_reynard(doc)
+    assert str(info.value) == message

@@ -16,6 +16,7 @@ import pytest
 
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_EXPLICIT, PRIORITY_NEW
 from daemon.queue import Database, Job, JobQueue, JobState
+from daemon.queue.jobs import BATCH
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1186,3 +1187,63 @@ def test_released_jobs_are_due_at_once_unless_delayed(q: JobQueue) -> None:
     (j,) = q.claim("wd", 1)
     q.release([j.id])
     assert [x.id for x in q.claim("wd", 1)] == [j.id]
+
+
+def test_a_folder_is_narrowed_to_by_its_whole_name_whatever_it_ends_in(
+    q: JobQueue, clock: FakeClock
+) -> None:
+    """A folder ending in a letter like X, and folders beside it whose names only start
+    like it (``a0``, ``aB``): each narrowing (counts, paused folders, retry, purge,
+    revival after a full disk) takes the folder's own jobs, no others."""
+    q.max_attempts = 1
+    paths = ["/d/X/1.jpg", "/d/Y/2.jpg", "/d/a/3.jpg", "/d/a0/4.jpg", "/d/aB/5.jpg"]
+    for p in paths:
+        q.enqueue(p, "wd", 0)
+    assert q.counts_under(["/d/X", "/d/a"]) == {"/d/X": {"pending": 1}, "/d/a": {"pending": 1}}
+    claimed = q.claim("wd", 10, exclude_prefixes=["/d/X", "/d/a"])
+    assert sorted(j.path for j in claimed) == ["/d/Y/2.jpg", "/d/a0/4.jpg", "/d/aB/5.jpg"]
+    claimed += q.claim("wd", 10)
+    for j in claimed:
+        q.fail(j.id, "io", "disk full", retryable=False, errno=28)
+    assert q.revive_systemic("/d/X", [28]) == 1
+    assert q.revive_systemic("/d/a/", [28]) == 1
+    assert {j.path for j in q.jobs(JobState.PENDING)} == {"/d/X/1.jpg", "/d/a/3.jpg"}
+    for j in q.claim("wd", 10):
+        q.fail(j.id, "bad_image", "x", retryable=False)
+    assert q.retry(prefix="/d/X") == 1
+    assert q.purge(["failed"], prefix="/d/a") == [("/d/a/3.jpg", "failed")]
+    assert sorted(j.path for j in q.jobs(limit=10)) == [p for p in paths if p != "/d/a/3.jpg"]
+
+
+def test_cancel_puts_back_the_options_of_the_request_before(q: JobQueue) -> None:
+    q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r1", "force": True})
+    before = q.get("/a.jpg", "wd")
+    job = q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r2"})
+    assert job.options == {"request": "r2"}
+    assert q.cancel(job.id, before, {"request": "r2"})
+    assert q.get("/a.jpg", "wd").options == {"request": "r1", "force": True}
+
+
+def test_options_are_compared_as_values_not_by_the_order_of_their_keys(q: JobQueue) -> None:
+    """The finished run's options given back in another key order are still the same
+    options: the rerun does not inherit them."""
+    q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r1", "force": True})
+    (job,) = q.claim("wd", 1)
+    q.enqueue("/a.jpg", "wd", PRIORITY_NEW)  # changed while being captioned
+    q.ack(job.id, options={"force": True, "request": "r1"})
+    assert q.get("/a.jpg", "wd").options is None
+
+
+def test_forgetting_more_paths_than_one_batch_counts_them_all(q: JobQueue) -> None:
+    n = BATCH + 5
+    q.enqueue_many((f"/f/{i}.jpg", "wd", 0) for i in range(n))
+    assert q.forget_many(f"/f/{i}.jpg" for i in range(n)) == n
+    assert q.jobs(limit=10) == []
+
+
+def test_listings_default_to_a_page_of_100_jobs_and_20_errors(q: JobQueue) -> None:
+    q.enqueue_many((f"/p/{i:03}.jpg", "wd", 0) for i in range(101))
+    assert len(q.jobs()) == 100 and len(q.jobs(JobState.PENDING)) == 100
+    for j in q.claim("wd", 21):
+        q.fail(j.id, "bad_image", "x", retryable=False)
+    assert len(q.recent_errors()) == 20

@@ -447,3 +447,29 @@ def test_a_clash_keeps_the_record_and_what_captiond_may_replace() -> None:
     assert t == Target("a.png.txt", r, frozenset(), clash_with="a.jpg")
     r = CaptionRecord("/d/a.png", "wd_tagger", "c", "/d/x/a.png.txt", "h1", 0.0)
     assert target("a.png", siblings=["a.jpg"], record=r).record is r
+
+
+def test_ours_with_other_trailing_whitespace_is_rewritten() -> None:
+    """Only the final newline is ignored: a sidecar of ours that ends in a space (or a
+    tab, or a blank line) is not the new caption, so it is replaced."""
+    for ours in (b"a, b \n", b"a, b\t\n", b"a, b\n\n \n"):
+        r = d(new_text="a, b", existing=ours, ours=h(ours), seen_before=True)
+        assert (r.action, r.prev_hash) == (Action.WRITE, sidecar_hash(ours)), ours
+
+
+def test_the_trigger_word_is_moved_to_the_front_once_in_prose() -> None:
+    """Its first use is moved; a later use in the sentence is the caption's own."""
+    assert lead_with("a sks b sks c sks d", "sks", tags=False, separator=", ") == (
+        "sks, a b sks c sks d"
+    )
+
+
+def test_a_name_whose_only_dot_leads_it_has_no_extension() -> None:
+    assert stem_and_name_forms(".png", "txt") == (".png.txt", ".png.txt")
+    assert siblings_of(".png", [".png", ".png.jpg", ".jpg"], ["jpg"]) == [".png.jpg"]
+
+
+def test_a_folder_name_ending_in_the_letters_of_a_slash_strip_is_kept_whole() -> None:
+    r = CaptionRecord("/d/XX/a.png", "wd_tagger", "c", "/d/XX/a.txt", "h1", 0.0)
+    assert target(record=r, folder_path="/d/XX").ours == {"h1"}
+    assert target(record=r, folder_path="/d/XX/").ours == {"h1"}

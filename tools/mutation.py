@@ -6,6 +6,7 @@ modules against each mutant, so a group takes minutes, not hours:
     python tools/mutation.py                 # every group
     python tools/mutation.py queue notify    # some groups
     python tools/mutation.py --list          # the groups, their modules and tests
+    python tools/mutation.py --survivors queue   # re-test only the last survivors
     make mutation [GROUPS="queue notify"]    # the same through make
 
 Each group runs in its own folder, ``.mutation/<group>/`` (a copy of ``daemon/`` and
@@ -171,12 +172,26 @@ def prepare(group: Group) -> Path:
     return where
 
 
-def run_group(group: Group, jobs: int) -> float:
-    where = prepare(group)
+def refresh_tests(group: Group) -> Path:
+    """The group's folder as it is, with today's tests/ copied in (mutmut copies them
+    on into mutants/ and collects coverage for new tests)."""
+    where = WORK / group.name
+    if not (where / "mutants").exists():
+        raise SystemExit(f"{group.name}: no earlier run in {where}; run the group in full first")
+    shutil.rmtree(where / "tests")
+    shutil.copytree(REPO / "tests", where / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    return where
+
+
+def run_group(group: Group, jobs: int, survivors: list[str] | None = None) -> float:
+    """Mutate and test the group afresh; with ``survivors``, re-test only those mutants
+    of the last run (every other result stands) against today's tests."""
+    where = prepare(group) if survivors is None else refresh_tests(group)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CI")}
     env |= {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     started = time.monotonic()
-    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *group.only]
+    names = group.only if survivors is None else survivors
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *names]
     with open(where / "mutmut.log", "wb") as log:
         code = subprocess.run(
             cmd, cwd=where, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -197,8 +212,13 @@ def status_of(code: int | None) -> str:
 # (``SELECT`` -> ``select``, ``jobs`` -> ``JOBS``) changes nothing: SQLite's keywords and
 # names are case-insensitive. Recognised by rule instead of being listed one by one.
 SQL_CASE_RULE = "SQL case only: SQLite keywords and names are case-insensitive"
+# A line counts as SQL by a statement keyword or a parameter placeholder (``?``, ``?2``);
+# not by words like AND or IS, which error messages have too. A line that rewrites SQL
+# text (``sql.replace(old, new)``) is left to a person: there the case of ``old`` matters.
 _SQL_WORD = re.compile(
-    r"\b(select|update|delete|insert|where|from|order by|group by|returning|limit|set)\b", re.I
+    r"\b(select|update|delete|insert|where|from|order by|group by|returning|limit|set)\b"
+    r"|[=<>] \?|\blike \?",
+    re.I,
 )
 _QUOTED = re.compile(r"'[^']*'")
 
@@ -212,6 +232,7 @@ def sql_case_only(diff: str) -> bool:
         a != b
         and a.lower() == b.lower()
         and _SQL_WORD.search(a)
+        and ".replace(" not in a
         and _QUOTED.findall(a) == _QUOTED.findall(b)
         for a, b in zip(removed, added, strict=True)
     )
@@ -291,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="show the groups and exit")
     ap.add_argument("--report-only", action="store_true", help="re-read the last results")
     ap.add_argument("--no-diffs", action="store_true", help="skip writing survivors.md")
+    ap.add_argument(
+        "--survivors",
+        action="store_true",
+        help="re-test only the last run's survivors against today's tests (quick check "
+        "after adding tests; the daemon/ copy is not refreshed: run in full after code "
+        "changes)",
+    )
     args = ap.parse_args(argv)
 
     if args.list:
@@ -310,11 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     failed = False
     for g in groups:
-        if not args.report_only:
+        if args.report_only:
+            elapsed = summary.get(g.name, {}).get("seconds", 0.0)
+        elif args.survivors:
+            last = summary.get(g.name, {}).get("modules", {}).values()
+            names = [n for m in last for n in m["survivors"]]
+            print(f"[{g.name}] re-testing {len(names)} survivors ...", flush=True)
+            rerun = run_group(g, args.jobs, names) if names else 0.0
+            print(f"  (survivors re-tested in {rerun:.0f} s)", flush=True)
+            elapsed = summary.get(g.name, {}).get("seconds", 0.0)  # the full run's time
+        else:
             print(f"[{g.name}] mutating {', '.join(g.modules)} ...", flush=True)
             elapsed = run_group(g, args.jobs)
-        else:
-            elapsed = summary.get(g.name, {}).get("seconds", 0.0)
         scores, diffs = collect(g, equivalents)
         if not args.no_diffs:
             write_survivors(g, scores, equivalents, diffs)
@@ -342,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             for name in s.stale_equivalent:
                 print(f"    listed as equivalent but killed: {name}")
-        print(f"  ({elapsed:.0f} s)", flush=True)
-    WORK.mkdir(exist_ok=True)
-    summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        print(f"  (full run: {elapsed:.0f} s)", flush=True)
+        WORK.mkdir(exist_ok=True)  # after each group: an interrupted run keeps what is done
+        summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return 1 if failed else 0
 
 
