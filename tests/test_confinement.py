@@ -696,3 +696,21 @@ def test_stem_siblings_are_all_found_whatever_is_missing_or_too_long(tmp_path) -
         assert f.stem_siblings(f"{stem}.png", ["webp", "jpg"]) == [f"{stem}.jpg"]
         assert f.stem_siblings("a.png", ["webp", "gif", "jpg"]) == ["a.jpg"]
         assert f.stem_siblings(".png", ["jpg"]) == [".png.jpg"]  # a leading dot is no stem
+
+
+def test_a_missing_or_unreadable_lower_case_name_does_not_hide_the_upper_case_one(
+    tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "a.JPG").write_bytes(b"x")
+    with Folder.at(tmp_path) as f:
+        assert f.stem_siblings("a.png", ["jpg"]) == ["a.JPG"]  # a.jpg is not there
+        lstat = f.lstat
+
+        def flaky(name):
+            if name == "a.jpg":
+                raise OSError(errno.EIO, "Input/output error")
+            return lstat(name)
+
+        monkeypatch.setattr(f, "lstat", flaky)
+        assert f.stem_siblings("a.png", ["jpg"]) == ["a.JPG"]
