@@ -36,8 +36,10 @@ from daemon.errors import (
     classify,
 )
 from daemon.hashing import bytes_match
+from daemon.pipeline import stages
 from daemon.pipeline.caption import CaptionPipeline, ImageTask, Item, Outcome, SidecarInfo
 from daemon.pipeline.sidecars import Action
+from daemon.pipeline.stages import STAGES
 from daemon.queue import FileIndex, Job, JobQueue, JobState
 from daemon.residency.manager import ModelManager
 from daemon.residency.slot import ModelSlot
@@ -334,10 +336,14 @@ class Worker:
             if slot.probing:
                 limit = 1  # the breaker lets one probe through: one image
             held = sorted({*self.paused_roots, *self.held_roots()})
+            t0 = stages.now()
             jobs = self.queue.claim(name, limit, exclude_prefixes=held)
             if not jobs:
                 continue
-            return self._start(pipeline, jobs)
+            try:
+                return self._start(pipeline, jobs)
+            finally:
+                STAGES.add("claim", stages.now() - t0)
         return None
 
     def _start(self, pipeline: CaptionPipeline, jobs: list[Job]) -> _Batch:
@@ -492,12 +498,14 @@ class Worker:
 
         def ack() -> None:
             half = len(done) // 2
+            t0 = stages.now()
             with self.queue.transaction():
                 for i, (job, outcome) in enumerate(done):
                     if i == half:
                         faults.point("mid_acks")
                     assert outcome.action is not None
                     self.queue.ack(job.id, outcome.action.value, options=job.options)
+            STAGES.add("ack", stages.now() - t0)
 
         try:
             ack()
@@ -682,6 +690,9 @@ class Worker:
             "paused": self.paused,
             "paused_roots": sorted(self.paused_roots),
             "stem_clashes": self._stem_clashes(),
+            # CPU seconds per stage of the pipeline since start (daemon.pipeline.stages)
+            "images_finished": STAGES.images,
+            "stage_cpu_seconds": {k: round(v, 4) for k, v in STAGES.snapshot().items()},
         }
 
 

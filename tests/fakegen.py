@@ -96,3 +96,38 @@ class BlockingGenerator(EchoGenerator):
         while cfg.gate and os.path.exists(cfg.gate):
             time.sleep(0.02)
         return super().generate(batch)
+
+
+class NullConfig(GeneratorConfig):
+    caption: str = "1girl, solo, simple background"
+
+
+class NullGenerator(Generator):
+    """A fixed caption without looking at the pixels: what is left of a run is
+    captiond's own cost per image (issue 19; bench/bench_overhead.py)."""
+
+    name = "null"
+    caption_type = "tags"
+    description = "test generator: a fixed caption"
+    version = "1"
+    config_model: ClassVar = NullConfig
+
+    def __init__(self, config=None, *, cache_dir=None):
+        super().__init__(config, cache_dir=cache_dir)
+        self._loaded = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._loaded = False
+
+    def prepare(self, item: ImageInput) -> Any:
+        return None
+
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        return [self.config.caption] * len(batch)

@@ -44,8 +44,10 @@ from daemon.errors import (
 )
 from daemon.generators.base import ImageInput
 from daemon.hashing import content_hash, sidecar_hash
+from daemon.pipeline import stages
 from daemon.pipeline.images import decode_image, full_size
 from daemon.pipeline.sidecars import Action, Decision, decide, precheck
+from daemon.pipeline.stages import STAGES
 from daemon.pipeline.targets import Target, image_stem, sidecar_target
 from daemon.queue.index import CaptionRecord
 from daemon.text.postprocess import Pipeline, PostContext, pipeline_for
@@ -287,7 +289,10 @@ class CaptionPipeline:
         task, folder = item.task, item.folder
         assert folder is not None
         faults.hang("read", task.path)
+        t0 = stages.now()
         data, st = folder.read_file(item.name)
+        t1 = stages.now()
+        STAGES.add("read", t1 - t0)
         gen = self.generator
         try:
             image = decode_image(
@@ -300,7 +305,11 @@ class CaptionPipeline:
             if self.clock() - st.st_mtime < max(task.watch.settle_seconds, 1.0) * 2:
                 raise FileChangingError("unreadable image, modified moments ago") from None
             raise
+        t2 = stages.now()
+        STAGES.add("decode", t2 - t1)
         item.content_hash = digest = content_hash(data)
+        t3 = stages.now()
+        STAGES.add("hash", t3 - t2)
         item.owner = (st.st_uid, st.st_gid)
         item.size = full_size(image)
         path = Path(task.path)
@@ -314,13 +323,16 @@ class CaptionPipeline:
                 )
             context["tags"] = self.tags(task, data, digest)
         item.value = gen.prepare(ImageInput(path, image, context))
+        STAGES.add("prepare", stages.now() - t3)
 
     # -- 3. generate ---------------------------------------------------------------------
     def generate(self, values: Sequence[Any]) -> list[str | BaseException]:
         """One caption (or the exception) per prepared value, in order."""
         gen = self.generator
+        t0 = stages.now()
         try:
             captions = gen.generate(values)
+            STAGES.add("generate", stages.now() - t0)
             if len(captions) != len(values):
                 raise GenerationError(
                     f"{self.name} returned {len(captions)} captions for {len(values)} images"
@@ -353,6 +365,7 @@ class CaptionPipeline:
         doc for the order). One outcome per item, in order."""
         outcomes: list[Outcome | None] = [None] * len(items)
         texts: dict[int, str] = {}
+        t0 = stages.now()
         for i, (item, raw) in enumerate(zip(items, results, strict=True)):
             if isinstance(raw, BaseException):
                 outcomes[i] = Outcome(item.task, error=raw)
@@ -361,6 +374,8 @@ class CaptionPipeline:
                 texts[i] = self._postprocessed(item, raw)
             except Exception as exc:
                 outcomes[i] = Outcome(item.task, error=exc)
+        t1 = stages.now()
+        STAGES.add("postprocess", t1 - t0)
         todo = [items[i] for i in texts]
         for item in todo:  # again: the folder or the records may have changed meanwhile
             item.error = None
@@ -401,6 +416,8 @@ class CaptionPipeline:
                     self._sidecar(item),
                     clash_with=item.target.clash_with,
                 )
+        t2 = stages.now()
+        STAGES.add("decide", t2 - t1)
         staged: dict[int, Staged] = {}
         records: dict[int, CaptionRecord] = {}
         for i, decision in decisions.items():
@@ -428,6 +445,8 @@ class CaptionPipeline:
                 )
             except Exception as exc:
                 outcomes[i] = Outcome(item.task, error=exc)
+        t3 = stages.now()
+        STAGES.add("stage", t3 - t2)
         if staged:
             faults.point("after_stage")
         try:
@@ -441,6 +460,8 @@ class CaptionPipeline:
             for i in records:
                 outcomes[i] = Outcome(items[i].task, error=exc)
             return [o for o in outcomes if o is not None]
+        t4 = stages.now()
+        STAGES.add("record", t4 - t3)
         if staged:
             faults.point("after_record")
         synced: dict[int, BaseException | None] = {}
@@ -475,6 +496,8 @@ class CaptionPipeline:
                     clash_with=item.target.clash_with,
                 )
             )
+        STAGES.add("commit", stages.now() - t4)
+        STAGES.finished(len(items))
         if staged:
             faults.point("after_rename")
         return [o for o in outcomes if o is not None]
