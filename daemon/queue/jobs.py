@@ -665,6 +665,16 @@ class JobQueue:
         )
         return [_job(r) for r in rows]
 
+    def report_jobs(self, prefix: str) -> list[tuple]:
+        """(path, generator, state, outcome, error_type, error message cut to 200
+        characters) of every job under the folder ``prefix`` (the dataset report)."""
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            "SELECT path, generator, state, outcome, error_type, substr(error_message, 1, 200) "
+            "FROM jobs WHERE path >= ? AND path < ?",
+            (p + "/", p + "0"),
+        ).fetchall()
+
     def get(self, path: str, generator: str) -> Job | None:
         row = self.db.conn.execute(
             f"SELECT {_COLS} FROM jobs WHERE path = ? AND generator = ?", (path, generator)
