@@ -44,7 +44,7 @@ from daemon.errors import (
 )
 from daemon.generators.base import ImageInput
 from daemon.hashing import content_hash, sidecar_hash
-from daemon.pipeline.images import decode_image
+from daemon.pipeline.images import FULL_SIZE, decode_image
 from daemon.pipeline.sidecars import Action, Decision, decide, precheck
 from daemon.pipeline.targets import Target, image_stem, sidecar_target
 from daemon.queue.index import CaptionRecord
@@ -114,7 +114,7 @@ class Item:
     value: Any = None  # the generator's prepared input
     content_hash: str = ""
     owner: tuple[int, int] | None = None
-    size: tuple[int, int] | None = None  # the decoded image's width and height
+    size: tuple[int, int] | None = None  # the image's width and height (not the draft's)
     error: BaseException | None = None
     started: float | None = None  # monotonic time prepare() began (read timeouts)
 
@@ -300,7 +300,7 @@ class CaptionPipeline:
             raise
         item.content_hash = digest = content_hash(data)
         item.owner = (st.st_uid, st.st_gid)
-        item.size = image.size
+        item.size = image.info.get(FULL_SIZE, image.size)
         path = Path(task.path)
         context: dict[str, str] = {"name": path.stem, "folder": path.parent.name}
         if task.context:

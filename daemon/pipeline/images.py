@@ -20,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from daemon.errors import BadImageError
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own hard limit (2 * MAX_IMAGE_PIXELS)
+# info key of a decoded image: (width, height) of the whole image as shown (after EXIF
+# orientation), also when a JPEG was decoded at a reduced scale (draft).
+FULL_SIZE = "captiond_full_size"
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _RGB_CONVERTIBLE = frozenset({"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
@@ -61,6 +64,7 @@ def decode_image(
       of which is the default here) still applies inside ``Image.open``.
     - EXIF orientation is applied; animated GIF/WebP/APNG yield their first frame.
     - Alpha is kept (``RGBA``) so that a generator can composite it as it needs.
+    - ``image.info[FULL_SIZE]`` is the full size as shown, also after a draft.
     """
     if not data:
         raise BadImageError("empty file")
@@ -100,15 +104,21 @@ def decode_image(
         # Truncated data ("image file is truncated"), broken chunks, bad codecs...
         raise BadImageError(f"truncated or corrupt image data: {_short(exc)}") from exc
 
+    full = (w, h)  # the size as stored; a draft decodes fewer pixels
     try:
+        before = img.size
         ImageOps.exif_transpose(img, in_place=True)
+        if img.size != before:  # turned by a quarter: the full size turns too
+            full = (h, w)
     except MemoryError:
         raise
     except Exception:
         pass  # malformed EXIF: the pixels are fine, keep them unrotated
 
     try:
-        return _to_rgb_or_rgba(img)
+        out = _to_rgb_or_rgba(img)
+        out.info[FULL_SIZE] = full
+        return out
     except BadImageError:
         raise
     except MemoryError:

@@ -324,7 +324,8 @@ class FileIndex:
         with self.db.transaction() as conn:
             before = conn.total_changes
             conn.executemany(
-                "UPDATE captions SET text = ?, text_hash = ? WHERE image_path = ? AND generator = ?",
+                "UPDATE captions SET text = ?, text_hash = ? "
+                "WHERE image_path = ? AND generator = ?",
                 rows,
             )
             return conn.total_changes - before
@@ -359,9 +360,7 @@ class FileIndex:
 
     def count_phashes(self) -> tuple[int, int]:
         """(contents with a perceptual hash, contents known) in the ``images`` table."""
-        row = self.db.conn.execute(
-            "SELECT count(phash), count(*) FROM images"
-        ).fetchone()
+        row = self.db.conn.execute("SELECT count(phash), count(*) FROM images").fetchone()
         return int(row[0]), int(row[1])
 
     # caption checks

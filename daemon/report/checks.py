@@ -41,8 +41,9 @@ class Source:
     prompts: tuple[str, ...] = ()  # prompts the describer was given (echo check)
 
     def fingerprint(self) -> str:
-        return repr((self.kind, self.people, self.markers, self.marker_template, self.scene,
-                     self.prompts))  # fmt: skip
+        return repr(
+            (self.kind, self.people, self.markers, self.marker_template, self.scene, self.prompts)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +81,7 @@ class Finding:
     content_hash: str
 
 
-# -- reading captions ---------------------------------------------------------------------
+# -- reading captions --------------------------------------------------------------------
 
 _LINE = re.compile(r"^\s*([^:\n]{1,48}?)\s*:\s+(.*)$")
 _GUESS_LINES = re.compile(
@@ -168,7 +169,7 @@ def read_caption(source: Source, text: str, content_hash: str, ctx: Context) -> 
     return r
 
 
-# -- matching words ---------------------------------------------------------------------------
+# -- matching words ----------------------------------------------------------------------
 
 
 @functools.cache
@@ -218,7 +219,7 @@ def _quote(words: Iterable[str], limit: int = 3) -> str:
     return shown + (", ..." if len(uniq) > limit else "")
 
 
-# -- contradictions between tags and prose --------------------------------------------------
+# -- contradictions between tags and prose -----------------------------------------------
 
 
 def _exclusive(rule: R.Exclusive, tags: set[str], prose: str) -> str | None:
@@ -292,8 +293,11 @@ def tag_people(tags: set[str]) -> tuple[Range, str] | None:
     """(lowest, highest) number of people the tags say, and the tags that say it."""
     used: list[str] = []
     lo, hi, known = 0, 0.0, False
-    for kind, table in (("female", R.FEMALE_COUNT), ("male", R.MALE_COUNT),
-                        ("other", R.OTHER_COUNT)):  # fmt: skip
+    for kind, table in (
+        ("female", R.FEMALE_COUNT),
+        ("male", R.MALE_COUNT),
+        ("other", R.OTHER_COUNT),
+    ):
         exact = [(n, t) for t, n in table.items() if t in tags]
         multi = [t for t, (k, _n) in R.MULTIPLE.items() if k == kind and t in tags]
         if exact:
@@ -360,7 +364,7 @@ def _apart(a: Range, b: Range) -> bool:
     return a[0] > b[1] or b[0] > a[1]
 
 
-# -- prose alone ------------------------------------------------------------------------------
+# -- prose alone -------------------------------------------------------------------------
 
 
 @functools.cache
@@ -403,9 +407,7 @@ def _repeated(line: str) -> str | None:
             gram = tuple(words[i : i + n])
             c = seen[gram] = seen.get(gram, 0) + 1
             if c >= need:
-                total = sum(
-                    1 for j in range(len(words) - n + 1) if tuple(words[j : j + n]) == gram
-                )
+                total = sum(1 for j in range(len(words) - n + 1) if tuple(words[j : j + n]) == gram)
                 return f"'{_cut(' '.join(gram), 60)}' repeated {total} times"
     return None
 
@@ -458,7 +460,7 @@ def _cut(s: str, n: int, *, left: bool = False) -> str:
     return "..." + s[-(n - 3) :] if left else s[: n - 3] + "..."
 
 
-# -- one image ---------------------------------------------------------------------------------
+# -- one image ---------------------------------------------------------------------------
 
 
 def check_readings(
@@ -491,11 +493,15 @@ def check_readings(
         )
         detected = [o for o in same if o.people and o is not r]
         if r.kind == "tags":
-            if r.people and tags and (tp := tag_people(tags)) is not None:
-                if _apart((r.people, r.people), tp[0]):
-                    flag(r, "people_count", f"{_people_text((r.people, r.people))} detected "
-                         f"(person markers) but the tags say {tp[1]} "
-                         f"({_people_text(tp[0])})")  # fmt: skip
+            tp = tag_people(tags) if r.people and tags else None
+            if tp is not None and r.people and _apart((r.people, r.people), tp[0]):
+                flag(
+                    r,
+                    "people_count",
+                    f"{_people_text((r.people, r.people))} detected "
+                    f"(person markers) but the tags say {tp[1]} "
+                    f"({_people_text(tp[0])})",
+                )
             continue
         prose = _prose_for_rules(r.prose)
         if tags:
@@ -506,19 +512,31 @@ def check_readings(
         tp = tag_people(tags) if tags else None
         if r.people:  # multi_person lines: the people it detected and described
             if tp is not None and _apart((r.people, r.people), tp[0]):
-                flag(r, "people_count", f"the caption describes "
-                     f"{_people_text((r.people, r.people))} ({_quote(r.labels)}) but the "
-                     f"tags say {tp[1]} ({_people_text(tp[0])})")  # fmt: skip
+                flag(
+                    r,
+                    "people_count",
+                    f"the caption describes "
+                    f"{_people_text((r.people, r.people))} ({_quote(r.labels)}) but the "
+                    f"tags say {tp[1]} ({_people_text(tp[0])})",
+                )
         else:
             pp = prose_people(prose)
             if pp is not None and tp is not None and _apart(pp[0], tp[0]):
-                flag(r, "people_count", f"the prose says {pp[1]} ({_people_text(pp[0])}) "
-                     f"but the tags say {tp[1]} ({_people_text(tp[0])})")  # fmt: skip
+                flag(
+                    r,
+                    "people_count",
+                    f"the prose says {pp[1]} ({_people_text(pp[0])}) "
+                    f"but the tags say {tp[1]} ({_people_text(tp[0])})",
+                )
             for d in detected:
                 assert d.people is not None
                 if pp is not None and _apart(pp[0], (d.people, d.people)):
-                    flag(r, "people_count", f"the prose says {pp[1]} ({_people_text(pp[0])}) "
-                         f"but {d.generator} detected {_people_text((d.people, d.people))}")  # fmt: skip
+                    flag(
+                        r,
+                        "people_count",
+                        f"the prose says {pp[1]} ({_people_text(pp[0])}) "
+                        f"but {d.generator} detected {_people_text((d.people, d.people))}",
+                    )
         flag(r, "prompt_echo", _echo(r, prompts.get(r.generator, ())))
         flag(r, "refusal", _refusal(r))
         reps = [x for line in r.lines if (x := _repeated(line))]
@@ -532,7 +550,7 @@ def check_readings(
     ]
 
 
-# -- over the index -------------------------------------------------------------------------------
+# -- over the index ----------------------------------------------------------------------
 
 CaptionRow = tuple  # (image_path, generator, content_hash, sidecar_path, sidecar_hash,
 #                      written_at, text, text_hash): FileIndex.report_captions
@@ -595,8 +613,7 @@ class Checker:
             ctx = self.context(path)
             fp = fps.get(ctx) or fps.setdefault(ctx, self.fingerprint(ctx))
             flags = [
-                (f.generator, f.check, f.reason, f.content_hash)
-                for f in self.findings(path, rows)
+                (f.generator, f.check, f.reason, f.content_hash) for f in self.findings(path, rows)
             ]
             out.append((path, check_key(rows, fp), flags))
         return out
@@ -644,11 +661,23 @@ def source_of(name: str, generator: Any) -> Source:
     mode = getattr(cfg, "mode", None)
     aliases = tuple(a for a in (getattr(cfg, "aliases", None) or ()) if isinstance(a, str) and a)
     if mode == "lora_tags":
-        return Source(name, "tags", "markers", aliases,
-                      str(getattr(cfg, "tag_alias", "person{n}")),
-                      str(getattr(cfg, "scene_tag", "scene")), prompts)  # fmt: skip
+        return Source(
+            name,
+            "tags",
+            "markers",
+            aliases,
+            str(getattr(cfg, "tag_alias", "person{n}")),
+            str(getattr(cfg, "scene_tag", "scene")),
+            prompts,
+        )
     if mode == "fine_tune_caption":
-        return Source(name, "prose", "lines", aliases, scene=str(getattr(cfg, "scene_label",
-                      "Scene")), prompts=prompts)  # fmt: skip
+        return Source(
+            name,
+            "prose",
+            "lines",
+            aliases,
+            scene=str(getattr(cfg, "scene_label", "Scene")),
+            prompts=prompts,
+        )
     kind = "tags" if getattr(generator, "caption_type", "tags") == "tags" else "prose"
     return Source(name, kind, prompts=prompts)

@@ -44,6 +44,11 @@ def _tags(*names: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def _w(words: str) -> frozenset[str]:
+    """A set of words written as one string."""
+    return frozenset(words.split())
+
+
 FEMALE_COUNT = {"1girl": 1, "2girls": 2, "3girls": 3, "4girls": 4, "5girls": 5, "6+girls": 6}
 MALE_COUNT = {"1boy": 1, "2boys": 2, "3boys": 3, "4boys": 4, "5boys": 5, "6+boys": 6}
 OTHER_COUNT = {"1other": 1, "2others": 2, "3others": 3, "4others": 4, "5others": 5, "6+others": 6}
@@ -228,10 +233,29 @@ COLOURS: tuple[ColourRule, ...] = (HAIR, EYES)
 
 # The number of people in prose: "<number> [up to two words] <people noun>".
 NUMBER_WORDS = {
-    "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
-    "nine": 9, "ten": 10, "2": 2, "3": 3, "4": 4, "5": 5, "6": 6, "7": 7, "8": 8, "9": 9,
-    "10": 10, "both": 2, "several": 3, "many": 3, "multiple": 2,
-}  # fmt: skip
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "2": 2,
+    "3": 3,
+    "4": 4,
+    "5": 5,
+    "6": 6,
+    "7": 7,
+    "8": 8,
+    "9": 9,
+    "10": 10,
+    "both": 2,
+    "several": 3,
+    "many": 3,
+    "multiple": 2,
+}
 PEOPLE_NOUNS = (
     "people", "persons", "women", "men", "girls", "boys", "children", "kids", "ladies",
     "gentlemen", "individuals", "friends", "adults", "teenagers", "characters", "students",
@@ -266,11 +290,11 @@ REFUSAL_PATTERNS = (
 )
 # A sentence cannot end on these: a caption that does was cut in the middle (often by
 # max_new_tokens, with a period added by post-processing).
-DANGLING_WORDS = frozenset(
-    "a an the and or but nor of with to in on at for from by as into onto than is are "
-    "was were be been being has have had their its my your our whose which while "
-    "whereas because although if very such this these those".split()
-)  # fmt: skip
+DANGLING_WORDS = _w(
+    "a an the and or but nor of with to in on at for from by as into onto than is are was were "
+    "be been being has have had their its my your our whose which while whereas because "
+    "although if very such this these those"
+)
 TERMINAL = ".!?…"  # what a complete caption ends with (after quotes and brackets)
 
 
@@ -293,20 +317,20 @@ REPEAT = Repeat()
 # Stop words per language (the most common words of each): a caption whose words are
 # far more often another language's stop words than the configured one's is flagged.
 STOPWORDS: dict[str, frozenset[str]] = {
-    "en": frozenset("the a an and of in on with is are to at her his their its this that "
-                    "from by for wearing while which who has".split()),
-    "de": frozenset("der die das und ein eine einen einem einer mit ist sind auf im den "
-                    "dem des von zu trägt sich vor über".split()),
-    "fr": frozenset("le la les un une et des du de avec est sont dans sur au aux se qui "
-                    "porte devant".split()),
-    "es": frozenset("el la los las un una y con es son en del al que lleva sobre frente "
-                    "está están".split()),
-    "it": frozenset("il lo la gli le un una e con è sono nel nella di del della che "
-                    "indossa sul".split()),
-    "pt": frozenset("o a os as um uma e com é são em no na do da que usando sobre "
-                    "está".split()),
-    "nl": frozenset("de het een en met is zijn op in van die draagt staat voor".split()),
-}  # fmt: skip
+    "en": _w(
+        "the a an and of in on with is are to at her his their its this that from by for "
+        "wearing while which who has"
+    ),
+    "de": _w(
+        "der die das und ein eine einen einem einer mit ist sind auf im den dem des von zu "
+        "trägt sich vor über"
+    ),
+    "fr": _w("le la les un une et des du de avec est sont dans sur au aux se qui porte devant"),
+    "es": _w("el la los las un una y con es son en del al que lleva sobre frente está están"),
+    "it": _w("il lo la gli le un una e con è sono nel nella di del della che indossa sul"),
+    "pt": _w("o a os as um uma e com é são em no na do da que usando sobre está"),
+    "nl": _w("de het een en met is zijn op in van die draagt staat voor"),
+}
 # Scripts that are not Latin, by Unicode range: letters of these in a caption configured
 # for a Latin-script language.
 SCRIPTS: tuple[tuple[str, int, int], ...] = (

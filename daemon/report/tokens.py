@@ -112,8 +112,9 @@ class ClipCounter:
         return [len(i) for i in ids]
 
     def counts(self, texts: Sequence[str]) -> list[int]:
-        keys = [hashlib.blake2b(t.encode("utf-8", "replace"), digest_size=12).digest()
-                for t in texts]  # fmt: skip
+        keys = [
+            hashlib.blake2b(t.encode("utf-8", "replace"), digest_size=12).digest() for t in texts
+        ]
         out: list[int | None] = [None] * len(texts)
         todo: list[int] = []
         with self._lock:
@@ -154,7 +155,9 @@ _cached: dict[tuple[str, ...], Counter] = {}
 _cached_lock = threading.Lock()
 
 
-def find_counter(cache_dirs: Iterable[Path | None], repos: Sequence[str] = DEFAULT_REPOS) -> Counter:
+def find_counter(
+    cache_dirs: Iterable[Path | None], repos: Sequence[str] = DEFAULT_REPOS
+) -> Counter:
     """A :class:`ClipCounter` for the first CLIP tokenizer found (a repo in one of the
     Hugging Face caches, or a local folder), else an :class:`Estimator`. Looked up once
     per process and set of places; never downloads."""
