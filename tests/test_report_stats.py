@@ -51,7 +51,7 @@ def dataset(tmp_path: Path) -> tuple[FileIndex, JobQueue]:
             _rec("c.png", "vlm", H1, "caption", None),
             CaptionRecord(
                 "/data/other/x.png", "wd_tagger", H3, "/data/other/x.txt", "s", 0.0, text="1girl"
-            ),  # fmt: skip
+            ),
         ]
     )
     edited = "sks, 1girl, solo, long hair, hat"
