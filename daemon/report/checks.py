@@ -268,10 +268,10 @@ def _colour(rule: R.ColourRule, tags: set[str], prose: str) -> str | None:
     if not tag_fams:
         return None
     span, word, families = _colour_re(rule)
-    said: dict[str, set[str]] = {}  # prose colour word -> its families
+    said: dict[str, set[str]] = {}  # what the prose says ("red hair", "redhead") -> families
     for m in span.finditer(prose):
         for w in word.findall(m.group(0)):
-            said[w] = families[w]
+            said[f"{w} {rule.part}"] = families[w]
     for w, fams in rule.standalone.items():
         if _words_re((w,)).search(prose):
             said[w] = set(fams)
@@ -280,10 +280,7 @@ def _colour(rule: R.ColourRule, tags: set[str], prose: str) -> str | None:
     if any(fams & tag_fams.keys() for fams in said.values()):
         return None
     tagged = [t for ts in tag_fams.values() for t in ts]
-    return (
-        f"the prose says {_quote(f'{w} {rule.part}' if w in families else w for w in said)} "
-        f"but the tags say {_quote(tagged)}"
-    )
+    return f"the prose says {_quote(said)} but the tags say {_quote(tagged)}"
 
 
 Range = tuple[int, float]
