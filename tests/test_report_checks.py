@@ -269,6 +269,8 @@ def test_consistent_multi_person_captions_raise_no_flag() -> None:
 def test_unknown_generators_are_read_by_their_text() -> None:
     assert guess_source("x", "1girl, solo, long hair").kind == "tags"
     assert guess_source("x", "A woman stands in a park. She smiles.").kind == "prose"
+    assert guess_source("x", "sks, A man reads.").kind == "prose"
+    assert guess_source("x", "sks, 1girl, ^_^, :d").kind == "tags"
     lines = guess_source("x", "sksA: a woman.\nScene: a park.")
     assert (lines.kind, lines.people) == ("prose", "lines")
     assert guess_source("x", "person1, 1girl, person2, 1boy").people == "markers"

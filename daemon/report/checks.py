@@ -105,8 +105,9 @@ def guess_source(name: str, text: str) -> Source:
         return Source(name, "tags", people="markers", scene="scene")
     items = [i for i in re.split(r"[,\n]", text) if i.strip()]
     words = sum(len(i.split()) for i in items)
-    if items and words / len(items) <= 3.0 and not re.search(r"[.!?]\s+\w", text):
-        return Source(name, "tags")
+    sentence = re.search(r"[a-z]{2}[.!?](?:\s+\w|\s*$)", text.strip())
+    if items and words / len(items) <= 3.0 and not sentence:
+        return Source(name, "tags")  # tag lists never end a sentence with a period
     return Source(name, "prose")
 
 

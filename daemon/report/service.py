@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -395,5 +396,5 @@ class Maintainer:
         stats.seconds = round(time.monotonic() - started, 3)
         stats.stopped = self._stop.is_set()
         if stats.contents:
-            log.info("phash_pass", **stats.__dict__)
-        self.service.phash_state = {"last_pass": stats.__dict__, "at": round(time.time(), 1)}
+            log.info("phash_pass", **asdict(stats))
+        self.service.phash_state = {"last_pass": asdict(stats), "at": round(time.time(), 1)}

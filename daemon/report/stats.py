@@ -69,13 +69,19 @@ class Scope:
 class Options:
     resolution: int = 1024  # training resolution: buckets hold about resolution² pixels
     bucket_step: int = 64
-    min_bucket: int = 256
-    max_bucket: int = 2048
+    min_bucket: int = 0  # 0: min(256, resolution)
+    max_bucket: int = 0  # 0: 2 x resolution
     near_distance: int = 4  # pHash bits that may differ between near duplicates
     top: int = 50  # rows of the longer tables
     examples: int = 20  # paths listed per finding
     folders: int = 100  # folders listed in the per-folder table
     trigger: str | None = None  # instead of each watch's trigger word
+
+    def __post_init__(self) -> None:
+        if not self.min_bucket:
+            object.__setattr__(self, "min_bucket", min(256, self.resolution))
+        if not self.max_bucket:
+            object.__setattr__(self, "max_bucket", 2 * self.resolution)
 
     def check(self) -> None:
         if not 64 <= self.resolution <= 16384:
