@@ -41,14 +41,15 @@ def findings(tags: str | None, prose: str | None, *, extra: list[tuple[Source, s
     return {(f.generator, f.check): f.reason for f in check_readings(readings, ctx, prompts)}
 
 
-# -- contradictions: (tags, prose, check, words the reason must contain) -------------------------
+# -- contradictions: (tags, prose, check, words the reason must contain) -----------------
 CONTRADICTIONS = [
     # gender
     ("1girl, solo, long hair", "A man with long hair stands by a window.", "gender",
      ["'man'", "male", "'1girl'"]),
     ("1boy, solo, short hair", "A young woman smiles; she holds her cup.", "gender",
      ["'woman'", "'she'", "'1boy'"]),
-    ("2girls, multiple girls", "Two boys play football on a field.", "gender", ["'boys'", "2girls"]),
+    ("2girls, multiple girls", "Two boys play football on a field.", "gender",
+     ["'boys'", "2girls"]),
     # number of people
     ("1girl, solo", "Two women sit on a bench and talk.", "people_count",
      ["two women", "at least 2 people", "solo", "1 person"]),
@@ -154,7 +155,7 @@ def test_the_trigger_word_is_no_evidence() -> None:
     assert findings("1girl, solo", "ohwx man, a woman reading by a window.", ctx=ctx) == {}
 
 
-# -- consistent pairs: zero flags ---------------------------------------------------------------------
+# -- consistent pairs: zero flags --------------------------------------------------------
 CONSISTENT = [
     ("1girl, solo, long hair, blonde hair, blue eyes, dress, outdoors, day, sky, tree",
      "A young woman with long blonde hair and blue eyes stands under a tree on a sunny day, "
@@ -263,7 +264,7 @@ def test_consistent_multi_person_captions_raise_no_flag() -> None:
     assert findings(tags, prose, extra=[(MP_LINES, lines)]) == {}
 
 
-# -- sources --------------------------------------------------------------------------------------------
+# -- sources -----------------------------------------------------------------------------
 
 
 def test_unknown_generators_are_read_by_their_text() -> None:
@@ -279,7 +280,7 @@ def test_unknown_generators_are_read_by_their_text() -> None:
 def test_source_of_a_generator_object() -> None:
     class Cfg:
         mode = "fine_tune_caption"
-        aliases = ["alice"]
+        aliases = ("alice",)
         scene_label = "Scene"
         person_prompt = "Describe the person."
 
@@ -292,7 +293,7 @@ def test_source_of_a_generator_object() -> None:
     assert "Describe the person." in src.prompts
 
 
-# -- flags in the index ------------------------------------------------------------------------------------
+# -- flags in the index ------------------------------------------------------------------
 
 
 @pytest.fixture

@@ -75,7 +75,7 @@ def world(tmp_path: Path) -> World:
     w.db.close()
 
 
-# -- captions edited on disk -----------------------------------------------------------------------
+# -- captions edited on disk -------------------------------------------------------------
 
 
 def test_refresh_reads_edited_captions_back_and_keeps_ownership(world: World) -> None:
@@ -121,7 +121,7 @@ def test_refresh_refuses_links_big_files_and_survives_bad_bytes(
     assert r["coverage"]["captioned"] == 4
 
 
-# -- bad input ----------------------------------------------------------------------------------------
+# -- bad input ---------------------------------------------------------------------------
 
 
 def test_an_empty_folder(world: World) -> None:
@@ -171,7 +171,7 @@ def test_scopes_are_checked(world: World) -> None:
     assert world.service.scopes(["_"])[0].name == "ds"  # the only root
 
 
-# -- checks: lazy in the report, and in the background ----------------------------------------------
+# -- checks: lazy in the report, and in the background -----------------------------------
 
 
 def test_the_report_checks_what_changed_first(world: World) -> None:
@@ -226,7 +226,7 @@ def wait(pred: object, timeout: float = 10.0) -> None:
     raise AssertionError("timed out")
 
 
-# -- perceptual hashes ------------------------------------------------------------------------------------
+# -- perceptual hashes -------------------------------------------------------------------
 
 
 def jpeg(size: tuple[int, int], exif_orientation: int | None = None) -> bytes:
@@ -284,7 +284,8 @@ def test_the_hash_pass_once_per_content(world: World) -> None:
     facts = {d: (w, h, p) for d, w, h, p in world.index.report_images(str(world.root))}
     assert facts[content_hash(jpeg((2400, 1800)))][:2] == (2400, 1800)  # full size, not draft
     assert facts[content_hash(b"\x89PNG\r\n\x1a\n garbage")][2] == ""
-    again = ph.HashPass(world.index, world.settings.watch_for, skip={content_hash(png((1, 1, 1)))})
+    gone_hash = content_hash(png((1, 1, 1)))
+    again = ph.HashPass(world.index, world.settings.watch_for, skip={gone_hash})
     assert again.run().hashed == 0  # nothing left to hash
     r = world.report(near_distance=6)
     near = r["images"]["near_duplicates"]
@@ -302,8 +303,9 @@ def test_the_hash_pass_reads_only_inside_the_root(world: World, tmp_path: Path) 
     link = world.root / "link.png"
     link.symlink_to(outside)
     world.index.upsert_files(str(world.root), [("", "link.png", len(data), 1)])
-    world.index.record_captions([CaptionRecord(str(link), "wd_tagger", content_hash(data),
-                                               str(world.root / "link.txt"), "s", 0.0, text="x")])  # fmt: skip
+    rec = CaptionRecord(str(link), "wd_tagger", content_hash(data), str(world.root / "link.txt"),
+                        "s", 0.0, text="x")  # fmt: skip
+    world.index.record_captions([rec])
     stats = ph.HashPass(world.index, world.settings.watch_for).run()
     assert stats.hashed == 0 and stats.skipped == 1  # follow_symlinks="inside" refuses it
 
