@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DATASET ?=
 PYTEST_ARGS ?=
 # Optional parts installed into the venv; the tests need all of them.
-EXTRAS ?= test,vlm,people
+EXTRAS ?= test,vlm,people,report
 
 .PHONY: setup system-deps run test lint bench clean
 
@@ -20,13 +20,19 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 # systemd-analyze checks the unit files in the tests (Debian's systemd package
-# provides it without systemd running).
+# provides it without systemd running); headless Chromium renders the HTML report.
 system-deps:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; \
 	  else \
 	    echo "systemd-analyze missing: install your distribution's systemd package" >&2; exit 1; \
+	  fi; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "chromium missing: install your distribution's chromium and chromium-driver" >&2; exit 1; \
 	  fi; }
 
 run: setup

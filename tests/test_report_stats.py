@@ -241,6 +241,7 @@ def test_images(dataset: tuple[FileIndex, JobQueue]) -> None:
         0,
         0,
     )
+    assert near["too_plain"] == 0
     assert (near["groups"], near["images"]) == (1, 3)
     assert near["list"] == [
         {"contents": 2, "max_distance": 2, "paths": ["ds/a.png", "ds/b.png", "ds/c.png"]}

@@ -566,7 +566,16 @@ class Control:
             raise Problem("invalid", "the caption contains a NUL character")
         # On the worker's writer thread: serialised with its read-decide-write of the
         # same sidecar, so neither overwrites the other's file or record.
-        return self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
+        result = self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
+        self._check_captions(str(ref.path))
+        return result
+
+    def _check_captions(self, path: str) -> None:
+        """The caption checks of an image whose caption a person just wrote (index only)."""
+        try:
+            self.reports.check_paths([path])
+        except Exception as exc:  # the background pass gets it later
+            log.warning("caption_check_failed", path=path, error=str(exc))
 
     def _folder(self, ref: ImageRef, sidecar: str) -> tuple[Any, str]:
         root = Root(str(ref.watch.path), ref.watch.follow_symlinks)

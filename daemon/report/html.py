@@ -61,6 +61,9 @@ def bar_chart(
             ax.set_xticks(pos, [str(x) for x in labels], rotation=30 if n > 6 else 0,
                           ha="right" if n > 6 else "center")  # fmt: skip
             ax.set_ylabel(xlabel)
+        from matplotlib.ticker import MaxNLocator
+
+        (ax.xaxis if horizontal else ax.yaxis).set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
         ax.spines[["top", "right"]].set_visible(False)
         ax.grid(axis="x" if horizontal else "y", alpha=0.3)
@@ -71,9 +74,17 @@ def bar_chart(
     return svg[svg.index("<svg") :]  # without the XML prolog: inline in HTML
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, cls: str = "") -> str:
+def _trim(bins: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Histogram bins up to the last one that is not empty (at least one)."""
+    last = max((i for i, b in enumerate(bins) if b.get("count")), default=0)
+    return list(bins[: last + 1])
+
+
+def _table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]], *, cls: str = "", empty: str = "none"
+) -> str:
     if not rows:
-        return '<p class="none">none</p>'
+        return f'<p class="none">{_e(empty)}</p>'
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
@@ -182,10 +193,13 @@ def render(report: dict[str, Any], *, title: str = "captiond dataset report") ->
         )
         + "<h3>Failed and dead, by error type</h3>"
         + _table(["state", "error type", "jobs"], fail_rows)
-        + f'<p class="note">Empty after post-processing: '
-        f"{_e(cov.get('empty_after_post_processing', 0))}. Caption texts known: "
-        f"{_e(texts.get('known', 0))}, unknown: {_e(texts.get('unknown', 0))}, read back "
-        f"after an edit: {_e(texts.get('read_back_after_edit', 0))}. {_e(texts.get('note'))}</p>"
+        + f'<p class="note">Empty after post-processing (the job failed): '
+        f"{_e(cov.get('empty_after_post_processing', 0))}.<br>Caption texts: "
+        f"{_e(texts.get('known', 0))} known, {_e(texts.get('unknown', 0))} unknown (written "
+        "before captiond kept texts), "
+        f"{_e(texts.get('read_back_after_edit', 0))} read back after a person's edit. A "
+        "caption edited on disk counts with captiond's text until <code>captiond report "
+        "--refresh</code> reads the files back.</p>"
         + f"</div><div>{cov_plot}</div></div></section>"
     )
 
@@ -244,10 +258,12 @@ def render(report: dict[str, Any], *, title: str = "captiond dataset report") ->
             f"median {_e(w['median'])}, mean {_e(w['mean'])}, max {_e(w['max'])}. "
             f"Over the CLIP limit: <b>{_e(g['over_clip_limit'])}</b> "
             f"({_pct(g['over_clip_share'])}).</p>"
-            + plot([b["bin"] for b in g["histogram"]], [b["count"] for b in g["histogram"]],
+            + plot([b["bin"] for b in _trim(g["histogram"])],
+                   [b["count"] for b in _trim(g["histogram"])],
                    title=f"Words per caption: {gen}", xlabel="captions")
             + _table(["longest captions over the limit", "tokens", "words"],
-                     [[x["path"], x["tokens"], x["words"]] for x in g["examples"]])
+                     [[x["path"], x["tokens"], x["words"]] for x in g["examples"]],
+                     empty="no caption over the limit")
         )  # fmt: skip
     parts.append(
         '<section id="length"><h2>Length</h2>'
@@ -260,13 +276,14 @@ def render(report: dict[str, Any], *, title: str = "captiond dataset report") ->
     # images
     below = images.get("below_resolution", {})
     buckets = images.get("buckets", {})
-    mp = images.get("megapixels", [])
+    mp = _trim(images.get("megapixels", []))
     aspect = images.get("aspect", [])
     near_rows = [[g["contents"], g["max_distance"], ", ".join(g["paths"])]
                  for g in near.get("list", [])]  # fmt: skip
     near_note = (
         f"{near.get('hashed', 0)} of {near.get('contents', 0)} contents hashed "
-        f"({near.get('not_hashed_yet', 0)} not yet, {near.get('unreadable', 0)} unreadable); "
+        f"({near.get('not_hashed_yet', 0)} not yet, {near.get('unreadable', 0)} unreadable, "
+        f"{near.get('too_plain', 0)} too plain to compare); "
         f"at most {near.get('distance')} bits apart. {near.get('error') or ''}"
     )
     parts.append(
@@ -293,10 +310,11 @@ def render(report: dict[str, Any], *, title: str = "captiond dataset report") ->
         + f"<h3>Exact duplicates: {_e(dups.get('groups', 0))} groups, "
         f"{_e(dups.get('redundant', 0))} extra copies</h3>"
         + _table(["copies", "images"],
-                 [[g["count"], ", ".join(g["paths"])] for g in dups.get("list", [])])
+                 [[g["count"], ", ".join(g["paths"])] for g in dups.get("list", [])],
+                 empty="no exact duplicates")
         + f"<h3>Near duplicates: {_e(near.get('groups') or 0)} groups</h3>"
         + f'<p class="note">{_e(near_note)}</p>'
-        + _table(["contents", "max distance", "images"], near_rows)
+        + _table(["contents", "max distance", "images"], near_rows, empty="no near duplicates")
         + "</section>"
     )  # fmt: skip
 
@@ -312,7 +330,7 @@ def render(report: dict[str, Any], *, title: str = "captiond dataset report") ->
                xlabel="images")
         + _table(["image", "generator", "check", "reason"],
                  [[f["path"], f["generator"], f["check"], f["reason"]]
-                  for f in flags.get("list", [])], cls="flags")
+                  for f in flags.get("list", [])], cls="flags", empty="nothing to review")
         + "</section>"
     )  # fmt: skip
     return (

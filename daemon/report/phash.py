@@ -53,6 +53,16 @@ def available() -> bool:
     return True
 
 
+def too_plain(phash: str) -> bool:
+    """A pHash of an image with almost no structure (a flat colour, a faint gradient):
+    all such images hash alike, so they are not compared as near duplicates."""
+    try:
+        bits = int(phash, 16).bit_count()
+    except ValueError:
+        return False
+    return bits <= 2 or bits >= 62
+
+
 def phash_image(image: Any) -> str:
     """pHash of a decoded image: 16 hex digits."""
     import imagehash

@@ -618,20 +618,23 @@ def _near(
     phash_state: dict[str, Any] | None,
 ) -> dict[str, Any]:
     hashes = {}
-    unreadable = 0
+    unreadable = plain = 0
     for digest in by_hash:
         f = facts.get(digest)
         p = f[2] if f is not None else None
-        if p:
+        if p and ph.too_plain(p):
+            plain += 1
+        elif p:
             hashes[digest] = p
         elif p == ph.UNREADABLE:
             unreadable += 1
     out: dict[str, Any] = {
         "distance": options.near_distance,
         "contents": len(by_hash),
-        "hashed": len(hashes),
+        "hashed": len(hashes) + plain,
         "unreadable": unreadable,
-        "not_hashed_yet": len(by_hash) - len(hashes) - unreadable,
+        "too_plain": plain,
+        "not_hashed_yet": len(by_hash) - len(hashes) - plain - unreadable,
         "method": "imagehash pHash (64 bits), Hamming distance",
     }
     if phash_state:
