@@ -697,6 +697,7 @@ def _report_offline(
         _fail(ctx, exc)
     try:
         svc = ReportService(settings=settings, index=FileIndex(db), queue=JobQueue(db))
+        svc.offline = True
         if refresh:
             click.echo(_refreshed(svc.refresh(names)), err=True)
         return svc.report(names, Options(**options))

@@ -308,8 +308,8 @@ class FileIndex:
     def report_images(self, prefix: str) -> list[tuple[str, int | None, int | None, str | None]]:
         """(content_hash, width, height, phash) of the contents captioned under ``prefix``."""
         p = prefix.rstrip("/")
-        return self.db.conn.execute(
-            "SELECT DISTINCT i.content_hash, i.width, i.height, i.phash FROM captions c "
+        return self.db.conn.execute(  # a content twice is harmless: no DISTINCT (a sort)
+            "SELECT i.content_hash, i.width, i.height, i.phash FROM captions c "
             "JOIN images i ON i.content_hash = c.content_hash "
             "WHERE c.image_path >= ? AND c.image_path < ?",
             (p + "/", p + "0"),
@@ -376,6 +376,22 @@ class FileIndex:
                 (p + "/", p + "0"),
             )
         return dict(rows.fetchall())
+
+    def unchecked(self, prefix: str) -> list[str]:
+        """Images under ``prefix`` with a caption recorded after their last check (or
+        never checked): what a report checks first. Changes of the rules or of a
+        folder's trigger word are found by the full pass (:meth:`checked_keys`)."""
+        p = prefix.rstrip("/")
+        return [
+            r[0]
+            for r in self.db.conn.execute(
+                "SELECT DISTINCT c.image_path FROM captions c "
+                "LEFT JOIN checked k ON k.image_path = c.image_path "
+                "WHERE c.image_path >= ? AND c.image_path < ? "
+                "AND (k.checked_at IS NULL OR c.written_at > k.checked_at)",
+                (p + "/", p + "0"),
+            )
+        ]
 
     def caption_rows(self, image_paths: Iterable[str]) -> list[tuple]:
         """The rows of :meth:`report_captions` for these images (500 per query)."""

@@ -67,6 +67,7 @@ class Reading:
     labels: list[str] = field(default_factory=list)  # the people lines' labels
     people: int | None = None  # people marked by multi_person (None: not a people caption)
     empty: bool = False
+    trigger: bool = False  # the trigger word is in the caption
 
     @property
     def prose(self) -> str:
@@ -90,11 +91,28 @@ _GUESS_LINES = re.compile(
 _GUESS_MARKER = re.compile(r"(?:^|,\s*)person\d+\s*(?:,|$)")
 
 
+def _normal(tag: str) -> str:
+    t = tag.strip().lower().replace("\\(", "(").replace("\\)", ")")
+    return t if t in KAOMOJI else t.replace("_", " ")
+
+
+class _TagCache(dict[str, str]):
+    """raw tag -> normal tag, filled on first sight (tags repeat across a dataset)."""
+
+    def __missing__(self, raw: str) -> str:
+        if len(self) > 200_000:
+            self.clear()
+        out = self[raw] = _normal(raw)
+        return out
+
+
+_TAGS = _TagCache()
+
+
 def normal_tag(tag: str) -> str:
     """A tag as the rules write it: lower case, spaces (kaomoji keep underscores),
     prompt escapes undone."""
-    t = tag.strip().lower().replace("\\(", "(").replace("\\)", ")")
-    return t if t in KAOMOJI else t.replace("_", " ")
+    return _TAGS[tag]
 
 
 def guess_source(name: str, text: str) -> Source:
@@ -111,10 +129,17 @@ def guess_source(name: str, text: str) -> Source:
     return Source(name, "prose")
 
 
-def _strip_trigger(text: str, trigger: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _trigger_re(trigger: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", re.IGNORECASE)
+
+
+def _strip_trigger(text: str, trigger: str) -> tuple[str, bool]:
+    """``text`` without the trigger word, and whether it was there."""
     if not trigger.strip():
-        return text
-    return re.sub(rf"(?<![\w-]){re.escape(trigger.strip())}(?![\w-])", " ", text, flags=re.I)
+        return text, False
+    out, n = _trigger_re(trigger.strip()).subn(" ", text)
+    return out, n > 0
 
 
 @functools.cache
@@ -128,13 +153,27 @@ def read_caption(source: Source, text: str, content_hash: str, ctx: Context) -> 
     text = text[:MAX_CHECK_CHARS]
     r = Reading(source.name, source.kind, content_hash, text)
     trigger = ctx.trigger.strip().lower()
+    if source.kind == "tags" and source.people != "markers":  # the common case, fast
+        tags = set(map(_TAGS.__getitem__, text.replace("\n", ",").split(",")))
+        tags.discard("")
+        want = normal_tag(trigger) if trigger else ""
+        if want and want in tags:
+            r.trigger = True
+            tags.discard(want)
+        r.tags = tags
+        r.empty = not tags
+        return r
     if source.kind == "tags":
         marker = _marker_re(source.marker_template)
         custom = {m.lower() for m in source.markers}
         people = 0
-        for raw in re.split(r"[,\n]", text):
+        want = normal_tag(trigger) if trigger else ""
+        for raw in text.replace("\n", ",").split(","):
             tag = normal_tag(raw)
-            if not tag or tag == trigger:
+            if not tag:
+                continue
+            if tag == want:
+                r.trigger = True
                 continue
             if source.people == "markers":
                 if tag in custom or marker.match(tag):
@@ -147,7 +186,7 @@ def read_caption(source: Source, text: str, content_hash: str, ctx: Context) -> 
             r.people = people
         r.empty = not r.tags and not people
         return r
-    body = _strip_trigger(text, ctx.trigger)
+    body, r.trigger = _strip_trigger(text, ctx.trigger)
     if source.people == "lines":
         scene = source.scene.lower()
         people = 0
@@ -581,16 +620,24 @@ class Checker:
 
     sources: dict[str, Source]
     context: Callable[[str], Context]
+    _guessed: dict[str, Source] = field(default_factory=dict)
 
     def fingerprint(self, ctx: Context) -> str:
         srcs = "|".join(f"{n}={s.fingerprint()}" for n, s in sorted(self.sources.items()))
         return f"{ctx.trigger}\0{ctx.language}\0{srcs}"
 
     def source(self, name: str, text: str) -> Source:
-        return self.sources.get(name) or guess_source(name, text)
+        """The generator's source; one that is not configured is guessed from its
+        first caption seen (remembered, and not part of the fingerprint)."""
+        src = self.sources.get(name) or self._guessed.get(name)
+        if src is None:
+            src = self._guessed[name] = guess_source(name, text)
+        return src
 
-    def findings(self, path: str, rows: Sequence[CaptionRow]) -> list[Finding]:
-        ctx = self.context(path)
+    def findings(
+        self, path: str, rows: Sequence[CaptionRow], ctx: Context | None = None
+    ) -> list[Finding]:
+        ctx = ctx or self.context(path)
         readings = []
         prompts: dict[str, tuple[str, ...]] = {}
         for row in rows:
@@ -603,26 +650,34 @@ class Checker:
         return check_readings(readings, ctx, prompts)
 
     def results(
-        self, grouped: dict[str, list[CaptionRow]]
+        self, grouped: dict[str, list[CaptionRow]], ctx: Context | None = None
     ) -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
+        """(path, key, flags) per image; ``ctx``: the context of them all when the caller
+        knows it (one folder), else looked up per image."""
         out = []
         fps: dict[Context, str] = {}
         for path, rows in grouped.items():
-            ctx = self.context(path)
-            fp = fps.get(ctx) or fps.setdefault(ctx, self.fingerprint(ctx))
+            c = ctx or self.context(path)
+            fp = fps.get(c) or fps.setdefault(c, self.fingerprint(c))
             flags = [
-                (f.generator, f.check, f.reason, f.content_hash) for f in self.findings(path, rows)
+                (f.generator, f.check, f.reason, f.content_hash)
+                for f in self.findings(path, rows, c)
             ]
             out.append((path, check_key(rows, fp), flags))
         return out
 
-    def stale(self, grouped: dict[str, list[CaptionRow]], keys: dict[str, str]) -> list[str]:
+    def stale(
+        self,
+        grouped: dict[str, list[CaptionRow]],
+        keys: dict[str, str],
+        ctx: Context | None = None,
+    ) -> list[str]:
         """The images whose captions changed since they were last checked."""
         fps: dict[Context, str] = {}
         out = []
         for path, rows in grouped.items():
-            ctx = self.context(path)
-            fp = fps.get(ctx) or fps.setdefault(ctx, self.fingerprint(ctx))
+            c = ctx or self.context(path)
+            fp = fps.get(c) or fps.setdefault(c, self.fingerprint(c))
             if keys.get(path) != check_key(rows, fp):
                 out.append(path)
         return out

@@ -73,6 +73,7 @@ class ReportService:
         self.sources = sources
         self.clock = clock
         self._lock = threading.Lock()  # one report or refresh at a time
+        self.offline = False  # no background pass: a report compares every image's key
         self.phash_state: dict[str, Any] = {}
 
     @classmethod
@@ -133,11 +134,17 @@ class ReportService:
         return check_images(self.index, self.checker(), paths)
 
     def check_stale(
-        self, prefixes: Sequence[str] | None = None, *, budget: float | None = None
+        self,
+        prefixes: Sequence[str] | None = None,
+        *,
+        budget: float | None = None,
+        full: bool = True,
     ) -> tuple[int, int]:
         """Check the images under ``prefixes`` (every root when None) whose captions
         changed since they were last checked, for at most ``budget`` seconds. Returns
-        (images checked, images left for later)."""
+        (images checked, images left for later). ``full``: compare every image's key
+        (finds a changed rule, trigger word or language too); else only the images with
+        a caption recorded after their last check (one query: what a report does)."""
         if not self.settings.report.checks:
             return 0, 0
         started = time.monotonic()
@@ -145,14 +152,19 @@ class ReportService:
         roots = prefixes or [str(w.path).rstrip("/") for w in self.settings.watch]
         done = left = 0
         for prefix in roots:
-            grouped = group_rows(self.index.report_captions(prefix))
-            stale = checker.stale(grouped, self.index.checked_keys(prefix))
+            ctx = self.context(prefix.rstrip("/") + "/")  # one watch holds the whole folder
+            if full:
+                grouped = group_rows(self.index.report_captions(prefix))
+                stale = checker.stale(grouped, self.index.checked_keys(prefix), ctx)
+            else:
+                stale = self.index.unchecked(prefix)
+                grouped = group_rows(self.index.caption_rows(stale)) if stale else {}
             for i in range(0, len(stale), CHECK_CHUNK):
                 if budget is not None and time.monotonic() - started > budget:
                     left += len(stale) - i
                     break
                 chunk = stale[i : i + CHECK_CHUNK]
-                self.index.apply_checks(checker.results({p: grouped[p] for p in chunk}))
+                self.index.apply_checks(checker.results({p: grouped[p] for p in chunk}, ctx))
                 done += len(chunk)
         return done, left
 
@@ -166,7 +178,11 @@ class ReportService:
         self._acquire(30.0)
         try:
             started = time.monotonic()
-            done, left = self.check_stale([s.prefix for s in scopes], budget=CHECK_BUDGET_SECONDS)
+            # comparing every image's key is the background pass's (or an offline run's)
+            done, left = self.check_stale(
+                [s.prefix for s in scopes], budget=CHECK_BUDGET_SECONDS, full=self.offline
+            )
+            checks_s = time.monotonic() - started
             cfg = self.settings.report
             out = build_report(
                 self.index,
@@ -181,6 +197,7 @@ class ReportService:
             out["flags"]["checked_now"] = done
             out["flags"]["not_checked_yet"] = left
             out["flags"]["checks_enabled"] = cfg.checks
+            out["timings"]["checks"] = round(checks_s, 3)
             out["seconds"] = round(time.monotonic() - started, 3)
             return out
         finally:

@@ -12,8 +12,8 @@ Paths in the report are API paths: ``ROOT/sub/file.png`` (the watch's name first
 
 from __future__ import annotations
 
+import bisect
 import math
-import re
 import statistics
 import time
 from collections import Counter
@@ -21,8 +21,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from daemon.report import phash as ph
-from daemon.report.checks import Context, Source, guess_source, normal_tag, read_caption
+from daemon.report.checks import Context, Source, guess_source, read_caption
 from daemon.report.tokens import LIMIT
 from daemon.report.tokens import Counter as TokenCounter
 
@@ -132,14 +134,9 @@ def _share(n: int, total: int) -> float:
 
 def _hist(values: Iterable[float], edges: Sequence[float], unit: str = "") -> list[dict]:
     """Counts per bin [edges[i], edges[i+1]); the last bin is open."""
-    counts = [0] * len(edges)
-    for v in values:
-        i = len(edges) - 1
-        for j in range(1, len(edges)):
-            if v < edges[j]:
-                i = j - 1
-                break
-        counts[i] += 1
+    arr = np.fromiter(values, dtype=np.float64)
+    idx = np.searchsorted(np.asarray(edges, dtype=np.float64), arr, side="right") - 1
+    counts = np.bincount(np.clip(idx, 0, len(edges) - 1), minlength=len(edges)).tolist()
     out = []
     for i, lo in enumerate(edges):
         if i + 1 < len(edges):
@@ -151,7 +148,7 @@ def _hist(values: Iterable[float], edges: Sequence[float], unit: str = "") -> li
                 "bin": label,
                 "from": lo,
                 "to": edges[i + 1] if i + 1 < len(edges) else None,
-                "count": counts[i],
+                "count": int(counts[i]),
             }
         )
     return out
@@ -173,6 +170,11 @@ def _summary(values: list[int]) -> dict[str, Any]:
     }
 
 
+def _inside(rel: str, top: str) -> bool:
+    """Whether folder ``rel`` is ``top`` or inside it ('' is the whole root)."""
+    return not top or rel == top or rel.startswith(top + "/")
+
+
 def buckets_for(resolution: int, step: int, min_size: int, max_size: int) -> list[tuple[int, int]]:
     """Aspect-ratio buckets as kohya's sd-scripts makes them (``make_bucket_resolutions``):
     for each width from ``min_size`` to ``max_size`` in steps, the tallest height (a
@@ -190,24 +192,15 @@ def buckets_for(resolution: int, step: int, min_size: int, max_size: int) -> lis
 
 
 def bucket_of(w: int, h: int, buckets: Sequence[tuple[int, int]], ratios: Sequence[float]) -> int:
-    """The bucket with the closest aspect ratio (sd-scripts' ``select_bucket``)."""
+    """The bucket with the closest aspect ratio (sd-scripts' ``select_bucket``);
+    ``ratios``: the buckets' aspect ratios, sorted ascending."""
     ar = w / h
-    best, err = 0, math.inf
-    for i, r in enumerate(ratios):
-        e = abs(r - ar)
-        if e < err:
-            best, err = i, e
-    return best
-
-
-def _trigger_in(text: str, kind: str, trigger: str) -> bool:
-    t = trigger.strip()
-    if not t:
-        return False
-    if kind == "tags":
-        want = normal_tag(t)
-        return any(normal_tag(x) == want for x in re.split(r"[,\n]", text))
-    return re.search(rf"(?<![\w-]){re.escape(t)}(?![\w-])", text, re.IGNORECASE) is not None
+    i = bisect.bisect_left(ratios, ar)
+    if i == 0:
+        return 0
+    if i == len(ratios):
+        return i - 1
+    return i if ratios[i] - ar < ar - ratios[i - 1] else i - 1
 
 
 def build_report(
@@ -224,35 +217,52 @@ def build_report(
     """The report over ``scopes`` (see the module doc). Raises ValueError for bad
     options."""
     options.check()
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        timings[name] = round(now - mark, 3)
+        mark = now
+
+    # a scope inside another one adds nothing: read each row once
+    distinct: list[Scope] = []
+    for sc in sorted(set(scopes), key=lambda x: (x.root, x.rel_dir)):
+        if not any(o.root == sc.root and _inside(sc.rel_dir, o.rel_dir) for o in distinct):
+            distinct.append(sc)
     images: dict[str, _Image] = {}
-    for sc in scopes:
+    for sc in distinct:
         for d, name in index.files_in(sc.root, sc.rel_dir):
+            folder = f"{sc.name}/{d}" if d else sc.name
             path = f"{sc.root}/{d}/{name}" if d else f"{sc.root}/{name}"
-            if path not in images:
-                folder = f"{sc.name}/{d}" if d else sc.name
-                images[path] = _Image(f"{folder}/{name}", folder, sc)
+            images[path] = _Image(f"{folder}/{name}", folder, sc)
     facts: dict[str, tuple[int | None, int | None, str | None]] = {}
     flags: list[tuple] = []
-    seen_prefixes: set[str] = set()
-    for sc in scopes:
-        if sc.prefix in seen_prefixes:
-            continue
-        seen_prefixes.add(sc.prefix)
+    get = images.get
+    for sc in distinct:
         for row in index.report_captions(sc.prefix):
-            img = images.get(row[0])
-            if img is not None and row not in img.captions:
+            img = get(row[0])
+            if img is not None:
                 img.captions.append(row)
         for row in queue.report_jobs(sc.prefix):
-            img = images.get(row[0])
-            if img is not None and row not in img.jobs:
+            img = get(row[0])
+            if img is not None:
                 img.jobs.append(row)
         for digest, w, h, phash in index.report_images(sc.prefix):
             facts[digest] = (w, h, phash)
         flags += [f for f in index.flags_under(sc.prefix) if f[0] in images]
     flags = list(dict.fromkeys(flags))
+    lap("read_index")
+
+    sources = dict(sources)
 
     def source(name: str, text: str) -> Source:
-        return sources.get(name) or guess_source(name, text)
+        """A generator that is not configured is read as its first caption suggests."""
+        src = sources.get(name)
+        if src is None:
+            src = sources[name] = guess_source(name, text)
+        return src
 
     report: dict[str, Any] = {
         "generated_at": round(clock(), 3),
@@ -264,11 +274,18 @@ def build_report(
     }
     report["coverage"] = _coverage(images)
     report["texts"] = _texts(images)
+    lap("coverage")
     readings = _readings(images, source, options)
+    lap("read_captions")
     report["tags"] = _tags(images, readings, options)
+    lap("tags")
     report["length"] = _length(images, readings, tokens, options)
+    lap("length")
     report["images"] = _images(images, facts, options, phash_state)
+    lap("images")
     report["flags"] = _flags(images, flags, options)
+    lap("flags")
+    report["timings"] = timings
     return report
 
 
@@ -364,13 +381,17 @@ class _Read:
     text: str
     tags: set[str]
     people_source: bool
+    trigger: bool
 
 
 def _readings(images: dict[str, _Image], source: Any, options: Options) -> dict[str, list[_Read]]:
     out: dict[str, list[_Read]] = {}
+    contexts: dict[Scope, Context] = {}
     for path, img in images.items():
-        trigger = options.trigger if options.trigger is not None else img.scope.trigger
-        ctx = Context(trigger=trigger, language=img.scope.language)
+        ctx = contexts.get(img.scope)
+        if ctx is None:
+            trigger = options.trigger if options.trigger is not None else img.scope.trigger
+            ctx = contexts[img.scope] = Context(trigger=trigger, language=img.scope.language)
         rs = []
         for row in img.captions:
             text = row[6]
@@ -378,7 +399,7 @@ def _readings(images: dict[str, _Image], source: Any, options: Options) -> dict[
                 continue
             src = source(row[1], text)
             r = read_caption(src, text, row[2], ctx)
-            rs.append(_Read(row[1], src.kind, text, r.tags, src.people != ""))
+            rs.append(_Read(row[1], src.kind, text, r.tags, src.people != "", r.trigger))
         out[path] = rs
     return out
 
@@ -392,52 +413,64 @@ def _top(counter: Counter[str], total: int, n: int) -> list[dict[str, Any]]:
 
 
 def _tags(images: dict[str, _Image], readings: dict[str, list[_Read]], options: Options) -> dict:
-    overall: Counter[str] = Counter()
+    per_root: dict[str, Counter[str]] = {}
     per_folder: dict[str, Counter[str]] = {}
     folder_images: Counter[str] = Counter()
     tagged = 0
     generators: set[str] = set()
     triggers: dict[str, dict[str, Any]] = {}
+    without: dict[str, Counter[str]] = {}  # tags of images without the trigger, per root
     for path, rs in readings.items():
         img = images[path]
         tag_reads = [r for r in rs if r.kind == "tags" and not r.people_source]
-        tags: set[str] = set().union(*(r.tags for r in tag_reads))
-        generators.update(r.generator for r in tag_reads)
+        if len(tag_reads) == 1:
+            tags = tag_reads[0].tags
+        else:
+            tags = set().union(*(r.tags for r in tag_reads))
         if tag_reads:
+            generators.update(r.generator for r in tag_reads)
             tagged += 1
-            overall.update(tags)
-            per_folder.setdefault(img.folder, Counter()).update(tags)
-            folder_images[img.folder] += 1
+            root = img.scope.name
+            (per_root.get(root) or per_root.setdefault(root, Counter())).update(tags)
+            f = img.folder
+            (per_folder.get(f) or per_folder.setdefault(f, Counter())).update(tags)
+            folder_images[f] += 1
         word = options.trigger if options.trigger is not None else img.scope.trigger
-        if not word.strip() or not rs:
+        if not rs or not word.strip():
             continue
-        t = triggers.setdefault(
-            img.scope.name,
-            {
+        t = triggers.get(img.scope.name)
+        if t is None:
+            t = triggers[img.scope.name] = {
                 "word": word.strip(),
                 "captioned_images": 0,
                 "with_trigger": 0,
                 "by_generator": {},
                 "missing": [],
-                "_co": Counter(),
-            },
-        )
+            }
         t["captioned_images"] += 1
         found = False
         for r in rs:
-            g = t["by_generator"].setdefault(r.generator, {"captions": 0, "with_trigger": 0})
+            g = t["by_generator"].get(r.generator)
+            if g is None:
+                g = t["by_generator"][r.generator] = {"captions": 0, "with_trigger": 0}
             g["captions"] += 1
-            if _trigger_in(r.text, r.kind, word):
+            if r.trigger:
                 g["with_trigger"] += 1
                 found = True
         if found:
             t["with_trigger"] += 1
-            t["_co"].update(tags)
-        elif len(t["missing"]) < options.examples:
-            t["missing"].append(img.api)
+        else:
+            without.setdefault(img.scope.name, Counter()).update(tags)
+            if len(t["missing"]) < options.examples:
+                t["missing"].append(img.api)
+    overall: Counter[str] = Counter()
+    for c in per_root.values():
+        overall.update(c)
     trigger_out = []
     for name, t in sorted(triggers.items()):
-        co = t.pop("_co")
+        co = Counter(per_root.get(name, Counter()))
+        co.subtract(without.get(name, Counter()))
+        co = +co  # drop zeros
         t["share"] = _share(t["with_trigger"], t["captioned_images"])
         for g in t["by_generator"].values():
             g["share"] = _share(g["with_trigger"], g["captions"])
@@ -484,8 +517,12 @@ def _length(
 ) -> dict[str, Any]:
     per_gen: dict[str, list[tuple[str, str]]] = {}
     for path, rs in readings.items():
+        api = images[path].api
         for r in rs:
-            per_gen.setdefault(r.generator, []).append((images[path].api, r.text))
+            items = per_gen.get(r.generator)
+            if items is None:
+                items = per_gen[r.generator] = []
+            items.append((api, r.text))
     out: dict[str, Any] = {
         "clip": {
             "limit": LIMIT + 2,
@@ -496,9 +533,8 @@ def _length(
         "by_generator": {},
     }
     for gen, items in sorted(per_gen.items()):
-        words = [len(t.split()) for _p, t in items]
         texts = [t for _p, t in items]
-        over = tokens.over(texts)
+        over, words = tokens.over_words(texts)
         long = [i for i, o in enumerate(over) if o]
         # the longest first, counted exactly (or estimated) for the examples
         long.sort(key=lambda i: (-len(texts[i]), items[i][0]))
@@ -527,40 +563,49 @@ def _images(
     phash_state: dict[str, Any] | None,
 ) -> dict[str, Any]:
     by_hash: dict[str, list[str]] = {}
-    sizes: list[tuple[str, int, int]] = []
+    apis: list[str] = []
+    ws: list[int] = []
+    hs: list[int] = []
     no_hash = 0
     for img in images.values():
-        digest = img.current_hash()
-        if digest is None:
+        caps = img.captions
+        if not caps:
             no_hash += 1
             continue
-        by_hash.setdefault(digest, []).append(img.api)
+        digest = caps[0][2] if len(caps) == 1 else max(caps, key=lambda r: r[5])[2]
+        group = by_hash.get(digest)
+        if group is None:
+            by_hash[digest] = [img.api]
+        else:
+            group.append(img.api)
         f = facts.get(digest)
         if f is not None and f[0] and f[1]:
-            sizes.append((img.api, int(f[0]), int(f[1])))
+            apis.append(img.api)
+            ws.append(int(f[0]))
+            hs.append(int(f[1]))
     res = options.resolution
-    area = res * res
     buckets = buckets_for(res, options.bucket_step, options.min_bucket, options.max_bucket)
-    ratios = [w / h for w, h in buckets]
-    bucket_counts = [0] * len(buckets)
-    upscaled = 0
-    below: list[tuple[str, int, int]] = []
+    buckets.sort(key=lambda b: (b[0] / b[1], b))  # by aspect ratio, for searchsorted
+    ratios = np.array([w / h for w, h in buckets])
+    w_a = np.array(ws, dtype=np.float64)
+    h_a = np.array(hs, dtype=np.float64)
+    ar = w_a / h_a if len(ws) else np.zeros(0)
+    # the closest ratio (sd-scripts' select_bucket): the neighbour below or above
+    hi_i = np.clip(np.searchsorted(ratios, ar, side="left"), 0, len(ratios) - 1)
+    lo_i = np.clip(hi_i - 1, 0, len(ratios) - 1)
+    pick = np.where(np.abs(ratios[hi_i] - ar) < np.abs(ar - ratios[lo_i]), hi_i, lo_i)
+    bucket_counts = np.bincount(pick, minlength=len(buckets)).tolist()
+    bw = np.array([b[0] for b in buckets])[pick]
+    bh = np.array([b[1] for b in buckets])[pick]
+    upscaled = int(np.count_nonzero(np.maximum(bw / w_a, bh / h_a) > 1)) if len(ws) else 0
+    small = np.flatnonzero(w_a * h_a < res * res).tolist()
+    below = [(apis[i], ws[i], hs[i]) for i in small]
     common: Counter[str] = Counter()
-    aspect_counts = [0] * len(ASPECTS)
-    for api, w, h in sizes:
-        bi = bucket_of(w, h, buckets, ratios)
-        bucket_counts[bi] += 1
-        bw, bh = buckets[bi]
-        if max(bw / w, bh / h) > 1:
-            upscaled += 1
-        if w * h < area:
-            below.append((api, w, h))
-        common[f"{w}x{h}"] += 1
-        ar = w / h
-        for i, (_label, hi) in enumerate(ASPECTS):
-            if ar < hi:
-                aspect_counts[i] += 1
-                break
+    for (w, h), n in Counter(zip(ws, hs, strict=True)).items():
+        common[f"{w}x{h}"] = n
+    aspect_idx = np.searchsorted(np.array([hi for _l, hi in ASPECTS]), ar, side="right")
+    aspect_counts = np.bincount(aspect_idx, minlength=len(ASPECTS)).tolist()
+    sizes = list(zip(apis, ws, hs, strict=True))
     below.sort(key=lambda x: (x[1] * x[2], x[0]))
     dup_groups = sorted(
         (sorted(p) for p in by_hash.values() if len(p) > 1), key=lambda g: (-len(g), g[0])
@@ -569,9 +614,9 @@ def _images(
     return {
         "with_size": len(sizes),
         "without_size": len(images) - len(sizes),
-        "size_note": "sizes are known for images captioned by this captiond or hashed by its "
+        "size_note": "Sizes are known for images captioned by this captiond or hashed by its "
         "background pass; images never decoded (pending, failed) have none",
-        "megapixels": _hist((w * h / 1e6 for _a, w, h in sizes), MP_EDGES, " MP"),
+        "megapixels": _hist((w_a * h_a / 1e6).tolist(), MP_EDGES, " MP"),
         "aspect": [
             {"bin": label, "count": n}
             for (label, _hi), n in zip(ASPECTS, aspect_counts, strict=True)
@@ -594,7 +639,7 @@ def _images(
             "upscaled": upscaled,
             "list": [
                 {"bucket": f"{w}x{h}", "aspect": round(w / h, 3), "count": n}
-                for (w, h), n in zip(buckets, bucket_counts, strict=True)
+                for (w, h), n in sorted(zip(buckets, bucket_counts, strict=True))
                 if n
             ],
         },

@@ -16,7 +16,6 @@ over the limit and one of at most 75 bytes is within it, without the tokenizer.
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 import threading
 from collections import OrderedDict
@@ -47,7 +46,7 @@ except ImportError:  # pragma: no cover - the estimate is an estimate either way
 # Estimate: letters per token of a word piece, from the real tokenizer on WD tag lists
 # and VLM prose (bench/README.md, CLIP tokens): common words are one token, long and
 # rare words several.
-_LETTERS_PER_TOKEN = 8.0
+_LETTERS_PER_TOKEN = 8
 
 
 def pieces(text: str) -> list[str]:
@@ -61,14 +60,29 @@ def bounds(text: str) -> tuple[int, int]:
     return len(ps), sum(len(p.encode("utf-8")) for p in ps)
 
 
+# Punctuation and digits: each one CLIP piece (a run of marks is one; close enough).
+_SINGLE = str.maketrans("", "", ",.;:!?()[]{}\"'/&*+=<>|\\_~#%@^-0123456789")
+
+
+def estimate_words(text: str) -> tuple[int, int]:
+    """(:func:`estimate` of ``text``, its words), with one split."""
+    words = text.split()
+    n = len(words) + len(text) - len(text.translate(_SINGLE))
+    for w in words:
+        if len(w) > 9:
+            n += (len(w) - 2) // _LETTERS_PER_TOKEN
+    return n, len(words)
+
+
 def estimate(text: str) -> int:
-    """Tokens ``text`` probably takes (without the start and end tokens)."""
-    n = 0
-    for p in pieces(text):
-        if p[0].isalpha():
-            n += max(1, math.ceil(len(p) / _LETTERS_PER_TOKEN))
-        else:
-            n += 1
+    """Tokens ``text`` probably takes (without the start and end tokens): each word one,
+    one more per 8 letters past the first 8, each digit and each punctuation mark one.
+    String counting only: a report estimates 100,000 captions in well under a second."""
+    words = text.split()
+    n = len(words) + len(text) - len(text.translate(_SINGLE))
+    for w in words:
+        if len(w) > 9:
+            n += (len(w) - 2) // _LETTERS_PER_TOKEN
     return n
 
 
@@ -88,6 +102,11 @@ class Estimator:
 
     def over(self, texts: Sequence[str]) -> list[bool]:
         return [estimate(t) > LIMIT for t in texts]
+
+    def over_words(self, texts: Sequence[str]) -> tuple[list[bool], list[int]]:
+        """:meth:`over` and the words of each text, in one pass."""
+        both = [estimate_words(t) for t in texts]
+        return [n > LIMIT for n, _w in both], [w for _n, w in both]
 
 
 class ClipCounter:
@@ -140,13 +159,17 @@ class ClipCounter:
         out: list[bool] = []
         ask: list[int] = []
         for i, t in enumerate(texts):
-            lo, hi = bounds(t)
+            # every word is at least one token; no token is shorter than a byte
+            lo, hi = len(t.split()), len(t.encode("utf-8", "replace"))
             out.append(lo > LIMIT)
             if lo <= LIMIT < hi:
                 ask.append(i)
         for i, n in zip(ask, self.counts([texts[i] for i in ask]), strict=True):
             out[i] = n > LIMIT
         return out
+
+    def over_words(self, texts: Sequence[str]) -> tuple[list[bool], list[int]]:
+        return self.over(texts), [len(t.split()) for t in texts]
 
 
 Counter = Estimator | ClipCounter
