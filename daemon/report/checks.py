@@ -106,13 +106,13 @@ class _TagCache(dict[str, str]):
         return out
 
 
-_TAGS = _TagCache()
+TAGS = _TagCache()
 
 
 def normal_tag(tag: str) -> str:
     """A tag as the rules write it: lower case, spaces (kaomoji keep underscores),
     prompt escapes undone."""
-    return _TAGS[tag]
+    return TAGS[tag]
 
 
 def guess_source(name: str, text: str) -> Source:
@@ -130,7 +130,7 @@ def guess_source(name: str, text: str) -> Source:
 
 
 @functools.lru_cache(maxsize=64)
-def _trigger_re(trigger: str) -> re.Pattern[str]:
+def trigger_re(trigger: str) -> re.Pattern[str]:
     return re.compile(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", re.IGNORECASE)
 
 
@@ -138,7 +138,7 @@ def _strip_trigger(text: str, trigger: str) -> tuple[str, bool]:
     """``text`` without the trigger word, and whether it was there."""
     if not trigger.strip():
         return text, False
-    out, n = _trigger_re(trigger.strip()).subn(" ", text)
+    out, n = trigger_re(trigger.strip()).subn(" ", text)
     return out, n > 0
 
 
@@ -154,7 +154,7 @@ def read_caption(source: Source, text: str, content_hash: str, ctx: Context) -> 
     r = Reading(source.name, source.kind, content_hash, text)
     trigger = ctx.trigger.strip().lower()
     if source.kind == "tags" and source.people != "markers":  # the common case, fast
-        tags = set(map(_TAGS.__getitem__, text.replace("\n", ",").split(",")))
+        tags = set(map(TAGS.__getitem__, text.replace("\n", ",").split(",")))
         tags.discard("")
         want = normal_tag(trigger) if trigger else ""
         if want and want in tags:

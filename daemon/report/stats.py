@@ -24,7 +24,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from daemon.report import phash as ph
-from daemon.report.checks import Context, Source, guess_source, read_caption
+from daemon.report.checks import (
+    TAGS,
+    Context,
+    Source,
+    guess_source,
+    normal_tag,
+    read_caption,
+    trigger_re,
+)
 from daemon.report.tokens import LIMIT
 from daemon.report.tokens import Counter as TokenCounter
 
@@ -385,23 +393,45 @@ class _Read:
 
 
 def _readings(images: dict[str, _Image], source: Any, options: Options) -> dict[str, list[_Read]]:
+    """Each image's captions as the report needs them: a tag set for plain tag lists,
+    whether the trigger word is there. Captions of other formats (prose, multi_person)
+    go through :func:`read_caption`; plain tag lists and prose take short cuts."""
     out: dict[str, list[_Read]] = {}
-    contexts: dict[Scope, Context] = {}
+    contexts: dict[Scope, tuple[Context, str, Any]] = {}
+    tag_of = TAGS.__getitem__
     for path, img in images.items():
-        ctx = contexts.get(img.scope)
-        if ctx is None:
+        known = contexts.get(img.scope)
+        if known is None:
             trigger = options.trigger if options.trigger is not None else img.scope.trigger
-            ctx = contexts[img.scope] = Context(trigger=trigger, language=img.scope.language)
+            ctx = Context(trigger=trigger, language=img.scope.language)
+            t = trigger.strip()
+            known = contexts[img.scope] = (ctx, normal_tag(t) if t else "",
+                                           trigger_re(t) if t else None)  # fmt: skip
+        ctx, want, trig_re = known
         rs = []
         for row in img.captions:
             text = row[6]
             if text is None:
                 continue
             src = source(row[1], text)
-            r = read_caption(src, text, row[2], ctx)
-            rs.append(_Read(row[1], src.kind, text, r.tags, src.people != "", r.trigger))
+            if src.kind == "tags" and not src.people:
+                tags = set(map(tag_of, text.replace("\n", ",").split(",")))
+                tags.discard("")
+                found = bool(want) and want in tags
+                if found:
+                    tags.discard(want)
+                rs.append(_Read(row[1], "tags", text, tags, False, found))
+            elif src.kind == "prose" and not src.people:
+                found = trig_re is not None and trig_re.search(text) is not None
+                rs.append(_Read(row[1], "prose", text, _NO_TAGS, False, found))
+            else:
+                r = read_caption(src, text, row[2], ctx)
+                rs.append(_Read(row[1], src.kind, text, r.tags, True, r.trigger))
         out[path] = rs
     return out
+
+
+_NO_TAGS: set[str] = set()
 
 
 # -- tags --------------------------------------------------------------------------------
@@ -572,7 +602,9 @@ def _images(
         if not caps:
             no_hash += 1
             continue
-        digest = caps[0][2] if len(caps) == 1 else max(caps, key=lambda r: r[5])[2]
+        digest = caps[0][2]
+        if len(caps) > 1 and any(r[2] != digest for r in caps):
+            digest = max(caps, key=lambda r: r[5])[2]  # the newest caption's content
         group = by_hash.get(digest)
         if group is None:
             by_hash[digest] = [img.api]

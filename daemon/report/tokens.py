@@ -64,26 +64,24 @@ def bounds(text: str) -> tuple[int, int]:
 _SINGLE = str.maketrans("", "", ",.;:!?()[]{}\"'/&*+=<>|\\_~#%@^-0123456789")
 
 
+_LONG = re.compile(r"\S{10,}")
+
+
 def estimate_words(text: str) -> tuple[int, int]:
-    """(:func:`estimate` of ``text``, its words), with one split."""
-    words = text.split()
-    n = len(words) + len(text) - len(text.translate(_SINGLE))
-    for w in words:
-        if len(w) > 9:
-            n += (len(w) - 2) // _LETTERS_PER_TOKEN
-    return n, len(words)
+    """(:func:`estimate` of ``text``, its words). String counting, no per-word loop:
+    a report estimates 100,000 captions in well under a second."""
+    words = len(text.split())
+    n = words + len(text) - len(text.translate(_SINGLE))
+    for w in _LONG.findall(text):
+        n += (len(w) - 2) // _LETTERS_PER_TOKEN
+    return n, words
 
 
 def estimate(text: str) -> int:
     """Tokens ``text`` probably takes (without the start and end tokens): each word one,
-    one more per 8 letters past the first 8, each digit and each punctuation mark one.
-    String counting only: a report estimates 100,000 captions in well under a second."""
-    words = text.split()
-    n = len(words) + len(text) - len(text.translate(_SINGLE))
-    for w in words:
-        if len(w) > 9:
-            n += (len(w) - 2) // _LETTERS_PER_TOKEN
-    return n
+    one more per 8 letters past the first 9 or so, each digit and each punctuation mark
+    one."""
+    return estimate_words(text)[0]
 
 
 class Estimator:
