@@ -281,7 +281,8 @@ def test_the_hash_pass_once_per_content(world: World) -> None:
     os.unlink(gone)
     stats = ph.HashPass(world.index, world.settings.watch_for).run()
     assert (stats.contents, stats.hashed, stats.unreadable, stats.skipped) == (6, 4, 1, 1)
-    facts = {d: (w, h, p) for d, w, h, p in world.index.report_images(str(world.root))}
+    digests = {r[2] for r in world.index.report_captions(str(world.root))}
+    facts = world.index.image_facts(digests)
     assert facts[content_hash(jpeg((2400, 1800)))][:2] == (2400, 1800)  # full size, not draft
     assert facts[content_hash(b"\x89PNG\r\n\x1a\n garbage")][2] == ""
     gone_hash = content_hash(png((1, 1, 1)))

@@ -305,15 +305,30 @@ class FileIndex:
             (p + "/", p + "0"),
         ).fetchall()
 
-    def report_images(self, prefix: str) -> list[tuple[str, int | None, int | None, str | None]]:
-        """(content_hash, width, height, phash) of the contents captioned under ``prefix``."""
-        p = prefix.rstrip("/")
-        return self.db.conn.execute(  # a content twice is harmless: no DISTINCT (a sort)
-            "SELECT i.content_hash, i.width, i.height, i.phash FROM captions c "
-            "JOIN images i ON i.content_hash = c.content_hash "
-            "WHERE c.image_path >= ? AND c.image_path < ?",
-            (p + "/", p + "0"),
-        ).fetchall()
+    def image_facts(
+        self, digests: Iterable[str]
+    ) -> dict[str, tuple[int | None, int | None, str | None]]:
+        """content hash -> (width, height, phash) for these contents (many: one pass over
+        the table; few: by key)."""
+        want = set(digests)
+        out: dict[str, tuple[int | None, int | None, str | None]] = {}
+        if len(want) > 5000:
+            for digest, w, h, p in self.db.conn.execute(
+                "SELECT content_hash, width, height, phash FROM images"
+            ):
+                if digest in want:
+                    out[digest] = (w, h, p)
+            return out
+        keys = list(want)
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            for digest, w, h, p in self.db.conn.execute(
+                "SELECT content_hash, width, height, phash FROM images "
+                f"WHERE content_hash IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                out[digest] = (w, h, p)
+        return out
 
     def set_texts(self, rows: Iterable[tuple[str, str, str, str]]) -> int:
         """(image_path, generator, text, text_hash): the caption text read back from a

@@ -112,9 +112,9 @@ class Options:
 class ReportIndex(Protocol):
     def files_in(self, root: str, dir: str = "") -> list[tuple[str, str]]: ...
     def report_captions(self, prefix: str) -> list[tuple]: ...
-    def report_images(
-        self, prefix: str
-    ) -> list[tuple[str, int | None, int | None, str | None]]: ...
+    def image_facts(
+        self, digests: Iterable[str]
+    ) -> dict[str, tuple[int | None, int | None, str | None]]: ...
     def flags_under(self, prefix: str | None = None) -> list[tuple]: ...
 
 
@@ -245,7 +245,6 @@ def build_report(
             folder = f"{sc.name}/{d}" if d else sc.name
             path = f"{sc.root}/{d}/{name}" if d else f"{sc.root}/{name}"
             images[path] = _Image(f"{folder}/{name}", folder, sc)
-    facts: dict[str, tuple[int | None, int | None, str | None]] = {}
     flags: list[tuple] = []
     get = images.get
     for sc in distinct:
@@ -257,9 +256,8 @@ def build_report(
             img = get(row[0])
             if img is not None:
                 img.jobs.append(row)
-        for digest, w, h, phash in index.report_images(sc.prefix):
-            facts[digest] = (w, h, phash)
         flags += [f for f in index.flags_under(sc.prefix) if f[0] in images]
+    facts = index.image_facts({r[2] for img in images.values() for r in img.captions})
     flags = list(dict.fromkeys(flags))
     lap("read_index")
 
