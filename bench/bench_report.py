@@ -73,6 +73,14 @@ HAIR = ["blonde", "black", "brown", "red", "pink", "white"]
 COLOUR = ["red", "blue", "white", "green", "black"]
 
 
+def cpu_reference() -> float:
+    """Seconds for a fixed pure-Python loop: how busy the shared cores were (the same
+    loop takes about 0.25 s on this machine when nothing else runs)."""
+    t = time.perf_counter()
+    sum(range(10**7))
+    return time.perf_counter() - t
+
+
 def machine() -> str:
     return (
         f"{os.cpu_count()} cores, {cpu_name()}, Python {platform.python_version()}, "
@@ -133,6 +141,7 @@ def timed(fn, runs: int) -> tuple[float, list[float], object]:  # type: ignore[n
 
 
 def bench_report(runs: int, clip_dir: Path | None) -> list[str]:
+    ref0 = cpu_reference()
     rng = random.Random(14)
     tmp = tempfile.mkdtemp(prefix="bench-report-")
     db = Database(Path(tmp) / "q.db")
@@ -180,7 +189,8 @@ def bench_report(runs: int, clip_dir: Path | None) -> list[str]:
     phases = ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
     over = sum(g["over_clip_limit"] for g in r["length"]["by_generator"].values())
     lines = [
-        f"Machine: {machine()}. Index built in {build_s:.0f} s "
+        f"Machine: {machine()}. CPU reference loop before / after: {ref0:.2f} / "
+        f"{cpu_reference():.2f} s. Index built in {build_s:.0f} s "
         f"({N:,} images, {nrows:,} rows read by a report).",
         "",
         "| step | median | runs | vs baseline | target |",
