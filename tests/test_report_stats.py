@@ -320,3 +320,31 @@ def test_empty_scope_is_a_clear_empty_report(tmp_path: Path) -> None:
 def test_bad_options_are_refused(bad: dict, dataset: tuple[FileIndex, JobQueue]) -> None:
     with pytest.raises(ValueError):
         _report(dataset, **bad)
+
+
+def test_html_escapes_and_draws_hostile_tags(tmp_path: Path) -> None:
+    """Tags and paths come from files anyone may name: escaped in the page, and a tag
+    like '$_$' is a kaomoji to matplotlib, not a formula."""
+    from daemon.report.html import render
+
+    db = Database(tmp_path / "q.db")
+    try:
+        index = FileIndex(db)
+        index.upsert_files(ROOT, [("", "<img src=x onerror=alert(1)>.png", 1, 1)])
+        path = f"{ROOT}/<img src=x onerror=alert(1)>.png"
+        text = "$_$, <script>alert(1)</script>, a_b"
+        index.record_captions([CaptionRecord(path, "wd_tagger", H1, path + ".txt", "s", 0.0,
+                                             text=text)])  # fmt: skip
+        r = build_report(index, JobQueue(db), [Scope("ds", ROOT, "", "sks")], sources=SOURCES,
+                         tokens=Estimator())  # fmt: skip
+        empty = build_report(index, JobQueue(db), [Scope("ds", ROOT, "nothing-here")],
+                             sources=SOURCES, tokens=Estimator())  # fmt: skip
+    finally:
+        db.close()
+    assert {t["tag"] for t in r["tags"]["top"]} == {"$ $", "<script>alert(1)</script>", "a b"}
+    page = render(r)
+    assert r["tags"]["trigger"][0]["missing"] == ["ds/<img src=x onerror=alert(1)>.png"]
+    assert "<script>" not in page and "<img" not in page
+    assert "&lt;script&gt;" in page and "ds/&lt;img src=x onerror=alert(1)&gt;.png" in page
+    assert page.count("<svg") >= 4
+    assert "<svg" in render(empty) or "none" in render(empty)  # an empty report renders
