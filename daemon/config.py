@@ -279,6 +279,26 @@ class PostProcessConfig(_Section):
         return self
 
 
+class ReportConfig(_Section):
+    """``[report]``: the dataset report and the caption checks (issue 14)."""
+
+    # The language prose captions should be in (the "language" check): en, de, fr, es,
+    # it, pt, nl; another code turns that check off.
+    language: str = "en"
+    checks: bool = True  # check captions as they are written and flag contradictions
+    phash: bool = True  # hash new contents perceptually in the background (near dupes)
+    interval_seconds: float = Field(300.0, ge=10)  # the background pass, at most this often
+    # CLIP tokenizers looked up (never downloaded) in the caches, in order
+    clip_tokenizers: list[str] = Field(
+        default_factory=lambda: [
+            "openai/clip-vit-large-patch14",
+            "openai/clip-vit-base-patch32",
+            "openai/clip-vit-base-patch16",
+            "openai/clip-vit-large-patch14-336",
+        ]
+    )
+
+
 class TcpConfig(_Section):
     """Optional HTTP listener on TCP, for tools that cannot speak to a Unix socket.
 
@@ -380,6 +400,7 @@ class Settings(BaseSettings):
     postprocess: PostProcessConfig = Field(default_factory=PostProcessConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     # generator name -> its settings table, validated against the generator's schema
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

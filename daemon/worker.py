@@ -135,6 +135,9 @@ class Worker:
         self.models = models
         self._clock = clock
         self.on_result = on_result  # called on the worker thread: must not block
+        # (path, generator, outcome, caption) of each batch's finished jobs, after their
+        # acks, on the writer thread: must not block (the report's checks queue them).
+        self.on_done: Callable[[list[tuple[str, str, str, str | None]]], None] | None = None
         self.pipelines: dict[str, CaptionPipeline] = {}
         for name, slot in models.slots.items():
             self.rebuild_pipeline(name, slot)
@@ -515,6 +518,17 @@ class Worker:
             self._defer(ack)  # the sidecars are in place; the acks wait for the database
         for job, outcome in done:
             self._after_done(pipeline, job, outcome)
+        if self.on_done is not None:
+            try:
+                self.on_done(
+                    [
+                        (j.path, pipeline.name, o.action.value, o.caption)
+                        for j, o in done
+                        if o.action
+                    ]
+                )
+            except Exception:
+                log.exception("on_done_failed")
 
     def _defer(self, op: Callable[[], None]) -> None:
         """A write to the database that failed while it cannot be written: kept (in

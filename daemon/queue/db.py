@@ -148,6 +148,14 @@ _ADDITIONS = [
         at               REAL NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS stem_clashes_at ON stem_clashes (at)",
+    # Which captions the caption checks last saw, per image (daemon/report/checks.py):
+    # a key of the rules' version and the image's caption records. An image whose key
+    # differs (a caption written or refreshed, a rule changed) is checked again.
+    """CREATE TABLE IF NOT EXISTS checked (
+        image_path TEXT PRIMARY KEY,
+        check_key  TEXT NOT NULL,
+        checked_at REAL NOT NULL
+    ) WITHOUT ROWID""",
     # One row, rewritten by probe_write() to learn whether the database takes writes.
     "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
     # The web UI's gallery pages over 100,000 images (bench/README.md, Web UI): every
@@ -199,6 +207,13 @@ _COLUMNS = [
     ("jobs", "errno", "INTEGER"),
     # The caption text captiond wrote (or a person wrote through the API), for reports.
     ("captions", "text", "TEXT"),
+    # Hash of the sidecar bytes ``text`` was read back from when a person had edited the
+    # file (the report's refresh); NULL while ``text`` is what was recorded. Never used
+    # to decide ownership: ``sidecar_hash`` stays what captiond wrote.
+    ("captions", "text_hash", "TEXT"),
+    # Perceptual hash of the content (imagehash pHash, 16 hex digits) for the report's
+    # near duplicates; '' when the image could not be decoded for it.
+    ("images", "phash", "TEXT"),
 ]
 
 

@@ -721,6 +721,18 @@ class JobQueue:
         )
         return [_job(r) for r in rows]
 
+    def report_jobs(self, prefix: str) -> list[tuple]:
+        """(path, generator, state, outcome, error_type, error message cut to 200
+        characters) of the jobs under the folder ``prefix`` that a dataset report counts:
+        all but those done with captiond's own caption (written, unchanged)."""
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            "SELECT path, generator, state, outcome, error_type, substr(error_message, 1, 200) "
+            "FROM jobs WHERE path >= ? AND path < ? AND NOT (state = 'done' AND outcome IN "
+            "('written', 'unchanged'))",
+            (p + "/", p + "0"),
+        ).fetchall()
+
     def get(self, path: str, generator: str) -> Job | None:
         row = self.db.conn.execute(
             f"SELECT {_COLS} FROM jobs WHERE path = ? AND generator = ?", (path, generator)
