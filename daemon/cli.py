@@ -869,7 +869,8 @@ def flags_dismiss(
         from daemon.client import ClientError, api_path
 
         try:
-            path = api_path(_settings(ctx), p)
+            roots = _client(ctx).call("GET", "/api/roots").get("roots", [])
+            path = api_path(roots, p)
         except ClientError as exc:
             _fail(ctx, exc)
     body = {"path": path, "generator": generator, "check": check}

@@ -496,7 +496,7 @@ class CaptionPipeline:
                     clash_with=item.target.clash_with,
                 )
             )
-        STAGES.add("commit", stages.now() - t4)
+        STAGES.add("rename", stages.now() - t4)
         STAGES.finished(len(items))
         if staged:
             faults.point("after_rename")

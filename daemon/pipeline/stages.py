@@ -23,7 +23,7 @@ ORDER = (
     "decide",  # targets again, the existing sidecar, the never-clobber decision
     "stage",  # sidecars written under temp names and fsynced
     "record",  # the index's records, one transaction
-    "commit",  # renames into place and one fsync per folder
+    "rename",  # renames into place and one fsync per folder
     "ack",  # the queue's acks, one transaction
 )
 
