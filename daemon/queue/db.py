@@ -131,6 +131,17 @@ _ADDITIONS = [
     )""",
     # One row, rewritten by probe_write() to learn whether the database takes writes.
     "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
+    # Backfill runs on a Ray cluster (daemon.backfill): who, where, and their progress
+    # (JSON), for `captiond status`; the row of a running one is its heartbeat.
+    """CREATE TABLE IF NOT EXISTS backfills (
+        owner       TEXT PRIMARY KEY,
+        host        TEXT NOT NULL,
+        pid         INTEGER NOT NULL,
+        started_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        state       TEXT NOT NULL,
+        info        TEXT NOT NULL
+    )""",
 ]
 
 # Columns an older captiond ignores (it names the columns it reads): added at every
@@ -143,6 +154,10 @@ _COLUMNS = [
     ("jobs", "errno", "INTEGER"),
     # The caption text captiond wrote (or a person wrote through the API), for reports.
     ("captions", "text", "TEXT"),
+    # Who holds a leased job: NULL for the daemon, else a backfill driver's name
+    # (daemon.backfill). The daemon recovers its own leases at start, others' only once
+    # they expire.
+    ("jobs", "lease_owner", "TEXT"),
 ]
 
 
