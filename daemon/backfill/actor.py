@@ -116,8 +116,9 @@ class CaptionActor:
             ) from exc
 
     def _start(self, spec: dict[str, Any], names: set[str]) -> None:
-        if problem := version_problem(spec["expect"], local_facts()):
-            raise ActorStartError(f"backfill actor on node {self.node}: {problem}")
+        who = f"backfill actor on node {self.node}"
+        if problem := version_problem(spec["expect"], local_facts(), who):
+            raise ActorStartError(problem)
         on_driver = bool(spec.get("driver_node")) and spec["driver_node"] in names
         maps = [PathMap(src, dst, node) for node, src, dst in spec.get("path_maps", [])]
         self.watches: list[WatchConfig] = []

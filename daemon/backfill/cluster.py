@@ -178,8 +178,8 @@ def check_nodes(timeout: float = CHECK_TIMEOUT_SECONDS) -> list[NodeInfo]:
                 f"node {n.label} cannot run captiond's check ({cause}); install the same "
                 "captiond (with the [ray] extra) on every node"
             ) from None
-        if problem := version_problem(expected, n.facts):
-            raise ClusterError(problem.replace(f"node {n.facts.get('host')}", f"node {n.label}"))
+        if problem := version_problem(expected, n.facts, f"node {n.label}"):
+            raise ClusterError(problem)
     return nodes
 
 

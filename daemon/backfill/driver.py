@@ -77,6 +77,9 @@ class BackfillOptions:
     stall_seconds: float = STALL_SECONDS
     lease_seconds: float = LEASE_SECONDS
     start_attempts: int = 3
+    # A dead driver's temp files are swept this long after its death was seen, so that
+    # no live process's write in the same folder (the daemon's) can be under way.
+    sweep_guard_seconds: float = 10.0
     local_cpus: int | None = None  # --ray local: CPUs of the instance (default: all)
     test: dict[str, Any] = field(default_factory=dict)  # test-only hooks for the actors
 
@@ -761,6 +764,8 @@ class Backfill:
                 p.leased = 0
         if self._abort:
             p.message = self._abort
+        elif left:
+            p.message = f"{len(left)} jobs got no result and went back to the queue"
         elif p.state == "finished" and not p.message:
             p.message = "done"
         self._sweep_temps()
@@ -788,9 +793,10 @@ class Backfill:
     def _sweep_temps(self) -> None:
         """captiond temp files a dead driver left in its jobs' folders (created before
         its death was seen: nobody alive is still writing them)."""
+        if self._sweep:  # a write by a live process (the daemon) lasts seconds at most
+            latest = max(self._sweep.values())
+            time.sleep(max(0.0, min(latest + self.options.sweep_guard_seconds - time.time(), 60)))
         for folder, before in self._sweep.items():
-            if time.time() - before < 5:
-                continue  # too soon to be sure; the daemon's next scan after a restart does it
             w = self.watches[self._root_of(folder + "/x")] if folder else None
             if w is None:
                 continue

@@ -118,8 +118,11 @@ def local_facts() -> dict[str, str]:
     }
 
 
-def version_problem(expected: dict[str, str], facts: dict[str, str]) -> str | None:
-    """A sentence when ``facts`` (a node's) do not match ``expected`` (the driver's)."""
+def version_problem(
+    expected: dict[str, str], facts: dict[str, str], who: str | None = None
+) -> str | None:
+    """A sentence when ``facts`` (a node's) do not match ``expected`` (the driver's);
+    ``who``: how to name the node (default: by its host name)."""
     diffs = []
     if facts.get("captiond") != expected.get("captiond"):
         diffs.append(f"captiond {facts.get('captiond')} (driver: {expected.get('captiond')})")
@@ -134,10 +137,8 @@ def version_problem(expected: dict[str, str], facts: dict[str, str]) -> str | No
         diffs.append(f"Ray {facts.get('ray')} (driver: {expected.get('ray')})")
     if not diffs:
         return None
-    return (
-        f"node {facts.get('host', '?')} runs {', '.join(diffs)}: install the same captiond "
-        "and Ray on every node"
-    )
+    who = who or f"node {facts.get('host', '?')}"
+    return f"{who} runs {', '.join(diffs)}: install the same captiond and Ray on every node"
 
 
 # -- results --------------------------------------------------------------------------
