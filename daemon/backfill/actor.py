@@ -189,6 +189,8 @@ class CaptionActor:
         rows = [(int(j), int(r), str(p)) for j, r, p in rows]
         out: list[dict[str, Any]] = []
         test = self.spec.get("test") or {}
+        while test.get("hold_while") and os.path.exists(test["hold_while"]):
+            time.sleep(0.05)  # test hook: hold the chunk (and its leases) for a while
         for start in range(0, len(rows), self.batch_size):
             sub = rows[start : start + self.batch_size]
             try:

@@ -6,6 +6,7 @@ Imported only by the ``backfill`` command (it imports Ray)."""
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,13 @@ def prepare_auth(mode: str) -> str:
         return f"RAY_AUTH_MODE={current} (from the environment)"
     if mode != "local" and token_available():
         os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray" in sys.modules:  # Ray read its configuration at import: refresh it
+            try:
+                from ray._raylet import Config
+
+                Config.initialize("")
+            except Exception:  # pragma: no cover - a Ray without it reads the env late
+                pass
         return "RAY_AUTH_MODE=token (a token was found)"
     return "Ray's default"
 
@@ -81,11 +89,11 @@ def connect(
 ) -> str:
     """``local`` starts a Ray instance in this process's machine; ``auto`` or an
     address joins a running cluster. Returns a line for the log."""
+    auth = prepare_auth(ray_address)  # before Ray reads its configuration
     import ray
 
     if ray.is_initialized():  # a caller (tests, a notebook) connected already
         return "already connected"
-    auth = prepare_auth(ray_address)
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if ray_address == "local":
         kwargs |= {"num_cpus": num_cpus, "num_gpus": num_gpus}

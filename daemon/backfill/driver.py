@@ -54,6 +54,9 @@ LEASE_SECONDS = 120.0
 HEARTBEAT_SECONDS = 2.0
 STALL_SECONDS = 600.0
 TIME_LIMIT_SECONDS = 48 * 3600.0
+# An actor that failed to start (after its own start_attempts) is replaced this many
+# times (perhaps on another node) before the run stops.
+ACTOR_REPLACEMENTS = 1
 SYSTEMIC_STOP = 64  # failures by a condition of the system in a row stop the run
 
 
@@ -191,7 +194,7 @@ class RayExecutor:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         ctx.actor_init_retry_on_errors = False  # the actor retries its load itself
-        ctx.max_consecutive_actor_init_deaths = self.start_attempts  # processes that die
+        ctx.max_consecutive_actor_init_deaths = ACTOR_REPLACEMENTS
         here = ray.get_runtime_context().get_node_id()
         self.feeder = feeder = (
             ray.remote(Feeder)
@@ -843,9 +846,9 @@ def _describe(exc: BaseException) -> str:
     """A Ray error as one clear line: the actor's own message when it has one."""
     text = str(exc)
     for line in text.splitlines():
-        if "ActorStartError" in line or "backfill actor on node" in line:
-            i = line.find("backfill actor on node")
-            return line[i:] if i >= 0 else line.strip()
+        i = line.find("backfill actor on node")
+        if i >= 0 and "raise " not in line:
+            return line[i:].strip()
     cause = exc.__cause__ or exc.__context__
     if cause is not None and "backfill actor on node" in str(cause):
         return _describe(cause)
