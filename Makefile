@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DATASET ?=
 PYTEST_ARGS ?=
-# Optional parts installed into the venv; the tests need all of them.
-EXTRAS ?= test,vlm,people
+# Optional parts installed into the venv; the tests need all of them (ray: the
+# backfill's tests on a local Ray instance).
+EXTRAS ?= test,vlm,people,ray
 
 .PHONY: setup system-deps run test lint bench clean
 

@@ -158,7 +158,8 @@ class CaptionActor:
                 if attempt == attempts:
                     raise ActorStartError(
                         f"backfill actor on node {self.node} could not load {spec['generator']} "
-                        f"after {attempts} attempts: {type(exc).__name__}: {exc}"
+                        f"after {attempts} attempt{'s' if attempts > 1 else ''}: "
+                        f"{type(exc).__name__}: {exc}"
                     ) from exc
                 time.sleep(START_BACKOFF_SECONDS * attempt)
 
