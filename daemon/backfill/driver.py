@@ -8,8 +8,8 @@ Threads:
   and then, checks progress and the time limit, stops the run with a clear message;
 - the *feed* (Ray executor): keeps a few planned chunks waiting at the feeder;
 - the *collector*: takes the actors' results off Ray Data and queues them;
-- the *recorder*: finishes each chunk with the caption pipeline (sidecars, index)
-  and acks it in one transaction.
+- the *recorders* (4): each finishes a chunk with the caption pipeline (sidecars,
+  index) and acks it in one transaction; their time is mostly fsync waits.
 
 Exactly once: a job is recorded only while this driver still holds its lease, and at
 most once per run; actors write nothing. A job whose result never came back is released
@@ -57,6 +57,7 @@ TIME_LIMIT_SECONDS = 48 * 3600.0
 # An actor that failed to start (after its own start_attempts) is replaced this many
 # times (perhaps on another node) before the run stops.
 ACTOR_REPLACEMENTS = 1
+RECORDERS = 4
 SYSTEMIC_STOP = 64  # failures by a condition of the system in a row stop the run
 
 
@@ -83,6 +84,9 @@ class BackfillOptions:
     # A dead driver's temp files are swept this long after its death was seen, so that
     # no live process's write in the same folder (the daemon's) can be under way.
     sweep_guard_seconds: float = 10.0
+    # Threads finishing chunks (sidecars, index, acks): their time is mostly fsync
+    # waits, which overlap (bench/README.md, Backfill).
+    recorders: int = RECORDERS
     local_cpus: int | None = None  # --ray local: CPUs of the instance (default: all)
     test: dict[str, Any] = field(default_factory=dict)  # test-only hooks for the actors
 
@@ -354,6 +358,7 @@ class Backfill:
         self._lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self._outstanding: dict[int, Job] = {}  # leased by us, result not recorded
+        self._recording: set[int] = set()  # being recorded by a recorder thread
         self._claimed = 0
         self._exhausted = False
         self._stop = threading.Event()
@@ -478,7 +483,14 @@ class Backfill:
         return rows
 
     # -- recording (recorder thread) -----------------------------------------------------
-    def record(self, actor: str, node: str, results: list[dict[str, Any]]) -> None:
+    def record(
+        self,
+        actor: str,
+        node: str,
+        results: list[dict[str, Any]],
+        *,
+        pipe: CaptionPipeline | None = None,
+    ) -> None:
         """Finish one chunk's results as the daemon's writer does: sidecars and index,
         then the acks in one transaction. Results for jobs no longer ours are dropped."""
         ids = [int(r["job"]) for r in results]
@@ -488,7 +500,7 @@ class Backfill:
             for r in results:
                 jid = int(r["job"])
                 job = self._outstanding.get(jid)
-                if job is None:
+                if job is None or jid in self._recording:
                     continue  # a duplicate (at-least-once upstream): recorded already
                 if jid not in held:
                     self._outstanding.pop(jid, None)
@@ -496,14 +508,20 @@ class Backfill:
                     log.warning("backfill_lease_lost", job_id=jid, path=job.path)
                     continue
                 mine.append((job, r))
+                self._recording.add(jid)
             a = self.progress.actors.setdefault(
                 actor, {"actor": actor, "node": node, "images": 0, "last_seen": 0.0}
             )
             a["images"] += len(results)
             a["last_seen"] = round(time.time(), 1)
-        if not mine:
-            return
-        pipe = self._finish_pipe
+        try:
+            if mine:
+                self._finish(mine, pipe or self._finish_pipe)
+        finally:
+            with self._lock:
+                self._recording.difference_update(j.id for j, _ in mine)
+
+    def _finish(self, mine: list[tuple[Job, dict[str, Any]]], pipe: CaptionPipeline) -> None:
         tasks = [
             ImageTask(job.path, self.watches[self._root_of(job.path)], key=job) for job, _ in mine
         ]
@@ -659,6 +677,8 @@ class Backfill:
         )
         errors: list[BaseException] = []
         finished = threading.Event()
+        writers = max(1, self.options.recorders)
+        running = [writers]
 
         def collect() -> None:
             try:
@@ -675,10 +695,12 @@ class Backfill:
             except BaseException as exc:
                 errors.append(exc)
             finally:
-                with contextlib.suppress(queue_mod.Full):
-                    results.put(None, timeout=5)
+                for _ in range(writers):
+                    with contextlib.suppress(queue_mod.Full):
+                        results.put(None, timeout=5)
 
         def write() -> None:
+            pipe = self._pipeline()  # one per recorder thread
             try:  # after a stop: what is queued is recorded, then it ends
                 while True:
                     try:
@@ -689,16 +711,22 @@ class Backfill:
                         continue
                     if item is None:
                         break
-                    self.record(*item)
+                    self.record(*item, pipe=pipe)
             except BaseException as exc:
                 errors.append(exc)
                 self._stop.set()
             finally:
-                finished.set()
+                with self._lock:
+                    running[0] -= 1
+                    if running[0] == 0:
+                        finished.set()
 
         threads = [
             threading.Thread(target=collect, name="captiond-collect", daemon=True),
-            threading.Thread(target=write, name="captiond-record", daemon=True),
+            *(
+                threading.Thread(target=write, name=f"captiond-record-{i}", daemon=True)
+                for i in range(writers)
+            ),
         ]
         for t in threads:
             t.start()
