@@ -327,6 +327,10 @@ def _caption_once(
 @click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call.")
 @click.option("--limit", type=click.IntRange(min=1), help="Take at most this many jobs.")
 @click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
+    help="Jobs leased, planned and sent to an actor together.",
+)  # fmt: skip
+@click.option(
     "--path-map",
     "path_maps",
     multiple=True,
@@ -653,8 +657,9 @@ def format_status(s: dict[str, Any]) -> str:
         out += [
             f"  [{e['state']}] {e['error_type']}: {e['path']}: {e['error']}" for e in errors[:10]
         ]
-    for b in s.get("backfills", {}).get("runs", []):
-        out.append(_backfill_line(b))
+    for i, b in enumerate(s.get("backfills", {}).get("runs", [])):
+        if i == 0 or b.get("state") in ("running", "unresponsive"):  # and the latest
+            out.append(_backfill_line(b))
     for w in s.get("warnings", []):
         out.append(f"warning: {w}")
     return "\n".join(out)

@@ -544,3 +544,53 @@ def test_backfill_command_refuses_bad_arguments(tmp_path: Path, wd_model_dir: Pa
     assert r.exit_code == 2 and "write FROM=TO" in r.output
     r = CliRunner().invoke(main, ["--config", str(site.config), "backfill", "/elsewhere"])
     assert r.exit_code == 2 and "not a watched folder" in r.output
+
+
+def test_the_daemons_worker_recovers_a_dead_drivers_leases_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only at start: a driver that dies while the daemon runs loses its jobs to the
+    daemon's worker once its leases expire; the daemon's own leases are never touched."""
+    import daemon.worker as worker_mod
+    from daemon.config import Settings
+    from daemon.generators.registry import Discovered
+    from daemon.queue import FileIndex
+    from daemon.residency.manager import ModelManager
+    from daemon.worker import Worker
+    from tests.daemonproc import wait_for
+    from tests.fakegen import EchoConfig, EchoGenerator
+
+    monkeypatch.setattr(worker_mod, "FOREIGN_RECOVERY_SECONDS", 0.2)
+    root = tmp_path / "data"
+    paths = [make_image(root / f"{i}.png") for i in range(3)]
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        watch=[{"path": root, "generators": ["echo"], "sidecar_extension": "txt"}],
+        worker={"preload": []},
+    )
+    db = Database(tmp_path / "q.db")
+    queue = JobQueue(db)
+    queue.enqueue_many([(str(p), "echo", 0) for p in paths])
+    models = ModelManager.build(
+        ["echo"], {"echo": Discovered("echo", EchoGenerator)}, lambda n, c: EchoConfig()
+    )
+    worker = Worker(settings=settings, queue=queue, index=FileIndex(db), models=models)
+    worker.paused = True  # claims nothing of its own
+    dead = JobQueue(db, owner="backfill:elsewhere:1:x", lease_seconds=1.0)
+    held = dead.claim_under("echo", 3, [str(root)])
+    mine = make_image(root / "mine.png")
+    queue.enqueue(str(mine), "echo", 0)
+    (own,) = JobQueue(db, lease_seconds=0.5).claim("echo", 1)  # the daemon's, expiring
+    worker.start()
+    try:
+        time.sleep(0.5)
+        assert dead.held([j.id for j in held]) == {j.id for j in held}  # not expired yet
+        wait_for(lambda: queue.totals()["pending"] == 3, timeout=5)  # expired: back
+        worker.paused = False
+        worker.wake()
+        wait_for(lambda: queue.totals()["done"] == 3, timeout=10)
+        assert str(queue.get_by_id(own.id).state) == "leased"  # its own: left for the start
+    finally:
+        worker.stop()
+        db.close()
+    assert all(p.with_suffix(".txt").exists() for p in paths)

@@ -112,48 +112,41 @@ def test_an_actor_sigkilled_mid_batch(
     assert all(r[2] == 1 for r in site.job_rows().values())  # one attempt each
 
 
-DRIVER = """
-import sys
-from daemon.backfill.driver import Backfill, BackfillOptions, ray_executor
-from daemon.config import load_settings
-o = BackfillOptions(ray=sys.argv[2], actors=2, chunk_size=8, batch_size=4)
-p = Backfill(load_settings(sys.argv[1]), o).run(make_executor=ray_executor(o))
-print(p.state, p.message)
-"""
+def _cli(site: Site, home: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = os.environ | {"PYTHONPATH": str(REPO), "HOME": home} | env
+    environ.pop("RAY_AUTH_MODE", None)  # Ray's defaults; the token is in HOME
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "--config", str(site.config), "backfill", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
 
 
 def test_the_driver_sigkilled_then_run_again(
     tmp_path: Path, wd_model_dir: Path, local_ray: dict[str, str]
 ) -> None:
-    """A driver in another process joins the cluster (token auth, Ray's defaults: the
-    token from HOME) and is SIGKILLed after renaming the sidecars of its 3rd chunk
-    but before acking them. Its leases stay with it; the next run sees its pid gone,
-    takes them back, and recognises those sidecars as captiond's (unchanged, not a
-    person's caption)."""
+    """``captiond backfill`` joins the cluster (token auth with Ray's defaults: the
+    token from HOME) and is SIGKILLed after renaming the sidecars of its 3rd chunk but
+    before acking them. Its leases stay with it; the command run again sees its pid
+    gone, takes them back, and recognises those sidecars as captiond's (unchanged, not
+    a person's caption)."""
     site = Site(tmp_path, wd_model_dir)
     site.add(48)
     site.scan()
-    env = os.environ | {
-        "CAPTIOND_CRASH_AT": "after_rename@3",
-        "PYTHONPATH": str(REPO),
-        "HOME": local_ray["home"],
-    }
-    env.pop("RAY_AUTH_MODE", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(site.config), local_ray["address"]],
-        env=env,
-        capture_output=True,
-        timeout=90,
-    )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    args = ("--ray", local_ray["address"], "--actors", "2", "--batch-size", "4",
+            "--chunk-size", "8")  # fmt: skip
+    proc = _cli(site, local_ray["home"], *args, CAPTIOND_CRASH_AT="after_rename@3")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     rows = site.job_rows()
     assert sum(r[0] == "done" for r in rows.values()) == 16
-    assert sum(r[0] == "leased" for r in rows.values()) >= 8
     renamed_not_acked = [p for p, r in rows.items() if r[0] == "leased" and
                          Path(p).with_suffix(".txt").exists()]  # fmt: skip
     assert len(renamed_not_acked) == 8
-    p = _run(site, _options())
-    assert p.state == "finished", p.message
+    proc = _cli(site, local_ray["home"], *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backfill finished: 32 of 32 images" in proc.stdout, proc.stdout
     site.check_exactly_once()
     rows = site.job_rows()
     assert {rows[p][1] for p in renamed_not_acked} == {"unchanged"}

@@ -360,6 +360,7 @@ class Backfill:
         self._outstanding: dict[int, Job] = {}  # leased by us, result not recorded
         self._recording: set[int] = set()  # being recorded by a recorder thread
         self._claimed = 0
+        self._cap = 0  # jobs this run takes at most: the backlog when it began (or --limit)
         self._exhausted = False
         self._stop = threading.Event()
         self._systemic_run = 0
@@ -432,8 +433,7 @@ class Backfill:
         rows: list[Row] = []
         while not self._stop.is_set() and len(rows) < self.options.chunk_size:
             want = self.options.chunk_size - len(rows)
-            if self.options.limit is not None:
-                want = min(want, self.options.limit - self._claimed)
+            want = min(want, self._cap - self._claimed)
             if want <= 0:
                 break
             with self._claim_lock:  # never after _end() took its snapshot
@@ -634,6 +634,7 @@ class Backfill:
                 log.warning("backfill_leases_recovered", jobs=recovered)
             total = self.queue.count_claimable(self.generator, self.prefixes)
             p.total = min(total, self.options.limit) if self.options.limit is not None else total
+            self._cap = p.total  # later arrivals are the daemon's (or the next run's)
             driver_node = ""
             if make_executor is not None:
                 self.executor, driver_node = make_executor(self)
@@ -730,6 +731,28 @@ class Backfill:
         ]
         for t in threads:
             t.start()
+        try:
+            self._supervise(finished, errors, on_progress)
+        finally:  # also on Ctrl-C: what is queued is recorded before the leases go back
+            self._stop.set()
+            self.executor.stop()
+            finished.wait(60)
+        if errors and self._abort is None:
+            self._abort = _describe(errors[0])
+        if self._abort is not None and p.state == "running":
+            p.state = "failed"
+        if self._abort is None:
+            p.state = "finished"
+
+    def _supervise(
+        self,
+        finished: threading.Event,
+        errors: list[BaseException],
+        on_progress: Callable[[Progress], None],
+    ) -> None:
+        """Until the recorders end: leases, heartbeat, progress; the checks that stop
+        a run (an error, a condition, the time limit, no progress)."""
+        p = self.progress
         deadline = time.monotonic() + self.options.time_limit
         lease_every = max(1.0, self.options.lease_seconds / 4)
         next_lease = next_beat = 0.0
@@ -761,16 +784,6 @@ class Backfill:
                     f"{self._actors_line()}); stopped (--stall-timeout)"
                 )
                 break
-        self._stop.set()
-        self.executor.stop()
-        finished.wait(60)  # the recorder ends with what it has
-        if errors and self._abort is None:
-            exc = errors[0]
-            self._abort = _describe(exc)
-        if self._abort is not None and p.state == "running":
-            p.state = "failed"
-        if self._abort is None:
-            p.state = "finished"
 
     def _actors_line(self) -> str:
         a = self.progress.actors
