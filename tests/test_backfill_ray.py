@@ -128,10 +128,10 @@ def test_the_driver_sigkilled_then_run_again(
     tmp_path: Path, wd_model_dir: Path, local_ray: dict[str, str]
 ) -> None:
     """``captiond backfill`` joins the cluster (token auth with Ray's defaults: the
-    token from HOME) and is SIGKILLed after renaming the sidecars of its 3rd chunk but
-    before acking them. Its leases stay with it; the command run again sees its pid
-    gone, takes them back, and recognises those sidecars as captiond's (unchanged, not
-    a person's caption)."""
+    token from HOME) and is SIGKILLed after renaming the sidecars of a chunk (the 3rd
+    to get there) but before acking them. Its leases stay with it; the command run
+    again sees its pid gone, takes them back, and recognises those sidecars as
+    captiond's (unchanged, not a person's caption)."""
     site = Site(tmp_path, wd_model_dir)
     site.add(48)
     site.scan()
@@ -140,13 +140,14 @@ def test_the_driver_sigkilled_then_run_again(
     proc = _cli(site, local_ray["home"], *args, CAPTIOND_CRASH_AT="after_rename@3")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     rows = site.job_rows()
-    assert sum(r[0] == "done" for r in rows.values()) == 16
+    done = sum(r[0] == "done" for r in rows.values())
     renamed_not_acked = [p for p, r in rows.items() if r[0] == "leased" and
                          Path(p).with_suffix(".txt").exists()]  # fmt: skip
-    assert len(renamed_not_acked) == 8
+    assert len(renamed_not_acked) >= 8  # that chunk at least (recorders run in parallel)
     proc = _cli(site, local_ray["home"], *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "backfill finished: 32 of 32 images" in proc.stdout, proc.stdout
+    left = 48 - done
+    assert f"backfill finished: {left} of {left} images" in proc.stdout, proc.stdout
     site.check_exactly_once()
     rows = site.job_rows()
     assert {rows[p][1] for p in renamed_not_acked} == {"unchanged"}
@@ -216,7 +217,7 @@ def test_an_actor_whose_start_fails_stops_the_run(
     text = site.config.read_text().replace(str(wd_model_dir), str(tmp_path / "no-model"))
     site.config.write_text(text)
     started = time.monotonic()
-    p = _run(site, _options(start_attempts=1))
+    p = _run(site, _options(actors=1, start_attempts=1))
     assert time.monotonic() - started < 60
     assert p.state == "failed"
     assert "backfill actor on node" in p.message and "ModelUnavailableError" in p.message

@@ -13,9 +13,10 @@ record, rename, fsync) and acks it in one transaction.
 Actors have no side effects on the dataset: Ray's at-least-once retries (a restarted
 actor redoes its batch) can only repeat model work, never write a second or torn sidecar.
 
-Ray is optional (the ``ray`` extra); nothing here imports it at module level except
-:mod:`.cluster` and :mod:`.driver`'s Ray executor, which are imported only by the
-``backfill`` command.
+Ray is optional (the ``ray`` extra): no module here imports it at module level, so
+the daemon (which shows a backfill's status, :mod:`.status`) never needs it; the Ray
+parts (:mod:`.cluster`, the driver's :class:`~.driver.RayExecutor`, the actor's feeder
+calls) import it where they run.
 """
 
 from __future__ import annotations

@@ -835,28 +835,34 @@ class Backfill:
         }
 
     def _sweep_temps(self) -> None:
-        """captiond temp files a dead driver left in its jobs' folders (created before
-        its death was seen: nobody alive is still writing them)."""
-        if self._sweep:  # a write by a live process (the daemon) lasts seconds at most
-            latest = max(self._sweep.values())
-            time.sleep(max(0.0, min(latest + self.options.sweep_guard_seconds - time.time(), 60)))
+        """captiond temp files a dead driver left in its jobs' folders: those created
+        before its death was seen, once ``sweep_guard_seconds`` have passed since (a
+        write by a live process -- the daemon's -- lasts seconds at most)."""
+        found = self._stale_temps(remove=False)
+        if not found:
+            return
+        latest = max(self._sweep.values())
+        time.sleep(max(0.0, min(latest + self.options.sweep_guard_seconds - time.time(), 60)))
+        self._stale_temps(remove=True)
+
+    def _stale_temps(self, *, remove: bool) -> int:
+        n = 0
         for folder, before in self._sweep.items():
-            w = self.watches[self._root_of(folder + "/x")] if folder else None
-            if w is None:
-                continue
-            root = Root(str(w.path))
             try:
-                rel = root.rel(folder)
-                with root.folder(rel) as f:
+                root = Root(str(self.watches[self._root_of(folder + "/x")].path))
+                with root.folder(root.rel(folder)) as f:
                     for name in f.names(fresh=True):
                         if not is_temp_name(name):
                             continue
                         st = f.lstat(name)
                         if st is not None and st.st_mtime < before:
-                            f.unlink(name)
-                            log.info("backfill_stale_temp_removed", path=f"{folder}/{name}")
+                            n += 1
+                            if remove:
+                                f.unlink(name)
+                                log.info("backfill_stale_temp_removed", path=f"{folder}/{name}")
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("backfill_temp_sweep_failed", folder=folder, error=str(exc))
+        return n
 
 
 def ray_executor(options: BackfillOptions) -> Callable[[Backfill], tuple[Executor, str]]:

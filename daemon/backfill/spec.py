@@ -8,7 +8,6 @@ import hashlib
 import os
 import platform
 import socket
-import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -214,10 +213,6 @@ def failure_of(result: dict[str, Any]) -> RemoteFailure | None:
         condition=e.get("condition"),
         node=e.get("node", ""),
     )
-
-
-def python_ok() -> bool:
-    return sys.version_info >= (3, 11)
 
 
 def default_cache_dir() -> str:
