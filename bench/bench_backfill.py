@@ -66,6 +66,8 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def fresh_site(base: Path, sources: list[Path], n: int, model: Path) -> Site:
     site = Site(base, model)
+    text = site.config.read_text().replace("batch_size = 4", "batch_size = 8")
+    site.config.write_text(text)  # the daemon's batch = the actors' batch
     for i in range(n):
         src = sources[i % len(sources)]
         dst = site.root / f"d{i // 100:03d}" / f"img{i:05d}{src.suffix}"

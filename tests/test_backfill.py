@@ -430,6 +430,31 @@ def test_no_progress_stops_the_run_with_a_clear_message(tmp_path: Path, wd_model
     assert p.state == "stopped" and "time limit" in p.message
 
 
+def test_a_failure_while_feeding_stops_the_run(tmp_path: Path, wd_model_dir: Path) -> None:
+    """The feed thread (Ray's executor) failing to plan leaves the actors waiting for
+    chunks for ever: the supervisor stops the run with the error at once."""
+    site = Site(tmp_path, wd_model_dir)
+    site.add(4)
+    site.scan()
+    release = threading.Event()
+
+    class FeedFails(InlineExecutor):
+        feed_error: BaseException | None = None
+
+        def run(self, spec: dict[str, Any], tokens: int, next_chunk: Any) -> Iterator[Any]:
+            next_chunk()
+            self.feed_error = OSError(5, "Input/output error")
+            release.wait(30)  # actors waiting at the feeder
+            yield from ()
+
+    started = time.monotonic()
+    p = _run(site, FeedFails())
+    release.set()
+    assert time.monotonic() - started < 10
+    assert p.state == "failed" and "Input/output error" in p.message
+    assert site.totals()["pending"] == 4  # the chunk went back
+
+
 def test_status_shows_a_running_backfill(tmp_path: Path, wd_model_dir: Path) -> None:
     site = Site(tmp_path, wd_model_dir)
     site.add(16)

@@ -406,7 +406,12 @@ class Backfill:
         n = 0
         host = socket.gethostname()
         for row in self.registry.running():
-            if row.owner == self.owner or row.host != host:
+            if row.owner == self.owner:
+                continue
+            if row.host != host:  # elsewhere: its leases expire; its row says so later
+                lease = float(row.info.get("lease_seconds") or LEASE_SECONDS)
+                if time.time() - row.updated_at > 3 * lease:
+                    self.registry.mark(row.owner, "died")
                 continue
             start = row.info.get("proc_start")
             alive = _proc_start(row.pid)
@@ -765,6 +770,9 @@ class Backfill:
                 self._heartbeat()
                 on_progress(p)
                 next_beat = now + HEARTBEAT_SECONDS
+            feed_error = getattr(self.executor, "feed_error", None)
+            if feed_error is not None and not errors:  # planning failed: actors would wait
+                errors.append(feed_error)
             if errors:
                 break
             if self._abort is not None:
