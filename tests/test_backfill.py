@@ -275,7 +275,10 @@ def test_feeder_gives_a_retried_token_the_same_chunk() -> None:
         assert not waiting.done()  # waits for the driver
         await f.put([(1, 0, "a")])
         await f.put([(2, 0, "b")])
+        room = asyncio.ensure_future(f.wait_room(2))
+        await asyncio.sleep(0.01)
         assert await waiting == [(1, 0, "a")]
+        assert await room == 1  # a chunk was taken: room for the next
         assert await f.take(0) == [(1, 0, "a")]  # Ray retried token 0
         assert await f.take(1) == [(2, 0, "b")]
         await f.close()

@@ -239,10 +239,13 @@ class RayExecutor:
         import ray
 
         try:
+            room = None
             while not self._stop.is_set():
-                if ray.get(feeder.depth.remote()) >= depth:
-                    self._stop.wait(0.05)
-                    continue
+                room = room or feeder.wait_room.remote(depth)
+                ready, _ = ray.wait([room], timeout=1.0)
+                if not ready:
+                    continue  # full: look at the stop flag now and then
+                room = None
                 chunk = next_chunk()
                 if chunk is None:
                     break

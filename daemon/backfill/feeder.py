@@ -40,6 +40,13 @@ class Feeder:
     async def depth(self) -> int:
         return len(self.ready)
 
+    async def wait_room(self, depth: int) -> int:
+        """Return once fewer than ``depth`` chunks wait (or the feeder is closed): the
+        driver leases and plans the next chunk only then, without polling."""
+        async with self._cond:
+            await self._cond.wait_for(lambda: len(self.ready) < depth or self.closed)
+            return len(self.ready)
+
     async def take(self, token: int) -> list[Any]:
         if token in self.given:
             self.retakes += 1
@@ -51,6 +58,7 @@ class Feeder:
                 return self.given[token]
             rows = self.ready.popleft() if self.ready else []
             self.given[token] = rows
+            self._cond.notify_all()  # room for the next chunk (wait_room)
             return rows
 
     async def forget(self, tokens: list[int]) -> None:
