@@ -11,6 +11,7 @@ from daemon.backfill.driver import Backfill, BackfillError, BackfillOptions, ray
 from daemon.backfill.progress import ProgressPrinter, summary
 from daemon.backfill.spec import parse_path_map
 from daemon.config import Settings
+from daemon.queue import DatabaseError
 
 
 def run_backfill(
@@ -51,7 +52,7 @@ def run_backfill(
             stall_seconds=stall_timeout,
         )
         bf = Backfill(settings, options)
-    except (BackfillError, ValueError) as exc:
+    except (BackfillError, DatabaseError, ValueError) as exc:
         click.echo(f"captiond: {exc}", err=True)
         return 2
     printer = ProgressPrinter()

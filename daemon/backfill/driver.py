@@ -364,7 +364,6 @@ class Backfill:
         self._recording: set[int] = set()  # being recorded by a recorder thread
         self._claimed = 0
         self._cap = 0  # jobs this run takes at most: the backlog when it began (or --limit)
-        self._exhausted = False
         self._stop = threading.Event()
         self._systemic_run = 0
         self._abort: str | None = None
@@ -457,7 +456,6 @@ class Backfill:
                 break
             rows += self._plan(jobs)
         if not rows:
-            self._exhausted = True
             return None
         return Chunk(rows)
 
