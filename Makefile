@@ -10,9 +10,10 @@ PYTEST_ARGS ?=
 # Tests marked xdist_group("...") run in one process (they share a daemon).
 PYTEST_WORKERS ?= auto
 # Optional parts installed into the venv for `make run`; `make test` installs TEST_EXTRAS,
-# all of them, whatever EXTRAS says (in CI a test skipped for a missing one fails).
+# all of them, whatever EXTRAS says (in CI a test skipped for a missing one fails;
+# ray: the backfill's tests on a local Ray instance).
 EXTRAS ?= test,vlm,people,report
-TEST_EXTRAS := test,vlm,people,report
+TEST_EXTRAS := test,vlm,people,report,ray
 
 # One stamp per extra, so that what is installed follows what is asked for: after
 # `make run EXTRAS=test`, `make test` still installs the vlm and people extras.

@@ -17,6 +17,7 @@ from daemon.api.control import Control
 from daemon.api.listeners import ControlServer
 from daemon.api.routes import register_api
 from daemon.api.security import load_token
+from daemon.backfill.status import backfill_status
 from daemon.conditions import STATE, SYSTEMIC_ERRNOS, WRITE_KINDS, Condition, Conditions
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, Settings
 from daemon.confined import Folder, Root, resolver_mode
@@ -381,6 +382,7 @@ class Daemon:
                 }
                 for j in self.queue.recent_errors(20)
             ],
+            "backfills": backfill_status(self.queue),
             "warnings": self.warnings,
         }
 

@@ -406,6 +406,58 @@ def _caption_once(ctx: click.Context, paths: tuple[Path, ...], opts: dict[str, A
     ctx.exit(1 if result.failed or result.model_error else 0)
 
 
+@main.command()
+@click.argument("roots", nargs=-1)
+@click.option(
+    "--ray",
+    "ray_address",
+    default="local",
+    show_default=True,
+    help="local (start Ray here), auto (join the cluster this host is in) or ADDRESS.",
+)
+@click.option("--actors", type=click.IntRange(min=1), help="Actors (default: one per GPU).")
+@click.option(
+    "--gpus-per-actor", type=click.FloatRange(min=0), help="Default: 1 with GPUs, else 0."
+)
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@click.option("--generator", "-g", help="Generator to run (default: the folders' first).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call.")
+@click.option("--limit", type=click.IntRange(min=1), help="Take at most this many jobs.")
+@click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
+    help="Jobs leased, planned and sent to an actor together.",
+)  # fmt: skip
+@click.option(
+    "--path-map",
+    "path_maps",
+    multiple=True,
+    metavar="[NODE:]FROM=TO",
+    help="The share under FROM here is under TO on the nodes (or on NODE). Repeatable.",
+)
+@click.option(
+    "--time-limit", type=click.FloatRange(min=1), default=48 * 3600.0, show_default=True,
+    help="Stop after this many seconds (what is done stays done).",
+)  # fmt: skip
+@click.option(
+    "--stall-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+    help="Stop when no image finished for this many seconds.",
+)  # fmt: skip
+@json_option
+@click.pass_context
+def backfill(ctx: click.Context, roots: tuple[str, ...], **kw: Any) -> None:
+    """Caption the daemon's pending jobs on a Ray cluster (ROOTS: watch names or folders
+    in them; default all), recorded in the daemon's queue and index. Run it on the
+    daemon's host; the daemon may keep running."""
+    from daemon.backfill import ray_missing
+
+    if hint := ray_missing():
+        click.echo(f"captiond: {hint}", err=True)
+        ctx.exit(2)
+    from daemon.backfill.cli import run_backfill
+
+    ctx.exit(run_backfill(_settings(ctx), roots, **kw))
+
+
 @main.group("config")
 def config_group() -> None:
     """Read or change a generator's settings in the running daemon (persisted)."""
@@ -972,9 +1024,21 @@ def format_status(s: dict[str, Any]) -> str:
     if overrides := s.get("overrides"):
         out.append("overridden through the API (captiond config reset drops them):")
         out += [f"  {section}: {', '.join(keys)}" for section, keys in overrides.items()]
+    for i, b in enumerate(s.get("backfills", {}).get("runs", [])):
+        if i == 0 or b.get("state") in ("running", "unresponsive"):  # and the latest
+            out.append(_backfill_line(b))
     for w in s.get("warnings", []):
         out.append(f"warning: {w}")
     return "\n".join(out)
+
+
+def _backfill_line(b: dict[str, Any]) -> str:
+    line = (
+        f"backfill {b.get('state')} ({b.get('host')}, pid {b.get('pid')}): {b.get('done', 0)}"
+        f"/{b.get('total', 0)} {b.get('generator')}, {b.get('images_per_second', 0)} img/s, "
+        f"{b.get('leased', 0)} leased, {len(b.get('actors') or [])} actors"
+    )
+    return line + (f"  {b['message']}" if b.get("message") else "")
 
 
 def _dur(seconds: float) -> str:

@@ -54,6 +54,7 @@ MAX_STUCK_THREADS = 32
 WAIT_SLICE_SECONDS = 1.0  # how often a wait for a decode checks its read timeout
 LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
 DEPENDENCY_DELAY_SECONDS = 5.0  # a {tags} prompt waits this long for the tagger's job
+FOREIGN_RECOVERY_SECONDS = 15.0  # how often a dead backfill driver's leases are looked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +162,7 @@ class Worker:
         self.paused = False  # no job is claimed
         self.paused_roots: frozenset[str] = frozenset()  # no job under these is claimed
         self._calls: deque[Callable[[], None]] = deque()
+        self._next_foreign_recovery = 0.0
 
     def rebuild_pipeline(self, name: str, slot: ModelSlot | None = None) -> None:
         """(Re)build the pipeline of generator ``name`` from its slot."""
@@ -228,8 +230,9 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     # -- main loop ------------------------------------------------------------------
-    # This process is the only one holding leases (the socket lock keeps a second
-    # daemon out), so leases are recovered at start only, never under a running batch.
+    # The daemon's own leases (no owner) are recovered at start only, never under a
+    # running batch (the socket lock keeps a second daemon out); a backfill driver's
+    # expired leases are recovered now and then (_recover_foreign).
     def _run(self) -> None:
         self._load_all(self.settings.worker.preload)
         inflight: deque[_Batch] = deque()
@@ -246,6 +249,7 @@ class Worker:
                     self._run_calls()
                 if self._deferred and self.intake_open():
                     self.resume_deferred()
+                self._recover_foreign()
                 while (
                     len(inflight) < PIPELINE_DEPTH
                     and not self._stop.is_set()
@@ -270,6 +274,16 @@ class Worker:
                 self._stop.wait(1.0)
         self._release(inflight)
         self._drain_writes(0)
+
+    def _recover_foreign(self) -> None:
+        """Now and then: the expired leases of a backfill driver that died go back to
+        the queue (the daemon's own leases are never touched here)."""
+        now = time.monotonic()
+        if now < self._next_foreign_recovery:
+            return
+        self._next_foreign_recovery = now + FOREIGN_RECOVERY_SECONDS
+        if n := self.queue.recover_expired_foreign():
+            log.warning("backfill_leases_recovered", jobs=n)
 
     def _drain_writes(self, keep: int) -> None:
         """Wait until at most ``keep`` batches are still being written."""

@@ -48,6 +48,7 @@ from daemon.api.security import (
     resolve_admin_group,
     resolve_image,
 )
+from daemon.backfill.status import backfill_status
 from daemon.config import (
     DEFAULT_IMAGE_EXTENSIONS,
     PRIORITY_BACKFILL,
@@ -196,6 +197,11 @@ class Control:
                         f"root {watch.name}",
                     )
         return slot
+
+    def backfills(self) -> dict[str, Any]:
+        """Backfill runs on a Ray cluster (``captiond backfill``): progress, actors and
+        the jobs each holds, newest first."""
+        return backfill_status(self.queue)
 
     def roots(self) -> list[dict[str, Any]]:
         """The watched roots as the daemon resolved them (canonical paths)."""

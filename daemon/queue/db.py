@@ -195,6 +195,17 @@ _ADDITIONS = [
     """CREATE TRIGGER IF NOT EXISTS jobs_history_forget AFTER DELETE ON jobs BEGIN
         DELETE FROM job_history WHERE path = old.path AND generator = old.generator;
     END""",
+    # Backfill runs on a Ray cluster (daemon.backfill): who, where, and their progress
+    # (JSON), for `captiond status`; the row of a running one is its heartbeat.
+    """CREATE TABLE IF NOT EXISTS backfills (
+        owner       TEXT PRIMARY KEY,
+        host        TEXT NOT NULL,
+        pid         INTEGER NOT NULL,
+        started_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        state       TEXT NOT NULL,
+        info        TEXT NOT NULL
+    )""",
 ]
 
 # Columns an older captiond ignores (it names the columns it reads): added at every
@@ -214,6 +225,10 @@ _COLUMNS = [
     # Perceptual hash of the content (imagehash pHash, 16 hex digits) for the report's
     # near duplicates; '' when the image could not be decoded for it.
     ("images", "phash", "TEXT"),
+    # Who holds a leased job: NULL for the daemon, else a backfill driver's name
+    # (daemon.backfill). The daemon recovers its own leases at start, others' only once
+    # they expire.
+    ("jobs", "lease_owner", "TEXT"),
 ]
 
 
