@@ -108,6 +108,32 @@ def test_a_name_at_the_filesystems_limit_is_captioned_and_one_beyond_fails_once(
     assert p.exists()
 
 
+def test_stem_siblings_come_from_the_index_or_from_the_folder(tmp_path, monkeypatch):
+    """One index query per folder and batch tells a.png that a.jpg shares its stem; an
+    image the index does not know yet is probed on disk instead."""
+    from daemon.confined import Folder
+
+    rig = Rig(tmp_path)
+    for name in ("a.png", "a.jpg", "b.png", "b.jpg"):
+        make_image(rig.root / name, "red")
+    rig.index.upsert_files(str(rig.root), [("", n, 1, 1) for n in ("a.png", "a.jpg")])
+    probed: list[str] = []
+    real = Folder.stem_siblings
+
+    def spy(self, name, exts):
+        probed.append(name)
+        return real(self, name, exts)
+
+    monkeypatch.setattr(Folder, "stem_siblings", spy)
+    for name in ("a.png", "b.png"):
+        rig.queue.enqueue(str(rig.root / name), "echo", 100)
+    with rig:
+        wait_for(rig.settled)
+    # a.jpg is first in sort order: the stem's sidecar is its to take
+    assert sorted(p.name for p in rig.root.glob("*.txt")) == ["a.png.txt", "b.png.txt"]
+    assert probed == ["b.png"]  # a.png's siblings came from the index
+
+
 def test_captions_written_and_recorded(tmp_path):
     rig = Rig(tmp_path)
     paths = [rig.add(f"i{i}.png") for i in range(5)]

@@ -48,7 +48,7 @@ from daemon.pipeline import stages
 from daemon.pipeline.images import decode_image, full_size
 from daemon.pipeline.sidecars import Action, Decision, decide, precheck
 from daemon.pipeline.stages import STAGES
-from daemon.pipeline.targets import Target, image_stem, sidecar_target
+from daemon.pipeline.targets import Target, image_stem, siblings_of, sidecar_target
 from daemon.queue.index import CaptionRecord
 from daemon.text.postprocess import Pipeline, PostContext, pipeline_for
 
@@ -62,6 +62,7 @@ class CaptionIndex(Protocol):
         self, generator: str, image_paths: Iterable[str]
     ) -> dict[str, CaptionRecord]: ...
     def caption_by_sidecar(self, sidecar_path: str) -> CaptionRecord | None: ...
+    def names_by_stem(self, root: str, dir: str, stems: Iterable[str]) -> list[str]: ...
     def record_captions(self, records: Iterable[CaptionRecord]) -> None: ...
     def record_images(self, rows: Iterable[tuple[str, int, int]]) -> None: ...
 
@@ -117,6 +118,7 @@ class Item:
     content_hash: str = ""
     owner: tuple[int, int] | None = None
     size: tuple[int, int] | None = None  # the image's width and height (not drafted)
+    siblings: list[str] | None = None  # other images with its stem (planned once)
     error: BaseException | None = None
     started: float | None = None  # monotonic time prepare() began (read timeouts)
 
@@ -235,6 +237,7 @@ class CaptionPipeline:
             return
         try:
             records = self.index.get_captions(self.name, [i.path for i in live])
+            self._siblings([i for i in live if i.siblings is None])
         except Exception as exc:
             for i in live:
                 i.error = exc
@@ -245,13 +248,36 @@ class CaptionPipeline:
             except Exception as exc:
                 item.error = exc
 
+    def _siblings(self, items: Sequence[Item]) -> None:
+        """Each item's stem siblings (``a.png`` beside ``a.jpg``): from the index, one
+        query per folder of the batch; from the folder itself (a probe per image
+        extension) for an image the index does not know yet (a request for a file no
+        scan has seen)."""
+        by_folder: dict[tuple[str, str], list[Item]] = {}
+        for item in items:
+            if item.task.watch.sidecar_naming != "stem":
+                item.siblings = []
+            else:
+                by_folder.setdefault((str(item.task.watch.path), item.rel_dir), []).append(item)
+        for (root, rel_dir), group in by_folder.items():
+            names = set(
+                self.index.names_by_stem(root, rel_dir, {image_stem(i.name) for i in group})
+            )
+            for item in group:
+                exts = item.task.watch.image_extensions
+                if item.name in names:
+                    item.siblings = siblings_of(item.name, names, exts)
+                else:
+                    assert item.folder is not None
+                    item.siblings = item.folder.stem_siblings(item.name, exts)
+
     def _target(self, item: Item, record: CaptionRecord | None) -> Target:
         watch = item.task.watch
         assert item.folder is not None
         siblings: list[str] = []
         owner: str | None = None
         if watch.sidecar_naming == "stem":
-            siblings = item.folder.stem_siblings(item.name, watch.image_extensions)
+            siblings = item.siblings or []
             if siblings:
                 stem_form = f"{item.folder.path}/{image_stem(item.name)}.{self.extension(watch)}"
                 rec = self.index.caption_by_sidecar(stem_form)

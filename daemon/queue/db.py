@@ -236,22 +236,67 @@ class DatabaseError(Exception):
     """The database cannot be used (newer schema, corrupt file)."""
 
 
+class _Pool:
+    """Connections of threads that ended, kept for the next short-lived thread (an API
+    request): opening one costs about a millisecond (the file, WAL mode, the schema)."""
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[sqlite3.Connection] = []
+        self.open = True
+        self.pid = os.getpid()
+
+    def take(self) -> sqlite3.Connection | None:
+        if self.pid != os.getpid():  # a forked child: the parent's handles are not ours
+            self.lock, self.idle, self.pid = threading.Lock(), [], os.getpid()
+        with self.lock:
+            return self.idle.pop() if self.idle else None
+
+    def give(self, conn: sqlite3.Connection) -> bool:
+        """Keep ``conn`` for reuse; False when the caller must close it."""
+        try:
+            if conn.in_transaction or self.pid != os.getpid():
+                return False  # a thread that died mid-transaction: not for anyone else
+        except sqlite3.ProgrammingError:  # already closed (the database was)
+            return False
+        with self.lock:
+            if self.open and len(self.idle) < self.SIZE:
+                self.idle.append(conn)
+                return True
+        return False
+
+    def close(self) -> list[sqlite3.Connection]:
+        with self.lock:
+            self.open = False
+            idle, self.idle = self.idle, []
+        return idle
+
+
 class _Holder:
-    """Owns one thread's connection; closes it when the thread's locals go away."""
+    """Owns one thread's connection; when the thread's locals go away, gives it to the
+    pool (or closes it)."""
 
-    __slots__ = ("__weakref__", "conn", "pid")
+    __slots__ = ("__weakref__", "conn", "pid", "pool")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, pool: _Pool) -> None:
         self.conn = conn
         self.pid = os.getpid()
+        self.pool = pool
 
     def close(self) -> None:
         if self.conn is not None:
             with suppress(sqlite3.Error):
                 self.conn.close()
+            self.conn = None  # type: ignore[assignment]
 
     def __del__(self) -> None:
-        self.close()
+        conn = self.conn
+        if conn is None or self.pid != os.getpid():
+            return
+        if not self.pool.give(conn):
+            self.close()
 
 
 class Database:
@@ -263,6 +308,7 @@ class Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
+        self._pool = _Pool()
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -300,13 +346,13 @@ class Database:
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use; reopened after a fork)."""
         holder: _Holder | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.pid == os.getpid():
+        if holder is not None and holder.pid == os.getpid() and holder.conn is not None:
             return holder.conn
         if self._closed:
             raise DatabaseError(f"{self.path}: database is closed")
         if holder is not None:  # inherited across fork: never touch the parent's handle
             holder.conn = None  # type: ignore[assignment]
-        holder = _Holder(self._connect())
+        holder = _Holder(self._pool.take() or self._connect(), self._pool)
         self._local.holder = holder
         with self._lock:
             self._holders.add(holder)
@@ -317,6 +363,9 @@ class Database:
         self._closed = True
         with self._lock:
             holders = list(self._holders)
+        for conn in self._pool.close():
+            with suppress(sqlite3.Error):
+                conn.close()
         for h in holders:
             if h.conn is not None and h.pid == os.getpid():
                 h.close()

@@ -248,6 +248,26 @@ class FileIndex:
                     rows,
                 )
 
+    def names_by_stem(self, root: str, dir: str, stems: Iterable[str]) -> list[str]:
+        """Indexed image names in folder ``dir`` of ``root`` that begin with one of
+        ``stems`` and a dot (``a`` -> ``a.png``, ``a.JPG``, also ``a.b.png``: the
+        caller tells stems apart). One query per 200 stems, ranges of the key."""
+        stems = sorted(set(stems))
+        out: list[str] = []
+        for i in range(0, len(stems), 200):
+            chunk = stems[i : i + 200]
+            ranges = " OR ".join(["(name >= ? AND name < ?)"] * len(chunk))
+            params: list[str] = [root, dir]
+            for stem in chunk:
+                params += [stem + ".", stem + "/"]  # '/' sorts right after '.'
+            out += [
+                r[0]
+                for r in self.db.conn.execute(
+                    f"SELECT name FROM files WHERE root = ? AND dir = ? AND ({ranges})", params
+                )
+            ]
+        return out
+
     def image_size(self, content_hash: str) -> tuple[int, int] | None:
         row = self.db.conn.execute(
             "SELECT width, height FROM images WHERE content_hash = ?", (content_hash,)
