@@ -144,7 +144,7 @@ class Worker:
             self.rebuild_pipeline(name, slot)
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
-        self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
+        self._pool = ThreadPoolExecutor(settings.worker.decode_threads(), "captiond-decode")
         self._stuck: list[Future[None]] = []  # decodes given up on while running
         # Sidecars are written, recorded and acked on their own thread, so that the model
         # thread goes on with the next batch while a write waits for fsync.
@@ -476,7 +476,7 @@ class Worker:
             log.error("decode_pool_not_replaced", stuck_threads=len(self._stuck))
             return
         old = self._pool
-        self._pool = ThreadPoolExecutor(self.settings.worker.decode_workers, "captiond-decode")
+        self._pool = ThreadPoolExecutor(self.settings.worker.decode_threads(), "captiond-decode")
         old.shutdown(wait=False, cancel_futures=True)
         log.warning("decode_pool_replaced", path=j.job.path, stuck_threads=len(self._stuck))
 
