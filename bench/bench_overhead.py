@@ -189,7 +189,7 @@ class Daemon:
             model_dir,
             watch={"settle_seconds": 0.2, "generators": [generator]},
             sections={
-                "worker": {"batch_size": batch_size, "decode_workers": 2, "preload": [generator]},
+                "worker": {"batch_size": batch_size, "preload": [generator]},
                 "generators.wd_tagger": {"providers": ["cpu"]},
             },
             env={"CAPTIOND_LOG_LEVEL": "warning"},

@@ -393,6 +393,59 @@ def test_once_with_a_tags_prompt_keeps_the_tagger(tmp_path, wd_model_dir, monkey
     assert (folder / "a.caption").read_text().startswith("an image with simple background")
 
 
+def test_once_loads_a_light_model_while_it_scans_and_a_heavy_one_only_for_work(
+    tmp_path, wd_model_dir, monkeypatch
+):
+    """--once starts loading its light models before the folder's walk (the load and the
+    scan overlap); a heavy model is not loaded for a folder with nothing to do."""
+    from daemon.generators import registry
+    from daemon.oneshot import run_once
+    from daemon.residency.slot import ModelSlot
+    from daemon.scanning.reconcile import Scanner
+
+    monkeypatch.setitem(registry.BUILTINS, "tagecho", "tests.fakegen:HeavyTagEchoGenerator")
+    seen: list[dict[str, str]] = []
+    slots: list[ModelSlot] = []
+    real_init, real_reconcile = ModelSlot.__init__, Scanner.reconcile
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        slots.append(self)
+
+    def reconcile(self, *a, **kw):
+        seen.append({s.name: s.state.value for s in slots})
+        return real_reconcile(self, *a, **kw)
+
+    monkeypatch.setattr(ModelSlot, "__init__", init)
+    monkeypatch.setattr(Scanner, "reconcile", reconcile)
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        generators={"wd_tagger": {"model": str(wd_model_dir)}},
+        worker={"preload": []},
+    )
+    folder = tmp_path / "set"
+    make_image(folder / "a.png", "red")
+    result = run_once(settings, folder, generator="tagecho", fresh=True)
+    assert result.errors == [] and result.outcomes == {"written": 2}
+    assert seen[0]["wd_tagger"] in ("loading", "loaded")  # under way before the walk
+    assert seen[0]["tagecho"] not in ("loading", "loaded")  # heavy: loaded for work only
+
+    slots.clear()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.md").write_text("no images here\n")
+    loads: list[str] = []
+    real_load = ModelSlot._load
+
+    def spy_load(self, event):
+        loads.append(self.name)
+        return real_load(self, event)
+
+    monkeypatch.setattr(ModelSlot, "_load", spy_load)
+    run_once(settings, empty, generator="tagecho", fresh=True)
+    assert "tagecho" not in loads
+
+
 def test_a_hung_read_fails_alone_and_the_others_go_on(tmp_path, monkeypatch):
     """A read that never returns (a hung network mount) is given up after
     read_timeout_seconds: that job fails as a retryable io error; the images queued
