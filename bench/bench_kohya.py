@@ -501,14 +501,29 @@ def explain(
     )
     keys = [tag_key(tags.names[i]) for i in idx]
 
+    def kohya_prep(src: Path) -> np.ndarray:  # what its loop does per image
+        with Image.open(src) as im:
+            return kohya.preprocess_image(im)
+
+    def captiond_prep(src: Path) -> np.ndarray:  # what the worker's decode threads do
+        data = src.read_bytes()
+        return gen.prepare(
+            ImageInput(src, decode_image(data, draft_size=448, draft_longer_side=True))
+        )
+
+    def best_ms(fn: Any, src: Path, repeat: int = 2) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn(src)
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1000
+
     per_image = []
     for src in sources:
         data = src.read_bytes()
-        x_c = gen.prepare(
-            ImageInput(src, decode_image(data, draft_size=448, draft_longer_side=True))
-        )
-        with Image.open(src) as im:
-            x_k = kohya.preprocess_image(im)
+        x_c = captiond_prep(src)
+        x_k = kohya_prep(src)
         x_r = naive_prepare(data)
         probs = session.run(None, {name: np.stack([x_k, x_c, x_r]).astype(np.float32)})[0]
         pk, pc, pr = (probs[j][idx] for j in range(3))
@@ -529,6 +544,8 @@ def explain(
                 "flips_kohya_vs_reference": names(on_k != on_r),
                 "flips_captiond_vs_reference": names(on_c != on_r),
                 "sidecars_differ": differing.get(src.name, {}),
+                "prep_ms_kohya": best_ms(kohya_prep, src),
+                "prep_ms_captiond": best_ms(captiond_prep, src),
             }
         )
     return {"images": per_image}
@@ -556,8 +573,19 @@ def machine() -> dict[str, Any]:
                 mem = f"{int(line.split()[1]) / 1024 / 1024:.0f} GB"
     except OSError:
         pass
+    lscpu: dict[str, str] = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        lscpu = dict(
+            (k.strip(), v.strip()) for k, _, v in (ln.partition(":") for ln in out.splitlines())
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pass
     return {
         "cpu": cpu_name(),
+        "family_model": f"{lscpu.get('CPU family', '?')}/{lscpu.get('Model', '?')}",
+        "l3": lscpu.get("L3 cache", "?"),
+        "hypervisor": lscpu.get("Hypervisor vendor", ""),
         "cores": CORES,
         "ram": mem,
         "kernel": platform.release(),
@@ -583,6 +611,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-explain", action="store_true", help="skip the tag-difference analysis")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress shows when sent to a file
 
     check_vendored()
     sources, model_dir = ensure_data(args.jpegs, args.pngs)
@@ -777,6 +807,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"kohya's vs the reference {flips('flips_kohya_vs_reference')}; captiond's vs the "
             f"reference {flips('flips_captiond_vs_reference')}"
         )
+        for kind in (".jpg", ".png"):
+            some = [e for e in imgs if e["image"].endswith(kind)]
+            if some:
+                mk = statistics.median(e["prep_ms_kohya"] for e in some)
+                mc = statistics.median(e["prep_ms_captiond"] for e in some)
+                print(
+                    f"decode + preprocess per {kind} image, one thread, median of best of 2: "
+                    f"kohya {mk:.1f} ms, captiond {mc:.1f} ms ({mk / mc:.2f}x)"
+                )
         for e in imgs:
             keys = [k for k in e if k.startswith("flips_") or k == "sidecars_differ"]
             if any(e[k] for k in keys):
