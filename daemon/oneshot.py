@@ -181,11 +181,10 @@ def _run(
     worker = Worker(settings=settings, queue=queue, index=index, models=models)
     result = OneShotResult()
     worker.start()
+    result.total = sum(totals_of(queue.counts()).values())  # nothing else enqueues here
     try:
         while True:
-            totals = totals_of(queue.counts())
-            result.total = sum(totals.values())
-            open_ = totals.get("pending", 0) + totals.get("leased", 0)
+            open_ = queue.open_count()
             progress(result.total - open_, result.total)
             if open_ == 0:
                 break

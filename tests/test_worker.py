@@ -146,6 +146,44 @@ def test_captions_written_and_recorded(tmp_path):
     assert rig.queue.outcome_counts()["echo"] == {"written": 5}
 
 
+def test_a_batchs_sidecars_are_fsynced_at_once_and_a_failed_fsync_fails_only_its_image(
+    tmp_path, monkeypatch
+):
+    """The worker fsyncs a batch's temp files from its fsync threads (concurrently) and
+    only then renames them; an image whose fsync fails gets an error and no sidecar,
+    and no temp file is left; the rest of the batch is written."""
+    from daemon.confined import Staged
+
+    rig = Rig(tmp_path)
+    synced: list[tuple[str, str, bool]] = []
+    real = Staged.sync
+
+    def spy(self):
+        if self.fd >= 0:
+            renamed = self.folder.lstat(self.name) is not None
+            synced.append((self.name, threading.current_thread().name, renamed))
+            if self.name == "i2.txt":
+                real(self)
+                raise OSError(5, "Input/output error")
+        real(self)
+
+    monkeypatch.setattr(Staged, "sync", spy)
+    paths = [rig.add(f"i{i}.png") for i in range(5)]
+    with rig:
+        wait_for(rig.settled)
+    assert sorted({n for n, _, _ in synced}) == [f"i{i}.txt" for i in range(5)]  # i2 retried
+    # the first batch of five from the fsync threads (a retry of one alone needs none)
+    assert all(t.startswith("captiond-fsync") for _, t, _ in synced[:5])
+    assert not any(renamed for _, _, renamed in synced)  # data on disk before the rename
+    assert sorted(p.name for p in rig.root.iterdir()) == sorted(
+        [p.name for p in paths] + [f"i{i}.txt" for i in (0, 1, 3, 4)]
+    )
+    job = rig.queue.get(str(paths[2]), "echo")
+    assert job is not None and job.state == "dead"  # retried, then given up
+    assert "Input/output error" in (job.error_message or "")
+    assert rig.index.get_caption(str(paths[2]), "echo") is None
+
+
 def test_out_of_memory_halves_the_batch(tmp_path):
     rig = Rig(tmp_path, echo={"oom_above": 2})
     for i in range(8):
