@@ -19,7 +19,8 @@ Same model, same images, same settings, same Python, on the CPU, in one run:
 - **captiond**: ``python -m daemon --config CFG caption DIR --once --fresh --generator
   wd_tagger --json`` with ``[generators.wd_tagger] model = <the same model folder>``,
   ``providers = ["cpu"]``, thresholds 0.35 / 0.85, ``[worker] batch_size = 8`` (its
-  default; decode_workers stays at its default, 2), sidecar ``txt`` (its default).
+  default; decode_workers stays at its default, one thread per CPU: 2 on a 2-core
+  machine), sidecar ``txt`` (its default).
 
 The model is ``tests/wdmodel.py``'s realistic WD-contract model (random weights, the
 WD v3 input and output, 10,861 tags) and the images are ``bench_tagging.ensure_data``'s
