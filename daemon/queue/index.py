@@ -477,6 +477,94 @@ class FileIndex:
             (p + "/", p + "0"),
         ).fetchall()
 
+    def snapshot(self) -> Any:
+        """A read transaction: the reads inside see one state of the index."""
+        return self.db.snapshot()
+
+    def report_caption_facts(self, prefix: str) -> list[tuple]:
+        """:meth:`report_captions` without the texts: (image_path, generator, content_hash,
+        sidecar_path, sidecar_hash, written_at, 1, text_hash, facts) of every caption
+        record under the folder ``prefix``: whether the text is known is in the facts
+        (daemon/report/facts.py), or else in the text itself, read when they are missing."""
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            "SELECT image_path, generator, content_hash, sidecar_path, sidecar_hash, "
+            "written_at, 1, text_hash, facts FROM captions "
+            "WHERE image_path >= ? AND image_path < ?",
+            (p + "/", p + "0"),
+        ).fetchall()
+
+    def caption_texts(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str | None]:
+        """(image_path, generator) -> text, for these caption records."""
+        out: dict[tuple[str, str], str | None] = {}
+        by_path: dict[str, set[str]] = {}
+        for p, g in keys:
+            by_path.setdefault(p, set()).add(g)
+        paths = list(by_path)
+        for i in range(0, len(paths), 500):
+            chunk = paths[i : i + 500]
+            for p, g, t in self.db.conn.execute(
+                "SELECT image_path, generator, text FROM captions "
+                f"WHERE image_path IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                if g in by_path[p]:
+                    out[(p, g)] = t
+        return out
+
+    def captions_without_facts(
+        self, prefix: str, after: tuple[str, str], limit: int
+    ) -> list[tuple[str, str, str, str | None]]:
+        """(image_path, generator, content_hash, text) of up to ``limit`` caption records
+        under ``prefix`` with no report facts yet, after ``after`` (image_path, generator)."""
+        p = prefix.rstrip("/")
+        lo = max((p + "/", ""), after)
+        return self.db.conn.execute(
+            "SELECT image_path, generator, content_hash, text FROM captions "
+            "INDEXED BY captions_nofacts WHERE facts IS NULL "
+            "AND (image_path, generator) > (?, ?) AND image_path < ? "
+            "ORDER BY image_path, generator LIMIT ?",
+            (*lo, p + "0", limit),
+        ).fetchall()
+
+    def store_facts(self, rows: Iterable[tuple[bytes, str, str, str | None]]) -> int:
+        """(facts, image_path, generator, text the facts were computed from): kept where
+        the record still has that text."""
+        rows = list(rows)
+        if not rows:
+            return 0
+        with self.db.transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE captions SET facts = ? WHERE image_path = ? AND generator = ? "
+                "AND text IS ?",
+                rows,
+            )
+            return conn.total_changes - before
+
+    def report_terms(self) -> list[tuple[int, str]]:
+        return self.db.conn.execute("SELECT id, term FROM report_terms").fetchall()
+
+    def term_ids(self, terms: Iterable[str]) -> dict[str, int]:
+        """The ids of ``terms`` in ``report_terms``, added when new."""
+        terms = list(dict.fromkeys(terms))
+        out: dict[str, int] = {}
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO report_terms (term) VALUES (?)", [(t,) for t in terms]
+            )
+            for i in range(0, len(terms), 500):
+                chunk = terms[i : i + 500]
+                out.update(
+                    (term, tid)
+                    for tid, term in conn.execute(
+                        "SELECT id, term FROM report_terms "
+                        f"WHERE term IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+        return out
+
     def image_facts(
         self, digests: Iterable[str]
     ) -> dict[str, tuple[int | None, int | None, str | None]]:
