@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
+import sqlite3
 import statistics
 import time
 from collections import Counter
@@ -423,6 +424,7 @@ def _resolve(
     texts = index.caption_texts(
         (img.captions[j][0], gen) for (gen, _sc), places in missing.items() for img, j in places
     )
+    unknown: list[tuple[bytes, str, str, None]] = []
     for (gen, sc), places in missing.items():
         items, where = [], []
         for img, j in places:
@@ -430,6 +432,7 @@ def _resolve(
             text = texts.get((row[0], gen))
             if text is None:
                 img.captions[j] = (*row[:6], None, row[7], no_text)
+                unknown.append((no_text, row[0], gen, None))
             else:
                 items.append((row[0], gen, row[2], text))
                 where.append((img, j))
@@ -446,6 +449,9 @@ def _resolve(
         for (img, j), blob in zip(where, blobs, strict=True):
             row = img.captions[j]
             img.captions[j] = (*row[:6], 1, row[7], blob)
+    if unknown:  # busy or read-only: the next report or pass finds them again
+        with contextlib.suppress(sqlite3.Error):
+            index.store_facts(unknown)
 
 
 # -- tags --------------------------------------------------------------------------------
