@@ -4,10 +4,16 @@ Dataset report).
 
 A caption's facts: whether its text is known, the words, the characters, whether the
 trigger word is in it, whether CLIP would cut it, whether its source is a tag list and
-one of people (multi_person), and the ids of its tags (the trigger word taken out), all
-packed in a small blob::
+one of people (multi_person), the ids of its tags (the trigger word taken out), and of
+the record itself what the coverage needs (when it was written, the sidecar's type,
+whether a person wrote it through the API, whether its text was read back after an
+edit), all packed in a small blob::
 
-    <key id u32> <flags u8> <words u32> <characters u32> <tag id u32>...
+    <key id u32> <flags u8> <words u32> <characters u32> <written_at f64>
+    <sidecar type id u32> <tag id u32>...
+
+A report reads them with the image path, generator and content hash from the covering
+index ``captions_report``, never a row of the table with its text.
 
 Tags and keys are stored as numbers in ``report_terms`` (an id is never reused). The
 key names everything besides the text that the facts depend on: this module's
@@ -15,7 +21,7 @@ key names everything besides the text that the facts depend on: this module's
 the language and the token counter. A report uses a blob only when its key is the key
 it would compute with; anything else (no blob, a blob of another key, of an older
 captiond, or unreadable) is computed again from the text. The index makes a blob NULL
-whenever the text changes (trigger ``captions_facts_stale``; a record written again
+whenever the text changes (trigger ``captions_facts_unknown``; a record written again
 starts NULL), whoever changes it.
 
 The background pass (:class:`daemon.report.service.Maintainer`) computes the facts of
@@ -33,19 +39,21 @@ from typing import Any, Protocol
 from daemon.report.checks import TAGS, Context, Source, normal_tag, read_caption, trigger_re
 from daemon.report.tokens import Counter as TokenCounter
 
-VERSION = 1
-HEAD = struct.Struct("<IBII")  # key id, flags, words, characters
+VERSION = 2  # of the format and of what is in it (1: a development version)
+HEAD = struct.Struct("<IBIIdI")  # key id, flags, words, characters, written_at, sidecar type
 HEAD_SIZE = HEAD.size
-TEXT, TRIGGER, OVER, TAG_LIST, PEOPLE = 1, 2, 4, 8, 16
-NO_TEXT = HEAD.pack(0, 0, 0, 0)  # the record has no text (written before texts were kept)
+TEXT, TRIGGER, OVER, TAG_LIST, PEOPLE, HUMAN, READ_BACK = 1, 2, 4, 8, 16, 32, 64
+HUMAN_EDIT_PREFIX = "human-edit"  # sidecar_hash of a caption a person wrote via the API
+NO_TEXT_KEY = f"key:no text, version {VERSION}"  # a record without text (kept before texts were)
 
 
 class FactsIndex(Protocol):
     def term_ids(self, terms: Iterable[str]) -> dict[str, int]: ...
-    def store_facts(self, rows: Iterable[tuple[bytes, str, str, str | None]]) -> int: ...
+    def store_facts(self, rows: Iterable[tuple[bytes, tuple]]) -> int: ...
 
 
 def key_term(src: Source, ctx: Context, tokens: TokenCounter) -> str:
+    """The key of facts computed from a text read as ``src`` in ``ctx``."""
     return "key:" + repr((VERSION, src.fingerprint(), ctx.trigger, ctx.language, tokens.name))
 
 
@@ -86,9 +94,22 @@ def compute(
     return out
 
 
-def pack(key: int, flags: int, words: int, chars: int, tag_ids: Iterable[int]) -> bytes:
+def record_flags(sidecar_hash: str, text_hash: str | None) -> int:
+    flags = HUMAN if sidecar_hash.startswith(HUMAN_EDIT_PREFIX) else 0
+    if text_hash is not None and text_hash != sidecar_hash:
+        flags |= READ_BACK
+    return flags
+
+
+def sidecar_type(sidecar_path: str) -> str:
+    return "ext:" + sidecar_path.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
+
+
+def pack(
+    key: int, flags: int, words: int, chars: int, at: float, ext: int, tag_ids: Iterable[int]
+) -> bytes:
     ids = sorted(tag_ids)
-    return HEAD.pack(key, flags, words, chars) + struct.pack(f"<{len(ids)}I", *ids)
+    return HEAD.pack(key, flags, words, chars, at, ext) + struct.pack(f"<{len(ids)}I", *ids)
 
 
 class Terms:
@@ -127,29 +148,48 @@ class Terms:
 def fill(
     index: FactsIndex | None,
     terms: Terms,
-    items: Sequence[tuple[str, str, str, str]],
-    src: Source,
+    rows: Sequence[tuple],
+    src: Source | None,
     ctx: Context,
     tokens: TokenCounter,
     *,
     store: bool = True,
 ) -> list[bytes]:
-    """The facts of ``items`` (image path, generator, content hash, text), all of one
-    source and context; stored in the index when ``store`` and it can be written (only
-    where the text is still the one they were computed from)."""
-    if not items:
+    """The facts of caption ``rows`` (the layout of ``FileIndex.report_captions``:
+    image_path, generator, content_hash, sidecar_path, sidecar_hash, written_at, text,
+    text_hash), all of one source (None: no row has a text) and context; stored in the
+    index when ``store`` and it can be written (only where the record is still the one
+    they were computed from)."""
+    if not rows:
         return []
-    computed = compute([(text, digest) for _p, _g, digest, text in items], src, ctx, tokens)
-    key = key_term(src, ctx, tokens)
-    tags = {tag for _f, _w, _c, ts in computed for tag in ts}
-    ok = terms.add(index if store else None, [key, *map(tag_term, sorted(tags))])
-    kid, ids = terms.ids[key], terms.ids
-    blobs = [pack(kid, flags, w, c, (ids["tag:" + t] for t in ts)) for flags, w, c, ts in computed]
+    with_text = [r for r in rows if r[6] is not None]
+    computed = iter(
+        compute([(r[6], r[2]) for r in with_text], src, ctx, tokens)
+        if with_text and src is not None
+        else []
+    )
+    key = key_term(src, ctx, tokens) if src is not None else NO_TEXT_KEY
+    exts = {sidecar_type(r[3]) for r in rows}
+    facts = [next(computed) if r[6] is not None and src is not None else None for r in rows]
+    tags = {tag for f in facts if f is not None for tag in f[3]}
+    ok = terms.add(
+        index if store else None, [key, NO_TEXT_KEY, *sorted(exts), *map(tag_term, sorted(tags))]
+    )
+    ids = terms.ids
+    kid, none_id = ids[key], ids[NO_TEXT_KEY]
+    blobs = []
+    for r, f in zip(rows, facts, strict=True):
+        flags = record_flags(r[4], r[7])
+        ext = ids[sidecar_type(r[3])]
+        if f is None:
+            blobs.append(pack(none_id, flags, 0, 0, r[5], ext, ()))
+        else:
+            tag_ids = (ids["tag:" + t] for t in f[3])
+            blobs.append(pack(kid, flags | f[0], f[1], f[2], r[5], ext, tag_ids))
     if store and ok and index is not None:
-        rows = [(b, p, g, text) for b, (p, g, _d, text) in zip(blobs, items, strict=True)]
         # busy or read-only: the next report or pass computes them again
         with contextlib.suppress(sqlite3.Error):
-            index.store_facts(rows)
+            index.store_facts(zip(blobs, rows, strict=True))
     return blobs
 
 
@@ -172,16 +212,14 @@ def fill_missing(
         if not rows:
             break
         after = (rows[-1][0], rows[-1][1])
-        no_text = [(NO_TEXT, p, g, None) for p, g, _d, t in rows if t is None]
-        if no_text:
-            index.store_facts(no_text)
-        by_gen: dict[str, list[tuple[str, str, str, str]]] = {}
+        by_gen: dict[str, list[tuple]] = {}
         for row in rows:
-            if row[3] is not None:
-                by_gen.setdefault(row[1], []).append(row)
+            by_gen.setdefault(row[1], []).append(row)
         terms = Terms(index.report_terms())
         for gen, items in by_gen.items():
-            fill(index, terms, items, source_for(gen, items[0][3]), ctx, tokens)
+            text = next((r[6] for r in items if r[6] is not None), None)
+            src = source_for(gen, text) if text is not None else None
+            fill(index, terms, items, src, ctx, tokens)
         done += len(rows)
         if len(rows) < chunk:
             break

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import heapq
 import math
-import sqlite3
 import statistics
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +32,7 @@ from daemon.report.checks import Context, Source, guess_source
 from daemon.report.tokens import LIMIT
 from daemon.report.tokens import Counter as TokenCounter
 
-HUMAN_EDIT_PREFIX = "human-edit"  # sidecar_hash of a caption a person wrote via the API
+HUMAN_EDIT_PREFIX = F.HUMAN_EDIT_PREFIX  # sidecar_hash of a caption a person wrote via the API
 EMPTY_MESSAGE = "produced an empty caption"  # the pipeline's error for an empty caption
 PERSON_OUTCOMES = ("caption_exists", "caption_edited")
 WORD_EDGES = (0, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300)
@@ -107,12 +108,10 @@ class Options:
 class ReportIndex(Protocol):
     def files_in(self, root: str, dir: str = "") -> list[tuple[str, str]]: ...
     def report_caption_facts(self, prefix: str) -> list[tuple]: ...
-    def caption_texts(
-        self, keys: Iterable[tuple[str, str]]
-    ) -> dict[tuple[str, str], str | None]: ...
+    def caption_records(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple]: ...
     def report_terms(self) -> list[tuple[int, str]]: ...
     def term_ids(self, terms: Iterable[str]) -> dict[str, int]: ...
-    def store_facts(self, rows: Iterable[tuple[bytes, str, str, str | None]]) -> int: ...
+    def store_facts(self, rows: Iterable[tuple[bytes, tuple]]) -> int: ...
     def snapshot(self) -> contextlib.AbstractContextManager[Any]: ...
     def image_facts(
         self, digests: Iterable[str]
@@ -131,11 +130,6 @@ class _Image:
     scope: Scope
     captions: list[tuple] = field(default_factory=list)
     jobs: list[tuple] = field(default_factory=list)
-
-    def current_hash(self) -> str | None:
-        if not self.captions:
-            return None
-        return max(self.captions, key=lambda r: r[5])[2]
 
 
 def _share(n: int, total: int) -> float:
@@ -276,7 +270,7 @@ def build_report(
     }
     _resolve(index, images, sources, terms, tokens, options)
     lap("read_captions")
-    report["coverage"] = _coverage(images)
+    report["coverage"] = _coverage(images, terms)
     report["texts"] = _texts(images)
     lap("coverage")
     report["tags"], lengths = _tags(images, terms, options)
@@ -294,8 +288,10 @@ def build_report(
 # -- coverage ----------------------------------------------------------------------------
 
 
-def _coverage(images: dict[str, _Image]) -> dict[str, Any]:
+def _coverage(images: dict[str, _Image], terms: F.Terms) -> dict[str, Any]:
     by_gen: dict[str, dict[str, Any]] = {}
+    unpack, HUMAN, READ_BACK = F.HEAD.unpack_from, F.HUMAN, F.READ_BACK
+    exts: dict[int, str] = {}
     captioned = person_api = person_kept = person_edited = pending = uncaptioned = empty = 0
     person = 0
     failed: dict[str, dict[str, int]] = {"failed": {}, "dead": {}}
@@ -303,16 +299,21 @@ def _coverage(images: dict[str, _Image]) -> dict[str, Any]:
         ours = False
         api = edited = kept = False
         for row in img.captions:
-            gen, sidecar, shash, text_hash = row[1], row[3], row[4], row[7]
-            g = by_gen.setdefault(gen, {"images": 0, "sidecar_types": {}})
+            _k, fl, _w, _c, _at, ext_id = unpack(row[3])
+            g = by_gen.get(row[1])
+            if g is None:
+                g = by_gen[row[1]] = {"images": 0, "sidecar_types": {}}
             g["images"] += 1
-            ext = sidecar.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
-            g["sidecar_types"][ext] = g["sidecar_types"].get(ext, 0) + 1
-            if shash.startswith(HUMAN_EDIT_PREFIX):
+            ext = exts.get(ext_id)
+            if ext is None:
+                ext = exts[ext_id] = terms.by_id[ext_id][4:]
+            types = g["sidecar_types"]
+            types[ext] = types.get(ext, 0) + 1
+            if fl & HUMAN:
                 api = True
             else:
                 ours = True
-                if text_hash is not None and text_hash != shash:
+                if fl & READ_BACK:
                     edited = True
         state_pending = False
         for _path, _gen, state, outcome, etype, msg in img.jobs:
@@ -354,13 +355,15 @@ def _coverage(images: dict[str, _Image]) -> dict[str, Any]:
 
 def _texts(images: dict[str, _Image]) -> dict[str, Any]:
     known = unknown = read_back = 0
+    unpack, TEXT, READ_BACK = F.HEAD.unpack_from, F.TEXT, F.READ_BACK
     for img in images.values():
         for row in img.captions:
-            if row[6] is None:
+            fl = unpack(row[3])[1]
+            if not fl & TEXT:
                 unknown += 1
             else:
                 known += 1
-                if row[7] is not None and row[7] != row[4]:
+                if fl & READ_BACK:
                     read_back += 1
     return {
         "known": known,
@@ -384,74 +387,88 @@ def _resolve(
     tokens: TokenCounter,
     options: Options,
 ) -> None:
-    """Gives every caption row facts of the key this report reads with (row[8], see
-    :mod:`daemon.report.facts`) and row[6] None where its text is unknown. Facts kept in
-    the index are used as they are; the others are computed from the text (read for them
-    alone) and stored. A generator that is not configured is read as its first caption
-    (in the report's order) suggests."""
+    """Gives every caption row (image_path, generator, content_hash, facts) facts of the
+    key this report reads with (see :mod:`daemon.report.facts`). Facts kept in the index
+    are used as they are; the others are computed from the record (read for them alone)
+    and stored. A generator that is not configured is read as its first caption (in the
+    report's order) suggests."""
     contexts: dict[Scope, tuple[Context, bool]] = {}
-    keys: dict[tuple[str, Scope], bytes | None] = {}
+    keys_of: dict[int, dict[str, bytes | None]] = {}  # id(scope) -> generator -> key
     missing: dict[tuple[str, Scope], list[tuple[_Image, int]]] = {}
-    no_text = F.NO_TEXT
+    pack_key = struct.Struct("<I").pack
+    none_id = terms.ids.get(F.NO_TEXT_KEY)
+    none_key = None if none_id is None else pack_key(none_id)
+    head = F.HEAD_SIZE
+    last: Scope | None = None
+    keys: dict[str, bytes | None] = {}
     for img in images.values():
         sc = img.scope
+        if sc is not last:
+            last, keys = sc, keys_of.setdefault(id(sc), {})
         for j, row in enumerate(img.captions):
-            blob = row[8]
-            if blob == no_text:
-                img.captions[j] = (*row[:6], None, *row[7:])
-                continue
+            blob = row[3]
+            ok = blob is not None and len(blob) >= head
+            if ok and blob[:4] == none_key:
+                continue  # a record without text
             gen = row[1]
-            k = keys.get((gen, sc), b"")
+            k = keys.get(gen, b"")
             if k == b"":
                 src = sources.get(gen)
                 if src is None:
-                    text = index.caption_texts([(row[0], gen)]).get((row[0], gen))
-                    if text is None:  # no text: the next caption of it decides
+                    rec = index.caption_records([(row[0], gen)]).get((row[0], gen))
+                    if rec is None or rec[6] is None:  # no text: the next caption decides
                         missing.setdefault((gen, sc), []).append((img, j))
                         continue
-                    src = sources[gen] = guess_source(gen, text)
-                known = contexts.get(sc)
-                if known is None:
-                    trigger = options.trigger if options.trigger is not None else sc.trigger
-                    store = options.trigger is None or options.trigger == sc.trigger
-                    known = contexts[sc] = (Context(trigger, sc.language), store)
-                kid = terms.ids.get(F.key_term(src, known[0], tokens))
-                k = keys[(gen, sc)] = None if kid is None else F.HEAD.pack(kid, 0, 0, 0)[:4]
-            if k is None or blob is None or blob[:4] != k or len(blob) < F.HEAD_SIZE:
+                    src = sources[gen] = guess_source(gen, rec[6])
+                ctx = _context(contexts, sc, options)[0]
+                kid = terms.ids.get(F.key_term(src, ctx, tokens))
+                k = keys[gen] = None if kid is None else pack_key(kid)
+            if k is None or not ok or blob[:4] != k:
                 missing.setdefault((gen, sc), []).append((img, j))
     if not missing:
         return
-    texts = index.caption_texts(
+    recs = index.caption_records(
         (img.captions[j][0], gen) for (gen, _sc), places in missing.items() for img, j in places
     )
-    unknown: list[tuple[bytes, str, str, None]] = []
     for (gen, sc), places in missing.items():
-        items, where = [], []
+        with_text: list[tuple] = []
+        without: list[tuple] = []
+        where_text: list[tuple[_Image, int]] = []
+        where_none: list[tuple[_Image, int]] = []
         for img, j in places:
             row = img.captions[j]
-            text = texts.get((row[0], gen))
-            if text is None:
-                img.captions[j] = (*row[:6], None, row[7], no_text)
-                unknown.append((no_text, row[0], gen, None))
+            rec = recs.get((row[0], gen))
+            if rec is None:  # gone since it was read: counted as a record without text
+                rec = (row[0], gen, row[2], "", "", 0.0, None, None)
+            if rec[6] is None:
+                without.append(rec)
+                where_none.append((img, j))
             else:
-                items.append((row[0], gen, row[2], text))
-                where.append((img, j))
-        if not items:
-            continue
+                with_text.append(rec)
+                where_text.append((img, j))
+        ctx, store = _context(contexts, sc, options)
         src = sources.get(gen)
-        if src is None:
-            src = sources[gen] = guess_source(gen, items[0][3])
-        ctx, store = contexts.get(sc) or (
-            Context(options.trigger if options.trigger is not None else sc.trigger, sc.language),
-            options.trigger is None or options.trigger == sc.trigger,
-        )
-        blobs = F.fill(index, terms, items, src, ctx, tokens, store=store)
-        for (img, j), blob in zip(where, blobs, strict=True):
-            row = img.captions[j]
-            img.captions[j] = (*row[:6], 1, row[7], blob)
-    if unknown:  # busy or read-only: the next report or pass finds them again
-        with contextlib.suppress(sqlite3.Error):
-            index.store_facts(unknown)
+        if src is None and with_text:
+            src = sources[gen] = guess_source(gen, with_text[0][6])
+        for rows, where, s in ((with_text, where_text, src), (without, where_none, None)):
+            for (img, j), blob in zip(
+                where, F.fill(index, terms, rows, s, ctx, tokens, store=store), strict=True
+            ):
+                row = img.captions[j]
+                img.captions[j] = (row[0], row[1], row[2], blob)
+
+
+def _context(
+    contexts: dict[Scope, tuple[Context, bool]], sc: Scope, options: Options
+) -> tuple[Context, bool]:
+    """The context a scope's captions are read in, and whether facts read in it may be
+    kept (not with a report's own trigger word)."""
+    known = contexts.get(sc)
+    if known is None:
+        trigger = options.trigger if options.trigger is not None else sc.trigger
+        store = options.trigger is None or options.trigger == sc.trigger
+        known = contexts[sc] = (Context(trigger, sc.language), store)
+    return known
 
 
 # -- tags --------------------------------------------------------------------------------
@@ -483,11 +500,9 @@ def _nonzero(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(slots=True)
 class _Lengths:
-    apis: list[str] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
     words: list[int] = field(default_factory=list)
-    chars: list[int] = field(default_factory=list)
-    over: list[int] = field(default_factory=list)  # indexes of captions over the limit
+    # captions over the limit: (-characters, API path, image path, index in words)
+    over: list[tuple[int, str, str, int]] = field(default_factory=list)
 
 
 def _tags(
@@ -515,22 +530,19 @@ def _tags(
         reads: list[tuple[str, bool]] = []
         n_tags = 0
         for row in img.captions:
-            if row[6] is None:
+            blob = row[3]
+            _k, fl, words, chars, _at, _e = unpack(blob)
+            if not fl & TEXT:
                 continue
-            blob = row[8]
-            _k, fl, words, chars = unpack(blob)
             gen = row[1]
             ln = lengths.get(gen)
             if ln is None:
                 ln = lengths[gen] = _Lengths()
             if fl & OVER:
-                ln.over.append(len(ln.words))
-            ln.apis.append(img.api)
-            ln.paths.append(row[0])
+                ln.over.append((-chars, img.api, row[0], len(ln.words)))
             ln.words.append(words)
-            ln.chars.append(chars)
-            reads.append((gen, bool(fl & TRIGGER)))
-            if fl & TAG_LIST and not fl & PEOPLE and fl & TEXT:
+            reads.append((gen, fl & TRIGGER))
+            if fl & TAG_LIST and not fl & PEOPLE:
                 generators.add(gen)
                 n_tags += 1
                 chunks.append(blob[head:])
@@ -651,6 +663,9 @@ def _tags(
     return out, lengths
 
 
+_NONE = (None,) * 8
+
+
 # -- length ------------------------------------------------------------------------------
 
 
@@ -670,21 +685,19 @@ def _length(
         "by_generator": {},
     }
     for gen, ln in sorted(lengths.items()):
-        long = list(ln.over)
         # the longest first, counted exactly (or estimated) for the examples
-        long.sort(key=lambda i: (-ln.chars[i], ln.apis[i]))
-        shown = long[: options.examples]
-        texts = index.caption_texts((ln.paths[i], gen) for i in shown)
-        counts = tokens.counts([texts.get((ln.paths[i], gen)) or "" for i in shown])
+        shown = heapq.nsmallest(options.examples, ln.over)
+        recs = index.caption_records((path, gen) for _c, _a, path, _i in shown)
+        counts = tokens.counts([(recs.get((p, gen)) or _NONE)[6] or "" for _c, _a, p, _i in shown])
         words = ln.words
         out["by_generator"][gen] = {
             "words": _summary(words),
             "histogram": _hist(words, WORD_EDGES),
-            "over_clip_limit": len(long),
-            "over_clip_share": _share(len(long), len(words)),
+            "over_clip_limit": len(ln.over),
+            "over_clip_share": _share(len(ln.over), len(words)),
             "examples": [
-                {"path": ln.apis[i], "tokens": n + 2, "words": words[i]}
-                for i, n in zip(shown, counts, strict=True)
+                {"path": api, "tokens": n + 2, "words": words[i]}
+                for (_c, api, _p, i), n in zip(shown, counts, strict=True)
             ],
         }
     return out
@@ -710,8 +723,8 @@ def _images(
             no_hash += 1
             continue
         digest = caps[0][2]
-        if len(caps) > 1 and any(r[2] != digest for r in caps):
-            digest = max(caps, key=lambda r: r[5])[2]  # the newest caption's content
+        if len(caps) > 1 and any(r[2] != digest for r in caps):  # the newest caption's content
+            digest = max(caps, key=lambda r: F.HEAD.unpack_from(r[3])[4])[2]
         group = by_hash.get(digest)
         if group is None:
             by_hash[digest] = [img.api]
