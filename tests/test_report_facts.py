@@ -201,3 +201,24 @@ def test_a_report_that_cannot_write_still_counts(world, monkeypatch: pytest.Monk
     monkeypatch.setattr(index, "store_facts", busy)
     assert _report(world) == cold
     assert all(f is None for f in _facts(db).values())
+
+
+def test_facts_kept_name_only_terms_of_the_index(world) -> None:  # type: ignore[no-untyped-def]
+    """A report whose own trigger word is one scope's and not another's keeps the facts of
+    the one: every id in them is in report_terms, and later reports agree."""
+    db, index, queue = world
+    scopes = [Scope("ds", ROOT, "a", "sks"), Scope("ds", ROOT, "b", "1girl")]
+    build_report(index, queue, scopes, sources=SOURCES, tokens=Estimator(),
+                 options=Options(trigger="1girl"))  # fmt: skip
+    terms = dict(db.conn.execute("SELECT id, term FROM report_terms").fetchall())
+    kept = [f for f in _facts(db).values() if f is not None]
+    assert kept
+    for blob in kept:
+        key, _fl, _w, _c, _at, ext = F.HEAD.unpack_from(blob)
+        n = (len(blob) - F.HEAD_SIZE) // 4
+        ids = F.struct.unpack_from(f"<{n}I", blob, F.HEAD_SIZE)
+        assert {key, ext, *ids} <= terms.keys()
+    warm = _report(world)
+    with db.transaction() as conn:
+        conn.execute("UPDATE captions SET facts = NULL")
+    assert _report(world) == warm

@@ -114,35 +114,34 @@ def pack(
 
 class Terms:
     """The report's view of ``report_terms``: id -> term and back, as read in one
-    snapshot, plus the terms it added. When the index cannot be written (busy, read-only),
-    new terms get ids of this report's own, and nothing is stored."""
+    snapshot, plus the terms it added. Once the index cannot be written (busy,
+    read-only), new terms get ids of this report's own from then on (one id a term,
+    within a report), and no facts are stored."""
 
     def __init__(self, rows: Iterable[tuple[int, str]]) -> None:
         self.by_id: dict[int, str] = dict(rows)
         self.ids: dict[str, int] = {t: i for i, t in self.by_id.items()}
+        self.offline = False  # some ids are this report's own
 
     def tag(self, tid: int) -> str:
         return self.by_id[tid][4:]
 
     def add(self, index: FactsIndex | None, terms: Iterable[str]) -> bool:
-        """Ids for ``terms``; True when they are the index's own (facts may be stored)."""
+        """Ids for ``terms``; True when all ids are the index's own (facts may be
+        stored)."""
         new = [t for t in dict.fromkeys(terms) if t not in self.ids]
-        if not new:
-            return True
         got: dict[str, int] | None = None
-        if index is not None:
-            try:
+        if new and not self.offline and index is not None:
+            with contextlib.suppress(sqlite3.Error):
                 got = index.term_ids(new)
-            except sqlite3.Error:
-                got = None
-        stored = got is not None
-        if got is None:
+        if new and got is None:
+            self.offline = True
             nxt = max(self.by_id, default=0) + (1 << 20)  # above the index's own ids
             got = {t: nxt + i for i, t in enumerate(new)}
-        for t, i in got.items():
+        for t, i in (got or {}).items():
             self.ids[t] = i
             self.by_id[i] = t
-        return stored
+        return not self.offline
 
 
 def fill(
@@ -172,9 +171,8 @@ def fill(
     exts = {sidecar_type(r[3]) for r in rows}
     facts = [next(computed) if r[6] is not None and src is not None else None for r in rows]
     tags = {tag for f in facts if f is not None for tag in f[3]}
-    ok = terms.add(
-        index if store else None, [key, NO_TEXT_KEY, *sorted(exts), *map(tag_term, sorted(tags))]
-    )
+    # terms are kept even when the facts are not (a report's own trigger word)
+    ok = terms.add(index, [key, NO_TEXT_KEY, *sorted(exts), *map(tag_term, sorted(tags))])
     ids = terms.ids
     kid, none_id = ids[key], ids[NO_TEXT_KEY]
     blobs = []
