@@ -1,11 +1,15 @@
 """The dataset report: what is in a dataset, from the index alone.
 
-:func:`build_report` takes the index (caption records with their text, each content's
+:func:`build_report` takes the index (caption records with their facts, each content's
 size and perceptual hash, flags), the queue (what is pending or failed) and the scopes
-asked for (a watched root, or a folder in one), and returns a JSON-able ``dict``. It
-reads no file: a caption a person edited on disk is counted with the text the index
-has (see :mod:`daemon.report.service` for when that text is read back), and the report
-says how many texts are unknown or were read back.
+asked for (a watched root, or a folder in one), and returns a JSON-able ``dict``. A
+caption's facts (words, CLIP limit, tag ids, trigger word...: :mod:`daemon.report.facts`)
+are computed once and kept in the index; the report aggregates them (tag counts with
+numpy) and reads a caption's text only where they are missing or were computed for
+another trigger word, generator format or token counter. It reads no file: a caption a
+person edited on disk is counted with the text the index has (see
+:mod:`daemon.report.service` for when that text is read back), and the report says how
+many texts are unknown or were read back.
 
 Paths in the report are API paths: ``ROOT/sub/file.png`` (the watch's name first).
 """
@@ -14,13 +18,14 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import gc
 import heapq
 import math
 import statistics
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -221,6 +226,34 @@ def build_report(
     """The report over ``scopes`` (see the module doc). Raises ValueError for bad
     options."""
     options.check()
+    with _no_gc():
+        return _build(index, queue, scopes, sources, tokens, options, phash_state, clock)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a report holds a few hundred thousand small
+    objects that make no cycles (each collection would walk them all: a second or more
+    of a report over 100,000 images, bench/README.md)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _build(
+    index: ReportIndex,
+    queue: ReportQueue,
+    scopes: Sequence[Scope],
+    sources: dict[str, Source],
+    tokens: TokenCounter,
+    options: Options,
+    phash_state: dict[str, Any] | None,
+    clock: Any,
+) -> dict[str, Any]:
     timings: dict[str, float] = {}
     mark = time.perf_counter()
 
@@ -723,8 +756,11 @@ def _images(
             no_hash += 1
             continue
         digest = caps[0][2]
-        if len(caps) > 1 and any(r[2] != digest for r in caps):  # the newest caption's content
-            digest = max(caps, key=lambda r: F.HEAD.unpack_from(r[3])[4])[2]
+        if len(caps) > 1:
+            for r in caps:
+                if r[2] != digest:  # the newest caption's content
+                    digest = max(caps, key=lambda r: F.HEAD.unpack_from(r[3])[4])[2]
+                    break
         group = by_hash.get(digest)
         if group is None:
             by_hash[digest] = [img.api]
