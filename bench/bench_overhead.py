@@ -189,7 +189,7 @@ class Daemon:
             model_dir,
             watch={"settle_seconds": 0.2, "generators": [generator]},
             sections={
-                "worker": {"batch_size": batch_size, "decode_workers": 2, "preload": [generator]},
+                "worker": {"batch_size": batch_size, "preload": [generator]},
                 "generators.wd_tagger": {"providers": ["cpu"]},
             },
             env={"CAPTIOND_LOG_LEVEL": "warning"},
@@ -247,6 +247,33 @@ class Daemon:
         self.proc.stop()
 
 
+def burst(n: int, batch_size: int) -> dict[str, object]:
+    """One drop of ``n`` images into each daemon (null, tiny WD): drop to last sidecar,
+    events per file, failures."""
+    sources = ensure_images(n)
+    model_dir = ensure_model()
+    out: dict[str, object] = {}
+    m = machine()
+    print(f"\n### Burst of {n}: {time.strftime('%Y-%m-%d')}, {m['cpu']}, {m['cores']} cores\n")
+    print("| generator | images/s | seconds | CPU ms/image | events per file | failed | load |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="overhead-", dir=HERE / ".data") as tmp:
+        for gen in ("null", "wd_tagger"):
+            d = Daemon(Path(tmp), gen, model_dir, batch_size)
+            try:
+                r = d.round(sources)
+                totals = d.proc.status()["queue"]["totals"]
+                failed = totals.get("failed", 0) + totals.get("dead", 0)
+            finally:
+                d.close()
+            out[gen] = r | {"failed": failed}
+            print(
+                f"| {gen} | {r['rate']:.0f} | {r['seconds']:.1f} | {r['cpu_ms']:.2f} | "
+                f"{r['events_per_file']:.1f} | {failed} | {os.getloadavg()[0]:.1f} |"
+            )
+    return out
+
+
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -258,7 +285,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     ap.add_argument("--batch-size", type=int, default=32, help="worker.batch_size")
     ap.add_argument("--skip-daemon", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--burst", type=int, default=0, help="only the daemons, one drop of this many images"
+    )
     args = ap.parse_args(argv)
+    if args.burst:
+        return burst(args.burst, args.batch_size)
 
     sources = ensure_images(args.images)
     model_dir = ensure_model()

@@ -166,9 +166,14 @@ class ScanConfig(_Section):
     interval_seconds: float = Field(3600.0, ge=0)  # periodic reconcile; 0 = never
 
 
+MAX_AUTO_DECODE_WORKERS = 16  # beyond this, threads mostly wait for the GIL
+
+
 class WorkerConfig(_Section):
     batch_size: int = Field(8, ge=1, le=4096)
-    decode_workers: int = Field(2, ge=1, le=256)
+    # Threads that read, decode and preprocess images while the model runs; 0 = one per
+    # CPU this process may use (at most MAX_AUTO_DECODE_WORKERS).
+    decode_workers: int = Field(0, ge=0, le=256)
     preload: list[str] = Field(default_factory=lambda: ["wd_tagger"])
     max_image_pixels: int = Field(178_956_970, ge=1)
     load_retry_seconds: float = Field(60.0, gt=0)
@@ -180,6 +185,15 @@ class WorkerConfig(_Section):
     # A full disk or a vanished share pauses its folder; it is probed with backoff up
     # to this long between probes, and resumes by itself when the probe succeeds.
     condition_probe_seconds: float = Field(60.0, gt=0, le=3600)
+
+    def decode_threads(self) -> int:
+        if self.decode_workers:
+            return self.decode_workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, MAX_AUTO_DECODE_WORKERS))
 
     @model_validator(mode="after")
     def _read_timeout_below_stall(self) -> WorkerConfig:

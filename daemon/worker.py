@@ -47,6 +47,7 @@ from daemon.residency.slot import ModelSlot
 log = structlog.get_logger(__name__)
 
 PIPELINE_DEPTH = 2  # batches decoding ahead of the model
+SYNC_THREADS = 8  # a batch's sidecars fsynced at once
 # Decode threads stuck in a hung read are left behind (a blocked read cannot be
 # interrupted); while this many are still stuck the pool is no longer replaced, and
 # the worker waits (the systemd watchdog restarts a daemon that makes no progress).
@@ -140,11 +141,13 @@ class Worker:
         # acks, on the writer thread: must not block (the report's checks queue them).
         self.on_done: Callable[[list[tuple[str, str, str, str | None]]], None] | None = None
         self.pipelines: dict[str, CaptionPipeline] = {}
+        # fsyncs of a batch's sidecars at once (the filesystem groups them)
+        self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, "captiond-fsync")
         for name, slot in models.slots.items():
             self.rebuild_pipeline(name, slot)
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
-        self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
+        self._pool = ThreadPoolExecutor(settings.worker.decode_threads(), "captiond-decode")
         self._stuck: list[Future[None]] = []  # decodes given up on while running
         # Sidecars are written, recorded and acked on their own thread, so that the model
         # thread goes on with the next batch while a write waits for fsync.
@@ -177,6 +180,7 @@ class Worker:
             max_image_pixels=self.settings.worker.max_image_pixels,
             tags=self._tags_for,
             clock=self._clock,
+            sync_pool=self._sync_pool,
         )
 
     def set_postprocess(self, pp: Any) -> None:
@@ -221,6 +225,7 @@ class Worker:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
+        self._sync_pool.shutdown(wait=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -476,7 +481,7 @@ class Worker:
             log.error("decode_pool_not_replaced", stuck_threads=len(self._stuck))
             return
         old = self._pool
-        self._pool = ThreadPoolExecutor(self.settings.worker.decode_workers, "captiond-decode")
+        self._pool = ThreadPoolExecutor(self.settings.worker.decode_threads(), "captiond-decode")
         old.shutdown(wait=False, cancel_futures=True)
         log.warning("decode_pool_replaced", path=j.job.path, stuck_threads=len(self._stuck))
 

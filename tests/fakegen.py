@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from daemon.errors import OutOfMemoryError
-from daemon.generators.base import Generator, GeneratorConfig, ImageInput
+from daemon.generators.base import Generator, GeneratorConfig, ImageInput, WeightClass
 
 
 class EchoConfig(GeneratorConfig):
@@ -75,6 +75,12 @@ class TagEchoGenerator(EchoGenerator):
 
     def generate(self, batch: Sequence[Any]) -> list[str]:
         return [f"an image with {tags}" for tags in batch]
+
+
+class HeavyTagEchoGenerator(TagEchoGenerator):
+    """TagEcho weighed as a heavy model (a child process, loaded only for work)."""
+
+    weight = WeightClass.HEAVY
 
 
 class BlockConfig(EchoConfig):

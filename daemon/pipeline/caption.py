@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,8 +163,12 @@ class CaptionPipeline:
         max_image_pixels: int,
         tags: TagsSource | None = None,
         clock: Callable[[], float] = time.time,
+        sync_pool: Executor | None = None,
     ) -> None:
+        """``sync_pool``: the caller's threads for fsyncing a batch's sidecars at once
+        (the pipeline itself starts no thread)."""
         self.generator = generator
+        self.sync_pool = sync_pool
         self.index = index
         self.max_image_pixels = max_image_pixels
         self.tags = tags
@@ -452,7 +457,9 @@ class CaptionPipeline:
             try:
                 if decision.action is Action.WRITE:
                     data = (decision.text.rstrip("\n") + "\n").encode("utf-8")
-                    staged[i] = item.folder.stage(item.target.name, data, owner=item.owner)
+                    staged[i] = item.folder.stage(
+                        item.target.name, data, owner=item.owner, sync=False
+                    )
                     digest = sidecar_hash(data)
                     prev = decision.prev_hash
                 else:  # the file already holds exactly this caption: record it as ours
@@ -470,7 +477,13 @@ class CaptionPipeline:
                     text=decision.text.rstrip("\n"),
                 )
             except Exception as exc:
+                if i in staged:
+                    staged.pop(i).discard()
                 outcomes[i] = Outcome(item.task, error=exc)
+        for i, exc in self._sync(staged).items():
+            staged.pop(i).discard()
+            records.pop(i, None)
+            outcomes[i] = Outcome(items[i].task, error=exc)
         t3 = stages.now()
         STAGES.add("stage", t3 - t2)
         if staged:
@@ -527,6 +540,25 @@ class CaptionPipeline:
         if staged:
             faults.point("after_rename")
         return [o for o in outcomes if o is not None]
+
+    def _sync(self, staged: Mapping[int, Staged]) -> dict[int, BaseException]:
+        """fsync the batch's temp files: all at once through ``sync_pool`` when given
+        (the filesystem groups concurrent fsyncs into fewer journal commits), else one
+        after another. The failures, by item."""
+        failed: dict[int, BaseException] = {}
+
+        def one(i: int) -> None:
+            try:
+                staged[i].sync()
+            except Exception as exc:
+                failed[i] = exc
+
+        if self.sync_pool is not None and len(staged) > 1:
+            list(self.sync_pool.map(one, list(staged)))
+        else:
+            for i in staged:
+                one(i)
+        return failed
 
     def _separator(self) -> str:
         return str(getattr(self.generator.config, "separator", ", "))

@@ -251,19 +251,16 @@ class FileIndex:
     def names_by_stem(self, root: str, dir: str, stems: Iterable[str]) -> list[str]:
         """Indexed image names in folder ``dir`` of ``root`` that begin with one of
         ``stems`` and a dot (``a`` -> ``a.png``, ``a.JPG``, also ``a.b.png``: the
-        caller tells stems apart). One query per 200 stems, ranges of the key."""
-        stems = sorted(set(stems))
+        caller tells stems apart). One range of the primary key per stem, so the cost
+        does not grow with the folder."""
+        conn = self.db.conn
         out: list[str] = []
-        for i in range(0, len(stems), 200):
-            chunk = stems[i : i + 200]
-            ranges = " OR ".join(["(name >= ? AND name < ?)"] * len(chunk))
-            params: list[str] = [root, dir]
-            for stem in chunk:
-                params += [stem + ".", stem + "/"]  # '/' sorts right after '.'
+        for stem in sorted(set(stems)):
             out += [
                 r[0]
-                for r in self.db.conn.execute(
-                    f"SELECT name FROM files WHERE root = ? AND dir = ? AND ({ranges})", params
+                for r in conn.execute(
+                    "SELECT name FROM files WHERE root = ? AND dir = ? AND name >= ? AND name < ?",
+                    (root, dir, stem + ".", stem + "/"),  # '/' sorts right after '.'
                 )
             ]
         return out

@@ -772,6 +772,13 @@ class JobQueue:
             out[key] = out.get(key, 0) + n
         return out
 
+    def open_count(self) -> int:
+        """Jobs pending or leased (through the state index: costs what is open)."""
+        row = self.db.conn.execute(
+            "SELECT count(*) FROM jobs INDEXED BY jobs_state WHERE state IN ('pending', 'leased')"
+        ).fetchone()
+        return int(row[0])
+
     def totals(self) -> dict[str, int]:
         """state -> number of jobs over every generator."""
         return totals_of(counts_of(self.tally()))
