@@ -222,3 +222,28 @@ def test_facts_kept_name_only_terms_of_the_index(world) -> None:  # type: ignore
     with db.transaction() as conn:
         conn.execute("UPDATE captions SET facts = NULL")
     assert _report(world) == warm
+
+
+def test_the_service_pass_fills_every_watch(world, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What the daemon's background pass runs (Maintainer, after the check pass)."""
+    import daemon.report.service as service_mod
+    from daemon.config import Settings
+    from daemon.report.service import ReportService
+
+    db, index, queue = world
+    settings = Settings(state_dir=tmp_path, cache_dir=tmp_path / "cache",
+                        watch=[{"path": ROOT, "name": "ds", "trigger_word": "sks"}])  # fmt: skip
+    svc = ReportService(settings=settings, index=index, queue=queue, sources=lambda: SOURCES)
+    real = service_mod.find_counter
+    service_mod.find_counter = lambda *a, **k: Estimator()  # type: ignore[assignment]
+    try:
+        assert svc.fill_facts() == 21
+        assert all(f is not None for f in _facts(db).values())
+        assert svc.fill_facts() == 0
+        stored = _facts(db)
+        r = svc.report([], Options())
+    finally:
+        service_mod.find_counter = real  # type: ignore[assignment]
+    assert _facts(db) == stored  # the report found them all of its key
+    del r["timings"], r["generated_at"], r["seconds"]
+    assert r["tags"] == _report(world)["tags"]
