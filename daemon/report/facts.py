@@ -175,6 +175,7 @@ def fill(
     ok = terms.add(index, [key, NO_TEXT_KEY, *sorted(exts), *map(tag_term, sorted(tags))])
     ids = terms.ids
     kid, none_id = ids[key], ids[NO_TEXT_KEY]
+    tag_id = {t: ids["tag:" + t] for t in tags}.__getitem__
     blobs = []
     for r, f in zip(rows, facts, strict=True):
         flags = record_flags(r[4], r[7])
@@ -182,8 +183,7 @@ def fill(
         if f is None:
             blobs.append(pack(none_id, flags, 0, 0, r[5], ext, ()))
         else:
-            tag_ids = (ids["tag:" + t] for t in f[3])
-            blobs.append(pack(kid, flags | f[0], f[1], f[2], r[5], ext, tag_ids))
+            blobs.append(pack(kid, flags | f[0], f[1], f[2], r[5], ext, map(tag_id, f[3])))
     if store and ok and index is not None:
         # busy or read-only: the next report or pass computes them again
         with contextlib.suppress(sqlite3.Error):
