@@ -10,9 +10,10 @@ PYTEST_ARGS ?=
 # Tests marked xdist_group("...") run in one process (they share a daemon).
 PYTEST_WORKERS ?= auto
 # Optional parts installed into the venv for `make run`; `make test` installs TEST_EXTRAS,
-# all of them, whatever EXTRAS says (in CI a test skipped for a missing one fails).
-EXTRAS ?= test,vlm,people
-TEST_EXTRAS := test,vlm,people
+# all of them, whatever EXTRAS says (in CI a test skipped for a missing one fails;
+# ray: the backfill's tests on a local Ray instance).
+EXTRAS ?= test,vlm,people,report
+TEST_EXTRAS := test,vlm,people,report,ray
 
 # One stamp per extra, so that what is installed follows what is asked for: after
 # `make run EXTRAS=test`, `make test` still installs the vlm and people extras.
@@ -38,7 +39,8 @@ setup-test: $(call stamps,$(TEST_EXTRAS))
 
 # systemd-analyze checks the unit files in the tests (Debian's systemd package
 # provides it without systemd running); chromium and chromedriver drive the web UI's
-# browser tests (Debian's packages: browsers cannot be downloaded by the tests).
+# browser tests and render the HTML report (Debian's packages: browsers cannot be
+# downloaded by the tests).
 system-deps:
 	@command -v systemd-analyze >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \

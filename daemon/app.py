@@ -17,12 +17,14 @@ from daemon.api.control import Control
 from daemon.api.listeners import ControlServer
 from daemon.api.routes import register_api
 from daemon.api.security import load_token
+from daemon.backfill.status import backfill_status
 from daemon.conditions import STATE, SYSTEMIC_ERRNOS, WRITE_KINDS, Condition, Conditions
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_NEW, Settings
 from daemon.confined import Folder, Root, resolver_mode
 from daemon.notify import Notifier, ProgressWatchdog, watchdog_interval
 from daemon.overrides import Overrides, apply_overrides
 from daemon.queue import Database, FileIndex, JobQueue, counts_of, outcomes_of, totals_of
+from daemon.report.service import Maintainer, ReportService
 from daemon.residency.manager import ModelManager
 from daemon.scanning.intake import Intake
 from daemon.scanning.reconcile import ScanError, Scanner
@@ -78,6 +80,12 @@ class Daemon:
             held_roots=self._held_roots,
             intake_open=lambda: self.conditions.state_ok,
         )
+        # The dataset report: caption checks after each batch, pHashes in the background.
+        self.reports = ReportService.for_models(
+            settings=settings, index=self.index, queue=self.queue, models=self.models
+        )
+        self.maintainer = Maintainer(self.reports)
+        self.worker.on_done = self.maintainer.notify
         self.scans = ScanScheduler(
             self.scanner,
             settings.watch,
@@ -119,6 +127,7 @@ class Daemon:
             overrides=self.overrides,
             file_settings=self.file_settings,
             conditions=self.conditions.active,
+            reports=self.reports,
         )
         register_api(
             self.server.router,
@@ -216,6 +225,7 @@ class Daemon:
             log.info("jobs_pruned", jobs=n, reason="folder or generator no longer configured")
         self.conditions.start()
         self.worker.start()
+        self.maintainer.start()
         self.watchers.start()  # before the scan, so nothing slips between them
         self.scans.start()
         if self.settings.scan.on_start:
@@ -271,6 +281,7 @@ class Daemon:
         self.scans.stop()
         self.conditions.stop()
         self.worker.stop()
+        self.maintainer.stop()
         if not self.worker.alive:  # else a load or generate() still runs; we exit anyway
             self.models.unload_all()
         metrics.unregister_daemon(self._collector)
@@ -380,6 +391,7 @@ class Daemon:
             "scans": self.scans.status(),
             "worker": self.worker.status(),
             "files_indexed": self.index.count_files(),
+            "flags": self.reports.flag_status(),
             "confinement": resolver_mode(),
             "overrides": self.overrides.active(),
             "recent_errors": [
@@ -393,6 +405,7 @@ class Daemon:
                 }
                 for j in self.queue.recent_errors(20)
             ],
+            "backfills": backfill_status(self.queue),
             "warnings": self.warnings,
         }
 

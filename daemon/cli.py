@@ -406,6 +406,58 @@ def _caption_once(ctx: click.Context, paths: tuple[Path, ...], opts: dict[str, A
     ctx.exit(1 if result.failed or result.model_error else 0)
 
 
+@main.command()
+@click.argument("roots", nargs=-1)
+@click.option(
+    "--ray",
+    "ray_address",
+    default="local",
+    show_default=True,
+    help="local (start Ray here), auto (join the cluster this host is in) or ADDRESS.",
+)
+@click.option("--actors", type=click.IntRange(min=1), help="Actors (default: one per GPU).")
+@click.option(
+    "--gpus-per-actor", type=click.FloatRange(min=0), help="Default: 1 with GPUs, else 0."
+)
+@click.option("--cpus-per-actor", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@click.option("--generator", "-g", help="Generator to run (default: the folders' first).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per model call.")
+@click.option("--limit", type=click.IntRange(min=1), help="Take at most this many jobs.")
+@click.option(
+    "--chunk-size", type=click.IntRange(min=1), default=256, show_default=True,
+    help="Jobs leased, planned and sent to an actor together.",
+)  # fmt: skip
+@click.option(
+    "--path-map",
+    "path_maps",
+    multiple=True,
+    metavar="[NODE:]FROM=TO",
+    help="The share under FROM here is under TO on the nodes (or on NODE). Repeatable.",
+)
+@click.option(
+    "--time-limit", type=click.FloatRange(min=1), default=48 * 3600.0, show_default=True,
+    help="Stop after this many seconds (what is done stays done).",
+)  # fmt: skip
+@click.option(
+    "--stall-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+    help="Stop when no image finished for this many seconds.",
+)  # fmt: skip
+@json_option
+@click.pass_context
+def backfill(ctx: click.Context, roots: tuple[str, ...], **kw: Any) -> None:
+    """Caption the daemon's pending jobs on a Ray cluster (ROOTS: watch names or folders
+    in them; default all), recorded in the daemon's queue and index. Run it on the
+    daemon's host; the daemon may keep running."""
+    from daemon.backfill import ray_missing
+
+    if hint := ray_missing():
+        click.echo(f"captiond: {hint}", err=True)
+        ctx.exit(2)
+    from daemon.backfill.cli import run_backfill
+
+    ctx.exit(run_backfill(_settings(ctx), roots, **kw))
+
+
 @main.group("config")
 def config_group() -> None:
     """Read or change a generator's settings in the running daemon (persisted)."""
@@ -692,6 +744,192 @@ def logs(ctx: click.Context, limit: int, as_json: bool) -> None:
     _out(errors, as_json, human)
 
 
+@main.command()
+@click.argument("scopes", nargs=-1)
+@json_option
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the report as one standalone HTML page with plots.",
+)
+@click.option(
+    "--refresh",
+    is_flag=True,
+    help="First read the caption files back (disk): texts a person edited since.",
+)
+@click.option(
+    "--resolution",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Training resolution: buckets and the 'below' count use resolution².",
+)
+@click.option("--bucket-step", type=int, default=64, show_default=True)
+@click.option("--min-bucket", type=int, help="Smallest bucket side [min(256, resolution)].")
+@click.option("--max-bucket", type=int, help="Largest bucket side [2 x resolution].")
+@click.option(
+    "--near-distance",
+    type=int,
+    default=4,
+    show_default=True,
+    help="pHash bits near duplicates may differ in (0-16).",
+)
+@click.option("--top", type=int, default=50, show_default=True, help="Rows of long tables.")
+@click.option("--trigger", help="The trigger word (default: each watched folder's).")
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="No daemon: read this state directory's database (e.g. of caption --once).",
+)
+@click.pass_context
+def report(  # type: ignore[no-untyped-def]
+    ctx, scopes, as_json, html_file, refresh, resolution, bucket_step, min_bucket, max_bucket,
+    near_distance, top, trigger, state_dir,
+) -> None:  # fmt: skip
+    """What is in a dataset: coverage, tags, caption length, image sizes, buckets,
+    duplicates and the caption flags to review.
+
+    SCOPES: watched roots by name, folders in them (ROOT/sub or a path); default all.
+    The report reads captiond's index, not the disk (--refresh reads the captions back).
+    """
+    options: dict[str, Any] = {"resolution": resolution, "bucket_step": bucket_step,
+                               "near_distance": near_distance, "top": top}  # fmt: skip
+    if min_bucket is not None:
+        options["min_bucket"] = min_bucket
+    if max_bucket is not None:
+        options["max_bucket"] = max_bucket
+    if trigger is not None:
+        options["trigger"] = trigger
+    if state_dir is not None:
+        data = _report_offline(ctx, scopes, options, refresh, state_dir)
+    else:
+        data = _report_daemon(ctx, scopes, options, refresh)
+    if html_file is not None:
+        from daemon.report.html import render
+
+        try:
+            html_file.write_text(render(data), encoding="utf-8")
+        except OSError as exc:
+            _fail(ctx, exc)
+        click.echo(f"wrote {html_file}", err=True)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        from daemon.report.text import format_report
+
+        click.echo(format_report(data))
+
+
+def _report_scopes(ctx: click.Context, scopes: tuple[str, ...]) -> list[str]:
+    """API names of the scopes: ``ROOT`` or ``ROOT/sub`` as they are, folders on disk
+    turned into those (a name that is both means the watched root's folder)."""
+    from daemon.report.service import ScopeError, scope_for_path
+
+    settings = _settings(ctx)
+    roots = {w.name for w in settings.watch}
+    out = []
+    for sc in scopes:
+        named = not sc.startswith(("/", ".", "~")) and sc.split("/")[0] in roots | {"_"}
+        if not named and Path(sc).expanduser().is_dir():
+            try:
+                sc = scope_for_path(settings, Path(sc).expanduser())
+            except ScopeError as exc:
+                raise click.UsageError(str(exc)) from None
+        out.append(sc)
+    return out
+
+
+def _report_daemon(
+    ctx: click.Context, scopes: tuple[str, ...], options: dict[str, Any], refresh: bool
+) -> dict[str, Any]:
+    from urllib.parse import urlencode
+
+    names = _report_scopes(ctx, scopes)
+    if refresh:
+        counts = api_call("POST", "/api/report/refresh", {"scopes": names})(ctx)
+        click.echo(_refreshed(counts), err=True)
+    query = urlencode([("scope", n) for n in names] + list(options.items()))
+    return api_call("GET", "/api/report" + (f"?{query}" if query else ""))(ctx)
+
+
+def _refreshed(c: dict[str, int]) -> str:
+    return (
+        f"read back {c.get('sidecars', 0)} caption files: {c.get('edited', 0)} edited since "
+        f"captiond wrote them, {c.get('missing', 0)} missing, {c.get('refused', 0)} not read "
+        f"(links, special or over 1 MiB), {c.get('not_utf8', 0)} not UTF-8"
+    )
+
+
+def _report_offline(
+    ctx: click.Context,
+    scopes: tuple[str, ...],
+    options: dict[str, Any],
+    refresh: bool,
+    state_dir: Path,
+) -> dict[str, Any]:
+    from daemon.oneshot import watch_for_folder
+    from daemon.queue import Database, DatabaseError, FileIndex, JobQueue
+    from daemon.report.service import BusyError, ReportService, ScopeError
+    from daemon.report.stats import Options
+
+    settings = _settings(ctx)
+    db_path = state_dir / "captiond.db"
+    if not db_path.is_file():
+        _fail(ctx, FileNotFoundError(f"no captiond database in {state_dir}"))
+    folders = [Path(s) for s in scopes if Path(s).is_dir()]
+    names = [s for s in scopes if not Path(s).is_dir()]
+    if folders:  # a caption --once run: its folder is its root
+        watches = [watch_for_folder(settings, f, None) for f in folders]
+        settings = settings.model_copy(update={"watch": watches})
+        names += [w.name for w in watches]
+    try:
+        db = Database(db_path)
+    except DatabaseError as exc:
+        _fail(ctx, exc)
+    try:
+        svc = ReportService(settings=settings, index=FileIndex(db), queue=JobQueue(db))
+        svc.offline = True
+        if refresh:
+            click.echo(_refreshed(svc.refresh(names)), err=True)
+        return svc.report(names, Options(**options))
+    except (ScopeError, BusyError, ValueError) as exc:
+        _fail(ctx, exc)
+    finally:
+        db.close()
+    raise AssertionError("unreachable")
+
+
+@main.group()
+def flags() -> None:
+    """Caption-check flags (listed by captiond report)."""
+
+
+@flags.command("dismiss")
+@click.argument("path")
+@click.option("--generator", "-g", help="Only this generator's flags.")
+@click.option("--check", help="Only this check's flag (gender, hair_colour, ...).")
+@json_option
+@click.pass_context
+def flags_dismiss(
+    ctx: click.Context, path: str, generator: str | None, check: str | None, as_json: bool
+) -> None:
+    """Dismiss an image's flags (ROOT/sub/file.png or a file path); they stay dismissed
+    until the image changes."""
+    p = Path(path)
+    if p.is_file():
+        from daemon.client import ClientError, api_path
+
+        try:
+            roots = _client(ctx).call("GET", "/api/roots").get("roots", [])
+            path = api_path(roots, p)
+        except ClientError as exc:
+            _fail(ctx, exc)
+    body = {"path": path, "generator": generator, "check": check}
+    data = api_call("POST", "/api/flags/dismiss", body)(ctx)
+    _out(data, as_json, lambda d: f"{d.get('count', 0)} flags dismissed ({d.get('path')})")
+
+
 def format_status(s: dict[str, Any]) -> str:
     out = [
         f"captiond {s.get('version')}  pid {s.get('pid')}  up {_dur(s.get('uptime_seconds', 0))}",
@@ -740,6 +978,14 @@ def format_status(s: dict[str, Any]) -> str:
             f"  {left['caption_edited']} left alone: edited by a person after captiond wrote it"
         )
     out.append(f"files indexed: {s.get('files_indexed', 0)}")
+    if flags := s.get("flags"):
+        checks = ", ".join(f"{k} {n}" for k, n in flags.get("by_check", {}).items())
+        out.append(
+            f"caption flags: {flags.get('open', 0)} open"
+            + (f" ({checks})" if checks else "")
+            + f", {flags.get('dismissed', 0)} dismissed"
+            + ("  (captiond report lists them)" if flags.get("open") else "")
+        )
     out.append("generators:")
     for name, g in s.get("generators", {}).items():
         line = f"  {name:<14} {g.get('state')}"
@@ -778,9 +1024,21 @@ def format_status(s: dict[str, Any]) -> str:
     if overrides := s.get("overrides"):
         out.append("overridden through the API (captiond config reset drops them):")
         out += [f"  {section}: {', '.join(keys)}" for section, keys in overrides.items()]
+    for i, b in enumerate(s.get("backfills", {}).get("runs", [])):
+        if i == 0 or b.get("state") in ("running", "unresponsive"):  # and the latest
+            out.append(_backfill_line(b))
     for w in s.get("warnings", []):
         out.append(f"warning: {w}")
     return "\n".join(out)
+
+
+def _backfill_line(b: dict[str, Any]) -> str:
+    line = (
+        f"backfill {b.get('state')} ({b.get('host')}, pid {b.get('pid')}): {b.get('done', 0)}"
+        f"/{b.get('total', 0)} {b.get('generator')}, {b.get('images_per_second', 0)} img/s, "
+        f"{b.get('leased', 0)} leased, {len(b.get('actors') or [])} actors"
+    )
+    return line + (f"  {b['message']}" if b.get("message") else "")
 
 
 def _dur(seconds: float) -> str:

@@ -168,9 +168,14 @@ class ScanConfig(_Section):
     interval_seconds: float = Field(3600.0, ge=0)  # periodic reconcile; 0 = never
 
 
+MAX_AUTO_DECODE_WORKERS = 16  # beyond this, threads mostly wait for the GIL
+
+
 class WorkerConfig(_Section):
     batch_size: int = Field(8, ge=1, le=4096)
-    decode_workers: int = Field(2, ge=1, le=256)
+    # Threads that read, decode and preprocess images while the model runs; 0 = one per
+    # CPU this process may use (at most MAX_AUTO_DECODE_WORKERS).
+    decode_workers: int = Field(0, ge=0, le=256)
     preload: list[str] = Field(default_factory=lambda: ["wd_tagger"])
     max_image_pixels: int = Field(178_956_970, ge=1)
     load_retry_seconds: float = Field(60.0, gt=0)
@@ -182,6 +187,15 @@ class WorkerConfig(_Section):
     # A full disk or a vanished share pauses its folder; it is probed with backoff up
     # to this long between probes, and resumes by itself when the probe succeeds.
     condition_probe_seconds: float = Field(60.0, gt=0, le=3600)
+
+    def decode_threads(self) -> int:
+        if self.decode_workers:
+            return self.decode_workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, MAX_AUTO_DECODE_WORKERS))
 
     @model_validator(mode="after")
     def _read_timeout_below_stall(self) -> WorkerConfig:
@@ -279,6 +293,26 @@ class PostProcessConfig(_Section):
             if unknown:
                 raise ValueError(f"{where}: unknown steps {unknown}; known: {sorted(STEPS)}")
         return self
+
+
+class ReportConfig(_Section):
+    """``[report]``: the dataset report and the caption checks (issue 14)."""
+
+    # The language prose captions should be in (the "language" check): en, de, fr, es,
+    # it, pt, nl; another code turns that check off.
+    language: str = "en"
+    checks: bool = True  # check captions as they are written and flag contradictions
+    phash: bool = True  # hash new contents perceptually in the background (near dupes)
+    interval_seconds: float = Field(300.0, ge=10)  # the background pass, at most this often
+    # CLIP tokenizers looked up (never downloaded) in the caches, in order
+    clip_tokenizers: list[str] = Field(
+        default_factory=lambda: [
+            "openai/clip-vit-large-patch14",
+            "openai/clip-vit-base-patch32",
+            "openai/clip-vit-base-patch16",
+            "openai/clip-vit-large-patch14-336",
+        ]
+    )
 
 
 class TcpConfig(_Section):
@@ -382,6 +416,7 @@ class Settings(BaseSettings):
     postprocess: PostProcessConfig = Field(default_factory=PostProcessConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
     ui: UiConfig = Field(default_factory=UiConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
     # generator name -> its settings table, validated against the generator's schema
     generators: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

@@ -38,7 +38,9 @@ def configure_logging(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: a later configure (a command run in-process after another, as
+        # the tests do) applies to every module's logger, not only to new ones.
+        cache_logger_on_first_use=False,
     )
     # Libraries (watchdog, huggingface_hub, ...) log through stdlib logging: render their
     # records with the same renderer, so journald gets one JSON line per record.

@@ -132,6 +132,14 @@ class DaemonCollector(Collector):
         indexed = GaugeMetricFamily("captiond_files_indexed", "Images in the file index.")
         indexed.add_metric([], s.get("files_indexed", 0))
         yield indexed
+        stages = CounterMetricFamily(
+            "captiond_stage_cpu_seconds",
+            "CPU seconds spent per stage of the caption pipeline, all threads.",
+            labels=["stage"],
+        )
+        for stage, seconds in (s.get("worker", {}).get("stage_cpu_seconds") or {}).items():
+            stages.add_metric([stage], seconds)
+        yield stages
 
 
 _current: DaemonCollector | None = None

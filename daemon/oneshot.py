@@ -170,22 +170,28 @@ def _run(
         return path.startswith(prefix)
 
     queue.prune(lambda path, gen: here(path) and gen in watch.generators)
-    scanner.reconcile(watch, priority_class=PRIORITY_EXPLICIT)
-    if overwrite:  # everything in the folder, captioned before or not, a person's too
-        for job in queue.jobs(limit=10_000_000):
-            queue.enqueue(job.path, job.generator, PRIORITY_EXPLICIT, options={"force": True})
-    elif redo:
-        scanner.recaption_ours(watch, PRIORITY_EXPLICIT)
-    queue.retry()  # a failed image gets another chance with this run
     models = ModelManager.for_settings(settings, watch.generators)
+    for slot in models.slots.values():  # a light model loads while the folder is scanned
+        if not slot.heavy:  # (a heavy one only when an image needs it)
+            slot.ensure_loaded(wait=False)
+    try:
+        scanner.reconcile(watch, priority_class=PRIORITY_EXPLICIT)
+        if overwrite:  # everything in the folder, captioned before or not, a person's too
+            for job in queue.jobs(limit=10_000_000):
+                queue.enqueue(job.path, job.generator, PRIORITY_EXPLICIT, options={"force": True})
+        elif redo:
+            scanner.recaption_ours(watch, PRIORITY_EXPLICIT)
+        queue.retry()  # a failed image gets another chance with this run
+    except BaseException:
+        models.unload_all()
+        raise
     worker = Worker(settings=settings, queue=queue, index=index, models=models)
     result = OneShotResult()
     worker.start()
+    result.total = sum(totals_of(queue.counts()).values())  # nothing else enqueues here
     try:
         while True:
-            totals = totals_of(queue.counts())
-            result.total = sum(totals.values())
-            open_ = totals.get("pending", 0) + totals.get("leased", 0)
+            open_ = queue.open_count()
             progress(result.total - open_, result.total)
             if open_ == 0:
                 break

@@ -36,8 +36,10 @@ from daemon.errors import (
     classify,
 )
 from daemon.hashing import bytes_match
+from daemon.pipeline import stages
 from daemon.pipeline.caption import CaptionPipeline, ImageTask, Item, Outcome, SidecarInfo
 from daemon.pipeline.sidecars import Action
+from daemon.pipeline.stages import STAGES
 from daemon.queue import FileIndex, Job, JobQueue, JobState
 from daemon.residency.manager import ModelManager
 from daemon.residency.slot import ModelSlot
@@ -45,6 +47,7 @@ from daemon.residency.slot import ModelSlot
 log = structlog.get_logger(__name__)
 
 PIPELINE_DEPTH = 2  # batches decoding ahead of the model
+SYNC_THREADS = 8  # a batch's sidecars fsynced at once
 # Decode threads stuck in a hung read are left behind (a blocked read cannot be
 # interrupted); while this many are still stuck the pool is no longer replaced, and
 # the worker waits (the systemd watchdog restarts a daemon that makes no progress).
@@ -52,6 +55,7 @@ MAX_STUCK_THREADS = 32
 WAIT_SLICE_SECONDS = 1.0  # how often a wait for a decode checks its read timeout
 LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
 DEPENDENCY_DELAY_SECONDS = 5.0  # a {tags} prompt waits this long for the tagger's job
+FOREIGN_RECOVERY_SECONDS = 15.0  # how often a dead backfill driver's leases are looked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +137,17 @@ class Worker:
         self.models = models
         self._clock = clock
         self.on_result = on_result  # called on the worker thread: must not block
+        # (path, generator, outcome, caption) of each batch's finished jobs, after their
+        # acks, on the writer thread: must not block (the report's checks queue them).
+        self.on_done: Callable[[list[tuple[str, str, str, str | None]]], None] | None = None
         self.pipelines: dict[str, CaptionPipeline] = {}
+        # fsyncs of a batch's sidecars at once (the filesystem groups them)
+        self._sync_pool = ThreadPoolExecutor(SYNC_THREADS, "captiond-fsync")
         for name, slot in models.slots.items():
             self.rebuild_pipeline(name, slot)
         # The daemon owns its process: Pillow's own bomb check follows the config.
         Image.MAX_IMAGE_PIXELS = settings.worker.max_image_pixels
-        self._pool = ThreadPoolExecutor(settings.worker.decode_workers, "captiond-decode")
+        self._pool = ThreadPoolExecutor(settings.worker.decode_threads(), "captiond-decode")
         self._stuck: list[Future[None]] = []  # decodes given up on while running
         # Sidecars are written, recorded and acked on their own thread, so that the model
         # thread goes on with the next batch while a write waits for fsync.
@@ -156,6 +165,7 @@ class Worker:
         self.paused = False  # no job is claimed
         self.paused_roots: frozenset[str] = frozenset()  # no job under these is claimed
         self._calls: deque[Callable[[], None]] = deque()
+        self._next_foreign_recovery = 0.0
 
     def rebuild_pipeline(self, name: str, slot: ModelSlot | None = None) -> None:
         """(Re)build the pipeline of generator ``name`` from its slot."""
@@ -170,6 +180,7 @@ class Worker:
             max_image_pixels=self.settings.worker.max_image_pixels,
             tags=self._tags_for,
             clock=self._clock,
+            sync_pool=self._sync_pool,
         )
 
     def set_postprocess(self, pp: Any) -> None:
@@ -214,6 +225,7 @@ class Worker:
             self._thread.join(timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._writer.shutdown(wait=True)
+        self._sync_pool.shutdown(wait=True)
 
     def wake(self) -> None:
         self._wake.set()
@@ -223,8 +235,9 @@ class Worker:
         return self._thread is not None and self._thread.is_alive()
 
     # -- main loop ------------------------------------------------------------------
-    # This process is the only one holding leases (the socket lock keeps a second
-    # daemon out), so leases are recovered at start only, never under a running batch.
+    # The daemon's own leases (no owner) are recovered at start only, never under a
+    # running batch (the socket lock keeps a second daemon out); a backfill driver's
+    # expired leases are recovered now and then (_recover_foreign).
     def _run(self) -> None:
         self._load_all(self.settings.worker.preload)
         inflight: deque[_Batch] = deque()
@@ -241,6 +254,7 @@ class Worker:
                     self._run_calls()
                 if self._deferred and self.intake_open():
                     self.resume_deferred()
+                self._recover_foreign()
                 while (
                     len(inflight) < PIPELINE_DEPTH
                     and not self._stop.is_set()
@@ -265,6 +279,16 @@ class Worker:
                 self._stop.wait(1.0)
         self._release(inflight)
         self._drain_writes(0)
+
+    def _recover_foreign(self) -> None:
+        """Now and then: the expired leases of a backfill driver that died go back to
+        the queue (the daemon's own leases are never touched here)."""
+        now = time.monotonic()
+        if now < self._next_foreign_recovery:
+            return
+        self._next_foreign_recovery = now + FOREIGN_RECOVERY_SECONDS
+        if n := self.queue.recover_expired_foreign():
+            log.warning("backfill_leases_recovered", jobs=n)
 
     def _drain_writes(self, keep: int) -> None:
         """Wait until at most ``keep`` batches are still being written."""
@@ -334,10 +358,14 @@ class Worker:
             if slot.probing:
                 limit = 1  # the breaker lets one probe through: one image
             held = sorted({*self.paused_roots, *self.held_roots()})
+            t0 = stages.now()
             jobs = self.queue.claim(name, limit, exclude_prefixes=held)
             if not jobs:
                 continue
-            return self._start(pipeline, jobs)
+            try:
+                return self._start(pipeline, jobs)
+            finally:
+                STAGES.add("claim", stages.now() - t0)
         return None
 
     def _start(self, pipeline: CaptionPipeline, jobs: list[Job]) -> _Batch:
@@ -453,7 +481,7 @@ class Worker:
             log.error("decode_pool_not_replaced", stuck_threads=len(self._stuck))
             return
         old = self._pool
-        self._pool = ThreadPoolExecutor(self.settings.worker.decode_workers, "captiond-decode")
+        self._pool = ThreadPoolExecutor(self.settings.worker.decode_threads(), "captiond-decode")
         old.shutdown(wait=False, cancel_futures=True)
         log.warning("decode_pool_replaced", path=j.job.path, stuck_threads=len(self._stuck))
 
@@ -492,12 +520,14 @@ class Worker:
 
         def ack() -> None:
             half = len(done) // 2
+            t0 = stages.now()
             with self.queue.transaction():
                 for i, (job, outcome) in enumerate(done):
                     if i == half:
                         faults.point("mid_acks")
                     assert outcome.action is not None
                     self.queue.ack(job.id, outcome.action.value, options=job.options)
+            STAGES.add("ack", stages.now() - t0)
 
         try:
             ack()
@@ -507,6 +537,17 @@ class Worker:
             self._defer(ack)  # the sidecars are in place; the acks wait for the database
         for job, outcome in done:
             self._after_done(pipeline, job, outcome)
+        if self.on_done is not None:
+            try:
+                self.on_done(
+                    [
+                        (j.path, pipeline.name, o.action.value, o.caption)
+                        for j, o in done
+                        if o.action
+                    ]
+                )
+            except Exception:
+                log.exception("on_done_failed")
 
     def _defer(self, op: Callable[[], None]) -> None:
         """A write to the database that failed while it cannot be written: kept (in
@@ -682,6 +723,9 @@ class Worker:
             "paused": self.paused,
             "paused_roots": sorted(self.paused_roots),
             "stem_clashes": self._stem_clashes(),
+            # CPU seconds per stage of the pipeline since start (daemon.pipeline.stages)
+            "images_finished": STAGES.images,
+            "stage_cpu_seconds": {k: round(v, 4) for k, v in STAGES.snapshot().items()},
         }
 
 

@@ -38,3 +38,14 @@ def wd_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---- end wd_tagger fixtures ------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _structlog_restored():
+    """A command run in-process configures logging for the whole process (a level, a
+    renderer): put it back, so that a later test's ``capture_logs`` sees every event."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

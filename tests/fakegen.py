@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from daemon.errors import OutOfMemoryError
-from daemon.generators.base import Generator, GeneratorConfig, ImageInput
+from daemon.generators.base import Generator, GeneratorConfig, ImageInput, WeightClass
 
 
 class EchoConfig(GeneratorConfig):
@@ -77,6 +77,12 @@ class TagEchoGenerator(EchoGenerator):
         return [f"an image with {tags}" for tags in batch]
 
 
+class HeavyTagEchoGenerator(TagEchoGenerator):
+    """TagEcho weighed as a heavy model (a child process, loaded only for work)."""
+
+    weight = WeightClass.HEAVY
+
+
 class BlockConfig(EchoConfig):
     gate: str = ""  # generate() blocks while this file exists
     started: str = ""  # touched when generate() is entered
@@ -96,3 +102,38 @@ class BlockingGenerator(EchoGenerator):
         while cfg.gate and os.path.exists(cfg.gate):
             time.sleep(0.02)
         return super().generate(batch)
+
+
+class NullConfig(GeneratorConfig):
+    caption: str = "1girl, solo, simple background"
+
+
+class NullGenerator(Generator):
+    """A fixed caption without looking at the pixels: what is left of a run is
+    captiond's own cost per image (issue 19; bench/bench_overhead.py)."""
+
+    name = "null"
+    caption_type = "tags"
+    description = "test generator: a fixed caption"
+    version = "1"
+    config_model: ClassVar = NullConfig
+
+    def __init__(self, config=None, *, cache_dir=None):
+        super().__init__(config, cache_dir=cache_dir)
+        self._loaded = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> None:
+        self._loaded = True
+
+    def unload(self) -> None:
+        self._loaded = False
+
+    def prepare(self, item: ImageInput) -> Any:
+        return None
+
+    def generate(self, batch: Sequence[Any]) -> list[str]:
+        return [self.config.caption] * len(batch)

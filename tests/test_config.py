@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,13 @@ def test_two_generators_keep_their_caption_type_names(tmp_path):
         "tags",
         "caption",
     )
+
+
+def test_decode_workers_default_to_the_cpus_the_daemon_may_use(monkeypatch) -> None:
+    from daemon.config import MAX_AUTO_DECODE_WORKERS, WorkerConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert WorkerConfig().decode_threads() == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert WorkerConfig().decode_threads() == MAX_AUTO_DECODE_WORKERS
+    assert WorkerConfig(decode_workers=3).decode_threads() == 3

@@ -44,7 +44,7 @@ def installs(lines: list[str]) -> list[str]:
 
 def test_make_test_installs_the_extras_a_run_with_fewer_left_out(venv: Path) -> None:
     lines = plan(venv, "test", stamps=("base", "test"))  # after `make run EXTRAS=test`
-    assert installs(lines) == ["'.[vlm]'", "'.[people]'"]
+    assert installs(lines) == ["'.[vlm]'", "'.[people]'", "'.[report]'", "'.[ray]'"]
     assert any("-m pytest -n auto" in line for line in lines)
 
 
@@ -53,11 +53,14 @@ def test_make_test_installs_all_extras_whatever_extras_says(venv: Path) -> None:
         "'.[test]'",
         "'.[vlm]'",
         "'.[people]'",
+        "'.[report]'",
+        "'.[ray]'",
     ]
 
 
 def test_nothing_to_install_when_every_stamp_is_current(venv: Path) -> None:
-    lines = plan(venv, "test", "PYTEST_WORKERS=0", stamps=("base", "test", "vlm", "people"))
+    every = ("base", "test", "vlm", "people", "report", "ray")
+    lines = plan(venv, "test", "PYTEST_WORKERS=0", stamps=every)
     assert installs(lines) == []
     assert any("-m pytest -n 0" in line for line in lines)
 
@@ -71,7 +74,7 @@ def test_make_run_installs_only_its_extras(venv: Path) -> None:
 def test_a_changed_pyproject_reinstalls(venv: Path) -> None:
     import os
 
-    stamps = ("base", "test", "vlm", "people")
+    stamps = ("base", "test", "vlm", "people", "report", "ray")
     plan(venv, "test", stamps=stamps)
     old = (REPO / "pyproject.toml").stat().st_mtime - 3600
     for name in stamps:  # stamps older than pyproject.toml
@@ -81,4 +84,6 @@ def test_a_changed_pyproject_reinstalls(venv: Path) -> None:
         "'.[test]'",
         "'.[vlm]'",
         "'.[people]'",
+        "'.[report]'",
+        "'.[ray]'",
     ]

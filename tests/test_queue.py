@@ -723,6 +723,42 @@ def test_thread_connections_are_closed_when_threads_end(db: Database) -> None:
         t.join()
     gc.collect()
     assert len(db._holders) <= 2  # this thread's, perhaps one not yet collected
+    # the connections of ended threads are reused, not opened anew: at most a few open
+    opened = []
+    real = db._connect
+
+    def counting():
+        opened.append(1)
+        return real()
+
+    db._connect = counting  # type: ignore[method-assign]
+    for _ in range(30):
+        t = threading.Thread(target=use)
+        t.start()
+        t.join()
+    assert len(opened) <= 1
+    idle = list(db._pool.idle)
+    assert 1 <= len(idle) <= db._pool.SIZE
+    db.close()
+    for conn in idle:  # closed with the database
+        with pytest.raises(sqlite3.ProgrammingError):
+            conn.execute("SELECT 1")
+
+
+def test_a_connection_left_in_a_transaction_is_not_reused(db: Database) -> None:
+    def begin_and_die() -> None:
+        db.conn.execute("BEGIN")
+        db.conn.execute("CREATE TABLE IF NOT EXISTS scratch (x)")
+
+    t = threading.Thread(target=begin_and_die)
+    t.start()
+    t.join()
+    import gc
+
+    gc.collect()
+    assert all(not c.in_transaction for c in db._pool.idle)
+    db.conn.execute("BEGIN IMMEDIATE")  # the write lock was given back
+    db.conn.execute("ROLLBACK")
 
 
 def _child_enqueue(db: Database) -> None:

@@ -439,7 +439,7 @@ def test_real_kernel_queue_overflow(started: RootWatcher, rec: Recorder, root: P
         while not _a_thread_waits_in("on_event", "watchdog/observers/inotify.py"):
             assert time.monotonic() < deadline, "the inotify reader never blocked"
             time.sleep(0.005)
-        for i in range(limit // 3 + 500):  # create + modify + close_write per file
+        for i in range(limit // 2 + 500):  # create + close_write per file (no modify)
             (root / f"f{i}.jpg").write_bytes(b"x")
     assert pump(started, lambda: REASON_OVERFLOW in rec.of("rescan"), timeout=10)
 
@@ -700,3 +700,26 @@ def test_supervisor_shares_the_watch_budget(tmp_path: Path) -> None:
     )
     assert sup.roots["a"].mode == "inotify"
     assert sup.roots["b"].mode == "polling" and "60 used by other roots" in sup.roots["b"].reason
+
+
+def test_reads_and_captionds_own_writes_cost_few_events(
+    started: RootWatcher, rec: Recorder, root: Path
+) -> None:
+    """Reading images (as the worker does) raises no event at all; a sidecar written
+    the way captiond writes one raises three, all counted as captiond's own, and none
+    becomes a hint. A new image still is one."""
+    from daemon.confined import Folder
+
+    (root / "a.jpg").write_bytes(b"x")
+    assert pump(started, lambda: rec.of("file"))
+    seen = started.status()["events_seen"]
+    for _ in range(20):
+        (root / "a.jpg").read_bytes()
+    with Folder.at(root) as folder:
+        folder.write_atomic("a.txt", b"tags\n")
+    assert pump(started, lambda: started.status()["own_events"] == 3)
+    status = started.status()
+    assert status["events_seen"] - seen == 3  # the temp file created, closed, moved
+    (root / "b.jpg").write_bytes(b"y")
+    assert pump(started, lambda: len(rec.of("file")) == 2)
+    assert [Path(p).name for p in rec.of("file")] == ["a.jpg", "b.jpg"]

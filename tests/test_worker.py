@@ -108,6 +108,32 @@ def test_a_name_at_the_filesystems_limit_is_captioned_and_one_beyond_fails_once(
     assert p.exists()
 
 
+def test_stem_siblings_come_from_the_index_or_from_the_folder(tmp_path, monkeypatch):
+    """One index query per folder and batch tells a.png that a.jpg shares its stem; an
+    image the index does not know yet is probed on disk instead."""
+    from daemon.confined import Folder
+
+    rig = Rig(tmp_path)
+    for name in ("a.png", "a.jpg", "b.png", "b.jpg"):
+        make_image(rig.root / name, "red")
+    rig.index.upsert_files(str(rig.root), [("", n, 1, 1) for n in ("a.png", "a.jpg")])
+    probed: list[str] = []
+    real = Folder.stem_siblings
+
+    def spy(self, name, exts):
+        probed.append(name)
+        return real(self, name, exts)
+
+    monkeypatch.setattr(Folder, "stem_siblings", spy)
+    for name in ("a.png", "b.png"):
+        rig.queue.enqueue(str(rig.root / name), "echo", 100)
+    with rig:
+        wait_for(rig.settled)
+    # a.jpg is first in sort order: the stem's sidecar is its to take
+    assert sorted(p.name for p in rig.root.glob("*.txt")) == ["a.png.txt", "b.png.txt"]
+    assert probed == ["b.png"]  # a.png's siblings came from the index
+
+
 def test_captions_written_and_recorded(tmp_path):
     rig = Rig(tmp_path)
     paths = [rig.add(f"i{i}.png") for i in range(5)]
@@ -118,6 +144,44 @@ def test_captions_written_and_recorded(tmp_path):
         rec = rig.index.get_caption(str(p), "echo")
         assert rec is not None and rec.sidecar_path == str(p.with_suffix(".txt"))
     assert rig.queue.outcome_counts()["echo"] == {"written": 5}
+
+
+def test_a_batchs_sidecars_are_fsynced_at_once_and_a_failed_fsync_fails_only_its_image(
+    tmp_path, monkeypatch
+):
+    """The worker fsyncs a batch's temp files from its fsync threads (concurrently) and
+    only then renames them; an image whose fsync fails gets an error and no sidecar,
+    and no temp file is left; the rest of the batch is written."""
+    from daemon.confined import Staged
+
+    rig = Rig(tmp_path)
+    synced: list[tuple[str, str, bool]] = []
+    real = Staged.sync
+
+    def spy(self):
+        if self.fd >= 0:
+            renamed = self.folder.lstat(self.name) is not None
+            synced.append((self.name, threading.current_thread().name, renamed))
+            if self.name == "i2.txt":
+                real(self)
+                raise OSError(5, "Input/output error")
+        real(self)
+
+    monkeypatch.setattr(Staged, "sync", spy)
+    paths = [rig.add(f"i{i}.png") for i in range(5)]
+    with rig:
+        wait_for(rig.settled)
+    assert sorted({n for n, _, _ in synced}) == [f"i{i}.txt" for i in range(5)]  # i2 retried
+    # the first batch of five from the fsync threads (a retry of one alone needs none)
+    assert all(t.startswith("captiond-fsync") for _, t, _ in synced[:5])
+    assert not any(renamed for _, _, renamed in synced)  # data on disk before the rename
+    assert sorted(p.name for p in rig.root.iterdir()) == sorted(
+        [p.name for p in paths] + [f"i{i}.txt" for i in (0, 1, 3, 4)]
+    )
+    job = rig.queue.get(str(paths[2]), "echo")
+    assert job is not None and job.state == "dead"  # retried, then given up
+    assert "Input/output error" in (job.error_message or "")
+    assert rig.index.get_caption(str(paths[2]), "echo") is None
 
 
 def test_out_of_memory_halves_the_batch(tmp_path):
@@ -327,6 +391,59 @@ def test_once_with_a_tags_prompt_keeps_the_tagger(tmp_path, wd_model_dir, monkey
     result = run_once(settings, folder, generator="tagecho")
     assert result.errors == [] and result.outcomes == {"written": 2}
     assert (folder / "a.caption").read_text().startswith("an image with simple background")
+
+
+def test_once_loads_a_light_model_while_it_scans_and_a_heavy_one_only_for_work(
+    tmp_path, wd_model_dir, monkeypatch
+):
+    """--once starts loading its light models before the folder's walk (the load and the
+    scan overlap); a heavy model is not loaded for a folder with nothing to do."""
+    from daemon.generators import registry
+    from daemon.oneshot import run_once
+    from daemon.residency.slot import ModelSlot
+    from daemon.scanning.reconcile import Scanner
+
+    monkeypatch.setitem(registry.BUILTINS, "tagecho", "tests.fakegen:HeavyTagEchoGenerator")
+    seen: list[dict[str, str]] = []
+    slots: list[ModelSlot] = []
+    real_init, real_reconcile = ModelSlot.__init__, Scanner.reconcile
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        slots.append(self)
+
+    def reconcile(self, *a, **kw):
+        seen.append({s.name: s.state.value for s in slots})
+        return real_reconcile(self, *a, **kw)
+
+    monkeypatch.setattr(ModelSlot, "__init__", init)
+    monkeypatch.setattr(Scanner, "reconcile", reconcile)
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        generators={"wd_tagger": {"model": str(wd_model_dir)}},
+        worker={"preload": []},
+    )
+    folder = tmp_path / "set"
+    make_image(folder / "a.png", "red")
+    result = run_once(settings, folder, generator="tagecho", fresh=True)
+    assert result.errors == [] and result.outcomes == {"written": 2}
+    assert seen[0]["wd_tagger"] in ("loading", "loaded")  # under way before the walk
+    assert seen[0]["tagecho"] not in ("loading", "loaded")  # heavy: loaded for work only
+
+    slots.clear()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.md").write_text("no images here\n")
+    loads: list[str] = []
+    real_load = ModelSlot._load
+
+    def spy_load(self, event):
+        loads.append(self.name)
+        return real_load(self, event)
+
+    monkeypatch.setattr(ModelSlot, "_load", spy_load)
+    run_once(settings, empty, generator="tagecho", fresh=True)
+    assert "tagecho" not in loads
 
 
 def test_a_hung_read_fails_alone_and_the_others_go_on(tmp_path, monkeypatch):

@@ -11,9 +11,8 @@ they send none of the headers a browser adds. A browser's request is refused whe
   ``ui.allowed_hosts``): a page on a DNS name rebound to 127.0.0.1 is "same-origin"
   in the browser's eyes, and only the name gives it away;
 - it changes something with a body (or a content type) that is not
-  ``application/json`` (outside ``/ui``, whose forms carry a CSRF token): a page can
-  post ``text/plain`` JSON with a plain form, but only a script of the same origin
-  can send ``application/json``.
+  ``application/json``: a page can post ``text/plain`` JSON with a plain form, but
+  only a script of the same origin can send ``application/json``.
 """
 
 from __future__ import annotations
@@ -68,8 +67,10 @@ def check_browser_request(
     allowed_hosts: Collection[str] = (),
     has_body: bool = False,
 ) -> None:
-    """Raise 403 (or 415) for a browser request another site's page may have sent."""
-    if not from_browser(headers):
+    """Raise 403 (or 415) for a browser request another site's page may have sent.
+    The web UI (``/ui``) is left to its own checks (daemon/web/security.py): a link
+    from another site may open its pages, and its refusals are pages, not JSON."""
+    if path == "/ui" or path.startswith("/ui/") or not from_browser(headers):
         return
     site = headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
@@ -85,7 +86,6 @@ def check_browser_request(
             "http://localhost:PORT/ or add the name to ui.allowed_hosts",
             "forbidden",
         )
-    ui = path == "/ui" or path.startswith("/ui/")
     ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
-    if method in MUTATING and not ui and (has_body or ctype) and ctype != "application/json":
+    if method in MUTATING and (has_body or ctype) and ctype != "application/json":
         raise HTTPError(415, "a browser's request body must be application/json")

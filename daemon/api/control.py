@@ -48,6 +48,7 @@ from daemon.api.security import (
     resolve_admin_group,
     resolve_image,
 )
+from daemon.backfill.status import backfill_status
 from daemon.config import (
     DEFAULT_IMAGE_EXTENSIONS,
     PRIORITY_BACKFILL,
@@ -69,6 +70,8 @@ from daemon.pipeline.targets import sidecar_target
 from daemon.queue import CaptionRecord, FileIndex, JobQueue
 from daemon.queue.db import PERSON_EDIT
 from daemon.queue.index import GalleryFilter
+from daemon.report.service import BusyError, ReportService, ScopeError
+from daemon.report.stats import Options as ReportOptions
 from daemon.residency.manager import ModelManager, ReconfigureError
 from daemon.residency.slot import ModelSlot, ModelState
 from daemon.scanning.reconcile import Scanner
@@ -110,6 +113,7 @@ class Control:
         scanner: Scanner | None = None,
         file_settings: Settings | None = None,
         conditions: Callable[[], dict[str, Any]] | None = None,
+        reports: ReportService | None = None,
     ) -> None:
         """``file_settings``: the settings as the configuration file gave them, before
         the overrides (what ``reset_overrides`` returns to)."""
@@ -125,6 +129,9 @@ class Control:
         self.overrides = overrides
         self.conditions = conditions
         self.requests = RequestRegistry(queue)
+        self.reports = reports or ReportService.for_models(
+            settings=settings, index=index, queue=queue, models=models
+        )
         self.auth = Authoriser(resolve_admin_group(settings.api.admin_group))
         self.discovered: dict[str, Discovered] = discover_generators(settings)
         self._lock = threading.Lock()  # serialises changes to settings
@@ -190,6 +197,11 @@ class Control:
                         f"root {watch.name}",
                     )
         return slot
+
+    def backfills(self) -> dict[str, Any]:
+        """Backfill runs on a Ray cluster (``captiond backfill``): progress, actors and
+        the jobs each holds, newest first."""
+        return backfill_status(self.queue)
 
     def roots(self) -> list[dict[str, Any]]:
         """The watched roots as the daemon resolved them (canonical paths)."""
@@ -620,7 +632,16 @@ class Control:
             raise Problem("invalid", "the caption contains a NUL character")
         # On the worker's writer thread: serialised with its read-decide-write of the
         # same sidecar, so neither overwrites the other's file or record.
-        return self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
+        result = self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
+        self._check_captions(str(ref.path))
+        return result
+
+    def _check_captions(self, path: str) -> None:
+        """The caption checks of an image whose caption a person just wrote (index only)."""
+        try:
+            self.reports.check_paths([path])
+        except Exception as exc:  # the background pass gets it later
+            log.warning("caption_check_failed", path=path, error=str(exc))
 
     def _folder(self, ref: ImageRef, sidecar: str) -> tuple[Any, str]:
         root = Root(str(ref.watch.path), ref.watch.follow_symlinks)
@@ -996,6 +1017,38 @@ class Control:
             roots = {str(w.path): w for w in self.watches}
             self.index.forget_paths(unfinished, roots=list(roots))
         return len(paths)
+
+    # -- the dataset report and caption flags (daemon/report) --------------------------
+    def report(self, scopes: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        """The dataset report (plain data: the CLI, the HTML report and a UI page render
+        it). ``options``: :class:`daemon.report.stats.Options` fields."""
+        try:
+            opts = ReportOptions(**options)
+            return self.reports.report(scopes, opts)
+        except ScopeError as exc:
+            raise Problem("not_found", str(exc)) from None
+        except BusyError as exc:
+            raise Problem("unavailable", str(exc), retryable=True) from None
+        except (ValueError, TypeError) as exc:
+            raise Problem("invalid", str(exc)) from None
+
+    def refresh_report(self, scopes: list[str]) -> dict[str, Any]:
+        """Read the sidecars of ``scopes`` back: the texts of captions edited on disk."""
+        try:
+            return self.reports.refresh(scopes)
+        except ScopeError as exc:
+            raise Problem("not_found", str(exc)) from None
+        except BusyError as exc:
+            raise Problem("unavailable", str(exc), retryable=True) from None
+
+    def dismiss_flag(self, path: str, generator: str | None, check: str | None) -> dict[str, Any]:
+        """Dismiss an image's open flags (kept as dismissed until the image changes)."""
+        ref = resolve_image(self.watches, path, must_exist=False)
+        n = self.reports.dismiss(str(ref.path), generator, check)
+        if not n:
+            raise Problem("not_found", f"no open flag of {ref.rel} matches")
+        log.info("flags_dismissed", path=ref.rel, generator=generator, check=check, count=n)
+        return {"count": n, "path": ref.rel}
 
     def _known_generator(self, generator: str | None) -> None:
         if generator is not None and generator not in self.discovered:

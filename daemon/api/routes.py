@@ -202,6 +202,29 @@ def endpoints(
         body = s.parse_body(req, s.PurgeRequest)
         return {"count": c.purge(body.root, body.generator, list(body.states))}
 
+    def report(req: Request) -> dict[str, Any]:
+        scopes = req.query.get("scope", [])
+        if len(scopes) > 100 or any(len(x) > 1024 or "\x00" in x for x in scopes):
+            raise Problem("invalid", "at most 100 scopes of at most 1024 characters")
+        options: dict[str, Any] = {}
+        for name in _REPORT_INTS:
+            raw = qstr(req, name, max_len=12)
+            if raw is not None:
+                try:
+                    options[name] = int(raw)
+                except ValueError:
+                    raise Problem("invalid", f"{name} must be a whole number") from None
+        if (trigger := qstr(req, "trigger", max_len=200)) is not None:
+            options["trigger"] = trigger
+        return c.report(scopes, options)
+
+    def refresh(req: Request) -> dict[str, Any]:
+        return c.refresh_report(s.parse_body(req, s.ReportRefresh, required=False).scopes)
+
+    def dismiss(req: Request) -> dict[str, Any]:
+        body = s.parse_body(req, s.FlagDismiss)
+        return c.dismiss_flag(body.path, body.generator, body.check)
+
     gen_q = [
         Query("generator", description="generator name (default: the root's first)"),
         Query("force", "boolean", description="replace an existing caption (default false)"),
@@ -219,6 +242,9 @@ def endpoints(
           content_type="text/plain; version=0.0.4"),
         E("GET", "/api/roots", "The watched roots as the daemon resolved them", "daemon",
           handler=lambda req: {"roots": c.roots()}),
+        E("GET", "/api/backfills",
+          "Backfills on a Ray cluster (captiond backfill): progress, actors, leased jobs",
+          "queue", handler=lambda req: c.backfills()),
         E("GET", "/api/models", "Models in memory or loading, most recently used first", "models",
           handler=lambda req: {"models": c.models.list(), "residency": c.models.summary()}),
         E("POST", "/api/models/{name}/load",
@@ -299,7 +325,23 @@ def endpoints(
           "Delete jobs in the states named (never running ones); images whose unfinished jobs "
           "are purged are found again by the next scan", "queue", admin=True,
           body=s.PurgeRequest, handler=purge, responses={200: s.CountResult}),
+        E("GET", "/api/report",
+          "The dataset report (coverage, tags, length, images, flags) of watched roots or "
+          "folders, from the index", "report", handler=report,
+          query=[Query("scope", description="ROOT or ROOT/sub/folder (repeatable; default "
+                       "all)"), *[Query(n, "integer") for n in _REPORT_INTS],
+                 Query("trigger", description="the trigger word (default: each root's)")]),
+        E("POST", "/api/report/refresh",
+          "Read caption sidecars back: the texts of captions edited on disk since captiond "
+          "wrote them", "report", admin=True, body=s.ReportRefresh, handler=refresh),
+        E("POST", "/api/flags/dismiss",
+          "Dismiss an image's caption-check flags (until the image changes)", "report",
+          admin=True, body=s.FlagDismiss, handler=dismiss, responses={200: s.CountResult}),
     ]  # fmt: skip
+
+
+_REPORT_INTS = ("resolution", "bucket_step", "min_bucket", "max_bucket", "near_distance", "top",
+                "examples", "folders")  # fmt: skip
 
 
 def _rescan_args(req: Request) -> tuple[str | None, bool]:

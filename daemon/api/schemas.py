@@ -135,6 +135,20 @@ class PurgeRequest(QueueTarget):
     states: list[Literal["pending", "done", "failed", "dead"]] = Field(..., min_length=1)
 
 
+class ReportRefresh(_Body):
+    """Read back the sidecars of these scopes (``ROOT`` or ``ROOT/sub``; all when empty)."""
+
+    scopes: list[str] = Field(default_factory=list, max_length=100)
+
+
+class FlagDismiss(_Body):
+    """Dismiss an image's open flags (of one generator, of one check)."""
+
+    path: str = Field(..., min_length=1, max_length=4096)
+    generator: str | None = Field(None, max_length=200)
+    check: str | None = Field(None, max_length=100)
+
+
 # ----------------------------------------------------------------------- responses
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,9 +45,11 @@ from daemon.errors import (
 )
 from daemon.generators.base import ImageInput
 from daemon.hashing import content_hash, sidecar_hash
+from daemon.pipeline import stages
 from daemon.pipeline.images import decode_image, full_size
 from daemon.pipeline.sidecars import Action, Decision, decide, precheck
-from daemon.pipeline.targets import Target, image_stem, sidecar_target
+from daemon.pipeline.stages import STAGES
+from daemon.pipeline.targets import Target, image_stem, siblings_of, sidecar_target
 from daemon.queue.index import CaptionRecord
 from daemon.text.postprocess import Pipeline, PostContext, pipeline_for
 
@@ -60,6 +63,7 @@ class CaptionIndex(Protocol):
         self, generator: str, image_paths: Iterable[str]
     ) -> dict[str, CaptionRecord]: ...
     def caption_by_sidecar(self, sidecar_path: str) -> CaptionRecord | None: ...
+    def names_by_stem(self, root: str, dir: str, stems: Iterable[str]) -> list[str]: ...
     def record_captions(self, records: Iterable[CaptionRecord]) -> None: ...
     def record_images(self, rows: Iterable[tuple[str, int, int]]) -> None: ...
 
@@ -115,6 +119,7 @@ class Item:
     content_hash: str = ""
     owner: tuple[int, int] | None = None
     size: tuple[int, int] | None = None  # the image's width and height (not drafted)
+    siblings: list[str] | None = None  # other images with its stem (planned once)
     error: BaseException | None = None
     started: float | None = None  # monotonic time prepare() began (read timeouts)
 
@@ -158,8 +163,12 @@ class CaptionPipeline:
         max_image_pixels: int,
         tags: TagsSource | None = None,
         clock: Callable[[], float] = time.time,
+        sync_pool: Executor | None = None,
     ) -> None:
+        """``sync_pool``: the caller's threads for fsyncing a batch's sidecars at once
+        (the pipeline itself starts no thread)."""
         self.generator = generator
+        self.sync_pool = sync_pool
         self.index = index
         self.max_image_pixels = max_image_pixels
         self.tags = tags
@@ -233,6 +242,7 @@ class CaptionPipeline:
             return
         try:
             records = self.index.get_captions(self.name, [i.path for i in live])
+            self._siblings([i for i in live if i.siblings is None])
         except Exception as exc:
             for i in live:
                 i.error = exc
@@ -243,13 +253,36 @@ class CaptionPipeline:
             except Exception as exc:
                 item.error = exc
 
+    def _siblings(self, items: Sequence[Item]) -> None:
+        """Each item's stem siblings (``a.png`` beside ``a.jpg``): from the index, one
+        query per folder of the batch; from the folder itself (a probe per image
+        extension) for an image the index does not know yet (a request for a file no
+        scan has seen)."""
+        by_folder: dict[tuple[str, str], list[Item]] = {}
+        for item in items:
+            if item.task.watch.sidecar_naming != "stem":
+                item.siblings = []
+            else:
+                by_folder.setdefault((str(item.task.watch.path), item.rel_dir), []).append(item)
+        for (root, rel_dir), group in by_folder.items():
+            names = set(
+                self.index.names_by_stem(root, rel_dir, {image_stem(i.name) for i in group})
+            )
+            for item in group:
+                exts = item.task.watch.image_extensions
+                if item.name in names:
+                    item.siblings = siblings_of(item.name, names, exts)
+                else:
+                    assert item.folder is not None
+                    item.siblings = item.folder.stem_siblings(item.name, exts)
+
     def _target(self, item: Item, record: CaptionRecord | None) -> Target:
         watch = item.task.watch
         assert item.folder is not None
         siblings: list[str] = []
         owner: str | None = None
         if watch.sidecar_naming == "stem":
-            siblings = item.folder.stem_siblings(item.name, watch.image_extensions)
+            siblings = item.siblings or []
             if siblings:
                 stem_form = f"{item.folder.path}/{image_stem(item.name)}.{self.extension(watch)}"
                 rec = self.index.caption_by_sidecar(stem_form)
@@ -287,7 +320,10 @@ class CaptionPipeline:
         task, folder = item.task, item.folder
         assert folder is not None
         faults.hang("read", task.path)
+        t0 = stages.now()
         data, st = folder.read_file(item.name)
+        t1 = stages.now()
+        STAGES.add("read", t1 - t0)
         gen = self.generator
         try:
             image = decode_image(
@@ -300,7 +336,11 @@ class CaptionPipeline:
             if self.clock() - st.st_mtime < max(task.watch.settle_seconds, 1.0) * 2:
                 raise FileChangingError("unreadable image, modified moments ago") from None
             raise
+        t2 = stages.now()
+        STAGES.add("decode", t2 - t1)
         item.content_hash = digest = content_hash(data)
+        t3 = stages.now()
+        STAGES.add("hash", t3 - t2)
         item.owner = (st.st_uid, st.st_gid)
         item.size = full_size(image)
         path = Path(task.path)
@@ -314,13 +354,16 @@ class CaptionPipeline:
                 )
             context["tags"] = self.tags(task, data, digest)
         item.value = gen.prepare(ImageInput(path, image, context))
+        STAGES.add("prepare", stages.now() - t3)
 
     # -- 3. generate ---------------------------------------------------------------------
     def generate(self, values: Sequence[Any]) -> list[str | BaseException]:
         """One caption (or the exception) per prepared value, in order."""
         gen = self.generator
+        t0 = stages.now()
         try:
             captions = gen.generate(values)
+            STAGES.add("generate", stages.now() - t0)
             if len(captions) != len(values):
                 raise GenerationError(
                     f"{self.name} returned {len(captions)} captions for {len(values)} images"
@@ -353,6 +396,7 @@ class CaptionPipeline:
         doc for the order). One outcome per item, in order."""
         outcomes: list[Outcome | None] = [None] * len(items)
         texts: dict[int, str] = {}
+        t0 = stages.now()
         for i, (item, raw) in enumerate(zip(items, results, strict=True)):
             if isinstance(raw, BaseException):
                 outcomes[i] = Outcome(item.task, error=raw)
@@ -361,6 +405,8 @@ class CaptionPipeline:
                 texts[i] = self._postprocessed(item, raw)
             except Exception as exc:
                 outcomes[i] = Outcome(item.task, error=exc)
+        t1 = stages.now()
+        STAGES.add("postprocess", t1 - t0)
         todo = [items[i] for i in texts]
         for item in todo:  # again: the folder or the records may have changed meanwhile
             item.error = None
@@ -401,6 +447,8 @@ class CaptionPipeline:
                     self._sidecar(item),
                     clash_with=item.target.clash_with,
                 )
+        t2 = stages.now()
+        STAGES.add("decide", t2 - t1)
         staged: dict[int, Staged] = {}
         records: dict[int, CaptionRecord] = {}
         for i, decision in decisions.items():
@@ -409,7 +457,9 @@ class CaptionPipeline:
             try:
                 if decision.action is Action.WRITE:
                     data = (decision.text.rstrip("\n") + "\n").encode("utf-8")
-                    staged[i] = item.folder.stage(item.target.name, data, owner=item.owner)
+                    staged[i] = item.folder.stage(
+                        item.target.name, data, owner=item.owner, sync=False
+                    )
                     digest = sidecar_hash(data)
                     prev = decision.prev_hash
                 else:  # the file already holds exactly this caption: record it as ours
@@ -427,7 +477,15 @@ class CaptionPipeline:
                     text=decision.text.rstrip("\n"),
                 )
             except Exception as exc:
+                if i in staged:
+                    staged.pop(i).discard()
                 outcomes[i] = Outcome(item.task, error=exc)
+        for i, exc in self._sync(staged).items():
+            staged.pop(i).discard()
+            records.pop(i, None)
+            outcomes[i] = Outcome(items[i].task, error=exc)
+        t3 = stages.now()
+        STAGES.add("stage", t3 - t2)
         if staged:
             faults.point("after_stage")
         try:
@@ -441,6 +499,8 @@ class CaptionPipeline:
             for i in records:
                 outcomes[i] = Outcome(items[i].task, error=exc)
             return [o for o in outcomes if o is not None]
+        t4 = stages.now()
+        STAGES.add("record", t4 - t3)
         if staged:
             faults.point("after_record")
         synced: dict[int, BaseException | None] = {}
@@ -475,9 +535,30 @@ class CaptionPipeline:
                     clash_with=item.target.clash_with,
                 )
             )
+        STAGES.add("rename", stages.now() - t4)
+        STAGES.finished(len(items))
         if staged:
             faults.point("after_rename")
         return [o for o in outcomes if o is not None]
+
+    def _sync(self, staged: Mapping[int, Staged]) -> dict[int, BaseException]:
+        """fsync the batch's temp files: all at once through ``sync_pool`` when given
+        (the filesystem groups concurrent fsyncs into fewer journal commits), else one
+        after another. The failures, by item."""
+        failed: dict[int, BaseException] = {}
+
+        def one(i: int) -> None:
+            try:
+                staged[i].sync()
+            except Exception as exc:
+                failed[i] = exc
+
+        if self.sync_pool is not None and len(staged) > 1:
+            list(self.sync_pool.map(one, list(staged)))
+        else:
+            for i in staged:
+                one(i)
+        return failed
 
     def _separator(self) -> str:
         return str(getattr(self.generator.config, "separator", ", "))

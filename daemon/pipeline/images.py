@@ -80,6 +80,8 @@ def decode_image(
     - Alpha is kept (``RGBA``) so that a generator can composite it as it needs.
     - 16-bit, 32-bit integer and 32-bit float greyscale (``I;16``, ``I``, ``F``, as
       16-bit PNGs and scientific TIFFs give) are scaled to 8 bits by :func:`to_8bit`.
+    - ``full_size(image)`` (``image.info[FULL_SIZE]``) is the full size as shown, also
+      after a draft.
     """
     if not data:
         raise BadImageError("empty file")
@@ -122,7 +124,10 @@ def decode_image(
 
     drafted = img.size
     try:
+        before = img.size
         ImageOps.exif_transpose(img, in_place=True)
+        if img.size != before:  # turned by a quarter: the full size turns too
+            full = (h, w)
     except MemoryError:
         raise
     except Exception:

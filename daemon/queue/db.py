@@ -148,6 +148,14 @@ _ADDITIONS = [
         at               REAL NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS stem_clashes_at ON stem_clashes (at)",
+    # Which captions the caption checks last saw, per image (daemon/report/checks.py):
+    # a key of the rules' version and the image's caption records. An image whose key
+    # differs (a caption written or refreshed, a rule changed) is checked again.
+    """CREATE TABLE IF NOT EXISTS checked (
+        image_path TEXT PRIMARY KEY,
+        check_key  TEXT NOT NULL,
+        checked_at REAL NOT NULL
+    ) WITHOUT ROWID""",
     # One row, rewritten by probe_write() to learn whether the database takes writes.
     "CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY, at REAL NOT NULL)",
     # The web UI's gallery pages over 100,000 images (bench/README.md, Web UI): every
@@ -187,6 +195,17 @@ _ADDITIONS = [
     """CREATE TRIGGER IF NOT EXISTS jobs_history_forget AFTER DELETE ON jobs BEGIN
         DELETE FROM job_history WHERE path = old.path AND generator = old.generator;
     END""",
+    # Backfill runs on a Ray cluster (daemon.backfill): who, where, and their progress
+    # (JSON), for `captiond status`; the row of a running one is its heartbeat.
+    """CREATE TABLE IF NOT EXISTS backfills (
+        owner       TEXT PRIMARY KEY,
+        host        TEXT NOT NULL,
+        pid         INTEGER NOT NULL,
+        started_at  REAL NOT NULL,
+        updated_at  REAL NOT NULL,
+        state       TEXT NOT NULL,
+        info        TEXT NOT NULL
+    )""",
 ]
 
 # Columns an older captiond ignores (it names the columns it reads): added at every
@@ -199,6 +218,52 @@ _COLUMNS = [
     ("jobs", "errno", "INTEGER"),
     # The caption text captiond wrote (or a person wrote through the API), for reports.
     ("captions", "text", "TEXT"),
+    # Hash of the sidecar bytes ``text`` was read back from when a person had edited the
+    # file (the report's refresh); NULL while ``text`` is what was recorded. Never used
+    # to decide ownership: ``sidecar_hash`` stays what captiond wrote.
+    ("captions", "text_hash", "TEXT"),
+    # Perceptual hash of the content (imagehash pHash, 16 hex digits) for the report's
+    # near duplicates; '' when the image could not be decoded for it.
+    ("images", "phash", "TEXT"),
+    # Who holds a leased job: NULL for the daemon, else a backfill driver's name
+    # (daemon.backfill). The daemon recovers its own leases at start, others' only once
+    # they expire.
+    ("jobs", "lease_owner", "TEXT"),
+    # What the dataset report needs of a caption record, computed once from its text and
+    # record (daemon/report/facts.py: words, CLIP limit, tag ids, trigger word, sidecar
+    # type, when it was written, whether a person wrote or edited it) by the report's
+    # background pass or by the first report that meets it. NULL until then, and again
+    # (trigger captions_facts_unknown) whenever the text or the record changes; a new record
+    # (INSERT OR REPLACE) starts NULL.
+    ("captions", "facts", "BLOB"),
+]
+
+# Additions that name columns of _COLUMNS: made after them, at every open if missing.
+_LATE_ADDITIONS = [
+    # A report reads every caption record of a folder through this index alone (a range
+    # of image_path, never a row of the table with its text): bench/README.md, Dataset
+    # report.
+    """CREATE INDEX IF NOT EXISTS captions_report
+        ON captions (image_path, generator, content_hash, facts)""",
+    # The records whose report facts are still to be computed (few, once the background
+    # pass has run), in the order the pass walks them.
+    """CREATE INDEX IF NOT EXISTS captions_nofacts ON captions (image_path, generator)
+        WHERE facts IS NULL""",
+    # Facts describe one record: a change of its text or sidecar makes them unknown
+    # again, whichever captiond (this one, an older one) makes it. (A record written
+    # again by INSERT OR REPLACE starts with none.)
+    "DROP TRIGGER IF EXISTS captions_facts_stale",  # a development version's, text only
+    """CREATE TRIGGER IF NOT EXISTS captions_facts_unknown
+        AFTER UPDATE OF text, text_hash, content_hash, sidecar_path, sidecar_hash, written_at
+        ON captions WHEN new.facts IS NOT NULL BEGIN
+            UPDATE captions SET facts = NULL WHERE rowid = new.rowid;
+        END""",
+    # Strings the facts refer to by number (tags, the keys facts were computed with).
+    # An id is never reused nor renumbered.
+    """CREATE TABLE IF NOT EXISTS report_terms (
+        id   INTEGER PRIMARY KEY,
+        term TEXT NOT NULL UNIQUE
+    )""",
 ]
 
 
@@ -206,22 +271,67 @@ class DatabaseError(Exception):
     """The database cannot be used (newer schema, corrupt file)."""
 
 
+class _Pool:
+    """Connections of threads that ended, kept for the next short-lived thread (an API
+    request): opening one costs about a millisecond (the file, WAL mode, the schema)."""
+
+    SIZE = 4
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.idle: list[sqlite3.Connection] = []
+        self.open = True
+        self.pid = os.getpid()
+
+    def take(self) -> sqlite3.Connection | None:
+        if self.pid != os.getpid():  # a forked child: the parent's handles are not ours
+            self.lock, self.idle, self.pid = threading.Lock(), [], os.getpid()
+        with self.lock:
+            return self.idle.pop() if self.idle else None
+
+    def give(self, conn: sqlite3.Connection) -> bool:
+        """Keep ``conn`` for reuse; False when the caller must close it."""
+        try:
+            if conn.in_transaction or self.pid != os.getpid():
+                return False  # a thread that died mid-transaction: not for anyone else
+        except sqlite3.ProgrammingError:  # already closed (the database was)
+            return False
+        with self.lock:
+            if self.open and len(self.idle) < self.SIZE:
+                self.idle.append(conn)
+                return True
+        return False
+
+    def close(self) -> list[sqlite3.Connection]:
+        with self.lock:
+            self.open = False
+            idle, self.idle = self.idle, []
+        return idle
+
+
 class _Holder:
-    """Owns one thread's connection; closes it when the thread's locals go away."""
+    """Owns one thread's connection; when the thread's locals go away, gives it to the
+    pool (or closes it)."""
 
-    __slots__ = ("__weakref__", "conn", "pid")
+    __slots__ = ("__weakref__", "conn", "pid", "pool")
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, pool: _Pool) -> None:
         self.conn = conn
         self.pid = os.getpid()
+        self.pool = pool
 
     def close(self) -> None:
         if self.conn is not None:
             with suppress(sqlite3.Error):
                 self.conn.close()
+            self.conn = None  # type: ignore[assignment]
 
     def __del__(self) -> None:
-        self.close()
+        conn = self.conn
+        if conn is None or self.pid != os.getpid():
+            return
+        if not self.pool.give(conn):
+            self.close()
 
 
 class Database:
@@ -233,6 +343,7 @@ class Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._holders: weakref.WeakSet[_Holder] = weakref.WeakSet()
+        self._pool = _Pool()
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -270,13 +381,13 @@ class Database:
     def conn(self) -> sqlite3.Connection:
         """This thread's connection (opened on first use; reopened after a fork)."""
         holder: _Holder | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.pid == os.getpid():
+        if holder is not None and holder.pid == os.getpid() and holder.conn is not None:
             return holder.conn
         if self._closed:
             raise DatabaseError(f"{self.path}: database is closed")
         if holder is not None:  # inherited across fork: never touch the parent's handle
             holder.conn = None  # type: ignore[assignment]
-        holder = _Holder(self._connect())
+        holder = _Holder(self._pool.take() or self._connect(), self._pool)
         self._local.holder = holder
         with self._lock:
             self._holders.add(holder)
@@ -287,6 +398,9 @@ class Database:
         self._closed = True
         with self._lock:
             holders = list(self._holders)
+        for conn in self._pool.close():
+            with suppress(sqlite3.Error):
+                conn.close()
         for h in holders:
             if h.conn is not None and h.pid == os.getpid():
                 h.close()
@@ -302,6 +416,21 @@ class Database:
 
     def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: the queries inside see one state of the database (WAL).
+        Inside a transaction already, it joins it. Nothing may be written inside."""
+        conn = self.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")  # nothing was written: this only ends the read
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -365,4 +494,6 @@ class Database:
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            for stmt in _LATE_ADDITIONS:
+                conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

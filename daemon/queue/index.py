@@ -248,6 +248,23 @@ class FileIndex:
                     rows,
                 )
 
+    def names_by_stem(self, root: str, dir: str, stems: Iterable[str]) -> list[str]:
+        """Indexed image names in folder ``dir`` of ``root`` that begin with one of
+        ``stems`` and a dot (``a`` -> ``a.png``, ``a.JPG``, also ``a.b.png``: the
+        caller tells stems apart). One range of the primary key per stem, so the cost
+        does not grow with the folder."""
+        conn = self.db.conn
+        out: list[str] = []
+        for stem in sorted(set(stems)):
+            out += [
+                r[0]
+                for r in conn.execute(
+                    "SELECT name FROM files WHERE root = ? AND dir = ? AND name >= ? AND name < ?",
+                    (root, dir, stem + ".", stem + "/"),  # '/' sorts right after '.'
+                )
+            ]
+        return out
+
     def image_size(self, content_hash: str) -> tuple[int, int] | None:
         row = self.db.conn.execute(
             "SELECT width, height FROM images WHERE content_hash = ?", (content_hash,)
@@ -431,6 +448,322 @@ class FileIndex:
             if 0 <= bucket < minutes:
                 out[bucket] = n
         return out
+
+    # -- the dataset report and the caption checks (daemon/report) ---------------------
+    # Reads for a report take a folder (absolute ``prefix``) and return plain rows; the
+    # report package turns them into numbers. Nothing here reads the disk.
+
+    def files_in(self, root: str, dir: str = "") -> list[tuple[str, str]]:
+        """(dir, name) of every indexed image under ``dir`` of ``root`` ('' = all)."""
+        if not dir:
+            return self.db.conn.execute(
+                "SELECT dir, name FROM files WHERE root = ?", (root,)
+            ).fetchall()
+        return self.db.conn.execute(
+            "SELECT dir, name FROM files WHERE root = ? AND (dir = ? OR (dir >= ? AND dir < ?))",
+            (root, dir, dir + "/", dir + "0"),
+        ).fetchall()
+
+    def report_captions(self, prefix: str) -> list[tuple]:
+        """(image_path, generator, content_hash, sidecar_path, sidecar_hash, written_at,
+        text, text_hash) of every caption record under the folder ``prefix``."""
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            "SELECT image_path, generator, content_hash, sidecar_path, sidecar_hash, "
+            "written_at, text, text_hash FROM captions WHERE image_path >= ? AND image_path < ?",
+            (p + "/", p + "0"),
+        ).fetchall()
+
+    def snapshot(self) -> Any:
+        """A read transaction: the reads inside see one state of the index."""
+        return self.db.snapshot()
+
+    def report_caption_facts(self, prefix: str) -> list[tuple[str, str, str, bytes | None]]:
+        """(image_path, generator, content_hash, facts) of every caption record under the
+        folder ``prefix`` (daemon/report/facts.py), from the covering index alone."""
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            "SELECT image_path, generator, content_hash, facts FROM captions "
+            "INDEXED BY captions_report WHERE image_path >= ? AND image_path < ?",
+            (p + "/", p + "0"),
+        ).fetchall()
+
+    def caption_records(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
+        """(image_path, generator) -> the row of :meth:`report_captions`, for these."""
+        out: dict[tuple[str, str], tuple] = {}
+        by_path: dict[str, set[str]] = {}
+        for p, g in keys:
+            by_path.setdefault(p, set()).add(g)
+        paths = list(by_path)
+        for row in self.caption_rows(paths):
+            if row[1] in by_path[row[0]]:
+                out[(row[0], row[1])] = row
+        return out
+
+    def captions_without_facts(
+        self, prefix: str, after: tuple[str, str], limit: int
+    ) -> list[tuple]:
+        """Rows of :meth:`report_captions` of up to ``limit`` caption records under
+        ``prefix`` with no report facts yet, after ``after`` (image_path, generator)."""
+        p = prefix.rstrip("/")
+        lo = max((p + "/", ""), after)
+        return self.db.conn.execute(
+            "SELECT image_path, generator, content_hash, sidecar_path, sidecar_hash, "
+            "written_at, text, text_hash FROM captions INDEXED BY captions_nofacts "
+            "WHERE facts IS NULL AND (image_path, generator) > (?, ?) AND image_path < ? "
+            "ORDER BY image_path, generator LIMIT ?",
+            (*lo, p + "0", limit),
+        ).fetchall()
+
+    def store_facts(self, rows: Iterable[tuple[bytes, tuple]]) -> int:
+        """(facts, the row of :meth:`report_captions` they were computed from): kept
+        where the record is still that row."""
+        params = [(f, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for f, r in rows]
+        if not params:
+            return 0
+        with self.db.transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE captions SET facts = ? WHERE image_path = ? AND generator = ? "
+                "AND content_hash = ? AND sidecar_path = ? AND sidecar_hash = ? "
+                "AND written_at = ? AND text IS ? AND text_hash IS ?",
+                params,
+            )
+            return conn.total_changes - before
+
+    def report_terms(self) -> list[tuple[int, str]]:
+        return self.db.conn.execute("SELECT id, term FROM report_terms").fetchall()
+
+    def term_ids(self, terms: Iterable[str]) -> dict[str, int]:
+        """The ids of ``terms`` in ``report_terms``, added when new."""
+        terms = list(dict.fromkeys(terms))
+        out: dict[str, int] = {}
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO report_terms (term) VALUES (?)", [(t,) for t in terms]
+            )
+            for i in range(0, len(terms), 500):
+                chunk = terms[i : i + 500]
+                out.update(
+                    (term, tid)
+                    for tid, term in conn.execute(
+                        "SELECT id, term FROM report_terms "
+                        f"WHERE term IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+        return out
+
+    def image_facts(
+        self, digests: Iterable[str]
+    ) -> dict[str, tuple[int | None, int | None, str | None]]:
+        """content hash -> (width, height, phash) for these contents (many: one pass over
+        the table; few: by key)."""
+        want = set(digests)
+        out: dict[str, tuple[int | None, int | None, str | None]] = {}
+        if len(want) > 5000:
+            for digest, w, h, p in self.db.conn.execute(
+                "SELECT content_hash, width, height, phash FROM images"
+            ):
+                if digest in want:
+                    out[digest] = (w, h, p)
+            return out
+        keys = list(want)
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            for digest, w, h, p in self.db.conn.execute(
+                "SELECT content_hash, width, height, phash FROM images "
+                f"WHERE content_hash IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ):
+                out[digest] = (w, h, p)
+        return out
+
+    def set_texts(self, rows: Iterable[tuple[str, str, str, str]]) -> int:
+        """(image_path, generator, text, text_hash): the caption text read back from a
+        sidecar a person edited. ``sidecar_hash`` (ownership) is left as it was."""
+        rows = [(t, h, p, g) for p, g, t, h in rows]
+        if not rows:
+            return 0
+        with self.db.transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE captions SET text = ?, text_hash = ? "
+                "WHERE image_path = ? AND generator = ?",
+                rows,
+            )
+            return conn.total_changes - before
+
+    # perceptual hashes
+    def phash_todo(self) -> dict[str, list[str]]:
+        """content hash -> image paths, for every captioned content without a perceptual
+        hash yet (NULL: never tried)."""
+        out: dict[str, list[str]] = {}
+        for digest, path in self.db.conn.execute(
+            "SELECT c.content_hash, c.image_path FROM captions c "
+            "LEFT JOIN images i ON i.content_hash = c.content_hash "
+            "WHERE i.phash IS NULL ORDER BY c.content_hash, c.written_at DESC"
+        ):
+            paths = out.setdefault(digest, [])
+            if path not in paths:
+                paths.append(path)
+        return out
+
+    def record_phashes(self, rows: Iterable[tuple[str, int | None, int | None, str]]) -> None:
+        """(content_hash, width, height, phash); a known size is kept when None is given."""
+        rows = list(rows)
+        if rows:
+            with self.db.transaction() as conn:
+                conn.executemany(
+                    "INSERT INTO images (content_hash, width, height, phash) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (content_hash) DO UPDATE SET phash = excluded.phash, "
+                    "width = coalesce(excluded.width, width), "
+                    "height = coalesce(excluded.height, height)",
+                    rows,
+                )
+
+    def count_phashes(self) -> tuple[int, int]:
+        """(contents with a perceptual hash, contents known) in the ``images`` table."""
+        row = self.db.conn.execute("SELECT count(phash), count(*) FROM images").fetchone()
+        return int(row[0]), int(row[1])
+
+    # caption checks
+    def checked_keys(self, prefix: str | None = None) -> dict[str, str]:
+        """image_path -> the key its captions had when they were last checked."""
+        if prefix is None:
+            rows = self.db.conn.execute("SELECT image_path, check_key FROM checked")
+        else:
+            p = prefix.rstrip("/")
+            rows = self.db.conn.execute(
+                "SELECT image_path, check_key FROM checked WHERE image_path >= ? AND "
+                "image_path < ?",
+                (p + "/", p + "0"),
+            )
+        return dict(rows.fetchall())
+
+    def unchecked(self, prefix: str) -> list[str]:
+        """Images under ``prefix`` with a caption recorded after their last check (or
+        never checked): what a report checks first. Changes of the rules or of a
+        folder's trigger word are found by the full pass (:meth:`checked_keys`)."""
+        p = prefix.rstrip("/")
+        return [
+            r[0]
+            for r in self.db.conn.execute(
+                "SELECT DISTINCT c.image_path FROM captions c "
+                "LEFT JOIN checked k ON k.image_path = c.image_path "
+                "WHERE c.image_path >= ? AND c.image_path < ? "
+                "AND (k.checked_at IS NULL OR c.written_at > k.checked_at)",
+                (p + "/", p + "0"),
+            )
+        ]
+
+    def caption_rows(self, image_paths: Iterable[str]) -> list[tuple]:
+        """The rows of :meth:`report_captions` for these images (500 per query)."""
+        paths = list(dict.fromkeys(image_paths))
+        out: list[tuple] = []
+        for i in range(0, len(paths), 500):
+            chunk = paths[i : i + 500]
+            out += self.db.conn.execute(
+                "SELECT image_path, generator, content_hash, sidecar_path, sidecar_hash, "
+                "written_at, text, text_hash FROM captions "
+                f"WHERE image_path IN ({','.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
+        return out
+
+    def apply_checks(
+        self, results: Iterable[tuple[str, str, list[tuple[str, str, str, str]]]]
+    ) -> int:
+        """Store what the checks found: per image ``(image_path, key, flags)`` with flags
+        ``(generator, check_name, reason, content_hash)``. The image's other flags go; a
+        flag raised again keeps its dismissal while the content hash is the same (a
+        changed image is looked at afresh). Returns the number of flags new or re-opened.
+        """
+        results = list(results)
+        if not results:
+            return 0
+        now = self.clock()
+        opened = 0
+        with self.db.transaction() as conn:
+            for i in range(0, len(results), 500):
+                chunk = results[i : i + 500]
+                paths = [r[0] for r in chunk]
+                have: dict[str, dict[tuple[str, str], tuple[str, float | None]]] = {}
+                for path, gen, check, digest, dismissed in conn.execute(
+                    "SELECT image_path, generator, check_name, content_hash, dismissed_at "
+                    f"FROM flags WHERE image_path IN ({','.join('?' * len(paths))})",
+                    paths,
+                ):
+                    have.setdefault(path, {})[(gen, check)] = (digest, dismissed)
+                drop, upsert = [], []
+                for path, _key, flags in chunk:
+                    old = have.get(path, {})
+                    new = {(g, c) for g, c, _r, _h in flags}
+                    drop += [(path, g, c) for g, c in old if (g, c) not in new]
+                    for g, c, reason, digest in flags:
+                        prev = old.get((g, c))
+                        if prev is None or prev[0] != digest:
+                            opened += 1
+                        upsert.append((path, g, c, reason, digest, now))
+                conn.executemany(
+                    "DELETE FROM flags WHERE image_path = ? AND generator = ? AND check_name = ?",
+                    drop,
+                )
+                conn.executemany(
+                    "INSERT INTO flags (image_path, generator, check_name, reason, content_hash, "
+                    "created_at) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (image_path, generator, check_name) DO UPDATE SET "
+                    "reason = excluded.reason, "
+                    "created_at = CASE WHEN content_hash = excluded.content_hash "
+                    "THEN created_at ELSE excluded.created_at END, "
+                    "dismissed_at = CASE WHEN content_hash = excluded.content_hash "
+                    "THEN dismissed_at END, "
+                    "content_hash = excluded.content_hash",
+                    upsert,
+                )
+                conn.executemany(
+                    "INSERT OR REPLACE INTO checked (image_path, check_key, checked_at) "
+                    "VALUES (?, ?, ?)",
+                    [(path, key, now) for path, key, _f in chunk],
+                )
+        return opened
+
+    def flags_under(self, prefix: str | None = None) -> list[tuple]:
+        """(image_path, generator, check_name, reason, content_hash, created_at,
+        dismissed_at) of the flags under ``prefix`` (all when None)."""
+        sql = (
+            "SELECT image_path, generator, check_name, reason, content_hash, created_at, "
+            "dismissed_at FROM flags"
+        )
+        if prefix is None:
+            return self.db.conn.execute(sql + " ORDER BY image_path").fetchall()
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            sql + " WHERE image_path >= ? AND image_path < ? ORDER BY image_path",
+            (p + "/", p + "0"),
+        ).fetchall()
+
+    def flag_counts(self) -> dict[str, tuple[int, int]]:
+        """check_name -> (open flags, dismissed flags)."""
+        rows = self.db.conn.execute(
+            "SELECT check_name, count(*) - count(dismissed_at), count(dismissed_at) FROM flags "
+            "GROUP BY check_name"
+        )
+        return {name: (int(o), int(d)) for name, o, d in rows}
+
+    def dismiss_flags(
+        self, image_path: str, generator: str | None = None, check_name: str | None = None
+    ) -> int:
+        """Mark an image's open flags (of one generator, one check) dismissed; how many."""
+        sql = "UPDATE flags SET dismissed_at = ? WHERE image_path = ? AND dismissed_at IS NULL"
+        params: list = [self.clock(), image_path]
+        if generator is not None:
+            sql += " AND generator = ?"
+            params.append(generator)
+        if check_name is not None:
+            sql += " AND check_name = ?"
+            params.append(check_name)
+        return self.db.conn.execute(sql, params).rowcount
 
 
 SPARSE_PENDING = 2000

@@ -143,6 +143,22 @@ WHERE id IN (
 RETURNING {_COLS}
 """
 
+# A backfill's claim (JobQueue with an owner): pending jobs of one generator under some
+# folders, not explicit requests (options: someone waits for the daemon's answer), in
+# claim order, leased under the owner's name.
+_CLAIM_OWNED = f"""
+UPDATE jobs SET state = 'leased', lease_until = :until, lease_owner = :owner,
+    attempts = attempts + 1, updated_at = :now
+WHERE id IN (
+    SELECT id FROM jobs INDEXED BY jobs_claim
+    WHERE state = 'pending' AND generator = :generator AND not_before <= :now
+      AND options IS NULL AND ({{under}})
+    ORDER BY priority DESC, enqueued_at, id
+    LIMIT :limit
+)
+RETURNING {_COLS}
+"""
+
 # A rerun (the file changed while leased) always goes back to pending, afresh. Its
 # options are kept only when a new request replaced those of the finished run (?4).
 _ACK = """
@@ -158,8 +174,9 @@ UPDATE jobs SET
     error_type    = NULL,
     error_message = NULL,
     errno         = NULL,
+    lease_owner   = NULL,
     updated_at    = ?2
-WHERE id = ?3 AND state = 'leased'
+WHERE id = ?3 AND state = 'leased' AND lease_owner IS ?5
 """
 
 # ?1 retryable, ?2 max_attempts, ?3 now, ?4 backoff_max, ?5 backoff_base, ?6 jitter
@@ -183,20 +200,22 @@ UPDATE jobs SET
     error_type    = ?7,
     error_message = ?8,
     errno         = ?10,
+    lease_owner   = NULL,
     updated_at    = ?3
-WHERE id = ?9 AND state = 'leased'
+WHERE id = ?9 AND state = 'leased' AND lease_owner IS ?11
 RETURNING state, path, generator
 """
 
 _RELEASE = """
 UPDATE jobs SET state = 'pending', attempts = max(attempts - 1, 0), not_before = ?1,
-    lease_until = NULL, rerun = 0, updated_at = ?2
-WHERE id = ?3 AND state = 'leased'
+    lease_until = NULL, lease_owner = NULL, rerun = 0, updated_at = ?2
+WHERE id = ?3 AND state = 'leased' AND lease_owner IS ?4
 """
 
 # Lease recovery. An attempt that crashed the worker counts: a job that keeps killing
-# the worker goes dead after max_attempts instead of looping forever.
-_RECOVER = f"""
+# the worker goes dead after max_attempts instead of looping forever. ``{which}``
+# chooses whose leases (see the recover_* methods).
+_RECOVER_SET = f"""
 UPDATE jobs SET
     state = CASE WHEN rerun OR attempts < ?1 THEN 'pending' ELSE 'dead' END,
     attempts = CASE WHEN rerun THEN 0 ELSE attempts END,
@@ -204,10 +223,22 @@ UPDATE jobs SET
                       ELSE '{ErrorType.WORKER_CRASH.value}' END,
     error_message = CASE WHEN rerun OR attempts < ?1 THEN error_message
                          ELSE 'lease expired on the last attempt (worker crashed?)' END,
-    not_before = 0, rerun = 0, lease_until = NULL, updated_at = ?2
-WHERE state = 'leased' AND lease_until < ?3
-RETURNING path, generator, state, error_type, error_message, attempts
+    not_before = 0, rerun = 0, lease_until = NULL, lease_owner = NULL, updated_at = ?2
 """
+# Jobs leased by the daemon itself carry no owner; a backfill driver (daemon.backfill)
+# leases under its own name. jobs_lease holds the leased rows only.
+_RECOVER = _RECOVER_SET + "WHERE state = 'leased' AND lease_until < ?3"
+_RECOVER_OWN_ALL = (
+    _RECOVER_SET + "WHERE state = 'leased' AND (lease_owner IS NULL OR lease_until < ?3)"
+)
+_RECOVER_FOREIGN = (
+    _RECOVER_SET + "WHERE state = 'leased' AND lease_until < ?3 AND lease_owner IS NOT NULL"
+)
+_RECOVER_OWNER = _RECOVER_SET + "WHERE state = 'leased' AND lease_until >= 0 AND lease_owner = ?4"
+_RECOVERED = " RETURNING path, generator, state, error_type, error_message, attempts"
+_RECOVER, _RECOVER_OWN_ALL, _RECOVER_FOREIGN, _RECOVER_OWNER = (
+    q + _RECOVERED for q in (_RECOVER, _RECOVER_OWN_ALL, _RECOVER_FOREIGN, _RECOVER_OWNER)
+)
 
 # One failed attempt into job_history, and the job's rows beyond the last HISTORY_KEEP out.
 _HISTORY = """
@@ -283,7 +314,12 @@ class JobQueue:
         lease_seconds: float = 600.0,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        owner: str | None = None,
     ) -> None:
+        """``owner``: the name this queue leases under. None is the daemon (whose leases
+        are all recovered when it starts); a backfill driver gives its own, so that the
+        daemon leaves its leases alone until they expire."""
+        self.owner = owner
         self.db = db
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
@@ -355,7 +391,9 @@ class JobQueue:
         ``options``: those the finished run was claimed with (cleared unless a new
         request replaced them meanwhile). No effect on a job that is no longer leased.
         """
-        self.db.conn.execute(_ACK, (outcome, self.clock(), job_id, _options_json(options)))
+        self.db.conn.execute(
+            _ACK, (outcome, self.clock(), job_id, _options_json(options), self.owner)
+        )
 
     def fail(
         self,
@@ -390,6 +428,7 @@ class JobQueue:
                     message,
                     job_id,
                     errno,
+                    self.owner,
                 ),
             ).fetchone()
             if row is not None:
@@ -410,7 +449,7 @@ class JobQueue:
             return
         now = self.clock()
         with self.db.transaction() as conn:
-            conn.executemany(_RELEASE, [(now + delay, now, i) for i in job_ids])
+            conn.executemany(_RELEASE, [(now + delay, now, i, self.owner) for i in job_ids])
 
     def extend_lease(self, job_ids: Sequence[int], seconds: float | None = None) -> None:
         if not job_ids:
@@ -419,22 +458,38 @@ class JobQueue:
         until = now + (self.lease_seconds if seconds is None else seconds)
         with self.db.transaction() as conn:
             conn.executemany(
-                "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ? AND state = 'leased'",
-                [(until, now, i) for i in job_ids],
+                "UPDATE jobs SET lease_until = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'leased' AND lease_owner IS ?",
+                [(until, now, i, self.owner) for i in job_ids],
             )
 
     def recover_expired(self) -> int:
         """Leased jobs past their lease -> pending (dead if that was the last attempt)."""
-        return self._recover(self.clock())
+        now = self.clock()
+        return self._recover(_RECOVER, (self.max_attempts, now, now))
 
     def recover_all_leased(self) -> int:
-        """At daemon start: every lease belongs to a dead process; recover them all."""
-        return self._recover(float("inf"))
+        """At daemon start: every lease of the daemon's own (no owner) belongs to a dead
+        process; recover them all, and other owners' (a backfill's) expired ones. A live
+        backfill's leases stay with it."""
+        now = self.clock()
+        return self._recover(_RECOVER_OWN_ALL, (self.max_attempts, now, now))
 
-    def _recover(self, expired_before: float) -> int:
+    def recover_expired_foreign(self) -> int:
+        """Expired leases of other owners (a backfill driver that died) -> pending (dead
+        on the last attempt). The daemon calls it now and then; never touches its own."""
+        now = self.clock()
+        return self._recover(_RECOVER_FOREIGN, (self.max_attempts, now, now))
+
+    def recover_owner(self, owner: str) -> int:
+        """Every lease of ``owner`` (known dead: its process is gone) at once."""
+        now = self.clock()
+        return self._recover(_RECOVER_OWNER, (self.max_attempts, now, None, owner))
+
+    def _recover(self, sql: str, params: tuple) -> int:
         now = self.clock()
         with self.db.transaction() as conn:
-            rows = conn.execute(_RECOVER, (self.max_attempts, now, expired_before)).fetchall()
+            rows = conn.execute(sql, params).fetchall()
             for path, generator, state, error_type, message, attempts in rows:
                 # an attempt that ended with an error: the last one's, or the worker's crash
                 # (attempts 0: the file changed meanwhile, a fresh start, not an attempt)
@@ -456,6 +511,84 @@ class JobQueue:
         """One attempt that ended with an error, into the job's history (see db.py)."""
         conn.execute(_HISTORY, (path, generator, at, state, error_type, message, attempt))
         conn.execute(_HISTORY_TRIM, (path, generator))
+
+    # -- leasing under an owner (a backfill driver) ---------------------------------
+
+    def claim_under(self, generator: str, limit: int, prefixes: Sequence[str]) -> list[Job]:
+        """Lease, under this queue's owner, up to ``limit`` due pending jobs of
+        ``generator`` under ``prefixes`` (folders, absolute), in claim order; explicit
+        requests (jobs with options) are left to the daemon."""
+        if not prefixes:
+            return []
+        now = self.clock()
+        params: dict[str, Any] = {
+            "until": now + self.lease_seconds,
+            "owner": self.owner,
+            "now": now,
+            "generator": generator,
+            "limit": limit,
+        }
+        terms = []
+        for i, prefix in enumerate(prefixes):
+            p = prefix.rstrip("/")
+            params[f"lo{i}"], params[f"hi{i}"] = p + "/", p + "0"
+            terms.append(f"(path >= :lo{i} AND path < :hi{i})")
+        sql = _CLAIM_OWNED.replace("{under}", " OR ".join(terms))
+        rows = self.db.conn.execute(sql, params).fetchall()
+        return sorted((_job(r) for r in rows), key=_claim_order)
+
+    def extend_owned(self, seconds: float | None = None) -> int:
+        """Extend every lease this queue's owner holds; how many it still holds."""
+        now = self.clock()
+        until = now + (self.lease_seconds if seconds is None else seconds)
+        return self.db.conn.execute(
+            "UPDATE jobs INDEXED BY jobs_lease SET lease_until = ? "
+            "WHERE state = 'leased' AND lease_until >= 0 AND lease_owner IS ?",
+            (until, self.owner),
+        ).rowcount
+
+    def held(self, job_ids: Iterable[int]) -> set[int]:
+        """Those of ``job_ids`` still leased by this queue's owner."""
+        out: set[int] = set()
+        for chunk in _chunks(job_ids, 500):
+            sql = (
+                f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(chunk))}) "
+                "AND state = 'leased' AND lease_owner IS ?"
+            )
+            out.update(r[0] for r in self.db.conn.execute(sql, [*chunk, self.owner]))
+        return out
+
+    def leased_paths(self, owner: str) -> list[str]:
+        """Paths of the jobs ``owner`` holds."""
+        rows = self.db.conn.execute(
+            "SELECT path FROM jobs INDEXED BY jobs_lease "
+            "WHERE state = 'leased' AND lease_until >= 0 AND lease_owner = ?",
+            (owner,),
+        )
+        return [r[0] for r in rows]
+
+    def leased_by_owner(self) -> dict[str, int]:
+        """owner -> jobs leased, for owners other than the daemon."""
+        rows = self.db.conn.execute(
+            "SELECT lease_owner, count(*) FROM jobs INDEXED BY jobs_lease "
+            "WHERE state = 'leased' AND lease_until >= 0 AND lease_owner IS NOT NULL "
+            "GROUP BY lease_owner"
+        )
+        return dict(rows.fetchall())
+
+    def count_claimable(self, generator: str, prefixes: Sequence[str]) -> int:
+        """Pending jobs of ``generator`` under ``prefixes`` that :meth:`claim_under`
+        would take (due or not)."""
+        total = 0
+        for prefix in prefixes:
+            p = prefix.rstrip("/")
+            row = self.db.conn.execute(
+                "SELECT count(*) FROM jobs WHERE state = 'pending' AND generator = ? "
+                "AND path >= ? AND path < ? AND options IS NULL",
+                (generator, p + "/", p + "0"),
+            ).fetchone()
+            total += int(row[0])
+        return total
 
     # -- removal -------------------------------------------------------------------
 
@@ -568,10 +701,11 @@ class JobQueue:
         now = self.clock()
         with self.db.transaction() as conn:
             row = conn.execute(
-                "UPDATE jobs SET state = 'dead', lease_until = NULL, error_type = ?, "
-                "error_message = ?, updated_at = ? WHERE id = ? AND state = 'leased' AND NOT rerun "
+                "UPDATE jobs SET state = 'dead', lease_until = NULL, lease_owner = NULL, "
+                "error_type = ?, error_message = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'leased' AND NOT rerun AND lease_owner IS ? "
                 "RETURNING path, generator, attempts",
-                (error_type, message, now, job_id),
+                (error_type, message, now, job_id, self.owner),
             ).fetchone()
             if row is not None:
                 self._remember(conn, row[0], row[1], now, "dead", error_type, message, row[2])
@@ -637,6 +771,13 @@ class JobQueue:
             key = (gen, state, outcome or "")  # NULL and "" are one outcome: add them up
             out[key] = out.get(key, 0) + n
         return out
+
+    def open_count(self) -> int:
+        """Jobs pending or leased (through the state index: costs what is open)."""
+        row = self.db.conn.execute(
+            "SELECT count(*) FROM jobs INDEXED BY jobs_state WHERE state IN ('pending', 'leased')"
+        ).fetchone()
+        return int(row[0])
 
     def totals(self) -> dict[str, int]:
         """state -> number of jobs over every generator."""
@@ -720,6 +861,18 @@ class JobQueue:
             (limit,),
         )
         return [_job(r) for r in rows]
+
+    def report_jobs(self, prefix: str) -> list[tuple]:
+        """(path, generator, state, outcome, error_type, error message cut to 200
+        characters) of the jobs under the folder ``prefix`` that a dataset report counts:
+        all but those done with captiond's own caption (written, unchanged)."""
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            "SELECT path, generator, state, outcome, error_type, substr(error_message, 1, 200) "
+            "FROM jobs WHERE path >= ? AND path < ? AND NOT (state = 'done' AND outcome IN "
+            "('written', 'unchanged'))",
+            (p + "/", p + "0"),
+        ).fetchall()
 
     def get(self, path: str, generator: str) -> Job | None:
         row = self.db.conn.execute(

@@ -39,6 +39,13 @@ from watchdog.events import (
     EVENT_TYPE_DELETED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
 )
@@ -46,9 +53,26 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import WatchConfig
+from daemon.confined import is_temp_name
 from daemon.watch.mounts import fs_type, inotify_watch_limit, is_network_fs, read_mountinfo
 
 log = structlog.get_logger(__name__)
+
+# The events the watcher asks the kernel for (inotify's mask is built from them): a
+# file appearing (created, moved in), written and closed, or going. Not opened or
+# closed-without-writing (every read, captiond's own included), not modified (a
+# write() each; the settle stat notices a file still growing), not a folder's
+# "modified" (one per change in it). A sidecar captiond writes still shows as its temp
+# file created, closed and moved: three events (see ``own_events``).
+EVENT_FILTER = [
+    FileCreatedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
 
 MAX_PENDING = 512
 """More settling paths than this in one root collapse into one rescan (as Syncthing)."""
@@ -351,6 +375,7 @@ class RootWatcher:
         self._storm_since: float | None = None
         self._last_event_mono: float | None = None
         self.events_seen = 0
+        self.own_events = 0  # of those, on captiond's own temp files (its sidecar writes)
         self.errors = 0
         self.restarts = 0
         self.last_event_at: float | None = None  # wall clock, for status
@@ -442,7 +467,12 @@ class RootWatcher:
             observer: BaseObserver | None = None
             try:
                 observer = self._new_observer()
-                observer.schedule(_Handler(self), str(self.root), recursive=self.watch.recursive)
+                observer.schedule(
+                    _Handler(self),
+                    str(self.root),
+                    recursive=self.watch.recursive,
+                    event_filter=EVENT_FILTER,
+                )
                 observer.start()
             except OSError as exc:
                 self._discard(observer)
@@ -581,8 +611,13 @@ class RootWatcher:
 
     def _handle(self, event: FileSystemEvent) -> None:
         now = self._clock()
+        src_name = os.path.basename(os.fsdecode(event.src_path)) if event.src_path else ""
+        own = is_temp_name(src_name)  # a sidecar being written, or renamed into place
         with self._lock:
             self.events_seen += 1
+            self.own_events += own
+            if own and event.event_type != EVENT_TYPE_MOVED:
+                return  # (a move goes on: its destination is checked like any other)
             self.last_event_at = time.time()
             self._last_event_mono = now
             if self._storm_since is not None:
@@ -725,6 +760,7 @@ class RootWatcher:
         with self._lock:
             storm = self._storm_since is not None
             events, errors, last = self.events_seen, self.errors, self.last_event_at
+            own = self.own_events
         return {
             "path": str(self.root),
             "mode": self.mode,
@@ -732,6 +768,7 @@ class RootWatcher:
             "fstype": self.fstype,
             "alive": self.is_alive(),
             "events_seen": events,
+            "own_events": own,
             "errors": errors,
             "pending": self.pending(),
             "storm": storm,
