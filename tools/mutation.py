@@ -212,6 +212,7 @@ def status_of(code: int | None) -> str:
 # (``SELECT`` -> ``select``, ``jobs`` -> ``JOBS``) changes nothing: SQLite's keywords and
 # names are case-insensitive. Recognised by rule instead of being listed one by one.
 SQL_CASE_RULE = "SQL case only: SQLite keywords and names are case-insensitive"
+SQL_MODULES = {"daemon/queue/jobs.py"}  # where the rule applies: messages elsewhere say "set"
 # A line counts as SQL by a statement keyword or a parameter placeholder (``?``, ``?2``);
 # not by words like AND or IS, which error messages have too. A line that rewrites SQL
 # text (``sql.replace(old, new)``) is left to a person: there the case of ``old`` matters.
@@ -272,7 +273,7 @@ def collect(group: Group, equivalents: dict[str, str]) -> tuple[list[Score], dic
                 else:
                     s.equivalent.append(name)
             elif status not in DETECTED:
-                if sql_case_only(diffs[name]):
+                if module in SQL_MODULES and sql_case_only(diffs[name]):
                     equivalents[name] = SQL_CASE_RULE
                     s.equivalent.append(name)
                 else:
