@@ -20,7 +20,7 @@ TEST_EXTRAS := test,vlm,people,report,ray
 comma := ,
 stamps = $(VENV)/.installed-base $(foreach x,$(subst $(comma), ,$(1)),$(VENV)/.installed-$(x))
 
-.PHONY: setup setup-test system-deps run test lint bench clean
+.PHONY: setup setup-test system-deps run test lint bench mutation clean
 .NOTPARALLEL:
 
 $(VENV)/.installed-base: pyproject.toml
@@ -63,8 +63,15 @@ test: setup-test system-deps
 	HF_HUB_OFFLINE=1 YOLO_OFFLINE=1 $(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 lint: $(call stamps,test)
-	$(VENV)/bin/ruff check daemon tests bench
-	$(VENV)/bin/ruff format --check daemon tests bench
+	$(VENV)/bin/ruff check daemon tests tools bench
+	$(VENV)/bin/ruff format --check daemon tests tools bench
+
+# Mutation testing of the promise-carrying modules (on demand, not CI; see TESTING.md).
+# GROUPS: some of sidecars confined queue notify security postprocess (default: all).
+GROUPS ?=
+MUTATION_JOBS ?= 1
+mutation: $(call stamps,test$(comma)mutation)
+	$(PY) tools/mutation.py -j $(MUTATION_JOBS) $(GROUPS)
 
 bench: setup
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

@@ -150,6 +150,8 @@ class QueueConfig(_Section):
     backoff_base_seconds: float = Field(5.0, gt=0)
     backoff_max_seconds: float = Field(3600.0, gt=0)
     lease_seconds: float = Field(600.0, gt=0)
+    # A PASSIVE WAL checkpoint this often (0 = only SQLite's own, every 1000 pages).
+    checkpoint_seconds: float = Field(60.0, ge=0)
 
     def queue_kwargs(self) -> dict[str, float]:
         """Keyword arguments for ``JobQueue`` (which knows nothing of configuration)."""

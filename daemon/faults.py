@@ -13,7 +13,10 @@ a batch of acks...) and to stand in for a read on a hung network mount.
 Points: ``after_stage`` (sidecars written under temp names, nothing recorded),
 ``after_record`` (recorded, not renamed), ``after_rename`` (renamed and synced, not
 acked), ``mid_acks`` (half of a batch's acks sent in their transaction),
-``model_load`` (a model's load() under way), ``checkpoint`` (a WAL checkpoint under way).
+``model_load`` (a model's load() has returned, the slot still says loading: for a model
+in its own process, that process is up with the weights in memory) and ``checkpoint``
+(the daemon's periodic WAL checkpoint: the kill lands once SQLite has begun writing
+the database file, see :func:`during`, at the latest when the checkpoint returns).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 _CRASH: dict[str, int] = {}
 for _spec in filter(None, os.environ.get("CAPTIOND_CRASH_AT", "").split(",")):
@@ -35,15 +41,48 @@ _lock = threading.Lock()
 ENABLED = bool(_CRASH or _HANG)
 
 
-def point(name: str) -> None:
-    """Crash here if the environment named this point (see the module doc)."""
+def _due(name: str) -> bool:
+    """Count this arrival at ``name``; True when it is the one to crash at."""
     if not _CRASH or name not in _CRASH:
-        return
+        return False
     with _lock:
         _CRASH[name] -= 1
-        due = _CRASH[name] == 0
-    if due:
-        os.kill(os.getpid(), signal.SIGKILL)
+        return _CRASH[name] == 0
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def point(name: str) -> None:
+    """Crash here if the environment named this point (see the module doc)."""
+    if _due(name):
+        _kill()
+
+
+@contextmanager
+def during(name: str, begun: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Crash while the block runs, if the environment named this point.
+
+    ``begun`` is polled from another thread and the process is killed as soon as it
+    returns True: the kill then lands inside a call that runs without the GIL (SQLite
+    copying pages into the database file), not only before or after it. At the latest
+    the kill comes when the block ends."""
+    if not _due(name):
+        yield
+        return
+    if begun is not None:
+
+        def watch() -> None:
+            while not begun():
+                time.sleep(0)  # give the GIL back; the block's C code runs meanwhile
+            _kill()
+
+        threading.Thread(target=watch, name=f"captiond-fault-{name}", daemon=True).start()
+    try:
+        yield
+    finally:
+        _kill()
 
 
 def hang(name: str, key: str) -> None:

@@ -230,6 +230,16 @@ class DaemonProcess:
         self.proc.wait(10)
         self._logfh.close()
 
+    def wait_exit(self, timeout: float = 60) -> int:
+        """Wait for the daemon to exit by itself (a crash point); its return code."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the daemon is still running:\n{self.logs()}") from None
+        self._logfh.close()
+        return code
+
     def stop(self, timeout: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0

@@ -394,3 +394,291 @@ def test_a_later_request_keeps_an_earlier_force(tmp_path: Path) -> None:
     assert first.job_id == second.job_id
     job = q.claim("g", 1)[0]
     assert job.options["request"] == second.id and job.options["force"] is True
+
+
+# -- requests a browser sends on a page's behalf (daemon.api.browsers) -----------------
+
+CHROME = "Mozilla/5.0 (X11; Linux x86_64) Chrome/126.0"
+
+
+def browser_refusal(method: str = "POST", path: str = "/v1/x", **kw) -> tuple[int, str] | None:
+    """(status, error type) of the refusal, or None when the request may go on."""
+    from daemon.api.browsers import check_browser_request
+    from daemon.api.http import HTTPError
+
+    headers = kw.pop("headers")
+    kw.setdefault("on_socket", True)
+    try:
+        check_browser_request(method, path, headers, **kw)
+    except HTTPError as exc:
+        return exc.status, exc.error_type
+    return None
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("LOCALHOST:8765", True),
+        (" app.localhost ", True),
+        ("127.0.0.1", True),
+        ("127.9.8.7:80", True),
+        ("[::1]:8765", True),
+        ("[::1]", True),
+        ("::1", True),  # a bare IPv6 address: more than one colon, no port taken off
+        ("localhost.evil.example", False),
+        ("notlocalhost", False),
+        ("128.0.0.1", False),
+        ("[::2]:80", False),
+        ("evil.example:8765", False),
+        ("", False),
+    ],
+)
+def test_loopback_host_names(host: str, loopback: bool) -> None:
+    from daemon.api.browsers import is_loopback_host
+
+    assert is_loopback_host(host) is loopback
+
+
+def test_hosts_allowed_on_the_socket() -> None:
+    from daemon.api.browsers import host_allowed
+
+    assert host_allowed("", ())  # no Host at all: an HTTP/1.0 tool, never a browser
+    assert host_allowed("localhost:1", ())
+    assert host_allowed("NAS.lan", {"nas.lan"}) and host_allowed("nas.lan:8765", {"nas.lan"})
+    assert host_allowed("nas.lan:8765", {"nas.lan:8765"})
+    assert not host_allowed("nas.lan", {"nas.lan:8765"})
+    assert not host_allowed("evil.example", {"nas.lan"})
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Mode": "cors", "Sec-Fetch-Site": "same-site"},
+        {"Origin": "http://evil.example"},
+        {"User-Agent": CHROME, "Sec-Fetch-Site": "same-site"},
+    ],
+)
+def test_a_request_from_another_site_is_refused(headers: dict) -> None:
+    assert browser_refusal("GET", headers={"Host": "localhost:8765"} | headers) == (403, "csrf")
+
+
+def test_the_origin_must_be_the_host_it_was_sent_to() -> None:
+    base = {"Host": "localhost:8765", "Sec-Fetch-Site": "same-origin"}
+    for origin in ("null", "http://localhost:9999", "http://127.0.0.1:8765", "http://evil"):
+        assert browser_refusal("GET", headers=base | {"Origin": origin}) == (403, "csrf"), origin
+    assert browser_refusal("GET", headers=base | {"Origin": "http://LOCALHOST:8765"}) is None
+    assert browser_refusal("GET", headers=base | {"Origin": "http://localhost:8765"}) is None
+    # an Origin with no Host header to match: refused, as every other mismatch
+    assert browser_refusal("GET", headers={"Origin": "http://localhost:8765"}) == (403, "csrf")
+
+
+def test_programs_are_not_browsers() -> None:
+    for headers in ({}, {"User-Agent": "curl/8.5"}, {"User-Agent": "captiond-cli"}):
+        # no browser headers: whatever the host, method or body
+        assert browser_refusal(headers=headers | {"Host": "evil.example"}, has_body=True) is None
+    # a browser by its user agent alone
+    assert browser_refusal(headers={"Host": "evil.example", "User-Agent": CHROME}) == (
+        403,
+        "forbidden",
+    )
+
+
+def test_a_rebound_dns_name_reaches_the_socket_only_when_allowed() -> None:
+    hdr = {"User-Agent": CHROME, "Sec-Fetch-Site": "same-origin", "Host": "nas.lan:8765"}
+    assert browser_refusal("GET", headers=hdr) == (403, "forbidden")
+    assert browser_refusal("GET", headers=hdr, allowed_hosts={"nas.lan"}) is None
+    assert browser_refusal("GET", headers=hdr, on_socket=False) is None  # TCP: the token
+    hdr["Host"] = "localhost:8765"
+    assert browser_refusal("GET", headers=hdr) is None
+    assert browser_refusal("GET", headers=hdr | {"Sec-Fetch-Site": "none"}) is None
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE"])
+def test_a_browsers_change_must_carry_json(method: str) -> None:
+    hdr = {"User-Agent": CHROME, "Sec-Fetch-Site": "same-origin", "Host": "localhost"}
+    assert browser_refusal(method, headers=hdr, has_body=True) == (415, "unsupported_media_type")
+    assert browser_refusal(method, headers=hdr | {"Content-Type": "text/plain"}) == (
+        415,
+        "unsupported_media_type",
+    )
+    for ctype in ("application/json", "Application/JSON; charset=utf-8"):
+        assert browser_refusal(method, headers=hdr | {"Content-Type": ctype}) is None
+    assert browser_refusal(method, headers=hdr) is None  # no body, no content type
+    # the web UI's forms carry a CSRF token instead
+    form = hdr | {"Content-Type": "application/x-www-form-urlencoded"}
+    assert browser_refusal(method, "/ui", headers=form, has_body=True) is None
+    assert browser_refusal(method, "/ui/watches", headers=form, has_body=True) is None
+    assert browser_refusal(method, "/uix", headers=form, has_body=True) == (
+        415,
+        "unsupported_media_type",
+    )
+
+
+def test_reads_by_a_browser_need_no_json() -> None:
+    hdr = {"User-Agent": CHROME, "Sec-Fetch-Site": "same-origin", "Host": "localhost"}
+    for method in ("GET", "HEAD", "OPTIONS"):
+        assert browser_refusal(method, headers=hdr | {"Content-Type": "text/plain"}) is None
+
+
+def test_browser_refusals_say_why() -> None:
+    from daemon.api.browsers import check_browser_request
+    from daemon.api.http import HTTPError
+
+    def message(headers: dict, method: str = "GET") -> str:
+        with pytest.raises(HTTPError) as info:
+            check_browser_request(method, "/v1/x", headers, on_socket=True)
+        return info.value.message
+
+    assert message({"Sec-Fetch-Site": "cross-site"}) == (
+        "cross-site request refused (Sec-Fetch-Site: cross-site)"
+    )
+    assert message({"Host": "localhost", "Origin": "http://evil"}) == (
+        "cross-site request refused (Origin)"
+    )
+    assert message({"Host": "nas.lan", "User-Agent": CHROME}) == (
+        "this host name may not reach captiond's socket from a browser: use "
+        "http://localhost:PORT/ or add the name to ui.allowed_hosts"
+    )
+    hdr = {"Host": "localhost", "User-Agent": CHROME, "Content-Type": "text/plain"}
+    assert message(hdr, "POST") == "a browser's request body must be application/json"
+
+
+def test_what_makes_a_request_a_browsers() -> None:
+    # Sec-Fetch-Mode alone gives a browser away (and then the host is checked)
+    assert browser_refusal(headers={"Host": "evil.example", "Sec-Fetch-Mode": "cors"}) == (
+        403,
+        "forbidden",
+    )
+    # no Host at all is no DNS name rebound to the socket
+    assert browser_refusal("GET", headers={"User-Agent": CHROME}) is None
+    # an opaque origin ("null": a sandboxed page, a file) is never ours, Host or not
+    assert browser_refusal("GET", headers={"Origin": "null"}) == (403, "csrf")
+
+
+def fake_proc_status(monkeypatch, text: str) -> None:
+    import daemon.api.security as security
+
+    class FakePath:
+        def __init__(self, path: str) -> None:
+            assert path == "/proc/77/status"
+
+        def read_text(self) -> str:
+            return text
+
+    monkeypatch.setattr(security, "Path", FakePath)
+
+
+def test_supplementary_groups_come_from_proc_for_the_effective_uid(monkeypatch) -> None:
+    """/proc/<pid>/status lists real, effective, saved and filesystem uids: the groups
+    count only while the process still runs as the peer (effective uid), not a reused pid."""
+    from daemon.api.security import _proc_groups
+
+    status = "Name:\tcli\nUid:\t1000\t1001\t1002\t1003\nGid:\t5\t5\t5\t5\nGroups:\t4 24 27 \n"
+    fake_proc_status(monkeypatch, status)
+    assert _proc_groups(77, 1001) == {4, 24, 27}
+    assert _proc_groups(77, 1000) is None and _proc_groups(77, 1002) is None
+    fake_proc_status(monkeypatch, "Uid:\t1000\t1001\n")  # no Groups line: none
+    assert _proc_groups(77, 1001) == set()
+    fake_proc_status(monkeypatch, "Uid:\t1001\nGroups:\t4\n")  # no effective uid
+    assert _proc_groups(77, 1001) is None
+    fake_proc_status(monkeypatch, "Groups:\t4\n")
+    assert _proc_groups(77, 1001) is None
+
+
+def test_refusals_to_change_name_the_caller_and_the_way_in() -> None:
+    a = Authoriser(admin_gid=4242, own_uid=1000)
+    for req, who in [
+        (_req(PeerCredentials(1, 2000, 2000)), "uid 2000"),
+        (_req(None), "this client"),
+    ]:
+        with pytest.raises(Problem) as exc:
+            a.require_admin(req)
+        assert str(exc.value) == (
+            f"{who} may read but not change anything: run as root or the daemon's user, "
+            "or join the [api].admin_group"
+        )
+
+
+def test_token_file_refusals_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(StartupError) as info:
+        load_token(None)
+    assert str(info.value) == "[api.tcp] is enabled but token_file is not set"
+    t = tmp_path / "tok"
+    t.write_text("0123456789abcdef\n")  # 16 characters: enough
+    os.chmod(t, 0o604)
+    with pytest.raises(StartupError) as info:
+        load_token(t)
+    assert str(info.value) == (
+        f"[api.tcp].token_file {t} has mode 0o604; it must be 0600 (chmod 600 {t})"
+    )
+    os.chmod(t, 0o600)
+    assert load_token(t) == b"0123456789abcdef"
+    t.write_text("0123456789abcde\n")
+    with pytest.raises(StartupError, match="the token must be 16"):
+        load_token(t)
+    with pytest.raises(StartupError) as info:
+        load_token(tmp_path)
+    assert str(info.value) == f"[api.tcp].token_file {tmp_path} is not a regular file"
+    os.symlink(t, tmp_path / "link")  # never read through a link
+    with pytest.raises(StartupError) as info:
+        load_token(tmp_path / "link")
+    assert str(info.value) == (
+        f"[api.tcp].token_file {tmp_path / 'link'}: Too many levels of symbolic links"
+    )
+
+
+def test_api_names_are_root_name_then_the_path_below_it(tmp_path: Path) -> None:
+    from daemon.api.security import api_path
+
+    w = WatchConfig(path=tmp_path, name="set")
+    assert api_path(w, tmp_path / "sub" / "a.png") == "set/sub/a.png"
+    assert api_path(w, str(tmp_path / "a.png")) == "set/a.png"
+
+
+ABSOLUTE = "absolute paths are refused: name a file as ROOT/sub/file.png"
+SEGMENTS = "'.', '..' and empty path segments are refused"
+
+
+@pytest.mark.parametrize(
+    ("rel", "kind", "message"),
+    [
+        ("set/a\x00.png", "invalid", "the path contains a NUL byte"),
+        ("/etc/passwd", "forbidden", ABSOLUTE),
+        ("\\\\server\\share\\a.png", "forbidden", ABSOLUTE),
+        ("C:/a.png", "forbidden", ABSOLUTE),
+        ("c:", "forbidden", ABSOLUTE),
+        ("set//a.png", "forbidden", SEGMENTS),
+        ("set/./a.png", "forbidden", SEGMENTS),
+        ("set/../a.png", "forbidden", SEGMENTS),
+        ("set/a.png/", "forbidden", SEGMENTS),
+        ("set/sub\\a.png", "forbidden", "backslashes are refused in paths"),
+        ("nope/a.png", "not_found", "no watched root named 'nope'; roots: more, set"),
+        (
+            "_/a.png",
+            "not_found",
+            "no watched root named '_' ('_' needs exactly one watched root); roots: more, set",
+        ),
+        ("set", "invalid", "the path names a root, not an image: ROOT/sub/file.png"),
+    ],
+)
+def test_api_paths_are_refused_before_the_disk_is_asked(tmp_path, rel, kind, message) -> None:
+    from daemon.api.security import split_api_path
+
+    watches = [
+        WatchConfig(path=tmp_path / "s", name="set"),
+        WatchConfig(path=tmp_path / "m", name="more"),
+    ]
+    with pytest.raises(Problem) as info:
+        split_api_path(watches, rel)
+    assert (info.value.kind, str(info.value)) == (kind, message)
+
+
+def test_an_api_path_names_a_root_then_the_segments_below_it(tmp_path) -> None:
+    from daemon.api.security import split_api_path
+
+    one = WatchConfig(path=tmp_path, name="set")
+    assert split_api_path([one], "_/sub/a.png") == (one, ["sub", "a.png"])
+    assert split_api_path([one], "set/a.png") == (one, ["a.png"])
+    assert split_api_path([one], "set/a:b.png") == (one, ["a:b.png"])

@@ -368,3 +368,79 @@ def test_conversions_are_pure() -> None:
     to_reynard(settings)
     from_reynard(SEED_DOCUMENT, base=settings)
     assert (repr(settings), repr(SEED_DOCUMENT)) == frozen
+
+
+def test_terminal_punctuation_looks_at_the_end_only() -> None:
+    step = Pipeline(["terminal_punctuation"])
+    assert step("a red car  ", PROSE) == "a red car."
+    assert step("  a red car", PROSE) == "  a red car."
+    assert step("a photo of model X", PROSE) == "a photo of model X."
+    assert step('she said "hi"', PROSE) == 'she said "hi"'
+    assert step("1girl, solo,  ", TAGS) == "1girl, solo"
+    assert step("1girl, solo,,", TAGS) == "1girl, solo"
+    assert step(" 1girl, solo", TAGS) == " 1girl, solo"
+    spaced = PostContext(caption_type="tags", separator=" ")
+    assert step("1girl solo,", spaced) == "1girl solo"
+    assert step("1girl solo X", spaced) == "1girl solo X"  # only the separator goes
+
+
+def test_a_whitespace_separator_still_splits_a_tag_list_on_commas() -> None:
+    ctx = PostContext(caption_type="tags", separator=" ", trigger_word="sks")
+    assert Pipeline(["trigger_word"])("solo, sks, smile", ctx) == "sks solo smile"
+
+
+def test_settings_given_in_part_are_completed_with_the_defaults() -> None:
+    doc = to_reynard({"steps": ["trim"]})
+    assert doc["max_words"] == 0 and doc["overrides"] == {}
+    assert doc["rules"]["case_conversion"] == "none" and doc["rules"]["trim_whitespace"]
+    assert from_reynard(doc) == {"steps": ["trim"], "case": "keep", "max_words": 0, "overrides": {}}
+    assert to_reynard({})["enabled"] is False
+
+
+def test_a_partial_document_keeps_the_current_word_limit() -> None:
+    current = {"steps": ["trim"], "case": "keep", "max_words": 40, "overrides": {}}
+    assert from_reynard({"rules": {"dedupe_tags": True}}, base=current)["max_words"] == 40
+    assert from_reynard({"max_words": 0}, base=current)["max_words"] == 0
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ({"max_words": True}, "max_words must be a whole number >= 0"),
+        ({"max_words": "5"}, "max_words must be a whole number >= 0"),
+        ({"max_words": 2.5}, "max_words must be a whole number >= 0"),
+        ({"rules": {"pipeline": ["trim_whitespace"]}}, "unknown rule 'pipeline'"),
+        ({"overrides": ["joy"]}, "overrides must be an object: generator -> rules"),
+        (
+            {"overrides": {"joy": {"pipeline": ["sparkle"]}}},
+            "overrides.joy.pipeline: unknown rules ['sparkle']",
+        ),
+    ],
+)
+def test_more_invalid_documents_say_what_is_wrong(doc: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_reynard(doc)
+
+
+def test_a_document_that_is_not_an_object_is_refused() -> None:
+    with pytest.raises(ValueError, match="the post-processing document must be an object"):
+        from_reynard(["rules"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"case 'shout' is not one of \['keep', 'lower'"):
+        to_reynard({"steps": [], "case": "shout"})
+    with pytest.raises(ValueError, match=r"\['steps'\] \(captiond\); use one"):
+        settings_shape({"steps": [], "rules": {}})
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (["rules"], "the post-processing document must be an object"),
+        ({"enabled": "yes"}, "enabled must be true or false"),
+        ({"overrides": ["joy"]}, "overrides must be an object: generator -> rules"),
+        ({"max_words": -1}, "max_words must be a whole number >= 0"),
+    ],
+)
+def test_a_refusal_is_the_sentence_the_api_answers_with(doc, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        from_reynard(doc)
+    assert str(info.value) == message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -15,6 +16,7 @@ import pytest
 
 from daemon.config import PRIORITY_BACKFILL, PRIORITY_EXPLICIT, PRIORITY_NEW
 from daemon.queue import Database, Job, JobQueue, JobState
+from daemon.queue.jobs import BATCH
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -77,6 +79,34 @@ def test_database_pragmas_schema_and_parent_dir(tmp_path: Path) -> None:
     db2 = Database(path)
     assert db2.user_version() == 1
     db2.close()
+
+
+def test_a_checkpoint_moves_the_wal_into_the_file_and_waits_for_no_reader(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "q.db"
+    db = Database(path)
+    q = JobQueue(db)
+    db.checkpoint()
+    q.enqueue_many((f"/img/{i}.jpg", "wd", 1) for i in range(200))
+    size = path.stat().st_size
+    busy, frames, done = db.checkpoint()
+    assert (busy, done) == (0, frames) and frames > 0
+    assert path.stat().st_size > size  # the pages are in the database file now
+
+    # A reader holding a snapshot: the frames it may still need stay in the WAL, and
+    # the checkpoint returns at once instead of waiting for it.
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM jobs").fetchone()
+    q.enqueue_many((f"/more/{i}.jpg", "wd", 1) for i in range(50))
+    busy, frames, done = db.checkpoint()
+    assert frames > done
+    reader.rollback()
+    reader.close()
+    assert db.checkpoint()[2] == db.checkpoint()[1]
+    assert db.integrity_check() == "ok" and q.totals()["pending"] == 250
+    db.close()
 
 
 def test_a_database_made_before_jobs_state_gets_it_at_open_and_keeps_its_version(
@@ -793,3 +823,463 @@ def test_history_keeps_crashes_and_burials_but_not_a_fresh_start(tmp_path) -> No
     q.recover_expired()  # a fresh start, not an attempt
     assert [r["attempt"] for r in q.failed_attempts("/r/c.png")] == [1]
     db.close()
+
+
+# -- the queue's parts used by the API: options, cancel, retry, purge, counts ----------
+
+
+def test_the_queues_defaults_are_the_documented_settings(db: Database) -> None:
+    from daemon.config import QueueConfig
+
+    q = JobQueue(db)
+    kw = QueueConfig().queue_kwargs()
+    assert (q.max_attempts, q.backoff_base, q.backoff_max, q.lease_seconds) == (
+        kw["max_attempts"],
+        kw["backoff_base"],
+        kw["backoff_max"],
+        kw["lease_seconds"],
+    )
+
+
+def test_a_requests_options_travel_with_its_job(q: JobQueue) -> None:
+    opts = {"request": "r1", "force": True, "post_process": False}
+    assert q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options=opts).options == opts
+    assert q.get("/a.jpg", "wd").options == opts
+    (job,) = q.claim("wd", 1)
+    assert job.options == opts
+    q.ack(job.id, options=job.options)
+    assert q.get("/a.jpg", "wd").options is None  # the request is over
+    assert q.enqueue("/b.jpg", "wd", 0, options={}).options is None
+
+
+def test_a_rerun_after_a_request_does_not_inherit_its_options(q: JobQueue) -> None:
+    """The request's job is enqueued again by the scanner (``requeued``, written by
+    SQLite's JSON), and again while it is captioned: the rerun is for the file's own
+    sake, so the finished request's options (force...) must not come with it."""
+    opts = {"request": "r1", "force": True}
+    q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options=opts)
+    q.enqueue("/a.jpg", "wd", PRIORITY_NEW)  # the scanner: needs captioning anyway
+    (job,) = q.claim("wd", 1)
+    assert job.options == {"force": True, "request": "r1", "requeued": True}
+    q.enqueue("/a.jpg", "wd", PRIORITY_NEW)  # changed while being captioned
+    q.ack(job.id, options=job.options)
+    rerun = q.get("/a.jpg", "wd")
+    assert (rerun.state, rerun.options) == (JobState.PENDING, None)
+    # a new request made meanwhile keeps its own options for the rerun
+    (job,) = q.claim("wd", 1)
+    q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r2"})
+    q.ack(job.id, options=job.options)
+    assert q.get("/a.jpg", "wd").options == {"request": "r2"}
+
+
+def test_cancel_gives_back_the_state_before_the_request(q: JobQueue, clock: FakeClock) -> None:
+    # a new image: the request's row goes away
+    job = q.enqueue("/new.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r1"})
+    assert q.cancel(job.id, None, {"request": "r1"})
+    assert q.get("/new.jpg", "wd") is None
+    # a finished image: back to done, with its outcome and age
+    q.enqueue("/old.jpg", "wd", PRIORITY_BACKFILL)
+    (done,) = q.claim("wd", 1)
+    q.ack(done.id, "caption_exists")
+    before = q.get("/old.jpg", "wd")
+    clock.advance(10)
+    job = q.enqueue("/old.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r2", "force": True})
+    assert job.state == JobState.PENDING
+    assert not q.cancel(job.id, before, {"request": "other"})  # not this request's
+    assert q.cancel(job.id, before, {"request": "r2"})
+    after = q.get("/old.jpg", "wd")
+    assert (after.state, after.outcome, after.priority, after.enqueued_at, after.options) == (
+        JobState.DONE,
+        "caption_exists",
+        PRIORITY_BACKFILL,
+        before.enqueued_at,
+        None,
+    )
+    assert (after.lease_until, after.rerun, after.updated_at) == (None, False, clock.t)
+    # a failed image keeps its error and attempts
+    q.enqueue("/bad.jpg", "wd", PRIORITY_BACKFILL)
+    (bad,) = q.claim("wd", 1)
+    q.fail(bad.id, "bad_image", "truncated", retryable=False)
+    before = q.get("/bad.jpg", "wd")
+    job = q.enqueue("/bad.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r3"})
+    assert q.cancel(job.id, before, {"request": "r3"})
+    after = q.get("/bad.jpg", "wd")
+    assert (after.state, after.error_type, after.error_message, after.attempts) == (
+        JobState.FAILED,
+        "bad_image",
+        "truncated",
+        1,
+    )
+    assert not q.cancel(424242, None, {"request": "r3"})
+
+
+def test_cancel_of_a_pending_job_keeps_it_pending_and_leased_restores_as_pending(
+    q: JobQueue, clock: FakeClock
+) -> None:
+    q.enqueue("/p.jpg", "wd", PRIORITY_BACKFILL)
+    before = q.get("/p.jpg", "wd")
+    job = q.enqueue("/p.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r1"})
+    assert q.cancel(job.id, before, {"request": "r1"})
+    after = q.get("/p.jpg", "wd")
+    assert (after.state, after.priority, after.options) == (
+        JobState.PENDING,
+        PRIORITY_BACKFILL,
+        None,
+    )
+    leased_before = dataclasses.replace(before, state=JobState.LEASED)
+    job = q.enqueue("/p.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r2"})
+    assert q.cancel(job.id, leased_before, {"request": "r2"})
+    assert q.get("/p.jpg", "wd").state == JobState.PENDING
+
+
+def test_cancel_after_the_scanner_requeued_the_image_leaves_it_pending(q: JobQueue) -> None:
+    q.enqueue("/a.jpg", "wd", PRIORITY_BACKFILL)
+    (j,) = q.claim("wd", 1)
+    q.ack(j.id)
+    before = q.get("/a.jpg", "wd")
+    job = q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r1"})
+    q.enqueue("/a.jpg", "wd", PRIORITY_NEW)  # the image changed: it needs a caption now
+    assert q.cancel(job.id, before, {"request": "r1"})
+    after = q.get("/a.jpg", "wd")
+    assert (after.state, after.options, after.priority) == (
+        JobState.PENDING,
+        None,
+        PRIORITY_BACKFILL,
+    )
+    job = q.enqueue("/n.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r2"})
+    q.enqueue("/n.jpg", "wd", PRIORITY_NEW)
+    assert q.cancel(job.id, None, {"request": "r2"})
+    after = q.get("/n.jpg", "wd")
+    assert (after.state, after.options, after.priority) == (
+        JobState.PENDING,
+        None,
+        PRIORITY_EXPLICIT,
+    )
+    # started: too late to cancel
+    (started,) = q.claim("wd", 1)
+    assert not q.cancel(started.id, None, started.options)
+
+
+def finished(q: JobQueue, clock: FakeClock) -> dict[str, JobState]:
+    """/r/a done, /r/b failed, /r/c dead, /r/d pending, /s/e leased, /r/f failed (gen x)."""
+    q.max_attempts = 1
+    for p in ("/r/a.jpg", "/r/b.jpg", "/r/c.jpg"):
+        q.enqueue(p, "wd", 0)
+    jobs = {j.path: j for j in q.claim("wd", 10)}
+    q.ack(jobs["/r/a.jpg"].id)
+    q.fail(jobs["/r/b.jpg"].id, "bad_image", "x", retryable=False)
+    q.fail(jobs["/r/c.jpg"].id, "io", "y", retryable=True)
+    q.enqueue("/s/e.jpg", "wd", 0)
+    q.claim("wd", 1)
+    q.enqueue("/r/d.jpg", "wd", 0)
+    q.enqueue("/r/f.jpg", "x", 0)
+    (fx,) = q.claim("x", 1)
+    q.fail(fx.id, "bad_image", "z", retryable=False)
+    clock.advance(5)
+    return {p: j.state for p, j in ((j.path, j) for j in q.jobs(limit=50))}
+
+
+def test_retry_puts_failed_and_dead_jobs_back_afresh(q: JobQueue, clock: FakeClock) -> None:
+    finished(q, clock)
+    assert q.retry(["failed"], generator="x") == 1
+    assert q.retry(["done", "pending", "leased"]) == 0
+    assert q.retry(["dead"], prefix="/s") == 0
+    assert q.retry(prefix="/r/") == 2
+    for p in ("/r/b.jpg", "/r/c.jpg"):
+        j = q.get(p, "wd")
+        assert (j.state, j.attempts, j.not_before, j.outcome, j.updated_at) == (
+            JobState.PENDING,
+            0,
+            0.0,
+            None,
+            clock.t,
+        )
+        assert j.error_type is not None  # kept until the next run says otherwise
+    assert q.get("/r/a.jpg", "wd").state == JobState.DONE
+    assert q.get("/s/e.jpg", "wd").state == JobState.LEASED
+
+
+def test_retry_job_puts_one_failed_or_dead_job_back(q: JobQueue, clock: FakeClock) -> None:
+    finished(q, clock)
+    assert not q.retry_job("/r/a.jpg", "wd")  # done
+    assert not q.retry_job("/r/d.jpg", "wd")  # pending
+    assert not q.retry_job("/r/b.jpg", "x")  # no such job
+    assert q.retry_job("/r/c.jpg", "wd")
+    j = q.get("/r/c.jpg", "wd")
+    assert (j.state, j.attempts, j.not_before, j.lease_until, j.outcome, j.updated_at) == (
+        JobState.PENDING,
+        0,
+        0.0,
+        None,
+        None,
+        clock.t,
+    )
+    assert q.get("/r/b.jpg", "wd").state == JobState.FAILED
+
+
+def test_purge_deletes_the_states_asked_for_but_never_leased_jobs(
+    q: JobQueue, clock: FakeClock
+) -> None:
+    finished(q, clock)
+    assert q.purge(["leased"]) == []
+    assert q.purge([]) == []
+    assert q.purge(["failed"], generator="x") == [("/r/f.jpg", "failed")]
+    assert sorted(q.purge(["done", "dead", "leased"], prefix="/r")) == [
+        ("/r/a.jpg", "done"),
+        ("/r/c.jpg", "dead"),
+    ]
+    assert q.get("/s/e.jpg", "wd").state == JobState.LEASED
+    assert sorted(q.purge()) == [("/r/b.jpg", "failed")]
+    assert sorted(j.path for j in q.jobs(limit=50)) == ["/r/d.jpg", "/s/e.jpg"]
+
+
+def test_narrowing_by_folder_is_by_whole_folder_names(q: JobQueue) -> None:
+    for p in ("/data/a/1.jpg", "/data/a/sub/2.jpg", "/data/ab/3.jpg", "/data/a.jpg"):
+        q.enqueue(p, "wd", 0)
+    assert q.counts_under(["/data/a", "/data/a/", "/data/ab", "/none"]) == {
+        "/data/a": {"pending": 2},
+        "/data/a/": {"pending": 2},
+        "/data/ab": {"pending": 1},
+        "/none": {},
+    }
+    q.claim("wd", 1, exclude_prefixes=["/data/a", "/data/ab/"])
+    assert q.get("/data/a.jpg", "wd").state == JobState.LEASED
+    assert {j.path for j in q.claim("wd", 10, exclude_prefixes=["/data/a/"])} == {"/data/ab/3.jpg"}
+    assert {j.path for j in q.claim("wd", 10)} == {"/data/a/1.jpg", "/data/a/sub/2.jpg"}
+    for j in q.jobs(JobState.LEASED, limit=10):
+        q.fail(j.id, "bad_image", "x", retryable=False)
+    assert sorted(p for p, _ in q.purge(["failed"], prefix="/data/a/")) == [
+        "/data/a/1.jpg",
+        "/data/a/sub/2.jpg",
+    ]
+
+
+def test_a_paused_folder_is_skipped_by_the_claim_whatever_else_is_paused(q: JobQueue) -> None:
+    for p in ("/one/a.jpg", "/two/b.jpg", "/three/c.jpg", "/four/d.jpg"):
+        q.enqueue(p, "wd", 0)
+    paused = ["/one", "/two/", "/four"]
+    assert [j.path for j in q.claim("wd", 10, exclude_prefixes=paused)] == ["/three/c.jpg"]
+    assert {j.path for j in q.claim("wd", 10, exclude_prefixes=["/one"])} == {
+        "/two/b.jpg",
+        "/four/d.jpg",
+    }
+
+
+def test_jobs_failed_by_a_condition_of_the_system_are_counted_and_revived(
+    q: JobQueue, clock: FakeClock
+) -> None:
+    q.max_attempts = 1
+    for p in ("/r/full.jpg", "/r/old.jpg", "/r/bad.jpg", "/s/full.jpg", "/r/gone.jpg"):
+        q.enqueue(p, "wd", 0)
+    jobs = {j.path: j for j in q.claim("wd", 10)}
+    q.fail(jobs["/r/full.jpg"].id, "io", "disk full", retryable=True, errno=28)
+    q.fail(jobs["/r/old.jpg"].id, "io", "[Errno 28] No space left", retryable=False)
+    q.fail(jobs["/r/bad.jpg"].id, "bad_image", "[Errno 28] in a name", retryable=False)
+    q.fail(jobs["/s/full.jpg"].id, "io", "disk full", retryable=False, errno=28)
+    q.fail(jobs["/r/gone.jpg"].id, "io", "gone", retryable=False, errno=2)
+    assert q.count_systemic([28]) == 3
+    assert q.count_systemic([28, 2]) == 4
+    assert q.count_systemic([5]) == 0
+    clock.advance(3)
+    assert q.revive_systemic("/r/", [28]) == 2
+    for p in ("/r/full.jpg", "/r/old.jpg"):
+        j = q.get(p, "wd")
+        assert (j.state, j.attempts, j.not_before, j.lease_until, j.updated_at) == (
+            JobState.PENDING,
+            0,
+            0.0,
+            None,
+            clock.t,
+        )
+    assert q.get("/r/bad.jpg", "wd").state == JobState.FAILED
+    assert q.get("/s/full.jpg", "wd").state == JobState.FAILED
+    assert q.count_systemic([28]) == 1
+
+
+def test_crashes_are_counted_per_job_and_forgotten_when_the_image_changes(q: JobQueue) -> None:
+    q.enqueue("/a.jpg", "wd", 0)
+    (j,) = q.claim("wd", 1)
+    assert [q.record_crash(j.id) for _ in range(3)] == [1, 2, 3]
+    assert q.record_crash(424242) == 0
+    q.ack(j.id)
+    q.enqueue("/a.jpg", "wd", 0)  # changed: a fresh start
+    (j,) = q.claim("wd", 1)
+    assert q.record_crash(j.id) == 1
+
+
+def test_history_records_each_failed_attempt_in_full(q: JobQueue, clock: FakeClock) -> None:
+    q.enqueue("/a.jpg", "wd", 0)
+    q.enqueue("/a.jpg", "blip", 0)
+    (j,) = q.claim("wd", 1)
+    assert q.fail(j.id, "io", "read error", retryable=True) == JobState.PENDING
+    first = clock.t
+    clock.advance(1000)
+    (j,) = q.claim("wd", 1)
+    q.recover_all_leased()  # the worker died on the second attempt: back to pending
+    clock.advance(1000)
+    (j,) = q.claim("blip", 1)
+    assert q.bury(j.id, "worker_crash", "crashed 3 times")
+    assert q.failed_attempts("/a.jpg") == [
+        {
+            "generator": "blip",
+            "at": clock.t,
+            "state": "dead",
+            "error_type": "worker_crash",
+            "error_message": "crashed 3 times",
+            "attempt": 1,
+        },
+        {
+            "generator": "wd",
+            "at": first + 1000,
+            "state": "pending",
+            "error_type": "io",
+            "error_message": "read error",
+            "attempt": 2,
+        },
+        {
+            "generator": "wd",
+            "at": first,
+            "state": "pending",
+            "error_type": "io",
+            "error_message": "read error",
+            "attempt": 1,
+        },
+    ]
+    assert q.get("/a.jpg", "blip").state == JobState.DEAD
+    assert not q.bury(j.id, "worker_crash", "again")  # no longer leased
+
+
+def test_a_retried_jobs_first_attempt_that_crashes_is_in_the_history(q: JobQueue) -> None:
+    q.enqueue("/a.jpg", "wd", 0)
+    (j,) = q.claim("wd", 1)
+    q.fail(j.id, "bad_image", "truncated", retryable=False)
+    q.retry_job("/a.jpg", "wd")
+    q.claim("wd", 1)
+    q.recover_all_leased()
+    assert [(r["attempt"], r["state"]) for r in q.failed_attempts("/a.jpg")] == [
+        (1, "pending"),
+        (1, "failed"),
+    ]
+
+
+def test_lookups_by_id_and_path(q: JobQueue, clock: FakeClock) -> None:
+    a = q.enqueue("/a.jpg", "wd", 0)
+    b = q.enqueue("/a.jpg", "blip", 0)
+    c = q.enqueue("/c.jpg", "wd", 0)
+    assert q.get_by_id(c.id) == c and q.get_by_id(424242) is None
+    many = q.get_many([a.id, c.id, 424242])
+    assert many == {a.id: a, c.id: c}
+    assert len(q.get_many(range(1, 1200))) == 3  # more ids than one query takes
+    assert q.jobs_of("/a.jpg") == [b, a]  # by generator
+    assert q.jobs_of("/none.jpg") == []
+
+
+def test_finished_since_lists_what_ended_in_order(q: JobQueue, clock: FakeClock) -> None:
+    for p in ("/a.jpg", "/b.jpg", "/c.jpg"):
+        q.enqueue(p, "wd", 0)
+    a, b, c = q.claim("wd", 3)
+    q.ack(a.id)
+    clock.advance(10)
+    since = clock.t
+    q.fail(b.id, "bad_image", "x", retryable=False)
+    clock.advance(1)
+    q.ack(c.id)
+    q.enqueue("/d.jpg", "wd", 0)
+    assert [(j.path, j.state) for j in q.finished_since(since)] == [
+        ("/b.jpg", JobState.FAILED),
+        ("/c.jpg", JobState.DONE),
+    ]
+
+
+def test_pending_and_leased_jobs_by_priority_class(q: JobQueue) -> None:
+    for i, prio in enumerate([200, 150, 149, 50, 49, 0, 150]):
+        q.enqueue(f"/{i}.jpg", "wd", prio)
+    q.claim("wd", 1)  # leased still counts
+    q.enqueue("/done.jpg", "other", 500)
+    (done,) = q.claim("other", 1)
+    q.ack(done.id)  # finished: not counted
+    assert q.pending_by_priority([150, 50]) == [3, 2, 2]
+    assert q.pending_by_priority([]) == [7]
+
+
+def test_totals_add_up_every_generator(q: JobQueue) -> None:
+    for gen in ("wd", "blip", "x"):
+        q.enqueue("/a.jpg", gen, 0)
+    q.claim("x", 1)
+    assert q.totals() == {"pending": 2, "leased": 1, "done": 0, "failed": 0, "dead": 0}
+
+
+def test_the_oldest_pending_age_counts_from_its_enqueue(q: JobQueue, clock: FakeClock) -> None:
+    assert q.oldest_pending_age() is None
+    q.enqueue("/a.jpg", "wd", 0)
+    assert q.oldest_pending_age() == 0.0
+    clock.advance(7.5)
+    q.enqueue("/b.jpg", "wd", 0)
+    assert q.oldest_pending_age() == 7.5
+
+
+def test_released_jobs_are_due_at_once_unless_delayed(q: JobQueue) -> None:
+    q.enqueue("/a.jpg", "wd", 0)
+    (j,) = q.claim("wd", 1)
+    q.release([j.id])
+    assert [x.id for x in q.claim("wd", 1)] == [j.id]
+
+
+def test_a_folder_is_narrowed_to_by_its_whole_name_whatever_it_ends_in(
+    q: JobQueue, clock: FakeClock
+) -> None:
+    """A folder ending in a letter like X, and folders beside it whose names only start
+    like it (``a0``, ``aB``): each narrowing (counts, paused folders, retry, purge,
+    revival after a full disk) takes the folder's own jobs, no others."""
+    q.max_attempts = 1
+    paths = ["/d/X/1.jpg", "/d/Y/2.jpg", "/d/a/3.jpg", "/d/a0/4.jpg", "/d/aB/5.jpg"]
+    for p in paths:
+        q.enqueue(p, "wd", 0)
+    assert q.counts_under(["/d/X", "/d/a"]) == {"/d/X": {"pending": 1}, "/d/a": {"pending": 1}}
+    claimed = q.claim("wd", 10, exclude_prefixes=["/d/X", "/d/a"])
+    assert sorted(j.path for j in claimed) == ["/d/Y/2.jpg", "/d/a0/4.jpg", "/d/aB/5.jpg"]
+    claimed += q.claim("wd", 10)
+    for j in claimed:
+        q.fail(j.id, "io", "disk full", retryable=False, errno=28)
+    assert q.revive_systemic("/d/X", [28]) == 1
+    assert q.revive_systemic("/d/a/", [28]) == 1
+    assert {j.path for j in q.jobs(JobState.PENDING)} == {"/d/X/1.jpg", "/d/a/3.jpg"}
+    for j in q.claim("wd", 10):
+        q.fail(j.id, "bad_image", "x", retryable=False)
+    assert q.retry(prefix="/d/X") == 1
+    assert q.purge(["failed"], prefix="/d/a") == [("/d/a/3.jpg", "failed")]
+    assert sorted(j.path for j in q.jobs(limit=10)) == [p for p in paths if p != "/d/a/3.jpg"]
+
+
+def test_cancel_puts_back_the_options_of_the_request_before(q: JobQueue) -> None:
+    q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r1", "force": True})
+    before = q.get("/a.jpg", "wd")
+    job = q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r2"})
+    assert job.options == {"request": "r2"}
+    assert q.cancel(job.id, before, {"request": "r2"})
+    assert q.get("/a.jpg", "wd").options == {"request": "r1", "force": True}
+
+
+def test_options_are_compared_as_values_not_by_the_order_of_their_keys(q: JobQueue) -> None:
+    """The finished run's options given back in another key order are still the same
+    options: the rerun does not inherit them."""
+    q.enqueue("/a.jpg", "wd", PRIORITY_EXPLICIT, options={"request": "r1", "force": True})
+    (job,) = q.claim("wd", 1)
+    q.enqueue("/a.jpg", "wd", PRIORITY_NEW)  # changed while being captioned
+    q.ack(job.id, options={"force": True, "request": "r1"})
+    assert q.get("/a.jpg", "wd").options is None
+
+
+def test_forgetting_more_paths_than_one_batch_counts_them_all(q: JobQueue) -> None:
+    n = BATCH + 5
+    q.enqueue_many((f"/f/{i}.jpg", "wd", 0) for i in range(n))
+    assert q.forget_many(f"/f/{i}.jpg" for i in range(n)) == n
+    assert q.jobs(limit=10) == []
+
+
+def test_listings_default_to_a_page_of_100_jobs_and_20_errors(q: JobQueue) -> None:
+    q.enqueue_many((f"/p/{i:03}.jpg", "wd", 0) for i in range(101))
+    assert len(q.jobs()) == 100 and len(q.jobs(JobState.PENDING)) == 100
+    for j in q.claim("wd", 21):
+        q.fail(j.id, "bad_image", "x", retryable=False)
+    assert len(q.recent_errors()) == 20

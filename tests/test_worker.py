@@ -510,3 +510,49 @@ def test_time_waiting_for_a_decode_thread_is_not_read_time(tmp_path, monkeypatch
     with rig:
         wait_for(lambda: rig.queue.outcome_counts().get("echo", {}).get("written") == 6)
     assert rig.queue.recent_errors() == [] and rig.worker.stuck_threads == 0
+
+
+class Clock:
+    """Stands in for the ``time`` module inside daemon.worker: a monotonic clock moved
+    by hand."""
+
+    def __init__(self, now: float = 5000.0) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_progressing_gates_the_systemd_watchdog(tmp_path, monkeypatch):
+    """What the watchdog asks the worker: the loop turned within ``stall_seconds``, or a
+    model load is under way (a load counts as progress for up to an hour)."""
+    import daemon.worker as worker_module
+
+    clock = Clock()
+    monkeypatch.setattr(worker_module, "time", clock)
+    w = Rig(tmp_path).worker
+    assert not w.alive and not w.progressing(60)  # a worker that does not run
+    monkeypatch.setattr(Worker, "alive", property(lambda self: True))
+
+    w.heartbeat = clock.now
+    assert w.progressing(60)
+    clock.now += 59.5
+    assert w.progressing(60)
+    clock.now += 0.5
+    assert not w.progressing(60)  # exactly stall_seconds without a turn: stalled
+
+    w.loading_since = clock.now  # the worker thread is loading a model
+    clock.now += 600
+    assert w.progressing(60)  # the heartbeat is old, but the load is progress
+    limit = worker_module.LOAD_STALL_SECONDS  # an hour: a first download of a large model
+    clock.now = w.loading_since + limit - 0.5
+    assert w.progressing(60)
+    clock.now = w.loading_since + limit
+    assert not w.progressing(60)  # loading this long: stuck
+    assert w.progressing(2 * limit)  # unless stall_seconds allows longer
+    clock.now = w.loading_since + 2 * limit
+    assert not w.progressing(2 * limit)
+
+    w.loading_since = None
+    w.heartbeat = clock.now
+    assert w.progressing(60)

@@ -456,6 +456,14 @@ class Database:
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO probe (id, at) VALUES (1, julianday('now'))")
 
+    def checkpoint(self) -> tuple[int, int, int]:
+        """``PRAGMA wal_checkpoint(PASSIVE)``: copy what the WAL holds into the database
+        file without waiting for readers or writers (frames a reader still needs stay).
+        Returns (busy, frames in the WAL, frames checkpointed); -1 for both counts when
+        the database is not in WAL mode."""
+        busy, frames, done = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return int(busy), int(frames), int(done)
+
     def integrity_check(self) -> str:
         """``"ok"`` or SQLite's description of the damage."""
         rows = self.conn.execute("PRAGMA integrity_check").fetchall()

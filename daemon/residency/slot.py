@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from daemon import faults
 from daemon.errors import (
     CaptionError,
     Classified,
@@ -308,6 +309,7 @@ class ModelSlot:
             else:
                 with progress.reporting(self._on_progress):
                     raw.load()
+            faults.point("model_load")  # in memory, not yet marked loaded (tests only)
         except BaseException as exc:
             c = classify(exc)
             with self._guard:
