@@ -110,13 +110,14 @@ def test_a_name_at_the_filesystems_limit_is_captioned_and_one_beyond_fails_once(
 
 def test_stem_siblings_come_from_the_index_or_from_the_folder(tmp_path, monkeypatch):
     """One index query per folder and batch tells a.png that a.jpg shares its stem; an
-    image the index does not know yet is probed on disk instead."""
+    image the index does not know yet is probed on disk instead, and so is a new image
+    (no sidecar of ours) whose sibling arrived too recently to be indexed: c.png."""
     from daemon.confined import Folder
 
     rig = Rig(tmp_path)
-    for name in ("a.png", "a.jpg", "b.png", "b.jpg"):
+    for name in ("a.png", "a.jpg", "b.png", "b.jpg", "c.png", "c.jpg"):
         make_image(rig.root / name, "red")
-    rig.index.upsert_files(str(rig.root), [("", n, 1, 1) for n in ("a.png", "a.jpg")])
+    rig.index.upsert_files(str(rig.root), [("", n, 1, 1) for n in ("a.png", "a.jpg", "c.png")])
     probed: list[str] = []
     real = Folder.stem_siblings
 
@@ -125,13 +126,17 @@ def test_stem_siblings_come_from_the_index_or_from_the_folder(tmp_path, monkeypa
         return real(self, name, exts)
 
     monkeypatch.setattr(Folder, "stem_siblings", spy)
-    for name in ("a.png", "b.png"):
+    for name in ("a.png", "b.png", "c.png"):
         rig.queue.enqueue(str(rig.root / name), "echo", 100)
     with rig:
         wait_for(rig.settled)
     # a.jpg is first in sort order: the stem's sidecar is its to take
-    assert sorted(p.name for p in rig.root.glob("*.txt")) == ["a.png.txt", "b.png.txt"]
-    assert probed == ["b.png"]  # a.png's siblings came from the index
+    assert sorted(p.name for p in rig.root.glob("*.txt")) == [
+        "a.png.txt",
+        "b.png.txt",
+        "c.png.txt",
+    ]
+    assert sorted(probed) == ["b.png", "c.png"]  # a.png's siblings came from the index
 
 
 def test_captions_written_and_recorded(tmp_path):

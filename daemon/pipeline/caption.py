@@ -242,7 +242,7 @@ class CaptionPipeline:
             return
         try:
             records = self.index.get_captions(self.name, [i.path for i in live])
-            self._siblings([i for i in live if i.siblings is None])
+            self._siblings([i for i in live if i.siblings is None], records)
         except Exception as exc:
             for i in live:
                 i.error = exc
@@ -253,11 +253,12 @@ class CaptionPipeline:
             except Exception as exc:
                 item.error = exc
 
-    def _siblings(self, items: Sequence[Item]) -> None:
+    def _siblings(self, items: Sequence[Item], records: dict[str, CaptionRecord]) -> None:
         """Each item's stem siblings (``a.png`` beside ``a.jpg``): from the index, one
-        query per folder of the batch; from the folder itself (a probe per image
-        extension) for an image the index does not know yet (a request for a file no
-        scan has seen)."""
+        query per folder of the batch. An image the index does not know, or one
+        without a sidecar of ours that the index gives no sibling, is probed in its
+        folder (a probe per image extension): a sibling written a moment ago may not
+        be indexed yet, and the first name in sort order must still take the stem."""
         by_folder: dict[tuple[str, str], list[Item]] = {}
         for item in items:
             if item.task.watch.sidecar_naming != "stem":
@@ -270,9 +271,9 @@ class CaptionPipeline:
             )
             for item in group:
                 exts = item.task.watch.image_extensions
-                if item.name in names:
-                    item.siblings = siblings_of(item.name, names, exts)
-                else:
+                indexed = item.name in names
+                item.siblings = siblings_of(item.name, names, exts) if indexed else []
+                if not indexed or (not item.siblings and item.path not in records):
                     assert item.folder is not None
                     item.siblings = item.folder.stem_siblings(item.name, exts)
 
