@@ -611,3 +611,22 @@ def test_overview_rate_and_eta(ui: UI) -> None:
     assert a["eta_seconds"] == 300
     html = ui.call("GET", "/ui/").encode().decode()
     assert 'id="count-pending">30<' in html and "5 min" in html
+
+
+def test_durations_and_ages_read_as_people_say_them(monkeypatch):
+    from daemon.web import routes
+
+    assert routes._duration(None) == "—"
+    assert [routes._duration(s) for s in (0, 59, 60, 3599, 3600, 86399, 86400 * 2.5)] == [
+        "0 s",
+        "59 s",
+        "1 min",
+        "60 min",
+        "1.0 h",
+        "24.0 h",
+        "2.5 days",
+    ]
+    monkeypatch.setattr(routes.time, "time", lambda: 1_000_000.0)
+    assert routes._ago(None) == routes._ago(0) == "never"
+    assert routes._ago(1_000_000.0 - 90) == "2 min ago"
+    assert routes._ago(1_000_000.0 + 5) == "0 s ago"  # a clock step back is not the future

@@ -113,14 +113,7 @@ def quote_path(rel: str) -> str:
 def _ago(ts: float | None) -> str:
     if not ts:
         return "never"
-    s = max(0.0, time.time() - ts)
-    if s < 60:
-        return f"{s:.0f} s ago"
-    if s < 3600:
-        return f"{s / 60:.0f} min ago"
-    if s < 86400:
-        return f"{s / 3600:.1f} h ago"
-    return f"{s / 86400:.1f} days ago"
+    return f"{_duration(max(0.0, time.time() - ts))} ago"
 
 
 def _duration(s: float | None) -> str:
