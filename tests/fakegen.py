@@ -12,21 +12,8 @@ from daemon.errors import OutOfMemoryError
 from daemon.generators.base import Generator, GeneratorConfig, ImageInput, WeightClass
 
 
-class EchoConfig(GeneratorConfig):
-    word: str = "echo"
-    oom_above: int = 0  # raise out-of-memory for batches larger than this (0 = never)
-    fail_on: str = ""  # raise for images whose name contains this
-
-
-class EchoGenerator(Generator):
-    """Captions each image with its size and dominant channel."""
-
-    name = "echo"
-    caption_type = "caption"
-    description = "test generator"
-    version = "1"
-    config_model: ClassVar = EchoConfig
-    batches: ClassVar[list[int]] = []
+class _Modelless(Generator):
+    """Loaded and unloaded by a flag: there are no weights."""
 
     def __init__(self, config=None, *, cache_dir=None):
         super().__init__(config, cache_dir=cache_dir)
@@ -41,6 +28,23 @@ class EchoGenerator(Generator):
 
     def unload(self) -> None:
         self._loaded = False
+
+
+class EchoConfig(GeneratorConfig):
+    word: str = "echo"
+    oom_above: int = 0  # raise out-of-memory for batches larger than this (0 = never)
+    fail_on: str = ""  # raise for images whose name contains this
+
+
+class EchoGenerator(_Modelless):
+    """Captions each image with its size and dominant channel."""
+
+    name = "echo"
+    caption_type = "caption"
+    description = "test generator"
+    version = "1"
+    config_model: ClassVar = EchoConfig
+    batches: ClassVar[list[int]] = []
 
     def prepare(self, item: ImageInput) -> Any:
         return (item.path.name, item.image.size)
@@ -108,7 +112,7 @@ class NullConfig(GeneratorConfig):
     caption: str = "1girl, solo, simple background"
 
 
-class NullGenerator(Generator):
+class NullGenerator(_Modelless):
     """A fixed caption without looking at the pixels: what is left of a run is
     captiond's own cost per image (issue 19; bench/bench_overhead.py)."""
 
@@ -117,20 +121,6 @@ class NullGenerator(Generator):
     description = "test generator: a fixed caption"
     version = "1"
     config_model: ClassVar = NullConfig
-
-    def __init__(self, config=None, *, cache_dir=None):
-        super().__init__(config, cache_dir=cache_dir)
-        self._loaded = False
-
-    @property
-    def loaded(self) -> bool:
-        return self._loaded
-
-    def load(self) -> None:
-        self._loaded = True
-
-    def unload(self) -> None:
-        self._loaded = False
 
     def prepare(self, item: ImageInput) -> Any:
         return None
