@@ -62,6 +62,7 @@ from cpuinfo import cpu_name  # noqa: E402
 from daemon.generators.wd_tagger import preprocess  # noqa: E402
 from daemon.pipeline.images import decode_image  # noqa: E402
 from tests.textures import camera_photo  # noqa: E402
+from tests.wdmodel import reference_preprocess  # noqa: E402
 
 DATA = HERE / ".data" / "fidelity"
 SIZE = 448
@@ -127,18 +128,10 @@ def preprocess_before(image: Image.Image, size: int) -> np.ndarray:
 
 
 def reference(data: bytes, size: int = SIZE) -> np.ndarray:
-    """wd-tagger.md: full decode, alpha onto white, pad to a white square, BICUBIC, BGR."""
+    """wd-tagger.md: full decode, then the reference preprocessing."""
     img = Image.open(io.BytesIO(data))
     img.load()
-    rgba = img.convert("RGBA")
-    flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    flat.alpha_composite(rgba)
-    side = max(img.size)
-    padded = Image.new("RGB", (side, side), (255, 255, 255))
-    padded.paste(flat.convert("RGB"), ((side - img.width) // 2, (side - img.height) // 2))
-    if side != size:
-        padded = padded.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(padded, np.float32)[:, :, ::-1]
+    return reference_preprocess(img, size)
 
 
 def ensure_mix() -> dict[str, Path]:

@@ -36,11 +36,11 @@ from daemon.pipeline.images import decode_image
 try:
     from tests.hubstub import busy_hub, unreachable_hub
     from tests.textures import camera_photo
-    from tests.wdmodel import TINY_TAGS, build_wd_model
+    from tests.wdmodel import TINY_TAGS, build_wd_model, reference_preprocess
 except ImportError:  # tests/ is not a package
     from hubstub import busy_hub, unreachable_hub  # type: ignore[no-redef]
     from textures import camera_photo  # type: ignore[no-redef]
-    from wdmodel import TINY_TAGS, build_wd_model  # type: ignore[no-redef]
+    from wdmodel import TINY_TAGS, build_wd_model, reference_preprocess  # type: ignore[no-redef]
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -272,20 +272,6 @@ def test_transparent_image_tags_as_white(make: Make) -> None:
     g = make()
     img = Image.new("RGBA", (200, 200), (0, 0, 255, 0))  # invisible blue
     assert g.generate([g.prepare(ImageInput(Path("t.png"), img))]) == [f"white background, {TAIL}"]
-
-
-def reference_preprocess(img: Image.Image, size: int = 448) -> np.ndarray:
-    """The reference space (wd-tagger.md): alpha onto white, pad to a centred white
-    square, BICUBIC to the model size when it differs, RGB -> BGR."""
-    rgba = img.convert("RGBA")
-    flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    flat.alpha_composite(rgba)
-    side = max(img.size)
-    padded = Image.new("RGB", (side, side), (255, 255, 255))
-    padded.paste(flat.convert("RGB"), ((side - img.width) // 2, (side - img.height) // 2))
-    if side != size:
-        padded = padded.resize((size, size), Image.Resampling.BICUBIC)
-    return np.asarray(padded, np.float32)[:, :, ::-1]
 
 
 def test_wide_image_is_centred_between_white_bars() -> None:

@@ -33,6 +33,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 RATING, GENERAL, CHARACTER = 9, 0, 4
 
@@ -157,3 +158,17 @@ def build_wd_model(
     onnx.save(model, str(dest / "model.onnx"))
     _write_csv(dest / "selected_tags.csv", rows)
     return dest
+
+
+def reference_preprocess(img: Image.Image, size: int = 448) -> np.ndarray:
+    """The reference space (wd-tagger.md): alpha onto white, pad to a centred white
+    square, BICUBIC to the model size when it differs, RGB -> BGR."""
+    rgba = img.convert("RGBA")
+    flat = Image.new("RGBA", img.size, (255, 255, 255, 255))
+    flat.alpha_composite(rgba)
+    side = max(img.size)
+    padded = Image.new("RGB", (side, side), (255, 255, 255))
+    padded.paste(flat.convert("RGB"), ((side - img.width) // 2, (side - img.height) // 2))
+    if side != size:
+        padded = padded.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(padded, np.float32)[:, :, ::-1]
