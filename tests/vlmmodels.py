@@ -153,11 +153,7 @@ def build_llava(
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    model = LlavaForConditionalGeneration(config).eval()
-    _set_generation_ids(model, tok)
-    processor.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
+    return _save(LlavaForConditionalGeneration(config).eval(), tok, processor, folder)
 
 
 def build_idefics3(
@@ -246,11 +242,7 @@ def build_idefics3(
         scale_factor=scale_factor,
         pad_token_id=tok.pad_token_id,
     )
-    model = Idefics3ForConditionalGeneration(config).eval()
-    _set_generation_ids(model, tok)
-    processor.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
+    return _save(Idefics3ForConditionalGeneration(config).eval(), tok, processor, folder)
 
 
 def build_florence2(
@@ -315,11 +307,7 @@ def build_florence2(
         ),
         image_token_id=image_id,
     )
-    model = Florence2ForConditionalGeneration(config).eval()
-    _set_generation_ids(model, tok)
-    processor.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
+    return _save(Florence2ForConditionalGeneration(config).eval(), tok, processor, folder)
 
 
 QWEN_CHAT_TEMPLATE = (
@@ -432,11 +420,7 @@ def build_qwen2_5_vl(
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    _set_generation_ids(model, tok)
-    processor.save_pretrained(folder)
-    model.save_pretrained(folder)
-    return folder
+    return _save(Qwen2_5_VLForConditionalGeneration(config).eval(), tok, processor, folder)
 
 
 # moondream2 is not in transformers: its repository ships its own model code, loaded
@@ -525,6 +509,15 @@ def build_moondream2(folder: Path, *, seed: int = 0) -> Path:
     }
     cfg["architectures"] = ["TinyMoondream"]
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def _save(model: Any, tok: Any, processor: Any, folder: Path) -> Path:
+    """The model with the tokenizer's special ids for generate(), and its processor,
+    saved as a Hub folder."""
+    _set_generation_ids(model, tok)
+    processor.save_pretrained(folder)
+    model.save_pretrained(folder)
     return folder
 
 
