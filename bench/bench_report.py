@@ -59,7 +59,7 @@ from daemon.queue import CaptionRecord, Database, FileIndex, JobQueue
 from daemon.report import phash as ph
 from daemon.report.service import Maintainer, ReportService
 from daemon.report.stats import Options
-from daemon.report.tokens import ClipCounter, Estimator
+from daemon.report.tokens import ClipCounter, Estimator, load_folder
 
 HERE = Path(__file__).resolve().parent
 ROOT = "/nonexistent/bench-dataset"  # never on disk: the report cannot read files
@@ -157,11 +157,12 @@ def bench_report(runs: int, clip_dir: Path | None) -> list[str]:
                         watch=[{"path": ROOT, "name": "ds", "trigger_word": "sks"}])  # fmt: skip
     index, queue = FileIndex(db), JobQueue(db)
     svc = ReportService(settings=settings, index=index, queue=queue)
-    tokens = Estimator()
-    if clip_dir is not None:
-        from transformers import AutoTokenizer
-
-        tokens = ClipCounter(AutoTokenizer.from_pretrained(str(clip_dir)), str(clip_dir))
+    tokens: Estimator | ClipCounter = Estimator()
+    if clip_dir is not None:  # loaded as the daemon loads it (tokenizers, no transformers)
+        found = load_folder(clip_dir)
+        if found is None:
+            raise SystemExit(f"no CLIP tokenizer in {clip_dir}")
+        tokens = found
     import daemon.report.service as service_mod
 
     service_mod.find_counter = lambda *a, **k: tokens  # type: ignore[assignment]

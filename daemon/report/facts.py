@@ -54,7 +54,7 @@ class FactsIndex(Protocol):
 
 def key_term(src: Source, ctx: Context, tokens: TokenCounter) -> str:
     """The key of facts computed from a text read as ``src`` in ``ctx``."""
-    return "key:" + repr((VERSION, src.fingerprint(), ctx.trigger, ctx.language, tokens.name))
+    return "key:" + repr((VERSION, src.fingerprint(), ctx.trigger, ctx.language, tokens.key))
 
 
 def tag_term(tag: str) -> str:
