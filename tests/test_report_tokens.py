@@ -219,3 +219,27 @@ def test_find_counter_falls_back_to_the_estimate(tmp_path: Path) -> None:
     require("tokenizers", "the vlm extra (transformers' dependency)")
     write_clip_files(tmp_path / "local")  # a local folder named as the repo
     assert isinstance(find_counter([], [str(tmp_path / "local")]), ClipCounter)
+
+
+def test_over_asks_the_tokenizer_only_where_the_pieces_do_not_tell(tmp_path: Path) -> None:
+    """CLIP's pieces bound a plain ASCII text's tokens; the answer is the tokenizer's
+    either way (special tokens, which are one token each, and other text are asked)."""
+    require("tokenizers", "the vlm extra (transformers' dependency)")
+    write_clip_files(tmp_path)
+    counter = load_folder(tmp_path)
+    assert counter is not None
+    texts = [
+        ", ".join(["red_hair"] * 30),  # 30 words, 119 pieces: over
+        "a " * 40,  # 40 words, 40 bytes of pieces: within
+        "solo, " * 20,  # 20 words, 40 pieces, 80 bytes: the tokenizer
+        "<|endoftext|> " * 40,  # 40 special tokens: within (120 pieces say over)
+        "naïve, " * 30,  # not ASCII: the tokenizer
+        "x'll it's\t(a_b)...!!\n" * 9,  # 81 pieces (quotes, runs of marks): over
+    ]
+    asked: list[str] = []
+    tokenize = counter._tokenize
+    counter._tokenize = lambda ts: (asked.extend(ts), tokenize(ts))[1]  # type: ignore[method-assign]
+    got = counter.over(texts)
+    assert asked == texts[2:5]
+    assert got == [n > LIMIT for n in counter.counts(texts)]
+    assert got == [True, False, False, False, True, True]

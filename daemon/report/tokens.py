@@ -51,8 +51,15 @@ try:  # transformers requires the regex module; CLIP's own pattern needs \p{L}
     import regex as _regex
 
     _PIECES = _regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+    _CLIP_PIECES = True  # the same pieces as CLIP's pre-tokenizer
 except ImportError:  # pragma: no cover - the estimate is an estimate either way
     _PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+")
+    _CLIP_PIECES = False
+
+# Texts whose CLIP pieces bound their tokens: printable ASCII, spaces, tabs and newlines
+# (nothing for CLIP's NFC or lower-casing to merge), without "<|" (its special tokens,
+# one token each, are matched before the pieces).
+_PLAIN = re.compile(r"(?:[\x20-\x7e\t\n](?<!<\|))*")
 
 # Texts encoded at once: an encoding holds ids, offsets, masks; 100,000 at once took
 # more than 1 GB (and the allocator keeps it), 1,024 at a time about 20 MB.
@@ -184,6 +191,10 @@ class ClipCounter:
             # every word is at least one token; no token is shorter than a byte
             lo, hi = len(t.split()), len(t.encode("utf-8", "replace"))
             out.append(lo > LIMIT)
+            if lo <= LIMIT < hi and _CLIP_PIECES and _PLAIN.fullmatch(t):
+                # every CLIP piece is at least one token and at most one per byte
+                lo, hi = bounds(t)
+                out[i] = lo > LIMIT
             if lo <= LIMIT < hi:
                 ask.append(i)
         for i, n in zip(ask, self.counts([texts[i] for i in ask]), strict=True):
