@@ -229,6 +229,41 @@ _COLUMNS = [
     # (daemon.backfill). The daemon recovers its own leases at start, others' only once
     # they expire.
     ("jobs", "lease_owner", "TEXT"),
+    # What the dataset report needs of a caption record, computed once from its text and
+    # record (daemon/report/facts.py: words, CLIP limit, tag ids, trigger word, sidecar
+    # type, when it was written, whether a person wrote or edited it) by the report's
+    # background pass or by the first report that meets it. NULL until then, and again
+    # (trigger captions_facts_unknown) whenever the text or the record changes; a new record
+    # (INSERT OR REPLACE) starts NULL.
+    ("captions", "facts", "BLOB"),
+]
+
+# Additions that name columns of _COLUMNS: made after them, at every open if missing.
+_LATE_ADDITIONS = [
+    # A report reads every caption record of a folder through this index alone (a range
+    # of image_path, never a row of the table with its text): bench/README.md, Dataset
+    # report.
+    """CREATE INDEX IF NOT EXISTS captions_report
+        ON captions (image_path, generator, content_hash, facts)""",
+    # The records whose report facts are still to be computed (few, once the background
+    # pass has run), in the order the pass walks them.
+    """CREATE INDEX IF NOT EXISTS captions_nofacts ON captions (image_path, generator)
+        WHERE facts IS NULL""",
+    # Facts describe one record: a change of its text or sidecar makes them unknown
+    # again, whichever captiond (this one, an older one) makes it. (A record written
+    # again by INSERT OR REPLACE starts with none.)
+    "DROP TRIGGER IF EXISTS captions_facts_stale",  # a development version's, text only
+    """CREATE TRIGGER IF NOT EXISTS captions_facts_unknown
+        AFTER UPDATE OF text, text_hash, content_hash, sidecar_path, sidecar_hash, written_at
+        ON captions WHEN new.facts IS NOT NULL BEGIN
+            UPDATE captions SET facts = NULL WHERE rowid = new.rowid;
+        END""",
+    # Strings the facts refer to by number (tags, the keys facts were computed with).
+    # An id is never reused nor renumbered.
+    """CREATE TABLE IF NOT EXISTS report_terms (
+        id   INTEGER PRIMARY KEY,
+        term TEXT NOT NULL UNIQUE
+    )""",
 ]
 
 
@@ -383,6 +418,21 @@ class Database:
         return self.conn.execute(sql, params)
 
     @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: the queries inside see one state of the database (WAL).
+        Inside a transaction already, it joins it. Nothing may be written inside."""
+        conn = self.conn
+        if conn.in_transaction:
+            yield conn
+            return
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")  # nothing was written: this only ends the read
+
+    @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error).
 
@@ -444,4 +494,6 @@ class Database:
                 have = {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+            for stmt in _LATE_ADDITIONS:
+                conn.execute(stmt)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")

@@ -474,6 +474,86 @@ class FileIndex:
             (p + "/", p + "0"),
         ).fetchall()
 
+    def snapshot(self) -> Any:
+        """A read transaction: the reads inside see one state of the index."""
+        return self.db.snapshot()
+
+    def report_caption_facts(self, prefix: str) -> list[tuple[str, str, str, bytes | None]]:
+        """(image_path, generator, content_hash, facts) of every caption record under the
+        folder ``prefix`` (daemon/report/facts.py), from the covering index alone."""
+        p = prefix.rstrip("/")
+        return self.db.conn.execute(
+            "SELECT image_path, generator, content_hash, facts FROM captions "
+            "INDEXED BY captions_report WHERE image_path >= ? AND image_path < ?",
+            (p + "/", p + "0"),
+        ).fetchall()
+
+    def caption_records(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
+        """(image_path, generator) -> the row of :meth:`report_captions`, for these."""
+        out: dict[tuple[str, str], tuple] = {}
+        by_path: dict[str, set[str]] = {}
+        for p, g in keys:
+            by_path.setdefault(p, set()).add(g)
+        paths = list(by_path)
+        for row in self.caption_rows(paths):
+            if row[1] in by_path[row[0]]:
+                out[(row[0], row[1])] = row
+        return out
+
+    def captions_without_facts(
+        self, prefix: str, after: tuple[str, str], limit: int
+    ) -> list[tuple]:
+        """Rows of :meth:`report_captions` of up to ``limit`` caption records under
+        ``prefix`` with no report facts yet, after ``after`` (image_path, generator)."""
+        p = prefix.rstrip("/")
+        lo = max((p + "/", ""), after)
+        return self.db.conn.execute(
+            "SELECT image_path, generator, content_hash, sidecar_path, sidecar_hash, "
+            "written_at, text, text_hash FROM captions INDEXED BY captions_nofacts "
+            "WHERE facts IS NULL AND (image_path, generator) > (?, ?) AND image_path < ? "
+            "ORDER BY image_path, generator LIMIT ?",
+            (*lo, p + "0", limit),
+        ).fetchall()
+
+    def store_facts(self, rows: Iterable[tuple[bytes, tuple]]) -> int:
+        """(facts, the row of :meth:`report_captions` they were computed from): kept
+        where the record is still that row."""
+        params = [(f, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for f, r in rows]
+        if not params:
+            return 0
+        with self.db.transaction() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "UPDATE captions SET facts = ? WHERE image_path = ? AND generator = ? "
+                "AND content_hash = ? AND sidecar_path = ? AND sidecar_hash = ? "
+                "AND written_at = ? AND text IS ? AND text_hash IS ?",
+                params,
+            )
+            return conn.total_changes - before
+
+    def report_terms(self) -> list[tuple[int, str]]:
+        return self.db.conn.execute("SELECT id, term FROM report_terms").fetchall()
+
+    def term_ids(self, terms: Iterable[str]) -> dict[str, int]:
+        """The ids of ``terms`` in ``report_terms``, added when new."""
+        terms = list(dict.fromkeys(terms))
+        out: dict[str, int] = {}
+        with self.db.transaction() as conn:
+            conn.executemany(
+                "INSERT OR IGNORE INTO report_terms (term) VALUES (?)", [(t,) for t in terms]
+            )
+            for i in range(0, len(terms), 500):
+                chunk = terms[i : i + 500]
+                out.update(
+                    (term, tid)
+                    for tid, term in conn.execute(
+                        "SELECT id, term FROM report_terms "
+                        f"WHERE term IN ({','.join('?' * len(chunk))})",
+                        chunk,
+                    )
+                )
+        return out
+
     def image_facts(
         self, digests: Iterable[str]
     ) -> dict[str, tuple[int | None, int | None, str | None]]:

@@ -215,6 +215,27 @@ class _Union:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
+def _parse(hashes: dict[str, str]) -> tuple[list[str], np.ndarray]:
+    """The keys whose hash is a hexadecimal number, and the numbers."""
+    keys = list(hashes)
+    values = list(hashes.values())
+    if all(type(h) is str and len(h) == 16 for h in values):  # the common case, at once
+        try:
+            raw = bytes.fromhex("".join(values))
+        except ValueError:
+            raw = b""
+        if len(raw) == 8 * len(values):
+            return keys, np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+    out_keys, out = [], []
+    for k, h in hashes.items():
+        try:
+            out.append(int(h, 16))
+        except (TypeError, ValueError):
+            continue
+        out_keys.append(k)
+    return out_keys, np.array(out, dtype=np.uint64)
+
+
 def near_groups(
     hashes: dict[str, str], max_distance: int, *, pair_budget: int = 50_000_000
 ) -> list[tuple[list[str], int]]:
@@ -223,20 +244,14 @@ def near_groups(
     largest groups first. Keys with an empty or invalid hash are left out."""
     if not 0 <= max_distance <= MAX_DISTANCE:
         raise ValueError(f"the near-duplicate distance must be 0..{MAX_DISTANCE}")
-    keys, values = [], []
-    for k, h in hashes.items():
-        try:
-            values.append(int(h, 16))
-        except (TypeError, ValueError):
-            continue
-        keys.append(k)
+    keys, arr = _parse(hashes)
     if len(keys) < 2:
         return []
-    arr = np.array(values, dtype=np.uint64)
     uniq, inverse = np.unique(arr, return_inverse=True)
     uf = _Union(len(uniq))
     worst = np.zeros(len(uniq), dtype=np.int64)
     pairs_done = 0
+    found_pairs = None
     if max_distance > 0 and len(uniq) > 1:
         found_a, found_b, found_d = [], [], []
         for shift, width in _blocks(max_distance):
@@ -267,11 +282,16 @@ def near_groups(
             d = np.concatenate(found_d)
             np.maximum.at(worst, a, d)
             np.maximum.at(worst, b, d)
+            found_pairs = np.concatenate([a, b])
             for x, y in set(zip(a.tolist(), b.tolist(), strict=True)):
                 uf.join(x, y)
+    # only contents linked to another, or sharing their hash, can be in a group
+    linked = np.bincount(inverse, minlength=len(uniq)) > 1
+    if found_pairs is not None:
+        linked[found_pairs] = True
     members: dict[int, list[int]] = {}
-    for i, u in enumerate(inverse.tolist()):
-        members.setdefault(uf.find(u), []).append(i)
+    for i in np.flatnonzero(linked[inverse]).tolist():
+        members.setdefault(uf.find(int(inverse[i])), []).append(i)
     groups = []
     for root, idx in members.items():
         if len(idx) < 2:

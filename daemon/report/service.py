@@ -37,7 +37,16 @@ from daemon.errors import UnsafeSidecarError
 from daemon.hashing import sidecar_hash
 from daemon.queue import FileIndex, JobQueue
 from daemon.report import phash as ph
-from daemon.report.checks import Checker, Context, Source, check_images, group_rows, source_of
+from daemon.report.checks import (
+    Checker,
+    Context,
+    Source,
+    check_images,
+    group_rows,
+    guess_source,
+    source_of,
+)
+from daemon.report.facts import fill_missing
 from daemon.report.stats import HUMAN_EDIT_PREFIX, Options, Scope, build_report
 from daemon.report.tokens import find_counter
 
@@ -167,6 +176,31 @@ class ReportService:
                 self.index.apply_checks(checker.results({p: grouped[p] for p in chunk}, ctx))
                 done += len(chunk)
         return done, left
+
+    # -- report facts ----------------------------------------------------------------------
+    def fill_facts(self, stop: Callable[[], bool] = lambda: False) -> int:
+        """Compute and keep the report facts of every caption record that has none
+        (:mod:`daemon.report.facts`): the background pass, so that a report only
+        aggregates. Returns the records done."""
+        sources = self.sources()
+        tokens = find_counter(
+            [self.settings.cache_dir / "hf", None], self.settings.report.clip_tokenizers
+        )
+
+        def source_for(gen: str, text: str) -> Source:
+            # a generator that is not configured: as a report would guess it (a report
+            # that guesses otherwise computes its own)
+            src = sources.get(gen)
+            if src is None:
+                src = sources[gen] = guess_source(gen, text)
+            return src
+
+        done = 0
+        for w in self.settings.watch:
+            prefix = str(w.path).rstrip("/")
+            ctx = self.context(prefix + "/")
+            done += fill_missing(self.index, prefix, source_for, ctx, tokens, stop=stop)
+        return done
 
     # -- the report ------------------------------------------------------------------------
     def report(self, names: Sequence[str] = (), options: Options | None = None) -> dict[str, Any]:
@@ -388,6 +422,7 @@ class Maintainer:
                 if time.monotonic() >= next_full:
                     next_full = time.monotonic() + self.interval
                     self.service.check_stale()
+                    self.service.fill_facts(self._stop.is_set)
                     if cfg.phash and ph.available():
                         self._hash()
                 self.last_error = None

@@ -1,11 +1,15 @@
 """The dataset report: what is in a dataset, from the index alone.
 
-:func:`build_report` takes the index (caption records with their text, each content's
+:func:`build_report` takes the index (caption records with their facts, each content's
 size and perceptual hash, flags), the queue (what is pending or failed) and the scopes
-asked for (a watched root, or a folder in one), and returns a JSON-able ``dict``. It
-reads no file: a caption a person edited on disk is counted with the text the index
-has (see :mod:`daemon.report.service` for when that text is read back), and the report
-says how many texts are unknown or were read back.
+asked for (a watched root, or a folder in one), and returns a JSON-able ``dict``. A
+caption's facts (words, CLIP limit, tag ids, trigger word...: :mod:`daemon.report.facts`)
+are computed once and kept in the index; the report aggregates them (tag counts with
+numpy) and reads a caption's text only where they are missing or were computed for
+another trigger word, generator format or token counter. It reads no file: a caption a
+person edited on disk is counted with the text the index has (see
+:mod:`daemon.report.service` for when that text is read back), and the report says how
+many texts are unknown or were read back.
 
 Paths in the report are API paths: ``ROOT/sub/file.png`` (the watch's name first).
 """
@@ -13,30 +17,27 @@ Paths in the report are API paths: ``ROOT/sub/file.png`` (the watch's name first
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
+import heapq
 import math
 import statistics
+import struct
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from daemon.report import facts as F
 from daemon.report import phash as ph
-from daemon.report.checks import (
-    TAGS,
-    Context,
-    Source,
-    guess_source,
-    normal_tag,
-    read_caption,
-    trigger_re,
-)
+from daemon.report.checks import Context, Source, guess_source
 from daemon.report.tokens import LIMIT
 from daemon.report.tokens import Counter as TokenCounter
 
-HUMAN_EDIT_PREFIX = "human-edit"  # sidecar_hash of a caption a person wrote via the API
+HUMAN_EDIT_PREFIX = F.HUMAN_EDIT_PREFIX  # sidecar_hash of a caption a person wrote via the API
 EMPTY_MESSAGE = "produced an empty caption"  # the pipeline's error for an empty caption
 PERSON_OUTCOMES = ("caption_exists", "caption_edited")
 WORD_EDGES = (0, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300)
@@ -111,7 +112,12 @@ class Options:
 
 class ReportIndex(Protocol):
     def files_in(self, root: str, dir: str = "") -> list[tuple[str, str]]: ...
-    def report_captions(self, prefix: str) -> list[tuple]: ...
+    def report_caption_facts(self, prefix: str) -> list[tuple]: ...
+    def caption_records(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple]: ...
+    def report_terms(self) -> list[tuple[int, str]]: ...
+    def term_ids(self, terms: Iterable[str]) -> dict[str, int]: ...
+    def store_facts(self, rows: Iterable[tuple[bytes, tuple]]) -> int: ...
+    def snapshot(self) -> contextlib.AbstractContextManager[Any]: ...
     def image_facts(
         self, digests: Iterable[str]
     ) -> dict[str, tuple[int | None, int | None, str | None]]: ...
@@ -129,11 +135,6 @@ class _Image:
     scope: Scope
     captions: list[tuple] = field(default_factory=list)
     jobs: list[tuple] = field(default_factory=list)
-
-    def current_hash(self) -> str | None:
-        if not self.captions:
-            return None
-        return max(self.captions, key=lambda r: r[5])[2]
 
 
 def _share(n: int, total: int) -> float:
@@ -225,6 +226,34 @@ def build_report(
     """The report over ``scopes`` (see the module doc). Raises ValueError for bad
     options."""
     options.check()
+    with _no_gc():
+        return _build(index, queue, scopes, sources, tokens, options, phash_state, clock)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a report holds a few hundred thousand small
+    objects that make no cycles (each collection would walk them all: a second or more
+    of a report over 100,000 images, bench/README.md)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _build(
+    index: ReportIndex,
+    queue: ReportQueue,
+    scopes: Sequence[Scope],
+    sources: dict[str, Source],
+    tokens: TokenCounter,
+    options: Options,
+    phash_state: dict[str, Any] | None,
+    clock: Any,
+) -> dict[str, Any]:
     timings: dict[str, float] = {}
     mark = time.perf_counter()
 
@@ -240,36 +269,30 @@ def build_report(
         if not any(o.root == sc.root and _inside(sc.rel_dir, o.rel_dir) for o in distinct):
             distinct.append(sc)
     images: dict[str, _Image] = {}
-    for sc in distinct:
-        for d, name in index.files_in(sc.root, sc.rel_dir):
-            folder = f"{sc.name}/{d}" if d else sc.name
-            path = f"{sc.root}/{d}/{name}" if d else f"{sc.root}/{name}"
-            images[path] = _Image(f"{folder}/{name}", folder, sc)
     flags: list[tuple] = []
-    get = images.get
-    for sc in distinct:
-        for row in index.report_captions(sc.prefix):
-            img = get(row[0])
-            if img is not None:
-                img.captions.append(row)
-        for row in queue.report_jobs(sc.prefix):
-            img = get(row[0])
-            if img is not None:
-                img.jobs.append(row)
-        flags += [f for f in index.flags_under(sc.prefix) if f[0] in images]
-    facts = index.image_facts({r[2] for img in images.values() for r in img.captions})
+    with index.snapshot():  # one state of the index: facts and the terms they name
+        for sc in distinct:
+            for d, name in index.files_in(sc.root, sc.rel_dir):
+                folder = f"{sc.name}/{d}" if d else sc.name
+                path = f"{sc.root}/{d}/{name}" if d else f"{sc.root}/{name}"
+                images[path] = _Image(f"{folder}/{name}", folder, sc)
+        get = images.get
+        for sc in distinct:
+            for row in index.report_caption_facts(sc.prefix):
+                img = get(row[0])
+                if img is not None:
+                    img.captions.append(row)
+            for row in queue.report_jobs(sc.prefix):
+                img = get(row[0])
+                if img is not None:
+                    img.jobs.append(row)
+            flags += [f for f in index.flags_under(sc.prefix) if f[0] in images]
+        facts = index.image_facts({r[2] for img in images.values() for r in img.captions})
+        terms = F.Terms(index.report_terms())
     flags = list(dict.fromkeys(flags))
     lap("read_index")
 
     sources = dict(sources)
-
-    def source(name: str, text: str) -> Source:
-        """A generator that is not configured is read as its first caption suggests."""
-        src = sources.get(name)
-        if src is None:
-            src = sources[name] = guess_source(name, text)
-        return src
-
     report: dict[str, Any] = {
         "generated_at": round(clock(), 3),
         "scope": [
@@ -278,14 +301,14 @@ def build_report(
         ],
         "options": asdict(options),
     }
-    report["coverage"] = _coverage(images)
+    _resolve(index, images, sources, terms, tokens, options)
+    lap("read_captions")
+    report["coverage"] = _coverage(images, terms)
     report["texts"] = _texts(images)
     lap("coverage")
-    readings = _readings(images, source, options)
-    lap("read_captions")
-    report["tags"] = _tags(images, readings, options)
+    report["tags"], lengths = _tags(images, terms, options)
     lap("tags")
-    report["length"] = _length(images, readings, tokens, options)
+    report["length"] = _length(index, lengths, tokens, options)
     lap("length")
     report["images"] = _images(images, facts, options, phash_state)
     lap("images")
@@ -298,8 +321,10 @@ def build_report(
 # -- coverage ----------------------------------------------------------------------------
 
 
-def _coverage(images: dict[str, _Image]) -> dict[str, Any]:
+def _coverage(images: dict[str, _Image], terms: F.Terms) -> dict[str, Any]:
     by_gen: dict[str, dict[str, Any]] = {}
+    unpack, HUMAN, READ_BACK = F.HEAD.unpack_from, F.HUMAN, F.READ_BACK
+    exts: dict[int, str] = {}
     captioned = person_api = person_kept = person_edited = pending = uncaptioned = empty = 0
     person = 0
     failed: dict[str, dict[str, int]] = {"failed": {}, "dead": {}}
@@ -307,16 +332,21 @@ def _coverage(images: dict[str, _Image]) -> dict[str, Any]:
         ours = False
         api = edited = kept = False
         for row in img.captions:
-            gen, sidecar, shash, text_hash = row[1], row[3], row[4], row[7]
-            g = by_gen.setdefault(gen, {"images": 0, "sidecar_types": {}})
+            _k, fl, _w, _c, _at, ext_id = unpack(row[3])
+            g = by_gen.get(row[1])
+            if g is None:
+                g = by_gen[row[1]] = {"images": 0, "sidecar_types": {}}
             g["images"] += 1
-            ext = sidecar.rsplit("/", 1)[-1].rsplit(".", 1)[-1]
-            g["sidecar_types"][ext] = g["sidecar_types"].get(ext, 0) + 1
-            if shash.startswith(HUMAN_EDIT_PREFIX):
+            ext = exts.get(ext_id)
+            if ext is None:
+                ext = exts[ext_id] = terms.by_id[ext_id][4:]
+            types = g["sidecar_types"]
+            types[ext] = types.get(ext, 0) + 1
+            if fl & HUMAN:
                 api = True
             else:
                 ours = True
-                if text_hash is not None and text_hash != shash:
+                if fl & READ_BACK:
                     edited = True
         state_pending = False
         for _path, _gen, state, outcome, etype, msg in img.jobs:
@@ -358,13 +388,15 @@ def _coverage(images: dict[str, _Image]) -> dict[str, Any]:
 
 def _texts(images: dict[str, _Image]) -> dict[str, Any]:
     known = unknown = read_back = 0
+    unpack, TEXT, READ_BACK = F.HEAD.unpack_from, F.TEXT, F.READ_BACK
     for img in images.values():
         for row in img.captions:
-            if row[6] is None:
+            fl = unpack(row[3])[1]
+            if not fl & TEXT:
                 unknown += 1
             else:
                 known += 1
-                if row[7] is not None and row[7] != row[4]:
+                if fl & READ_BACK:
                     read_back += 1
     return {
         "known": known,
@@ -380,95 +412,189 @@ def _texts(images: dict[str, _Image]) -> dict[str, Any]:
 # -- captions read -----------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Read:
-    generator: str
-    kind: str
-    text: str
-    tags: set[str]
-    people_source: bool
-    trigger: bool
-
-
-def _readings(images: dict[str, _Image], source: Any, options: Options) -> dict[str, list[_Read]]:
-    """Each image's captions as the report needs them: a tag set for plain tag lists,
-    whether the trigger word is there. Captions of other formats (prose, multi_person)
-    go through :func:`read_caption`; plain tag lists and prose take short cuts."""
-    out: dict[str, list[_Read]] = {}
-    contexts: dict[Scope, tuple[Context, str, Any]] = {}
-    tag_of = TAGS.__getitem__
-    for path, img in images.items():
-        known = contexts.get(img.scope)
-        if known is None:
-            trigger = options.trigger if options.trigger is not None else img.scope.trigger
-            ctx = Context(trigger=trigger, language=img.scope.language)
-            t = trigger.strip()
-            known = contexts[img.scope] = (ctx, normal_tag(t) if t else "",
-                                           trigger_re(t) if t else None)  # fmt: skip
-        ctx, want, trig_re = known
-        rs = []
-        for row in img.captions:
-            text = row[6]
-            if text is None:
-                continue
-            src = source(row[1], text)
-            if src.kind == "tags" and not src.people:
-                tags = set(map(tag_of, text.replace("\n", ",").split(",")))
-                tags.discard("")
-                found = bool(want) and want in tags
-                if found:
-                    tags.discard(want)
-                rs.append(_Read(row[1], "tags", text, tags, False, found))
-            elif src.kind == "prose" and not src.people:
-                found = trig_re is not None and trig_re.search(text) is not None
-                rs.append(_Read(row[1], "prose", text, _NO_TAGS, False, found))
+def _resolve(
+    index: ReportIndex,
+    images: dict[str, _Image],
+    sources: dict[str, Source],
+    terms: F.Terms,
+    tokens: TokenCounter,
+    options: Options,
+) -> None:
+    """Gives every caption row (image_path, generator, content_hash, facts) facts of the
+    key this report reads with (see :mod:`daemon.report.facts`). Facts kept in the index
+    are used as they are; the others are computed from the record (read for them alone)
+    and stored. A generator that is not configured is read as its first caption (in the
+    report's order) suggests."""
+    contexts: dict[Scope, tuple[Context, bool]] = {}
+    keys_of: dict[int, dict[str, bytes | None]] = {}  # id(scope) -> generator -> key
+    missing: dict[tuple[str, Scope], list[tuple[_Image, int]]] = {}
+    pack_key = struct.Struct("<I").pack
+    none_id = terms.ids.get(F.NO_TEXT_KEY)
+    none_key = None if none_id is None else pack_key(none_id)
+    head = F.HEAD_SIZE
+    last: Scope | None = None
+    keys: dict[str, bytes | None] = {}
+    for img in images.values():
+        sc = img.scope
+        if sc is not last:
+            last, keys = sc, keys_of.setdefault(id(sc), {})
+        for j, row in enumerate(img.captions):
+            blob = row[3]
+            ok = blob is not None and len(blob) >= head
+            if ok and blob[:4] == none_key:
+                continue  # a record without text
+            gen = row[1]
+            k = keys.get(gen, b"")
+            if k == b"":
+                src = sources.get(gen)
+                if src is None:
+                    rec = index.caption_records([(row[0], gen)]).get((row[0], gen))
+                    if rec is None or rec[6] is None:  # no text: the next caption decides
+                        missing.setdefault((gen, sc), []).append((img, j))
+                        continue
+                    src = sources[gen] = guess_source(gen, rec[6])
+                ctx = _context(contexts, sc, options)[0]
+                kid = terms.ids.get(F.key_term(src, ctx, tokens))
+                k = keys[gen] = None if kid is None else pack_key(kid)
+            if k is None or not ok or blob[:4] != k:
+                missing.setdefault((gen, sc), []).append((img, j))
+    if not missing:
+        return
+    recs = index.caption_records(
+        (img.captions[j][0], gen) for (gen, _sc), places in missing.items() for img, j in places
+    )
+    for (gen, sc), places in missing.items():
+        with_text: list[tuple] = []
+        without: list[tuple] = []
+        where_text: list[tuple[_Image, int]] = []
+        where_none: list[tuple[_Image, int]] = []
+        for img, j in places:
+            row = img.captions[j]
+            rec = recs.get((row[0], gen))
+            if rec is None:  # gone since it was read: counted as a record without text
+                rec = (row[0], gen, row[2], "", "", 0.0, None, None)
+            if rec[6] is None:
+                without.append(rec)
+                where_none.append((img, j))
             else:
-                r = read_caption(src, text, row[2], ctx)
-                rs.append(_Read(row[1], src.kind, text, r.tags, True, r.trigger))
-        out[path] = rs
-    return out
+                with_text.append(rec)
+                where_text.append((img, j))
+        ctx, store = _context(contexts, sc, options)
+        src = sources.get(gen)
+        if src is None and with_text:
+            src = sources[gen] = guess_source(gen, with_text[0][6])
+        for rows, where, s in ((with_text, where_text, src), (without, where_none, None)):
+            for (img, j), blob in zip(
+                where, F.fill(index, terms, rows, s, ctx, tokens, store=store), strict=True
+            ):
+                row = img.captions[j]
+                img.captions[j] = (row[0], row[1], row[2], blob)
 
 
-_NO_TAGS: set[str] = set()
+def _context(
+    contexts: dict[Scope, tuple[Context, bool]], sc: Scope, options: Options
+) -> tuple[Context, bool]:
+    """The context a scope's captions are read in, and whether facts read in it may be
+    kept (not with a report's own trigger word)."""
+    known = contexts.get(sc)
+    if known is None:
+        trigger = options.trigger if options.trigger is not None else sc.trigger
+        store = options.trigger is None or options.trigger == sc.trigger
+        known = contexts[sc] = (Context(trigger, sc.language), store)
+    return known
 
 
 # -- tags --------------------------------------------------------------------------------
 
 
-def _top(counter: Counter[str], total: int, n: int) -> list[dict[str, Any]]:
-    rows = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+def _top_ids(
+    ids: np.ndarray, counts: np.ndarray, total: int, n: int, tag: Callable[[int], str]
+) -> list[dict[str, Any]]:
+    """The ``n`` most frequent tags (ties by name) of (tag ids, counts > 0)."""
+    if len(ids) > n:
+        kth = np.partition(counts, len(counts) - n)[len(counts) - n]
+        keep = counts >= kth
+        ids, counts = ids[keep], counts[keep]
+    rows = sorted(
+        ((tag(i), c) for i, c in zip(ids.tolist(), counts.tolist(), strict=True)),
+        key=lambda kv: (-kv[1], kv[0]),
+    )[:n]
     return [{"tag": t, "count": c, "share": _share(c, total)} for t, c in rows]
 
 
-def _tags(images: dict[str, _Image], readings: dict[str, list[_Read]], options: Options) -> dict:
-    per_root: dict[str, Counter[str]] = {}
-    per_folder: dict[str, Counter[str]] = {}
-    folder_images: Counter[str] = Counter()
-    tagged = 0
+def _compose(f: Callable[[int], str], g: Callable[[int], int]) -> Callable[[int], str]:
+    return lambda i: f(g(i))
+
+
+def _nonzero(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.flatnonzero(counts)
+    return ids, counts[ids]
+
+
+@dataclass(slots=True)
+class _Lengths:
+    words: list[int] = field(default_factory=list)
+    # captions over the limit: (-characters, API path, image path, index in words)
+    over: list[tuple[int, str, str, int]] = field(default_factory=list)
+
+
+def _tags(
+    images: dict[str, _Image], terms: F.Terms, options: Options
+) -> tuple[dict[str, Any], dict[str, _Lengths]]:
+    """The tags section from the captions' facts (tag ids, aggregated with numpy), and
+    each generator's lengths for :func:`_length`."""
+    unpack, head = F.HEAD.unpack_from, F.HEAD_SIZE
+    TEXT, TRIGGER, OVER, TAG_LIST, PEOPLE = F.TEXT, F.TRIGGER, F.OVER, F.TAG_LIST, F.PEOPLE
+    n_img = len(images)
+    roots: dict[str, int] = {}
+    folders: dict[str, int] = {}
+    root_of = np.zeros(n_img, dtype=np.int64)
+    folder_of = np.zeros(n_img, dtype=np.int64)
+    found_of = np.zeros(n_img, dtype=bool)
+    tagged_of = np.zeros(n_img, dtype=bool)
+    chunks: list[bytes] = []
+    owners: list[int] = []
+    sizes: list[int] = []
+    multi = False
     generators: set[str] = set()
     triggers: dict[str, dict[str, Any]] = {}
-    without: dict[str, Counter[str]] = {}  # tags of images without the trigger, per root
-    for path, rs in readings.items():
-        img = images[path]
-        tag_reads = [r for r in rs if r.kind == "tags" and not r.people_source]
-        if len(tag_reads) == 1:
-            tags = tag_reads[0].tags
-        else:
-            tags = set().union(*(r.tags for r in tag_reads))
-        if tag_reads:
-            generators.update(r.generator for r in tag_reads)
-            tagged += 1
-            root = img.scope.name
-            (per_root.get(root) or per_root.setdefault(root, Counter())).update(tags)
-            f = img.folder
-            (per_folder.get(f) or per_folder.setdefault(f, Counter())).update(tags)
-            folder_images[f] += 1
-        word = options.trigger if options.trigger is not None else img.scope.trigger
-        if not rs or not word.strip():
+    lengths: dict[str, _Lengths] = {}
+    for i, img in enumerate(images.values()):
+        reads: list[tuple[str, bool]] = []
+        n_tags = 0
+        for row in img.captions:
+            blob = row[3]
+            _k, fl, words, chars, _at, _e = unpack(blob)
+            if not fl & TEXT:
+                continue
+            gen = row[1]
+            ln = lengths.get(gen)
+            if ln is None:
+                ln = lengths[gen] = _Lengths()
+            if fl & OVER:
+                ln.over.append((-chars, img.api, row[0], len(ln.words)))
+            ln.words.append(words)
+            reads.append((gen, fl & TRIGGER))
+            if fl & TAG_LIST and not fl & PEOPLE:
+                generators.add(gen)
+                n_tags += 1
+                chunks.append(blob[head:])
+                owners.append(i)
+                sizes.append((len(blob) - head) // 4)
+        sc = img.scope
+        if n_tags:
+            multi = multi or n_tags > 1
+            tagged_of[i] = True
+            r = roots.get(sc.name)
+            root_of[i] = roots.setdefault(sc.name, len(roots)) if r is None else r
+            f = folders.get(img.folder)
+            folder_of[i] = folders.setdefault(img.folder, len(folders)) if f is None else f
+        word = options.trigger if options.trigger is not None else sc.trigger
+        if not reads or not word.strip():
             continue
-        t = triggers.get(img.scope.name)
+        t = triggers.get(sc.name)
         if t is None:
-            t = triggers[img.scope.name] = {
+            t = triggers[sc.name] = {
                 "word": word.strip(),
                 "captioned_images": 0,
                 "with_trigger": 0,
@@ -477,80 +603,111 @@ def _tags(images: dict[str, _Image], readings: dict[str, list[_Read]], options: 
             }
         t["captioned_images"] += 1
         found = False
-        for r in rs:
-            g = t["by_generator"].get(r.generator)
+        for gen, hit in reads:
+            g = t["by_generator"].get(gen)
             if g is None:
-                g = t["by_generator"][r.generator] = {"captions": 0, "with_trigger": 0}
+                g = t["by_generator"][gen] = {"captions": 0, "with_trigger": 0}
             g["captions"] += 1
-            if r.trigger:
+            if hit:
                 g["with_trigger"] += 1
                 found = True
         if found:
             t["with_trigger"] += 1
-        else:
-            without.setdefault(img.scope.name, Counter()).update(tags)
-            if len(t["missing"]) < options.examples:
-                t["missing"].append(img.api)
-    overall: Counter[str] = Counter()
-    for c in per_root.values():
-        overall.update(c)
+            found_of[i] = True
+        elif len(t["missing"]) < options.examples:
+            t["missing"].append(img.api)
+
+    ids = np.frombuffer(b"".join(chunks), dtype="<u4").astype(np.int64)
+    own = np.repeat(np.asarray(owners, dtype=np.int64), np.asarray(sizes, dtype=np.int64))
+    if multi:  # an image's tags once, however many tag lists it has
+        pairs = np.unique((own << 32) | ids)
+        own, ids = pairs >> 32, pairs & 0xFFFFFFFF
+    tag = terms.tag
+    if len(ids) and int(ids.max()) > 4 * len(terms.by_id) + 1_000_000:  # a report's own ids
+        dense, ids = np.unique(ids, return_inverse=True)
+        ids = ids.reshape(-1)
+        tag = dense.tolist().__getitem__
+        tag = _compose(terms.tag, tag)
+    size = int(ids.max()) + 1 if len(ids) else 0
+    root_pair = root_of[own]
+    per_root: dict[str, np.ndarray] = {}
+    for name, r in roots.items():
+        sel = ids if len(roots) == 1 else ids[root_pair == r]
+        per_root[name] = np.bincount(sel, minlength=size)
+    overall = sum(per_root.values(), np.zeros(size, dtype=np.int64))
+    tagged = int(np.count_nonzero(tagged_of))
+
+    folder_images = np.bincount(folder_of[tagged_of], minlength=len(folders)).tolist()
+    folder_names = list(folders)
+    listed = sorted(range(len(folders)), key=lambda f: (-folder_images[f], folder_names[f]))
+    per_folder = []
+    if listed:
+        folder_pair = folder_of[own]
+        order = np.argsort(folder_pair, kind="stable")
+        bounds = np.searchsorted(folder_pair[order], np.arange(len(folders) + 1))
+        for f in listed[: options.folders]:
+            u, c = np.unique(ids[order[bounds[f] : bounds[f + 1]]], return_counts=True)
+            n = folder_images[f]
+            per_folder.append(
+                {
+                    "folder": folder_names[f],
+                    "images": n,
+                    "distinct": len(u),
+                    "top": _top_ids(u, c, n, 10, tag),
+                }
+            )
+
     trigger_out = []
     for name, t in sorted(triggers.items()):
-        co = Counter(per_root.get(name, Counter()))
-        co.subtract(without.get(name, Counter()))
-        co = +co  # drop zeros
+        if name in roots:
+            r = roots[name]
+            mask = found_of[own] & (root_pair == r)
+            co_ids, co_counts = _nonzero(np.bincount(ids[mask], minlength=size))
+        else:
+            co_ids = co_counts = np.zeros(0, dtype=np.int64)
         t["share"] = _share(t["with_trigger"], t["captioned_images"])
         for g in t["by_generator"].values():
             g["share"] = _share(g["with_trigger"], g["captions"])
-        t["co_occurring"] = _top(co, t["with_trigger"], 15)
+        t["co_occurring"] = _top_ids(co_ids, co_counts, t["with_trigger"], 15, tag)
         trigger_out.append({"root": name, **t})
-    rare = sorted(((t, c) for t, c in overall.items() if c <= 2), key=lambda kv: (kv[1], kv[0]))
-    folders = sorted(folder_images.items(), key=lambda kv: (-kv[1], kv[0]))
-    return {
+    all_ids, all_counts = _nonzero(overall)
+    rare_sel = all_counts <= 2
+    rare = sorted(
+        (
+            (tag(i), c)
+            for i, c in zip(all_ids[rare_sel].tolist(), all_counts[rare_sel].tolist(), strict=True)
+        ),
+        key=lambda kv: (kv[1], kv[0]),
+    )
+    every = sorted(tag(i) for i in all_ids[all_counts == tagged].tolist()) if tagged >= 2 else []
+    out = {
         "generators": sorted(generators),
         "tagged_images": tagged,
-        "distinct": len(overall),
-        "top": _top(overall, tagged, options.top),
-        "per_folder": {
-            "folders": len(folders),
-            "list": [
-                {
-                    "folder": f,
-                    "images": n,
-                    "distinct": len(per_folder[f]),
-                    "top": _top(per_folder[f], n, 10),
-                }
-                for f, n in folders[: options.folders]
-            ],
-        },
+        "distinct": len(all_ids),
+        "top": _top_ids(all_ids, all_counts, tagged, options.top, tag),
+        "per_folder": {"folders": len(folders), "list": per_folder},
         "rare": {
             "count": len(rare),
             "list": [{"tag": t, "count": c} for t, c in rare[: options.top * 4]],
         },
-        "in_every_image": sorted(t for t, c in overall.items() if c == tagged)
-        if tagged >= 2
-        else [],
+        "in_every_image": every,
         "trigger": trigger_out,
     }
+    return out, lengths
+
+
+_NONE = (None,) * 8
 
 
 # -- length ------------------------------------------------------------------------------
 
 
 def _length(
-    images: dict[str, _Image],
-    readings: dict[str, list[_Read]],
+    index: ReportIndex,
+    lengths: dict[str, _Lengths],
     tokens: TokenCounter,
     options: Options,
 ) -> dict[str, Any]:
-    per_gen: dict[str, list[tuple[str, str]]] = {}
-    for path, rs in readings.items():
-        api = images[path].api
-        for r in rs:
-            items = per_gen.get(r.generator)
-            if items is None:
-                items = per_gen[r.generator] = []
-            items.append((api, r.text))
     out: dict[str, Any] = {
         "clip": {
             "limit": LIMIT + 2,
@@ -560,22 +717,20 @@ def _length(
         },
         "by_generator": {},
     }
-    for gen, items in sorted(per_gen.items()):
-        texts = [t for _p, t in items]
-        over, words = tokens.over_words(texts)
-        long = [i for i, o in enumerate(over) if o]
+    for gen, ln in sorted(lengths.items()):
         # the longest first, counted exactly (or estimated) for the examples
-        long.sort(key=lambda i: (-len(texts[i]), items[i][0]))
-        shown = long[: options.examples]
-        counts = tokens.counts([texts[i] for i in shown])
+        shown = heapq.nsmallest(options.examples, ln.over)
+        recs = index.caption_records((path, gen) for _c, _a, path, _i in shown)
+        counts = tokens.counts([(recs.get((p, gen)) or _NONE)[6] or "" for _c, _a, p, _i in shown])
+        words = ln.words
         out["by_generator"][gen] = {
             "words": _summary(words),
             "histogram": _hist(words, WORD_EDGES),
-            "over_clip_limit": len(long),
-            "over_clip_share": _share(len(long), len(items)),
+            "over_clip_limit": len(ln.over),
+            "over_clip_share": _share(len(ln.over), len(words)),
             "examples": [
-                {"path": items[i][0], "tokens": n + 2, "words": words[i]}
-                for i, n in zip(shown, counts, strict=True)
+                {"path": api, "tokens": n + 2, "words": words[i]}
+                for (_c, api, _p, i), n in zip(shown, counts, strict=True)
             ],
         }
     return out
@@ -601,8 +756,11 @@ def _images(
             no_hash += 1
             continue
         digest = caps[0][2]
-        if len(caps) > 1 and any(r[2] != digest for r in caps):
-            digest = max(caps, key=lambda r: r[5])[2]  # the newest caption's content
+        if len(caps) > 1:
+            for r in caps:
+                if r[2] != digest:  # the newest caption's content
+                    digest = max(caps, key=lambda r: F.HEAD.unpack_from(r[3])[4])[2]
+                    break
         group = by_hash.get(digest)
         if group is None:
             by_hash[digest] = [img.api]

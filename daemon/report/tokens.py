@@ -1,10 +1,18 @@
 """Counting CLIP text-encoder tokens: which captions a trainer's CLIP would cut at 77.
 
 CLIP's text encoder takes 77 tokens, the start and end tokens included: 75 for the
-caption. With ``transformers`` installed and the tokenizer files of a CLIP model in a
-Hugging Face cache (``<cache_dir>/hf`` or the user's), captions are counted with that
-tokenizer (:class:`ClipCounter`); otherwise with :func:`estimate`, and the report says
-it is an estimate.
+caption. With the tokenizer files of a CLIP model in a Hugging Face cache
+(``<cache_dir>/hf`` or the user's) or a local folder, and the ``tokenizers`` library
+installed (a dependency of ``transformers``), captions are counted with that tokenizer
+(:class:`ClipCounter`); otherwise with :func:`estimate`, and the report says it is an
+estimate.
+
+The tokenizer is loaded with ``tokenizers`` alone (Rust, about 30 MB with CLIP's
+vocabulary), never through ``transformers``: importing ``transformers`` imports
+``torch`` (about 500 MB), and the report's background pass runs in the daemon, whose
+memory must stay where it was (tests/test_heavy_e2e.py). The pipeline is the one
+``transformers``' ``CLIPTokenizer`` builds (its ``tokenizer.json`` as saved, or built
+from ``vocab.json`` and ``merges.txt`` the same way), so the counts are the same.
 
 Counting 100,000 captions with the tokenizer takes tens of seconds on a small machine,
 so it is only asked where the answer is not already known: CLIP splits text into
@@ -15,7 +23,10 @@ over the limit and one of at most 75 bytes is within it, without the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -40,8 +51,19 @@ try:  # transformers requires the regex module; CLIP's own pattern needs \p{L}
     import regex as _regex
 
     _PIECES = _regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+    _CLIP_PIECES = True  # the same pieces as CLIP's pre-tokenizer
 except ImportError:  # pragma: no cover - the estimate is an estimate either way
     _PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+")
+    _CLIP_PIECES = False
+
+# Texts whose CLIP pieces bound their tokens: printable ASCII, spaces, tabs and newlines
+# (nothing for CLIP's NFC or lower-casing to merge), without "<|" (its special tokens,
+# one token each, are matched before the pieces).
+_PLAIN = re.compile(r"(?:[\x20-\x7e\t\n](?<!<\|))*")
+
+# Texts encoded at once: an encoding holds ids, offsets, masks; 100,000 at once took
+# more than 1 GB (and the allocator keeps it), 1,024 at a time about 20 MB.
+ENCODE_CHUNK = 1024
 
 # Estimate: letters per token of a word piece, from the real tokenizer on WD tag lists
 # and VLM prose (bench/README.md, CLIP tokens): common words are one token, long and
@@ -88,11 +110,13 @@ class Estimator:
     """Token counts by :func:`estimate` (no tokenizer)."""
 
     name = None
+    key = None  # what the facts' key names (daemon.report.facts.key_term)
     exact = False
     note = (
         "estimate: no CLIP tokenizer was found in the cache (words and punctuation "
-        "counted, long words as several tokens); install transformers and cache a CLIP "
-        "tokenizer (e.g. openai/clip-vit-large-patch14) for exact counts"
+        "counted, long words as several tokens); install tokenizers (the report or vlm "
+        "extra) and cache a CLIP tokenizer (e.g. openai/clip-vit-large-patch14) for "
+        "exact counts"
     )
 
     def counts(self, texts: Sequence[str]) -> list[int]:
@@ -113,20 +137,27 @@ class ClipCounter:
 
     exact = True
 
-    def __init__(self, tokenizer: Any, name: str, *, memo: int = 500_000) -> None:
-        self.tokenizer = tokenizer
+    def __init__(
+        self, tokenizer: Any, name: str, *, key: str | None = None, memo: int = 100_000
+    ) -> None:
+        """``tokenizer``: a ``tokenizers.Tokenizer`` (or a ``transformers`` tokenizer,
+        whose ``backend_tokenizer`` is one). ``key``: what the facts' key names (the
+        name and a digest of the tokenizer's files); the name by default."""
+        self.tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
         self.name = name
+        self.key = key or name
         self.note = f"counted with the CLIP tokenizer of {name}"
         self._memo: OrderedDict[bytes, int] = OrderedDict()
         self._memo_size = memo
         self._lock = threading.Lock()
 
     def _tokenize(self, texts: Sequence[str]) -> list[int]:
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            return [len(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
-        ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        return [len(i) for i in ids]
+        out: list[int] = []
+        for i in range(0, len(texts), ENCODE_CHUNK):  # encodings are large: a few at once
+            batch = list(texts[i : i + ENCODE_CHUNK])
+            encoded = self.tokenizer.encode_batch(batch, add_special_tokens=False)
+            out += [len(e.ids) for e in encoded]
+        return out
 
     def counts(self, texts: Sequence[str]) -> list[int]:
         keys = [
@@ -160,6 +191,10 @@ class ClipCounter:
             # every word is at least one token; no token is shorter than a byte
             lo, hi = len(t.split()), len(t.encode("utf-8", "replace"))
             out.append(lo > LIMIT)
+            if lo <= LIMIT < hi and _CLIP_PIECES and _PLAIN.fullmatch(t):
+                # every CLIP piece is at least one token and at most one per byte
+                lo, hi = bounds(t)
+                out[i] = lo > LIMIT
             if lo <= LIMIT < hi:
                 ask.append(i)
         for i, n in zip(ask, self.counts([texts[i] for i in ask]), strict=True):
@@ -192,22 +227,128 @@ def find_counter(
         return counter
 
 
-def _load(dirs: Sequence[str], repos: Sequence[str]) -> Counter:
+def default_hub_cache() -> Path:
+    """The user's Hugging Face hub cache, as ``huggingface_hub`` finds it."""
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return Path(hub).expanduser()
+    home = os.environ.get("HF_HOME")
+    if not home:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        home = os.path.join(xdg, "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def _snapshots(cache: Path, repo: str) -> list[Path]:
+    """The folders of ``repo`` in the hub cache ``cache``: the snapshot ``refs/main``
+    names first, then any other, newest first."""
+    base = cache / ("models--" + repo.replace("/", "--"))
+    out: list[Path] = []
+    with contextlib.suppress(OSError, ValueError):
+        out.append(base / "snapshots" / (base / "refs" / "main").read_text().strip())
     try:
-        from transformers import AutoTokenizer
-    except Exception:  # not installed, or broken
-        return Estimator()
+        others = sorted(
+            (base / "snapshots").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True
+        )
+    except OSError:
+        others = []
+    return out + [p for p in others if p not in out]
+
+
+def _digest(files: Iterable[Path]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def load_folder(folder: Path, name: str | None = None) -> ClipCounter | None:
+    """A :class:`ClipCounter` for the CLIP tokenizer in ``folder`` (``tokenizer.json``,
+    else ``vocab.json`` and ``merges.txt``), with ``tokenizers`` only; None when there is
+    none, it is not CLIP's, or ``tokenizers`` is not installed."""
+    name = name or str(folder)
+    tj, vocab, merges = (folder / f for f in ("tokenizer.json", "vocab.json", "merges.txt"))
+    files = [tj] if tj.is_file() else [vocab, merges]
+    if not all(f.is_file() for f in files):
+        return None
+    cls = ""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        cls = str(json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class"))
+    if cls and cls != "None" and "clip" not in cls.lower():
+        log.warning("not_a_clip_tokenizer", repo=name, cls=cls)
+        return None
+    try:
+        import tokenizers
+        from tokenizers.models import BPE
+
+        if tj.is_file():
+            tok = tokenizers.Tokenizer.from_file(str(tj))
+        else:
+            tok = clip_tokenizer(str(vocab), str(merges))
+        model = tok.model
+    except ImportError:
+        return None
+    except Exception as exc:  # unreadable or not a tokenizer
+        log.warning("clip_tokenizer_unreadable", repo=name, error=str(exc))
+        return None
+    # CLIP's: byte-level BPE marking the end of a word, at least the 256 bytes
+    if (
+        not isinstance(model, BPE)
+        or model.end_of_word_suffix != "</w>"
+        or tok.get_vocab_size(with_added_tokens=False) < 256
+    ):
+        log.warning("not_a_clip_tokenizer", repo=name, cls=cls or type(model).__name__)
+        return None
+    return ClipCounter(tok, name, key=f"{name} {_digest(files)}")
+
+
+def clip_tokenizer(vocab: str, merges: str) -> Any:
+    """CLIP's tokenizer from ``vocab.json`` and ``merges.txt``, as ``transformers``'
+    ``CLIPTokenizer`` builds it (tokenizers only)."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    unk, specials = "<|endoftext|>", ["<|startoftext|>", "<|endoftext|>"]
+    tok = Tokenizer(
+        BPE.from_file(
+            vocab,
+            merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token=unk,
+        )
+    )
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(
+                    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
+                    r"|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+                ),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def _load(dirs: Sequence[str], repos: Sequence[str]) -> Counter:
+    caches = [Path(d) for d in dirs] + [default_hub_cache()]
     for repo in repos:
-        places: list[dict[str, Any]] = [{}] if Path(repo).is_dir() else []
-        places += [{"cache_dir": d} for d in dirs] + ([] if Path(repo).is_dir() else [{}])
-        for kw in places:
-            try:
-                tok = AutoTokenizer.from_pretrained(repo, local_files_only=True, **kw)
-            except Exception:
-                continue
-            if "clip" not in type(tok).__name__.lower():
-                log.warning("not_a_clip_tokenizer", repo=repo, cls=type(tok).__name__)
-                continue
-            log.info("clip_tokenizer", repo=repo, cache_dir=kw.get("cache_dir"))
-            return ClipCounter(tok, repo)
+        local = Path(repo)
+        folders = [local] if local.is_dir() else []
+        folders += [s for c in caches for s in _snapshots(c, repo)]
+        for folder in folders:
+            counter = load_folder(folder, repo)
+            if counter is not None:
+                log.info("clip_tokenizer", repo=repo, folder=str(folder))
+                return counter
     return Estimator()
