@@ -13,6 +13,7 @@ from daemon.api.http import PeerCredentials, Request
 from daemon.api.problems import Problem
 from daemon.api.security import Authoriser, StartupError, load_token, resolve_image
 from daemon.config import WatchConfig
+from daemon.confined import ConfinementError, Root
 from daemon.queue import Database, JobQueue
 from tests.daemonproc import make_image
 
@@ -682,3 +683,70 @@ def test_an_api_path_names_a_root_then_the_segments_below_it(tmp_path) -> None:
     assert split_api_path([one], "_/sub/a.png") == (one, ["sub", "a.png"])
     assert split_api_path([one], "set/a.png") == (one, ["a.png"])
     assert split_api_path([one], "set/a:b.png") == (one, ["a:b.png"])
+
+
+# -- the API's early answer agrees with the confined read, whatever the link policy ---
+
+
+def _read_confined(watch: WatchConfig, rel: str) -> str:
+    """What a read of the image named ``rel`` does (the worker's and the web's way)."""
+    parts = rel.split("/")[1:]
+    try:
+        with Root(str(watch.path), watch.follow_symlinks).folder("/".join(parts[:-1])) as f:
+            f.read_file(parts[-1])
+    except ConfinementError:
+        return "forbidden"
+    except FileNotFoundError:
+        return "not_found"
+    return "ok"
+
+
+def _resolve(watch: WatchConfig, rel: str) -> str:
+    try:
+        resolve_image([watch], rel)
+    except Problem as exc:
+        return exc.kind
+    return "ok"
+
+
+@pytest.mark.parametrize(
+    ("policy", "want"),
+    [
+        # ds/inside.png: absolute link to an image in the root; ds/rel.png: relative link
+        # to it; ds/escape.png: link to an image outside; ds/hop.png: a link inside to the
+        # escaping link; ds/linked/a.png: through a symlinked folder (never followed)
+        ("never", {"inside": "forbidden", "rel": "forbidden", "escape": "forbidden"}),
+        ("inside", {"inside": "ok", "rel": "ok", "escape": "forbidden"}),
+        ("all", {"inside": "ok", "rel": "ok", "escape": "ok"}),
+    ],
+)
+def test_the_apis_answer_for_a_symlink_is_what_the_confined_read_does(
+    tmp_path: Path, policy: str, want: dict[str, str]
+) -> None:
+    root = tmp_path / "root"
+    make_image(root / "sub" / "a.png")
+    make_image(tmp_path / "secret.png")
+    os.symlink(root / "sub" / "a.png", root / "inside.png")
+    os.symlink("sub/a.png", root / "rel.png")
+    os.symlink(tmp_path / "secret.png", root / "escape.png")
+    os.symlink("escape.png", root / "hop.png")
+    os.symlink(root / "sub", root / "linked")
+    os.symlink(tmp_path, root / "out")
+    watch = WatchConfig(path=root, name="ds", follow_symlinks=policy)
+    want = {**want, "hop": want["escape"], "linked/a": "forbidden", "out/secret": "forbidden"}
+    for name, answer in want.items():
+        rel = f"ds/{name}.png"
+        assert (_resolve(watch, rel), _read_confined(watch, rel)) == (answer, answer), rel
+    assert _resolve(watch, "ds/sub/a.png") == _read_confined(watch, "ds/sub/a.png") == "ok"
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["ds/nosuch/a.png", "ds/nosuch/deeper/a.png", "ds/sub/gone/a.png", "ds/sub/missing.png"],
+)
+def test_an_image_in_a_folder_that_does_not_exist_is_404(watch: WatchConfig, rel: str) -> None:
+    with pytest.raises(Problem) as exc:
+        resolve_image([watch], rel)
+    assert (exc.value.kind, exc.value.status) == ("not_found", 404)
+    assert str(exc.value) == f"no such image: {rel}"
+    assert _read_confined(watch, rel) == "not_found"
