@@ -1396,7 +1396,7 @@ def test_held_names_the_jobs_still_leased_by_the_owner(db: Database, clock: Fake
     assert daemon.held([a.id, e.id]) == {e.id}
 
 
-def test_held_asks_in_chunks_below_sqlites_limit_of_variables(
+def test_held_and_get_many_ask_in_chunks_below_sqlites_limit_of_variables(
     db: Database, clock: FakeClock
 ) -> None:
     """A backfill may hold more jobs than one statement may name (999 variables in
@@ -1407,6 +1407,7 @@ def test_held_asks_in_chunks_below_sqlites_limit_of_variables(
     ids = [j.id for j in bf.claim_under("wd", 1200, ["/a"])]
     assert len(ids) == 1200
     assert bf.held(iter(ids)) == set(ids)
+    assert set(bf.get_many(iter(ids))) == set(ids)
 
 
 def test_leased_paths_and_counts_by_owner(db: Database, clock: FakeClock) -> None:
@@ -1503,3 +1504,14 @@ def test_report_jobs_lists_all_but_captiond_own_captions_under_a_folder(
     assert sorted(q.report_jobs("/d/a")) == want
     assert sorted(q.report_jobs("/d/a/")) == want
     assert q.report_jobs("/none") == []
+
+
+def test_owner_leases_and_the_report_take_a_folder_whose_name_ends_in_x_whole(
+    db: Database, q: JobQueue, clock: FakeClock
+) -> None:
+    """Only the slash is stripped from a folder's end ("/d/MAX" is not "/d/MA")."""
+    for p in ("/d/MAX/1.jpg", "/d/MA/2.jpg", "/d/M/3.jpg"):
+        q.enqueue(p, "wd", 0)
+    assert q.count_claimable("wd", ["/d/MAX"]) == 1
+    assert [r[0] for r in q.report_jobs("/d/MAX")] == ["/d/MAX/1.jpg"]
+    assert [j.path for j in owned(db, clock).claim_under("wd", 10, ["/d/MAX"])] == ["/d/MAX/1.jpg"]
