@@ -1510,7 +1510,7 @@ def test_owner_leases_and_the_report_take_a_folder_whose_name_ends_in_x_whole(
     db: Database, q: JobQueue, clock: FakeClock
 ) -> None:
     """Only the slash is stripped from a folder's end ("/d/MAX" is not "/d/MA")."""
-    for p in ("/d/MAX/1.jpg", "/d/MA/2.jpg", "/d/M/3.jpg"):
+    for p in ("/d/MAX/1.jpg", "/d/MA/2.jpg", "/d/MA/4.jpg", "/d/M/3.jpg"):
         q.enqueue(p, "wd", 0)
     assert q.count_claimable("wd", ["/d/MAX"]) == 1
     assert [r[0] for r in q.report_jobs("/d/MAX")] == ["/d/MAX/1.jpg"]
