@@ -732,8 +732,17 @@ def test_the_apis_answer_for_a_symlink_is_what_the_confined_read_does(
     os.symlink("escape.png", root / "hop.png")
     os.symlink(root / "sub", root / "linked")
     os.symlink(tmp_path, root / "out")
+    make_image(root / "sub" / "deep" / "b.png")
+    os.symlink(tmp_path / "secret.png", root / "sub" / "deep" / "escape.png")
     watch = WatchConfig(path=root, name="ds", follow_symlinks=policy)
-    want = {**want, "hop": want["escape"], "linked/a": "forbidden", "out/secret": "forbidden"}
+    want = {
+        **want,
+        "hop": want["escape"],
+        "sub/deep/escape": want["escape"],
+        "sub/deep/b": "ok",
+        "linked/a": "forbidden",
+        "out/secret": "forbidden",
+    }
     for name, answer in want.items():
         rel = f"ds/{name}.png"
         assert (_resolve(watch, rel), _read_confined(watch, rel)) == (answer, answer), rel
@@ -750,3 +759,41 @@ def test_an_image_in_a_folder_that_does_not_exist_is_404(watch: WatchConfig, rel
     assert (exc.value.kind, exc.value.status) == ("not_found", 404)
     assert str(exc.value) == f"no such image: {rel}"
     assert _read_confined(watch, rel) == "not_found"
+
+
+def test_what_is_not_a_regular_image_file_is_refused_with_the_reason(
+    watch: WatchConfig, tmp_path: Path
+) -> None:
+    """A FIFO named like an image would block a read; a folder named so is no image."""
+    os.mkfifo(watch.path / "fifo.png")
+    (watch.path / "folder.png").mkdir()
+    exts = sorted(watch.image_extensions)
+    cases = {
+        "ds/fifo.png": ("invalid", "not a regular file"),
+        "ds/folder.png": ("invalid", "not a regular file"),
+        "ds/sub/a.txt": ("invalid", f"not an image: sub/a.txt (extensions: {exts})"),
+        "ds/sub/b/a.txt": ("invalid", f"not an image: sub/b/a.txt (extensions: {exts})"),
+        "ds/sub/.a.png": (
+            "invalid",
+            "this watch does not caption that file (hidden, temporary or excluded)",
+        ),
+        # a name longer than the filesystem allows: its stat fails, not the daemon
+        f"ds/{'n' * 300}.png": ("not_found", "cannot stat the image: File name too long"),
+        # one character: no drive letter to look at, just no such root
+        "x": ("not_found", "no watched root named 'x'; roots: ds"),
+    }
+    for rel, (kind, message) in cases.items():
+        with pytest.raises(Problem) as exc:
+            resolve_image([watch], rel)
+        assert (exc.value.kind, str(exc.value)) == (kind, message), rel
+
+
+def test_the_daemons_own_user_may_change_things_by_default(monkeypatch) -> None:
+    """The daemon builds its Authoriser without ``own_uid``: its effective uid counts."""
+    from daemon.api import security
+
+    monkeypatch.setattr(security.os, "geteuid", lambda: 4321)
+    a = Authoriser(admin_gid=None)
+    assert a.own_uid == 4321
+    assert a.may_mutate(_req(PeerCredentials(1, 4321, 4321)))
+    assert not a.may_mutate(_req(PeerCredentials(1, 4322, 4321)))
