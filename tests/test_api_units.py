@@ -797,3 +797,28 @@ def test_the_daemons_own_user_may_change_things_by_default(monkeypatch) -> None:
     assert a.own_uid == 4321
     assert a.may_mutate(_req(PeerCredentials(1, 4321, 4321)))
     assert not a.may_mutate(_req(PeerCredentials(1, 4322, 4321)))
+
+
+def test_a_token_file_of_another_user_and_an_unknown_admin_group_say_what_is_wrong(
+    tmp_path: Path,
+) -> None:
+    from daemon.api.security import resolve_admin_group
+
+    t = tmp_path / "tok"
+    t.write_text("0123456789abcdef\n")
+    os.chmod(t, 0o600)
+    other = os.geteuid() + 1
+    try:
+        os.chown(t, other, -1)
+    except PermissionError:
+        pytest.skip("giving a file to another user needs root")
+    with pytest.raises(StartupError) as info:
+        load_token(t)
+    assert str(info.value) == (
+        f"[api.tcp].token_file {t} must be owned by the daemon's user "
+        f"(uid {os.geteuid()}), not uid {other}"
+    )
+    with pytest.raises(StartupError) as info:
+        resolve_admin_group("captiond-no-such-group")
+    assert str(info.value) == "[api].admin_group 'captiond-no-such-group' does not exist"
+    assert resolve_admin_group("4242") == 4242 and resolve_admin_group(None) is None
