@@ -6,6 +6,7 @@ hidden name. In both resolution modes: openat2 and the portable O_NOFOLLOW walk.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -511,6 +512,9 @@ def test_an_unsynced_stage_is_fsynced_and_closed_before_its_rename_once(
         staged = f.stage("a.txt", b"x\n", sync=False)
         fd = staged.fd
         assert fd >= 0 and os.fstat(fd).st_size == 2
+        # open until synced: a child started meanwhile (the heavy-model child process)
+        # must not inherit it
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         events: list = []
         _record(monkeypatch, events, {fd}, "fsync", "close")
         real_rename = os.rename
