@@ -13,6 +13,7 @@ from daemon.api.http import PeerCredentials, Request
 from daemon.api.problems import Problem
 from daemon.api.security import Authoriser, StartupError, load_token, resolve_image
 from daemon.config import WatchConfig
+from daemon.confined import ConfinementError, Root
 from daemon.queue import Database, JobQueue
 from tests.daemonproc import make_image
 
@@ -682,3 +683,142 @@ def test_an_api_path_names_a_root_then_the_segments_below_it(tmp_path) -> None:
     assert split_api_path([one], "_/sub/a.png") == (one, ["sub", "a.png"])
     assert split_api_path([one], "set/a.png") == (one, ["a.png"])
     assert split_api_path([one], "set/a:b.png") == (one, ["a:b.png"])
+
+
+# -- the API's early answer agrees with the confined read, whatever the link policy ---
+
+
+def _read_confined(watch: WatchConfig, rel: str) -> str:
+    """What a read of the image named ``rel`` does (the worker's and the web's way)."""
+    parts = rel.split("/")[1:]
+    try:
+        with Root(str(watch.path), watch.follow_symlinks).folder("/".join(parts[:-1])) as f:
+            f.read_file(parts[-1])
+    except ConfinementError:
+        return "forbidden"
+    except FileNotFoundError:
+        return "not_found"
+    return "ok"
+
+
+def _resolve(watch: WatchConfig, rel: str) -> str:
+    try:
+        resolve_image([watch], rel)
+    except Problem as exc:
+        return exc.kind
+    return "ok"
+
+
+@pytest.mark.parametrize(
+    ("policy", "want"),
+    [
+        # ds/inside.png: absolute link to an image in the root; ds/rel.png: relative link
+        # to it; ds/escape.png: link to an image outside; ds/hop.png: a link inside to the
+        # escaping link; ds/linked/a.png: through a symlinked folder (never followed)
+        ("never", {"inside": "forbidden", "rel": "forbidden", "escape": "forbidden"}),
+        ("inside", {"inside": "ok", "rel": "ok", "escape": "forbidden"}),
+        ("all", {"inside": "ok", "rel": "ok", "escape": "ok"}),
+    ],
+)
+def test_the_apis_answer_for_a_symlink_is_what_the_confined_read_does(
+    tmp_path: Path, policy: str, want: dict[str, str]
+) -> None:
+    root = tmp_path / "root"
+    make_image(root / "sub" / "a.png")
+    make_image(tmp_path / "secret.png")
+    os.symlink(root / "sub" / "a.png", root / "inside.png")
+    os.symlink("sub/a.png", root / "rel.png")
+    os.symlink(tmp_path / "secret.png", root / "escape.png")
+    os.symlink("escape.png", root / "hop.png")
+    os.symlink(root / "sub", root / "linked")
+    os.symlink(tmp_path, root / "out")
+    make_image(root / "sub" / "deep" / "b.png")
+    os.symlink(tmp_path / "secret.png", root / "sub" / "deep" / "escape.png")
+    watch = WatchConfig(path=root, name="ds", follow_symlinks=policy)
+    want = {
+        **want,
+        "hop": want["escape"],
+        "sub/deep/escape": want["escape"],
+        "sub/deep/b": "ok",
+        "linked/a": "forbidden",
+        "out/secret": "forbidden",
+    }
+    for name, answer in want.items():
+        rel = f"ds/{name}.png"
+        assert (_resolve(watch, rel), _read_confined(watch, rel)) == (answer, answer), rel
+    assert _resolve(watch, "ds/sub/a.png") == _read_confined(watch, "ds/sub/a.png") == "ok"
+
+
+@pytest.mark.parametrize(
+    "rel",
+    ["ds/nosuch/a.png", "ds/nosuch/deeper/a.png", "ds/sub/gone/a.png", "ds/sub/missing.png"],
+)
+def test_an_image_in_a_folder_that_does_not_exist_is_404(watch: WatchConfig, rel: str) -> None:
+    with pytest.raises(Problem) as exc:
+        resolve_image([watch], rel)
+    assert (exc.value.kind, exc.value.status) == ("not_found", 404)
+    assert str(exc.value) == f"no such image: {rel}"
+    assert _read_confined(watch, rel) == "not_found"
+
+
+def test_what_is_not_a_regular_image_file_is_refused_with_the_reason(
+    watch: WatchConfig, tmp_path: Path
+) -> None:
+    """A FIFO named like an image would block a read; a folder named so is no image."""
+    os.mkfifo(watch.path / "fifo.png")
+    (watch.path / "folder.png").mkdir()
+    exts = sorted(watch.image_extensions)
+    cases = {
+        "ds/fifo.png": ("invalid", "not a regular file"),
+        "ds/folder.png": ("invalid", "not a regular file"),
+        "ds/sub/a.txt": ("invalid", f"not an image: sub/a.txt (extensions: {exts})"),
+        "ds/sub/b/a.txt": ("invalid", f"not an image: sub/b/a.txt (extensions: {exts})"),
+        "ds/sub/.a.png": (
+            "invalid",
+            "this watch does not caption that file (hidden, temporary or excluded)",
+        ),
+        # a name longer than the filesystem allows: its stat fails, not the daemon
+        f"ds/{'n' * 300}.png": ("not_found", "cannot stat the image: File name too long"),
+        # one character: no drive letter to look at, just no such root
+        "x": ("not_found", "no watched root named 'x'; roots: ds"),
+    }
+    for rel, (kind, message) in cases.items():
+        with pytest.raises(Problem) as exc:
+            resolve_image([watch], rel)
+        assert (exc.value.kind, str(exc.value)) == (kind, message), rel
+
+
+def test_the_daemons_own_user_may_change_things_by_default(monkeypatch) -> None:
+    """The daemon builds its Authoriser without ``own_uid``: its effective uid counts."""
+    from daemon.api import security
+
+    monkeypatch.setattr(security.os, "geteuid", lambda: 4321)
+    a = Authoriser(admin_gid=None)
+    assert a.own_uid == 4321
+    assert a.may_mutate(_req(PeerCredentials(1, 4321, 4321)))
+    assert not a.may_mutate(_req(PeerCredentials(1, 4322, 4321)))
+
+
+def test_a_token_file_of_another_user_and_an_unknown_admin_group_say_what_is_wrong(
+    tmp_path: Path,
+) -> None:
+    from daemon.api.security import resolve_admin_group
+
+    t = tmp_path / "tok"
+    t.write_text("0123456789abcdef\n")
+    os.chmod(t, 0o600)
+    other = os.geteuid() + 1
+    try:
+        os.chown(t, other, -1)
+    except PermissionError:
+        pytest.skip("giving a file to another user needs root")
+    with pytest.raises(StartupError) as info:
+        load_token(t)
+    assert str(info.value) == (
+        f"[api.tcp].token_file {t} must be owned by the daemon's user "
+        f"(uid {os.geteuid()}), not uid {other}"
+    )
+    with pytest.raises(StartupError) as info:
+        resolve_admin_group("captiond-no-such-group")
+    assert str(info.value) == "[api].admin_group 'captiond-no-such-group' does not exist"
+    assert resolve_admin_group("4242") == 4242 and resolve_admin_group(None) is None

@@ -6,6 +6,7 @@ hidden name. In both resolution modes: openat2 and the portable O_NOFOLLOW walk.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -484,6 +485,82 @@ def test_a_rename_refused_for_its_length_says_so_and_leaves_no_temp(tmp_path, mo
         with pytest.raises(confined.NameTooLongError, match="is 200 bytes"):
             staged.commit()
         staged.discard()  # twice: harmless
+    assert list(tmp_path.iterdir()) == []
+
+
+def _record(monkeypatch, events: list, allowed: set[int], *names: str) -> None:
+    """Record os.<name>(fd, ...) calls; refuse any other descriptor than ``allowed``
+    (a stale descriptor number would close or fsync someone else's file)."""
+    for name in names:
+        real = getattr(os, name)
+
+        def call(fd, *args, _name=name, _real=real, **kw):
+            if fd not in allowed:
+                raise AssertionError(f"os.{_name} of descriptor {fd!r}")
+            events.append((_name, fd))
+            return _real(fd, *args, **kw)
+
+        monkeypatch.setattr(confined.os, name, call)
+
+
+def test_an_unsynced_stage_is_fsynced_and_closed_before_its_rename_once(
+    tmp_path, monkeypatch
+) -> None:
+    """A batch stages with sync=False and fsyncs from threads; whoever commits first,
+    the data is on disk before the rename, and its descriptor is closed exactly once."""
+    with Folder.at(tmp_path) as f:
+        staged = f.stage("a.txt", b"x\n", sync=False)
+        fd = staged.fd
+        assert fd >= 0 and os.fstat(fd).st_size == 2
+        # open until synced: a child started meanwhile (the heavy-model child process)
+        # must not inherit it
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        events: list = []
+        _record(monkeypatch, events, {fd}, "fsync", "close")
+        real_rename = os.rename
+
+        def rename(src: str, dst: str, **kw) -> None:
+            events.append(("rename", dst))
+            real_rename(src, dst, **kw)
+
+        monkeypatch.setattr(confined.os, "rename", rename)
+        staged.commit()
+        assert events == [("fsync", fd), ("close", fd), ("rename", "a.txt")]
+        staged.sync()  # again: nothing more
+        assert len(events) == 3
+        monkeypatch.undo()
+    assert (tmp_path / "a.txt").read_bytes() == b"x\n"
+
+
+def test_discarding_an_unsynced_stage_closes_it_once_and_leaves_no_temp(
+    tmp_path, monkeypatch
+) -> None:
+    with Folder.at(tmp_path) as f:
+        staged = f.stage("b.txt", b"y\n", sync=False)
+        fd = staged.fd
+        events: list = []
+        _record(monkeypatch, events, {fd}, "fsync", "close")
+        staged.discard()
+        staged.discard()  # twice: harmless, the descriptor is not closed again
+        assert events == [("close", fd)]
+        monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_discard_whose_close_fails_still_removes_the_temp(tmp_path, monkeypatch) -> None:
+    """close() may report a delayed write error (EIO on NFS): the temp goes all the same."""
+    with Folder.at(tmp_path) as f:
+        staged = f.stage("c.txt", b"z\n", sync=False)
+        real_close = os.close
+
+        def failing(fd: int) -> None:
+            real_close(fd)
+            if fd == staged.fd:
+                raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(confined.os, "close", failing)
+        staged.discard()
+        monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
 
 

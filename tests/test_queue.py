@@ -1283,3 +1283,235 @@ def test_listings_default_to_a_page_of_100_jobs_and_20_errors(q: JobQueue) -> No
     for j in q.claim("wd", 21):
         q.fail(j.id, "bad_image", "x", retryable=False)
     assert len(q.recent_errors()) == 20
+
+
+# -- leasing under an owner (a backfill driver), and the report's listing ----------
+
+
+def owned(db: Database, clock: FakeClock, owner: str = "backfill:a", **kw) -> JobQueue:
+    return make_queue(db, clock, owner=owner, **kw)
+
+
+def owners(db: Database) -> dict[str, str | None]:
+    """path -> lease_owner of every leased job."""
+    rows = db.conn.execute("SELECT path, lease_owner FROM jobs WHERE state = 'leased'")
+    return dict(rows.fetchall())
+
+
+def test_claim_under_leases_due_pending_jobs_under_its_folders_for_its_owner(
+    db: Database, q: JobQueue, clock: FakeClock
+) -> None:
+    bf = owned(db, clock, lease_seconds=60)
+    for p in ("/d/a/1.jpg", "/d/a/sub/2.jpg", "/d/a0/3.jpg", "/d/ab/4.jpg", "/d/b/5.jpg"):
+        q.enqueue(p, "wd", PRIORITY_BACKFILL)
+    q.enqueue("/d/a/hi.jpg", "wd", PRIORITY_NEW)  # higher priority: first
+    q.enqueue("/d/a/other-gen.jpg", "vlm", PRIORITY_NEW)
+    q.enqueue("/d/a/asked.jpg", "wd", PRIORITY_EXPLICIT, options={"force": True})
+    q.enqueue("/d/a/later.jpg", "wd", PRIORITY_EXPLICIT + 1)
+    later = q.claim("wd", 1)[0]  # a retry wait: not due yet
+    q.fail(later.id, "io", "x", retryable=True)
+    assert q.get("/d/a/later.jpg", "wd").not_before > clock()
+
+    assert bf.claim_under("wd", 10, []) == []
+    jobs = bf.claim_under("wd", 10, ["/d/a/", "/d/b"])
+    assert [j.path for j in jobs] == ["/d/a/hi.jpg", "/d/a/1.jpg", "/d/a/sub/2.jpg", "/d/b/5.jpg"]
+    assert all(j.state == JobState.LEASED and j.attempts == 1 for j in jobs)
+    assert {j.lease_until for j in jobs} == {clock() + 60}
+    assert {j.updated_at for j in jobs} == {clock()}
+    assert owners(db) == {j.path: "backfill:a" for j in jobs}
+    # the daemon's claim takes the rest: the explicit request, the folders beside /d/a
+    assert {j.path for j in q.claim("wd", 10)} == {"/d/a/asked.jpg", "/d/a0/3.jpg", "/d/ab/4.jpg"}
+    assert bf.claim_under("wd", 10, ["/d/a"]) == []
+
+
+def test_claim_under_takes_at_most_limit_in_claim_order(db: Database, clock: FakeClock) -> None:
+    bf = owned(db, clock)
+    for i in range(5):
+        bf.enqueue(f"/r/{i}.jpg", "wd", 0)
+        clock.advance(1)
+    bf.enqueue("/r/urgent.jpg", "wd", 9)
+    assert [j.path for j in bf.claim_under("wd", 3, ["/r"])] == [
+        "/r/urgent.jpg",
+        "/r/0.jpg",
+        "/r/1.jpg",
+    ]
+    assert [j.path for j in bf.claim_under("wd", 3, ["/r"])] == ["/r/2.jpg", "/r/3.jpg", "/r/4.jpg"]
+
+
+def test_count_claimable_counts_what_claim_under_would_take_due_or_not(
+    db: Database, q: JobQueue, clock: FakeClock
+) -> None:
+    for p in ("/d/a/1.jpg", "/d/a/2.jpg", "/d/a/sub/3.jpg", "/d/a0/x.jpg", "/d/ab/y.jpg"):
+        q.enqueue(p, "wd", 0)
+    for p in ("/d/b/1.jpg", "/d/b/2.jpg"):
+        q.enqueue(p, "wd", 0)
+    q.enqueue("/d/a/gen.jpg", "vlm", 0)
+    q.enqueue("/d/a/asked.jpg", "wd", 0, options={"force": True})
+    q.enqueue("/d/a/wait.jpg", "wd", 9)
+    q.fail(q.claim("wd", 1)[0].id, "io", "x", retryable=True)  # pending, due later: counted
+    q.enqueue("/d/a/done.jpg", "wd", 9)
+    q.ack(q.claim("wd", 1)[0].id)
+    assert q.count_claimable("wd", []) == 0
+    assert q.count_claimable("wd", ["/d/a/"]) == 4
+    assert q.count_claimable("wd", ["/d/a", "/d/b"]) == 6
+    assert q.count_claimable("wd", ["/d/b", "/none"]) == 2
+    assert q.count_claimable("vlm", ["/d/a"]) == 1
+
+
+def test_extend_owned_extends_only_the_owners_leases(db: Database, clock: FakeClock) -> None:
+    bf = owned(db, clock, lease_seconds=60)
+    other = owned(db, clock, owner="backfill:b", lease_seconds=60)
+    daemon = make_queue(db, clock, lease_seconds=60)
+    for i in range(4):
+        bf.enqueue(f"/a/{i}.jpg", "wd", 0)
+        bf.enqueue(f"/b/{i}.jpg", "wd", 0)
+    mine = bf.claim_under("wd", 3, ["/a"])
+    theirs = other.claim_under("wd", 1, ["/b"])
+    daemons = daemon.claim("wd", 1)
+    clock.advance(10)
+    assert bf.extend_owned() == 3
+    assert {daemon.get_by_id(j.id).lease_until for j in mine} == {clock() + 60}
+    assert bf.extend_owned(5) == 3
+    assert {daemon.get_by_id(j.id).lease_until for j in mine} == {clock() + 5}
+    for j in theirs + daemons:
+        assert daemon.get_by_id(j.id).lease_until == clock() - 10 + 60
+    bf.ack(mine[0].id)
+    assert bf.extend_owned() == 2
+
+
+def test_held_names_the_jobs_still_leased_by_the_owner(db: Database, clock: FakeClock) -> None:
+    bf = owned(db, clock)
+    other = owned(db, clock, owner="backfill:b")
+    daemon = make_queue(db, clock)
+    for i in range(6):
+        bf.enqueue(f"/a/{i}.jpg", "wd", 0)
+    a, b, c = bf.claim_under("wd", 3, ["/a"])
+    d = other.claim_under("wd", 1, ["/a"])[0]
+    e = daemon.claim("wd", 1)[0]
+    pending = daemon.get("/a/5.jpg", "wd")
+    bf.ack(c.id)
+    assert bf.held([a.id, b.id, c.id, d.id, e.id, pending.id, 999]) == {a.id, b.id}
+    assert bf.held([]) == set()
+    assert other.held([a.id, d.id]) == {d.id}
+    assert daemon.held([a.id, e.id]) == {e.id}
+
+
+def test_held_and_get_many_ask_in_chunks_below_sqlites_limit_of_variables(
+    db: Database, clock: FakeClock
+) -> None:
+    """A backfill may hold more jobs than one statement may name (999 variables in
+    SQLite builds before 3.32)."""
+    db.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    bf = owned(db, clock)
+    bf.enqueue_many((f"/a/{i:04}.jpg", "wd", 0) for i in range(1200))
+    ids = [j.id for j in bf.claim_under("wd", 1200, ["/a"])]
+    assert len(ids) == 1200
+    assert bf.held(iter(ids)) == set(ids)
+    assert set(bf.get_many(iter(ids))) == set(ids)
+
+
+def test_leased_paths_and_counts_by_owner(db: Database, clock: FakeClock) -> None:
+    bf = owned(db, clock)
+    other = owned(db, clock, owner="backfill:b")
+    daemon = make_queue(db, clock)
+    for i in range(6):
+        bf.enqueue(f"/a/{i}.jpg", "wd", 0)
+    assert bf.leased_by_owner() == {} and bf.leased_paths("backfill:a") == []
+    bf.claim_under("wd", 2, ["/a"])
+    other.claim_under("wd", 3, ["/a"])
+    daemon.claim("wd", 1)
+    assert sorted(daemon.leased_paths("backfill:a")) == ["/a/0.jpg", "/a/1.jpg"]
+    assert sorted(daemon.leased_paths("backfill:b")) == ["/a/2.jpg", "/a/3.jpg", "/a/4.jpg"]
+    assert daemon.leased_by_owner() == {"backfill:a": 2, "backfill:b": 3}
+    other.release(list(other.held(j.id for j in daemon.jobs(JobState.LEASED))))
+    assert daemon.leased_by_owner() == {"backfill:a": 2}
+    assert daemon.leased_paths("backfill:b") == []
+
+
+def test_open_count_is_pending_and_leased_jobs(q: JobQueue) -> None:
+    assert q.open_count() == 0
+    for i in range(5):
+        q.enqueue(f"/a/{i}.jpg", "wd", 0)
+    a, b = q.claim("wd", 2)
+    assert q.open_count() == 5
+    q.ack(a.id)
+    q.fail(b.id, "bad_image", "x", retryable=False)
+    assert q.open_count() == 3
+
+
+def test_recover_expired_foreign_leaves_the_daemons_and_live_leases(
+    db: Database, clock: FakeClock
+) -> None:
+    daemon = make_queue(db, clock, lease_seconds=60, max_attempts=1)
+    dead = owned(db, clock, owner="backfill:dead", lease_seconds=10, max_attempts=1)
+    live = owned(db, clock, owner="backfill:live", lease_seconds=100)
+    for i in range(4):
+        daemon.enqueue(f"/a/{i}.jpg", "wd", 0)
+    mine = daemon.claim("wd", 1)[0]
+    gone = dead.claim_under("wd", 1, ["/a"])[0]
+    alive = live.claim_under("wd", 1, ["/a"])[0]
+    clock.advance(61)  # the daemon's own lease expired too: not this call's business
+    assert daemon.recover_expired_foreign() == 1
+    after = daemon.get_by_id(gone.id)
+    assert after.state == JobState.DEAD  # its last attempt (max_attempts 1)
+    assert after.error_type == "worker_crash" and after.updated_at == clock()
+    assert daemon.get_by_id(mine.id).state == JobState.LEASED
+    assert daemon.get_by_id(alive.id).state == JobState.LEASED
+    assert daemon.leased_by_owner() == {"backfill:live": 1}
+
+
+def test_recover_owner_takes_back_every_lease_of_that_owner_expired_or_not(
+    db: Database, clock: FakeClock
+) -> None:
+    daemon = make_queue(db, clock)
+    gone = owned(db, clock, owner="backfill:gone", lease_seconds=600)
+    other = owned(db, clock, owner="backfill:other")
+    for i in range(5):
+        daemon.enqueue(f"/a/{i}.jpg", "wd", 0)
+    taken = gone.claim_under("wd", 2, ["/a"])
+    kept = other.claim_under("wd", 1, ["/a"])[0]
+    mine = daemon.claim("wd", 1)[0]
+    clock.advance(5)
+    assert daemon.recover_owner("backfill:gone") == 2
+    for j in taken:
+        after = daemon.get_by_id(j.id)
+        assert (after.state, after.attempts, after.lease_until) == (JobState.PENDING, 1, None)
+        assert after.updated_at == clock()
+    assert daemon.get_by_id(kept.id).state == JobState.LEASED
+    assert daemon.get_by_id(mine.id).state == JobState.LEASED
+    assert daemon.recover_owner("backfill:gone") == 0
+
+
+def test_report_jobs_lists_all_but_captiond_own_captions_under_a_folder(
+    q: JobQueue, clock: FakeClock
+) -> None:
+    outcomes = {"w": "written", "u": "unchanged", "e": "caption_exists", "x": "caption_edited"}
+    for name, outcome in outcomes.items():
+        q.enqueue(f"/d/a/{name}.jpg", "wd", 0)
+        q.ack(only(q).id, outcome)
+    q.enqueue("/d/a/sub/bad.jpg", "wd", 0)
+    q.fail(only(q).id, "bad_image", "é" * 300, retryable=False)
+    q.enqueue("/d/a/wait.jpg", "wd", 0)
+    q.enqueue("/d/a0/no.jpg", "wd", 0)
+    q.enqueue("/d/ab/no.jpg", "wd", 0)
+    q.enqueue("/d/a.jpg", "wd", 0)
+    want = [
+        ("/d/a/e.jpg", "wd", "done", "caption_exists", None, None),
+        ("/d/a/sub/bad.jpg", "wd", "failed", None, "bad_image", "é" * 200),
+        ("/d/a/wait.jpg", "wd", "pending", None, None, None),
+        ("/d/a/x.jpg", "wd", "done", "caption_edited", None, None),
+    ]
+    assert sorted(q.report_jobs("/d/a")) == want
+    assert sorted(q.report_jobs("/d/a/")) == want
+    assert q.report_jobs("/none") == []
+
+
+def test_owner_leases_and_the_report_take_a_folder_whose_name_ends_in_x_whole(
+    db: Database, q: JobQueue, clock: FakeClock
+) -> None:
+    """Only the slash is stripped from a folder's end ("/d/MAX" is not "/d/MA")."""
+    for p in ("/d/MAX/1.jpg", "/d/MA/2.jpg", "/d/MA/4.jpg", "/d/M/3.jpg"):
+        q.enqueue(p, "wd", 0)
+    assert q.count_claimable("wd", ["/d/MAX"]) == 1
+    assert [r[0] for r in q.report_jobs("/d/MAX")] == ["/d/MAX/1.jpg"]
+    assert [j.path for j in owned(db, clock).claim_under("wd", 10, ["/d/MAX"])] == ["/d/MAX/1.jpg"]

@@ -380,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    listed as equivalent but killed: {name}")
         print(f"  (full run: {elapsed:.0f} s)", flush=True)
         WORK.mkdir(exist_ok=True)  # after each group: an interrupted run keeps what is done
-        summary_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        # Only this group's entry, over the file as it is now: another run of other groups
+        # at the same time (each in its own folder) keeps its results.
+        fresh = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        fresh[g.name] = summary[g.name]
+        tmp = summary_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(fresh, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, summary_path)
     return 1 if failed else 0
 
 
