@@ -87,6 +87,12 @@ def test_token_file_rules(tmp_path: Path) -> None:
     t.write_text("short")
     with pytest.raises(StartupError, match="16"):
         load_token(t)
+    # a token file is read whole or refused: never a silently cut token
+    t.write_text("x" * 4095 + "\n")
+    assert load_token(t) == b"x" * 4095
+    t.write_text("x" * 4097)
+    with pytest.raises(StartupError, match="over 4096 bytes"):
+        load_token(t)
     with pytest.raises(StartupError, match="does not exist"):
         load_token(tmp_path / "none")
 

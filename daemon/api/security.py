@@ -189,6 +189,9 @@ class Authoriser:
             )
 
 
+MAX_TOKEN_BYTES = 4096
+
+
 def load_token(path: Path | None) -> bytes:
     """The TCP listener's bearer token; refuses a file others could read or write."""
     if path is None:
@@ -213,9 +216,15 @@ def load_token(path: Path | None) -> bytes:
                 f"[api.tcp].token_file {path} must be owned by the daemon's user "
                 f"(uid {os.geteuid()}), not uid {st.st_uid}"
             )
-        token = os.read(fd, 4096).strip()
+        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
     finally:
         os.close(fd)
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise StartupError(
+            f"[api.tcp].token_file {path} is over {MAX_TOKEN_BYTES} bytes: "
+            "it must hold the token alone"
+        )
+    token = raw.strip()
     if len(token) < 16:
         raise StartupError(f"[api.tcp].token_file {path}: the token must be 16+ characters")
     return token
