@@ -38,6 +38,7 @@ from daemon.worker import Worker
 log = structlog.get_logger(__name__)
 
 STOP_TIMEOUT_SECONDS = 45.0  # below the unit's TimeoutStopSec=60
+SHUTDOWN_LOAD_WAIT_SECONDS = 30.0  # an in-process model load under way at a stop
 
 
 class Daemon:
@@ -282,6 +283,8 @@ class Daemon:
         self.conditions.stop()
         self.worker.stop()
         self.maintainer.stop()
+        if not self.models.wait_for_loads(SHUTDOWN_LOAD_WAIT_SECONDS):
+            log.warning("exiting_during_model_load", waited_s=SHUTDOWN_LOAD_WAIT_SECONDS)
         if not self.worker.alive:  # else a load or generate() still runs; we exit anyway
             self.models.unload_all()
         metrics.unregister_daemon(self._collector)

@@ -183,6 +183,7 @@ def _run(
             scanner.recaption_ours(watch, PRIORITY_EXPLICIT)
         queue.retry()  # a failed image gets another chance with this run
     except BaseException:
+        models.wait_for_loads()
         models.unload_all()
         raise
     worker = Worker(settings=settings, queue=queue, index=index, models=models)
@@ -201,6 +202,9 @@ def _run(
             time.sleep(poll_seconds)
     finally:
         worker.stop()
+        # the light model's load started before the scan may still run (a folder with
+        # nothing to do): wait for it, an exit during an onnxruntime load aborts
+        models.wait_for_loads()
         if not worker.alive:  # else a load or generate() is still running: leave it
             models.unload_all()
     for job in queue.finished_since(t0):

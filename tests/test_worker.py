@@ -451,6 +451,58 @@ def test_once_loads_a_light_model_while_it_scans_and_a_heavy_one_only_for_work(
     assert "tagecho" not in loads
 
 
+def test_once_over_nothing_to_do_waits_for_the_light_models_load_before_it_returns(
+    tmp_path, wd_model_dir, monkeypatch
+):
+    """--once on a folder with nothing to do ends while the light model it started
+    loading before the walk may still be loading: it waits for the load (an exit in the
+    middle of an onnxruntime session build aborts the process: exit 134, seen with
+    bench_overhead's realistic model). The daemon's stop waits the same way, bounded."""
+    from daemon.generators.wd_tagger import WDTagger
+    from daemon.oneshot import run_once
+    from daemon.residency.manager import ModelManager
+    from daemon.residency.slot import ModelState
+
+    real_load = WDTagger.load
+    ended: list[str] = []
+
+    def slow_load(self):
+        time.sleep(0.5)
+        real_load(self)
+        ended.append("load")
+
+    monkeypatch.setattr(WDTagger, "load", slow_load)
+    managers: list[ModelManager] = []
+    real_for_settings = ModelManager.for_settings.__func__
+
+    def for_settings(cls, *a, **kw):
+        managers.append(real_for_settings(cls, *a, **kw))
+        return managers[-1]
+
+    monkeypatch.setattr(ModelManager, "for_settings", classmethod(for_settings))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        generators={"wd_tagger": {"model": str(wd_model_dir)}},
+        worker={"preload": []},
+    )
+    result = run_once(settings, empty, generator="wd_tagger", fresh=True)
+    assert result.total == 0 and result.errors == []
+    assert ended == ["load"]  # the load ended before run_once returned
+    slot = managers[0].slots["wd_tagger"]
+    assert slot.state is not ModelState.LOADING and not slot.ready  # and unloaded
+
+    # bounded: a load that outlasts the wait is reported, not waited for forever
+    gate = threading.Event()
+    monkeypatch.setattr(WDTagger, "load", lambda self: gate.wait(5))
+    models = ModelManager.for_settings(settings, ["wd_tagger"])
+    models.slots["wd_tagger"].ensure_loaded(wait=False)
+    assert models.wait_for_loads(0.2) is False
+    gate.set()
+    assert models.wait_for_loads(5) is True
+
+
 def test_a_hung_read_fails_alone_and_the_others_go_on(tmp_path, monkeypatch):
     """A read that never returns (a hung network mount) is given up after
     read_timeout_seconds: that job fails as a retryable io error; the images queued

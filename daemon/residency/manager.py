@@ -450,6 +450,18 @@ class ModelManager:
             "resident_heavy": sum(1 for s in resident if s.heavy and not s.remote),
         }
 
+    def wait_for_loads(self, timeout: float | None = None) -> bool:
+        """Wait for the in-process loads under way to end (a process must not exit in
+        the middle of one); False if one still runs after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for slot in self.slots.values():
+            if slot.isolated:  # a child process: it dies with us, harmlessly
+                continue
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not slot.wait_for_load(left):
+                return False
+        return True
+
     def unload_all(self) -> None:
         for slot in self.slots.values():
             with self._lock:

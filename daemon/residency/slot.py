@@ -292,10 +292,24 @@ class ModelSlot:
         with self._guard:
             return self._ready_now()
 
+    def wait_for_load(self, timeout: float | None = None) -> bool:
+        """Wait for a load under way to end, loaded or failed; False on the timeout.
+        A process must not exit while a load runs in one of its threads: a native
+        library (onnxruntime) aborts the interpreter's exit."""
+        with self._guard:
+            event = self._loading if self.state is ModelState.LOADING else None
+        return event is None or event.wait(timeout)
+
     def _on_progress(self, p: dict[str, Any]) -> None:
         self.progress = p
 
     def _load(self, event: threading.Event) -> None:
+        try:
+            self._load_and_settle()
+        finally:  # waiters wake to the load's end state (and its unload if one was asked)
+            event.set()
+
+    def _load_and_settle(self) -> None:
         raw = self.raw
         assert raw is not None
         started = self._monotonic()
@@ -332,8 +346,6 @@ class ModelSlot:
                 log.warning("circuit_opened", generator=self.name, kind="load", error=c.message)
             self._retry = min(self._retry * 2, MAX_LOAD_RETRY_SECONDS)
             return
-        finally:
-            event.set()
         now = self._monotonic()
         with self._guard:
             self.load_seconds = now - started
