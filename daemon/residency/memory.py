@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
 
 
 def rss_mb(pid: int | None = None) -> float | None:
@@ -52,3 +56,19 @@ def gpu_footprint_mb() -> float | None:
         )
     except Exception:
         return None
+
+
+def give_back_large_buffers() -> bool:
+    """Have glibc serve allocations of 1 MiB or more (file reads, decoded images) by
+    mmap and unmap them at free. By default it raises its mmap threshold after the first
+    large free and keeps later buffers in the heap of each thread's arena: measured
+    with the web UI making thumbnails of 60 camera JPEGs on its request threads, the
+    daemon's RSS grew 154 -> 279 MB; with the threshold fixed, 112 -> 119 MB. False
+    (nothing done) off glibc, or when ``MALLOC_MMAP_THRESHOLD_`` is set (it rules)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
