@@ -38,9 +38,11 @@ to ``bench/.data/phash``, page cache warm:
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import platform
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -151,6 +153,7 @@ def bench_report(runs: int, clip_dir: Path | None) -> list[str]:
     ref0 = cpu_reference()
     rng = random.Random(14)
     tmp = tempfile.mkdtemp(prefix="bench-report-")
+    atexit.register(shutil.rmtree, tmp, True)  # about 130 MB of index
     db = Database(Path(tmp) / "q.db")
     t = time.perf_counter()
     build(db, rng)
@@ -261,6 +264,7 @@ def bench_phash(runs: int) -> list[str]:
 
     def one_pass() -> float:
         tmp = tempfile.mkdtemp(prefix="bench-phash-")
+        atexit.register(shutil.rmtree, tmp, True)
         db = Database(Path(tmp) / "q.db")
         index = FileIndex(db)
         root = str(files[0].parent)

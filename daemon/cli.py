@@ -79,9 +79,9 @@ def run(ctx: click.Context, extra: tuple[Path, ...]) -> None:
     from daemon.api.listeners import SocketPathError
     from daemon.app import Daemon
     from daemon.queue.db import DatabaseError
-    from daemon.residency.memory import give_back_large_buffers
+    from daemon.residency.memory import limit_malloc_arenas
 
-    give_back_large_buffers()  # months of image buffers on many threads: RSS stays flat
+    limit_malloc_arenas()  # before the threads: each would keep its freed buffers
     try:
         code = Daemon(settings).run_forever()
     except (SocketPathError, DatabaseError, OSError) as exc:
