@@ -1379,12 +1379,18 @@ def test_extend_owned_extends_only_the_owners_leases(db: Database, clock: FakeCl
     assert bf.extend_owned() == 2
 
 
-def test_held_names_the_jobs_still_leased_by_the_owner(db: Database, clock: FakeClock) -> None:
+def two_owners_and_the_daemon(
+    db: Database, clock: FakeClock
+) -> tuple[JobQueue, JobQueue, JobQueue]:
+    """Backfills a and b and the daemon on one queue, with six pending jobs in /a."""
     bf = owned(db, clock)
-    other = owned(db, clock, owner="backfill:b")
-    daemon = make_queue(db, clock)
     for i in range(6):
         bf.enqueue(f"/a/{i}.jpg", "wd", 0)
+    return bf, owned(db, clock, owner="backfill:b"), make_queue(db, clock)
+
+
+def test_held_names_the_jobs_still_leased_by_the_owner(db: Database, clock: FakeClock) -> None:
+    bf, other, daemon = two_owners_and_the_daemon(db, clock)
     a, b, c = bf.claim_under("wd", 3, ["/a"])
     d = other.claim_under("wd", 1, ["/a"])[0]
     e = daemon.claim("wd", 1)[0]
@@ -1411,11 +1417,7 @@ def test_held_and_get_many_ask_in_chunks_below_sqlites_limit_of_variables(
 
 
 def test_leased_paths_and_counts_by_owner(db: Database, clock: FakeClock) -> None:
-    bf = owned(db, clock)
-    other = owned(db, clock, owner="backfill:b")
-    daemon = make_queue(db, clock)
-    for i in range(6):
-        bf.enqueue(f"/a/{i}.jpg", "wd", 0)
+    bf, other, daemon = two_owners_and_the_daemon(db, clock)
     assert bf.leased_by_owner() == {} and bf.leased_paths("backfill:a") == []
     bf.claim_under("wd", 2, ["/a"])
     other.claim_under("wd", 3, ["/a"])

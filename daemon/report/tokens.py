@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import re
 import threading
 from collections import OrderedDict
@@ -227,18 +226,6 @@ def find_counter(
         return counter
 
 
-def default_hub_cache() -> Path:
-    """The user's Hugging Face hub cache, as ``huggingface_hub`` finds it."""
-    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if hub:
-        return Path(hub).expanduser()
-    home = os.environ.get("HF_HOME")
-    if not home:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
-        home = os.path.join(xdg, "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
 def _snapshots(cache: Path, repo: str) -> list[Path]:
     """The folders of ``repo`` in the hub cache ``cache``: the snapshot ``refs/main``
     names first, then any other, newest first."""
@@ -341,7 +328,9 @@ def clip_tokenizer(vocab: str, merges: str) -> Any:
 
 
 def _load(dirs: Sequence[str], repos: Sequence[str]) -> Counter:
-    caches = [Path(d) for d in dirs] + [default_hub_cache()]
+    from huggingface_hub import constants  # the user's hub cache, as the hub finds it
+
+    caches = [Path(d) for d in dirs] + [Path(constants.HF_HUB_CACHE)]
     for repo in repos:
         local = Path(repo)
         folders = [local] if local.is_dir() else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
+from typing import Any
 
 
 def rss_mb(pid: int | None = None) -> float | None:
@@ -69,8 +70,19 @@ def limit_malloc_arenas(cpus: int | None = None) -> int | None:
     if "MALLOC_ARENA_MAX" in os.environ:
         return None
     n = max(2, (cpus or os.cpu_count() or 1) // 4)
+    mallopt = _glibc("mallopt")
+    return n if mallopt is not None and mallopt(M_ARENA_MAX, n) else None
+
+
+def trim_heap() -> None:
+    """Hand glibc's free heap back to the system (after an in-process unload)."""
+    if (malloc_trim := _glibc("malloc_trim")) is not None:
+        malloc_trim(0)
+
+
+def _glibc(function: str) -> Any:
+    """A function of glibc's; None off glibc."""
     try:
-        ok = ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, n)
-    except (OSError, AttributeError):
+        return getattr(ctypes.CDLL("libc.so.6"), function, None)
+    except OSError:
         return None
-    return n if ok else None

@@ -7,7 +7,6 @@ small :class:`Residency` interface."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import threading
 import time
@@ -31,7 +30,7 @@ from daemon.generators.base import Generator, WeightClass
 from daemon.residency import progress
 from daemon.residency.breaker import BreakerState, CircuitBreaker
 from daemon.residency.child import ChildGenerator
-from daemon.residency.memory import gpu_footprint_mb, rss_mb
+from daemon.residency.memory import gpu_footprint_mb, rss_mb, trim_heap
 
 log = structlog.get_logger(__name__)
 
@@ -80,8 +79,7 @@ class Policy:
 def _release_memory() -> None:
     """After an in-process unload: collect, and hand glibc's free heap back."""
     gc.collect()
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
 
 
 # Failures that say nothing about the model's health: they do not feed the breaker.
