@@ -576,15 +576,17 @@ print(json.dumps(out))
 """
 
 
-def as_nobody(sock: Path, calls: list, groups: list[int]) -> list:
+def as_nobody(d: DaemonProcess, calls: list, groups: list[int]) -> list:
     out = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(sock), ",".join(map(str, groups)), json.dumps(calls)],
+        [sys.executable, "-c", CLIENT, str(d.socket), ",".join(map(str, groups)), json.dumps(calls)],
         capture_output=True,
         text=True,
         timeout=90,
         check=False,
     )
-    assert out.returncode == 0, f"the client as nobody failed:\n{out.stderr[-2000:]}"
+    assert out.returncode == 0, (
+        f"the client as nobody failed:\n{out.stderr[-2000:]}\ndaemon log:\n{d.logs()[-6000:]}"
+    )
     return json.loads(out.stdout)
 
 
@@ -609,14 +611,14 @@ def test_other_users_may_read_but_not_mutate(daemon, root):
             ["POST", "/api/queue/pause", {}],
             ["DELETE", "/api/caption/_/n.png?caption_type=txt", None],
         ]
-        res = as_nobody(d.socket, calls, [])
+        res = as_nobody(d, calls, [])
         assert [r[0] for r in res] == [200, 200, 403, 403, 403, 403], res
         assert res[2][1]["error_type"] == "forbidden"
         assert (root / "n.txt").exists() and "red" in (root / "n.txt").read_text()
         assert call(d, "GET", "/api/queue")[1]["paused"] is False
         # a member of the admin group (supplementary group 100) may
         res = as_nobody(
-            d.socket, [["POST", "/api/queue/pause", {}], ["POST", "/api/queue/resume", {}]], [100]
+            d, [["POST", "/api/queue/pause", {}], ["POST", "/api/queue/resume", {}]], [100]
         )
         assert [r[0] for r in res] == [200, 200], res
     finally:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -343,6 +345,29 @@ def test_huge_body_gets_413_not_a_broken_pipe(sock_dir: Path) -> None:
         assert status == 413
         assert body["error_type"] == "payload_too_large"
         assert request(srv.path, "GET", "/x")[0] == 405
+
+
+def test_an_early_refusal_is_read_not_a_broken_pipe(sock_dir: Path) -> None:
+    """A guard refuses before the body is read; a client that sends its body after the
+    headers (as http.client does) still gets the 403, not EPIPE on the body's send."""
+    srv = ControlServer(sock_dir / "g.sock")
+
+    def refuse(req: Request) -> None:
+        raise HTTPError(403, "not you")
+
+    srv.router.add("PUT", "/x", lambda r: {"n": len(r.body)}, guard=refuse)
+    with srv:
+        body = b"z" * 5000
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(srv.path))
+            s.sendall(b"PUT /x HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+            assert select.select([s], [], [], 10)[0], "no answer"  # the 403 is on its way
+            time.sleep(0.2)  # without the linger the server has closed by now
+            s.sendall(body)
+            answer = s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 403"), answer
+        assert request(srv.path, "PUT", "/x", body=b"{}")[0] == 403  # http.client's way
 
 
 def test_bind_early_then_start(sock_dir: Path) -> None:

@@ -57,6 +57,7 @@ MAX_SOCKET_PATH_BYTES = 107
 HEADER_SECONDS = 10.0  # an idle keep-alive wait plus a request line and headers
 BODY_MIN_BYTES_PER_SECOND = 64 * 1024  # a body must arrive at least this fast ...
 BODY_GRACE_SECONDS = 10.0  # ... after this grace
+LINGER_SECONDS = 2.0  # a body left unread by an early answer (401, 403) is dropped this long
 MAX_PER_PEER = 16  # socket connections one user (uid) may hold at once
 ADMIN_RESERVE = 8  # more for root, the daemon's user and admins, beyond the limit
 MAX_TCP_CONNECTIONS = 32  # the TCP listener's own pool: a flood there leaves the socket alone
@@ -258,7 +259,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         path = split.path or "/"
         route: Route | None = None
-        read = False
+        read = touched = False
+        length = 0
         try:
             length = self._body_length()
             auth = self._check_token(path)
@@ -283,6 +285,7 @@ class _RequestHandler(BaseHTTPRequestHandler):
             )
             if route.guard is not None:
                 route.guard(req)  # before the body: who may not use it sends none
+            touched = True
             req.body = self._read_body(length)
             read = True
             resp = to_response(route.handler(req))
@@ -311,6 +314,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client hung up: nothing to tell anyone
             return
+        if not touched and length > 0:
+            self._linger(length)
         log.debug(
             "control_request",
             method=self.command,
@@ -320,6 +325,18 @@ class _RequestHandler(BaseHTTPRequestHandler):
             peer_pid=self.peer.pid if self.peer else None,
             peer_uid=self.peer.uid if self.peer else None,
         )
+
+    def _linger(self, length: int) -> None:
+        """After an answer sent before the body was read (401, 403): read and drop the
+        body for up to LINGER_SECONDS before closing. A client still sending it then
+        reads the answer instead of a broken pipe (on TCP: a reset that may swallow
+        the answer). The wait is short and the connection limits still apply."""
+        if length > DRAIN_LIMIT_BYTES:
+            return
+        with contextlib.suppress(OSError):  # TimeoutError included: then we close
+            self.wfile.flush()
+            self._io.deadline = time.monotonic() + LINGER_SECONDS
+            self._discard(length)
 
     def _send(self, resp: Response, *, head: bool, payload: bytes | None = None) -> None:
         if payload is None:
