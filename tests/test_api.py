@@ -578,7 +578,14 @@ print(json.dumps(out))
 
 def as_nobody(d: DaemonProcess, calls: list, groups: list[int]) -> list:
     out = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(d.socket), ",".join(map(str, groups)), json.dumps(calls)],
+        [
+            sys.executable,
+            "-c",
+            CLIENT,
+            str(d.socket),
+            ",".join(map(str, groups)),
+            json.dumps(calls),
+        ],
         capture_output=True,
         text=True,
         timeout=90,

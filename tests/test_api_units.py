@@ -333,6 +333,35 @@ def test_api_caption_writes_run_on_the_writer_thread(control, monkeypatch) -> No
     assert deleted and deleted[0].startswith("captiond-write")
 
 
+def test_a_folder_removed_or_swapped_after_the_check_is_404_or_403(control, tmp_path) -> None:
+    """The path was checked, then the disk changed before the read or write: the API
+    answers 404 (gone) or 403 (now a link out), never a 500."""
+    import shutil
+
+    from daemon.api.http import HTTPError
+    from daemon.api.routes import _http
+    from daemon.api.security import resolve_image
+
+    root = control.watches[0].path
+    make_image(root / "sub" / "b.png")
+    ref = resolve_image(control.watches, "ds/sub/b.png")
+    shutil.rmtree(root / "sub")
+    for call in (
+        lambda req: control.write_caption(ref, "txt", "mine"),
+        lambda req: control.delete_caption(ref, "txt"),
+    ):
+        with pytest.raises(HTTPError) as exc:
+            _http(call)(_req(None))
+        assert exc.value.status == 404 and "removed" in str(exc.value)
+    outside = tmp_path / "outside"
+    make_image(outside / "b.png")
+    os.symlink(outside, root / "sub")  # the folder is now a link out of the root
+    with pytest.raises(HTTPError) as exc:
+        _http(lambda req: control.write_caption(ref, "txt", "mine"))(_req(None))
+    assert exc.value.status == 403
+    assert not (outside / "b.txt").exists()
+
+
 def test_connections_beyond_the_limit_get_503(tmp_path: Path) -> None:
     import http.client
     import json
