@@ -604,7 +604,7 @@ def test_the_daemons_worker_recovers_a_dead_drivers_leases_while_it_runs(
     )
     worker = Worker(settings=settings, queue=queue, index=FileIndex(db), models=models)
     worker.paused = True  # claims nothing of its own
-    dead = JobQueue(db, owner="backfill:elsewhere:1:x", lease_seconds=1.0)
+    dead = JobQueue(db, owner="backfill:elsewhere:1:x", lease_seconds=2.0)
     held = dead.claim_under("echo", 3, [str(root)])
     mine = make_image(root / "mine.png")
     queue.enqueue(str(mine), "echo", 0)
@@ -613,7 +613,7 @@ def test_the_daemons_worker_recovers_a_dead_drivers_leases_while_it_runs(
     try:
         time.sleep(0.5)
         assert dead.held([j.id for j in held]) == {j.id for j in held}  # not expired yet
-        wait_for(lambda: queue.totals()["pending"] == 3, timeout=5)  # expired: back
+        wait_for(lambda: queue.totals()["pending"] == 3, timeout=10)  # expired: back
         worker.paused = False
         worker.wake()
         wait_for(lambda: queue.totals()["done"] == 3, timeout=10)
