@@ -79,9 +79,11 @@ def run(ctx: click.Context, extra: tuple[Path, ...]) -> None:
     from daemon.api.listeners import SocketPathError
     from daemon.app import Daemon
     from daemon.queue.db import DatabaseError
+    from daemon.report.tokens import encode_on_the_callers_thread
     from daemon.residency.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # before the threads: each would keep its freed buffers
+    encode_on_the_callers_thread()  # the niced facts pass stays niced
     try:
         code = Daemon(settings).run_forever()
     except (SocketPathError, DatabaseError, OSError) as exc:

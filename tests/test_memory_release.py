@@ -87,6 +87,9 @@ def test_captiond_run_caps_the_arenas_before_the_daemon_starts(tmp_path, monkeyp
 
     calls: list[str] = []
     monkeypatch.setattr(memory, "limit_malloc_arenas", lambda: calls.append("capped"))
+    import daemon.report.tokens as tokens
+
+    monkeypatch.setattr(tokens, "encode_on_the_callers_thread", lambda: calls.append("serial"))
 
     class FakeDaemon:
         def __init__(self, settings):
@@ -101,4 +104,4 @@ def test_captiond_run_caps_the_arenas_before_the_daemon_starts(tmp_path, monkeyp
     cfg.write_text(f'state_dir = "{tmp_path / "state"}"\n')
     r = CliRunner().invoke(main, ["--config", str(cfg), "run", "--watch", str(tmp_path / "photos")])
     assert r.exit_code == 0, r.output
-    assert calls == ["capped", "daemon"]
+    assert calls == ["capped", "serial", "daemon"]

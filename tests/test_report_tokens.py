@@ -243,3 +243,37 @@ def test_over_asks_the_tokenizer_only_where_the_pieces_do_not_tell(tmp_path: Pat
     assert asked == texts[2:5]
     assert got == [n > LIMIT for n in counter.counts(texts)]
     assert got == [True, False, False, False, True, True]
+
+
+POOL_THREADS = r"""
+import os, sys
+from daemon.report.tokens import encode_on_the_callers_thread
+encode_on_the_callers_thread()
+from tokenizers import Tokenizer, models, pre_tokenizers
+tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+tok.pre_tokenizer = pre_tokenizers.Whitespace()
+tok.encode_batch(["a b " * 50] * 20000)  # at normal priority, as a report request would
+print(len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.parametrize(("env", "pool"), [(None, False), ("true", True)])
+def test_the_tokenizer_encodes_on_the_callers_thread(env: str | None, pool: bool) -> None:
+    """No pool of tokenizer threads at the priority of whoever encoded first: the niced
+    background pass then encodes at nice 19 on its own thread. A user's explicit
+    TOKENIZERS_PARALLELISM rules."""
+    require("tokenizers", "the vlm extra (transformers' dependency)")
+    environ = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    if env is not None:
+        environ["TOKENIZERS_PARALLELISM"] = env
+    out = subprocess.run(
+        [sys.executable, "-c", POOL_THREADS],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+        check=True,
+    )
+    threads = int(out.stdout.strip())
+    assert (threads > 1) is pool, threads

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import threading
 from collections import OrderedDict
@@ -62,6 +63,15 @@ _PLAIN = re.compile(r"(?:[\x20-\x7e\t\n](?<!<\|))*")
 
 # Texts encoded at once: an encoding holds ids, offsets, masks; 100,000 at once took
 # more than 1 GB (and the allocator keeps it), 1,024 at a time about 20 MB.
+def encode_on_the_callers_thread() -> None:
+    """Have ``tokenizers`` encode on the calling thread instead of its own thread pool,
+    unless ``TOKENIZERS_PARALLELISM`` is set. The pool's threads take the priority of
+    the thread that first used it: after a report asked at normal priority, the
+    background facts pass (nice 19) would encode at normal priority on every core,
+    beside the captioning. Call before the first encode (some versions read it once)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
 ENCODE_CHUNK = 1024
 
 # Estimate: letters per token of a word piece, from the real tokenizer on WD tag lists
