@@ -632,7 +632,8 @@ class Control:
             raise Problem("invalid", "the caption contains a NUL character")
         # On the worker's writer thread: serialised with its read-decide-write of the
         # same sidecar, so neither overwrites the other's file or record.
-        result = self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
+        with _as_found(ref):
+            result = self.worker.run_on_writer(lambda: self._write_caption(ref, ctype, caption))
         self._check_captions(str(ref.path))
         return result
 
@@ -703,7 +704,8 @@ class Control:
 
     def delete_caption(self, ref: ImageRef, ctype: str) -> dict[str, Any]:
         ctype = self._check_type(ctype)
-        return self.worker.run_on_writer(lambda: self._delete_caption(ref, ctype))
+        with _as_found(ref):
+            return self.worker.run_on_writer(lambda: self._delete_caption(ref, ctype))
 
     def _delete_caption(self, ref: ImageRef, ctype: str) -> dict[str, Any]:
         target, _ = self._sidecar_for(ref, ctype)
@@ -1164,7 +1166,7 @@ class Control:
             if (r := self.index.get_caption(image, g)) is not None
         }
         out = []
-        with root.folder(rel_dir) as folder:
+        with _as_found(ref), root.folder(rel_dir) as folder:
             for name in names:
                 st = folder.lstat(name)
                 gens = targets.get(name, [])
@@ -1278,6 +1280,22 @@ class Control:
             "backlog": {"explicit": explicit, "new": new, "backfill": backfill},
             "eta_seconds": round(backlog / rate) if rate > 0 and backlog else None,
         }
+
+
+@contextlib.contextmanager
+def _as_found(ref: ImageRef) -> Iterator[None]:
+    """The image's folder as the request finds it, after its path was checked: removed
+    meanwhile is a 404, swapped for a link out of the root a 403, not a 500."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise Problem(
+            "not_found", f"{ref.rel} or its folder was removed while the request ran"
+        ) from None
+    except ConfinementError:
+        raise Problem(
+            "forbidden", f"{ref.rel}: a folder on its path now leaves its watched root"
+        ) from None
 
 
 def _regular(mode: int) -> bool:

@@ -306,6 +306,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             payload = resp.encode()
         if not read and self.headers.get("Content-Length", "0") not in ("", "0"):
             self.close_connection = True  # a body left unread would be taken for a request
+        if self.close_connection:  # a keep-alive client must not send another request
+            resp.headers.setdefault("Connection", "close")
         try:
             if resp.stream is not None:
                 self._send_stream(resp, head=self.command == "HEAD")
@@ -314,8 +316,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client hung up: nothing to tell anyone
             return
-        if not touched and length > 0:
-            self._linger(length)
         log.debug(
             "control_request",
             method=self.command,
@@ -325,6 +325,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             peer_pid=self.peer.pid if self.peer else None,
             peer_uid=self.peer.uid if self.peer else None,
         )
+        if not touched and length > 0:
+            self._linger(length)
 
     def _linger(self, length: int) -> None:
         """After an answer sent before the body was read (401, 403): read and drop the

@@ -22,7 +22,6 @@ from daemon.api.control import Control, Queued
 from daemon.api.http import HandlerResult, HTTPError, Request, Response, Router
 from daemon.api.openapi import Endpoint, Query, build_openapi
 from daemon.api.problems import Problem
-from daemon.confined import ConfinementError
 
 # error_type of a failed explicit request -> HTTP status
 _RESULT_STATUS = {
@@ -351,19 +350,11 @@ def _rescan_args(req: Request) -> tuple[str | None, bool]:
 
 
 def _http(handler: Callable[[Request], HandlerResult]) -> Callable[[Request], HandlerResult]:
-    """A Problem from the facade becomes the HTTP error of its kind. A file or folder
-    removed (or swapped for a link) after the path was checked is a 404 (a 403), not a
-    500: the disk may change under any request."""
+    """A Problem from the facade becomes the HTTP error of its kind."""
 
     def run(req: Request) -> HandlerResult:
         try:
             return handler(req)
-        except FileNotFoundError:
-            raise HTTPError(
-                404, "the image or its folder was removed while the request ran", "not_found"
-            ) from None
-        except ConfinementError as exc:
-            raise HTTPError(403, f"the path leaves its watched root: {exc}", "forbidden") from None
         except Problem as p:
             raise HTTPError(
                 p.status,

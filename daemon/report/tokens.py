@@ -61,8 +61,7 @@ except ImportError:  # pragma: no cover - the estimate is an estimate either way
 # one token each, are matched before the pieces).
 _PLAIN = re.compile(r"(?:[\x20-\x7e\t\n](?<!<\|))*")
 
-# Texts encoded at once: an encoding holds ids, offsets, masks; 100,000 at once took
-# more than 1 GB (and the allocator keeps it), 1,024 at a time about 20 MB.
+
 def encode_on_the_callers_thread() -> None:
     """Have ``tokenizers`` encode on the calling thread instead of its own thread pool,
     unless ``TOKENIZERS_PARALLELISM`` is set. The pool's threads take the priority of
@@ -72,6 +71,8 @@ def encode_on_the_callers_thread() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# Texts encoded at once: an encoding holds ids, offsets, masks; 100,000 at once took
+# more than 1 GB (and the allocator keeps it), 1,024 at a time about 20 MB.
 ENCODE_CHUNK = 1024
 
 # Estimate: letters per token of a word piece, from the real tokenizer on WD tag lists
