@@ -28,10 +28,8 @@ from PIL import Image
 from daemon import faults, metrics
 from daemon.conditions import errno_of
 from daemon.config import Settings, WatchConfig
-from daemon.confined import Root
 from daemon.errors import (
     DependencyPendingError,
-    GenerationError,
     ReadStalledError,
     classify,
 )
@@ -40,7 +38,13 @@ from daemon.pipeline import stages
 from daemon.pipeline.caption import CaptionPipeline, ImageTask, Item, Outcome, SidecarInfo
 from daemon.pipeline.sidecars import Action
 from daemon.pipeline.stages import STAGES
-from daemon.queue import FileIndex, Job, JobQueue, JobState
+from daemon.pipeline.tags import (
+    DEPENDENCY_DELAY_SECONDS,
+    recorded_tags,
+    tagger_of,
+    tags_when_unrecorded,
+)
+from daemon.queue import FileIndex, Job, JobQueue
 from daemon.residency.manager import ModelManager
 from daemon.residency.slot import ModelSlot
 
@@ -54,7 +58,6 @@ SYNC_THREADS = 8  # a batch's sidecars fsynced at once
 MAX_STUCK_THREADS = 32
 WAIT_SLICE_SECONDS = 1.0  # how often a wait for a decode checks its read timeout
 LOAD_STALL_SECONDS = 3600.0  # a first download of a large model may take this long
-DEPENDENCY_DELAY_SECONDS = 5.0  # a {tags} prompt waits this long for the tagger's job
 FOREIGN_RECOVERY_SECONDS = 15.0  # how often a dead backfill driver's leases are looked for
 
 
@@ -673,38 +676,18 @@ class Worker:
         Computed once by the tagger's own job and read back from its sidecar (a
         person's edits to it included); until that job is done this job waits."""
         watch, path = task.watch, task.path
-        tagger = next(
-            (
-                g
-                for g in watch.generators
-                if (p := self.pipelines.get(g)) is not None
-                and p.generator.caption_type == "tags"
-                and "tags" not in p.generator.context_keys
-            ),
-            None,
+        tagger = tagger_of(watch, {n: p.generator for n, p in self.pipelines.items()})
+        found = recorded_tags(self.index, watch, path, tagger)
+        if found is not None and bytes_match(data, found[0], current=digest):
+            return found[1]
+        requester: Job | None = task.key if isinstance(task.key, Job) else None
+        return tags_when_unrecorded(
+            self.queue,
+            path,
+            tagger,
+            lambda: self.pipelines[tagger].sidecar_of(path, watch).data,
+            requester.priority if requester else 0,
         )
-        if tagger is None:
-            raise GenerationError(
-                f"a prompt uses {{tags}}, but watch {watch.name!r} has no tagging generator "
-                "(add wd_tagger to its generators, listed first)"
-            )
-        record = self.index.get_caption(path, tagger)
-        if record is not None and bytes_match(data, record.content_hash, current=digest):
-            text = _read_recorded(watch, record.sidecar_path)
-            if text is not None:
-                return text.decode("utf-8", "replace").strip()
-        job = self.queue.get(path, tagger)
-        if job is None or job.state in (JobState.DONE, JobState.FAILED, JobState.DEAD):
-            if job is not None and job.state is not JobState.DONE:
-                raise GenerationError(f"{tagger} failed on this image: {job.error_message}")
-            if job is not None and job.outcome in (Action.EXISTS.value, Action.EDITED.value):
-                # The tagger left a person's sidecar alone: those are the tags.
-                text = self.pipelines[tagger].sidecar_of(path, watch).data
-                if text is not None:
-                    return text.decode("utf-8", "replace").strip()
-            requester: Job | None = task.key if isinstance(task.key, Job) else None
-            self.queue.enqueue(path, tagger, requester.priority if requester else 0)
-        raise DependencyPendingError(f"waiting for {tagger}'s tags")
 
     def _stem_clashes(self) -> list[dict[str, str]]:
         try:
@@ -727,15 +710,3 @@ class Worker:
             "images_finished": STAGES.images,
             "stage_cpu_seconds": {k: round(v, 4) for k, v in STAGES.snapshot().items()},
         }
-
-
-def _read_recorded(watch: WatchConfig, sidecar_path: str) -> bytes | None:
-    """A sidecar captiond recorded, read confined to the watch's root."""
-    root = Root(str(watch.path), watch.follow_symlinks)
-    rel = root.rel(sidecar_path)
-    rel_dir, _, name = rel.rpartition("/")
-    try:
-        with root.folder(rel_dir) as folder:
-            return folder.read_sidecar(name)
-    except FileNotFoundError:
-        return None

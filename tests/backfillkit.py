@@ -138,3 +138,24 @@ class Site:
                 assert jobs[str(p)].error_type == "bad_image", jobs[str(p)]
         finally:
             db.close()
+
+
+def tags_site(tmp: Path, model_dir: Path | str, monkeypatch: Any) -> Site:
+    """A site whose watch has the WD tagger (``.txt``) and ``tagecho`` (``.caption``),
+    a describer whose prompt uses ``{tags}`` (tests/fakegen.py)."""
+    from daemon.generators import registry
+
+    monkeypatch.setitem(registry.BUILTINS, "tagecho", "tests.fakegen:TagEchoGenerator")
+    return Site(
+        tmp,
+        model_dir,
+        watch={
+            "generators": ["wd_tagger", "tagecho"],
+            "sidecar_extension": {"wd_tagger": "txt", "tagecho": "caption"},
+        },
+    )
+
+
+def recolour(site: Site, image: Path) -> None:
+    """New content at the same path (another colour, so other tags)."""
+    make_image(image, "white" if site.images[image] != "white" else "red")

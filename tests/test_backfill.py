@@ -43,7 +43,7 @@ from daemon.hashing import content_hash
 from daemon.oneshot import run_once
 from daemon.queue import Database, JobQueue
 from daemon.queue.backfills import BackfillRegistry
-from tests.backfillkit import Site
+from tests.backfillkit import Site, recolour, tags_site
 from tests.daemonproc import REPO, make_image
 
 GEN = "wd_tagger"
@@ -503,6 +503,72 @@ def test_a_dead_drivers_row_and_leases_are_recovered_by_the_next(
     assert backfill_status(q)["runs"][0]["state"] == "finished"
     db.close()
     site.check_exactly_once()
+
+
+def test_a_tags_prompt_gets_the_taggers_recorded_caption(
+    tmp_path: Path, wd_model_dir: Path, monkeypatch
+) -> None:
+    """A describer whose prompt uses {tags}: each image gets the tagger's caption the
+    index has for its content (a person's edit of it included). One not tagged yet, or
+    changed since, is left to the daemon without using an attempt, its tagger job
+    queued; once tagged, the next run captions it."""
+    site = tags_site(tmp_path, wd_model_dir, monkeypatch)
+    tagged = site.add(6, folders=2)
+    bad = site.add_bad()
+    site.scan()
+    assert _run(site, generator="wd_tagger").outcomes == {"written": 6}
+    edited, changed = tagged[0], tagged[1]
+    edited.with_suffix(".txt").write_text("1girl, edited by a person\n")
+    recolour(site, changed)
+    late = site.add(2, start=6, folders=2)  # dropped after the tagger's run: no tags yet
+    site.scan()
+    db, q, _ = site.open()
+    assert q.get(str(late[0]), "wd_tagger").state == "pending"
+    q.forget(str(late[1]))  # the describer's job alone: no tagger job at all
+    q.enqueue(str(late[1]), "tagecho", 0)
+    db.close()
+
+    p = _run(site, generator="tagecho")
+    assert p.outcomes == {"written": 5} and p.waiting == 3
+    assert dict(p.failures) == {"generation": 1}  # the broken image: the tagger failed on it
+    assert "3 left to the daemon" in summary(p.to_json())
+    by_person = "an image with 1girl, edited by a person.\n"
+    assert edited.with_suffix(".caption").read_text() == by_person
+    for img in tagged[2:]:
+        tags = img.with_suffix(".txt").read_text().strip()
+        assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
+    for img in (changed, *late):
+        assert not img.with_suffix(".caption").exists()
+    db, q, _ = site.open()
+    for img in (changed, *late):
+        job = q.get(str(img), "tagecho")
+        assert (str(job.state), job.attempts) == ("pending", 0), job  # given back, no attempt
+        assert str(q.get(str(img), "wd_tagger").state) == "pending"  # its tags are on the way
+    assert "wd_tagger failed on this image" in q.get(str(bad), "tagecho").error_message
+    db.close()
+
+    assert _run(site, generator="wd_tagger").outcomes == {"written": 3}  # as the daemon would
+    p = _run(site, generator="tagecho")
+    assert p.outcomes == {"written": 3} and p.waiting == 0
+    for img in (changed, *late):
+        tags = img.with_suffix(".txt").read_text().strip()
+        assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
+
+
+def test_a_tags_prompt_without_a_tagger_in_the_watch_fails_with_the_reason(
+    tmp_path: Path, wd_model_dir: Path, monkeypatch
+) -> None:
+    from daemon.generators import registry
+
+    monkeypatch.setitem(registry.BUILTINS, "tagecho", "tests.fakegen:TagEchoGenerator")
+    site = Site(tmp_path, wd_model_dir, watch={"generators": ["tagecho"]})
+    site.add(2)
+    site.scan()
+    p = _run(site, generator="tagecho")
+    assert p.outcomes == {} and dict(p.failures) == {"generation": 2}
+    db, q, _ = site.open()
+    assert all("no tagging generator" in (j.error_message or "") for j in q.jobs(limit=10))
+    db.close()
 
 
 def test_validation_errors(tmp_path: Path, wd_model_dir: Path) -> None:

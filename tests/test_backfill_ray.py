@@ -24,7 +24,7 @@ pytest.importorskip("ray.data")
 from daemon.backfill import cluster  # noqa: E402
 from daemon.backfill.driver import Backfill, BackfillOptions, ray_executor  # noqa: E402
 from daemon.client import request  # noqa: E402
-from tests.backfillkit import Site  # noqa: E402
+from tests.backfillkit import Site, recolour, tags_site  # noqa: E402
 from tests.daemonproc import REPO, DaemonProcess, make_image, wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
@@ -224,3 +224,22 @@ def test_an_actor_whose_start_fails_stops_the_run(
     assert "after 1 attempt:" in p.message and "no-model does not exist" in p.message
     rows = site.job_rows()
     assert all(r[0] == "pending" and r[2] == 0 for r in rows.values())  # nothing lost
+
+
+def test_a_tags_prompt_on_the_actors(
+    tmp_path: Path, wd_model_dir: Path, local_ray: dict[str, str], monkeypatch
+) -> None:
+    """The rows carry the tagger's recorded caption to the actors (through the feeder,
+    across processes); an image changed since it was tagged is left to the daemon."""
+    site = tags_site(tmp_path, wd_model_dir, monkeypatch)
+    images = site.add(8, folders=2)
+    site.scan()
+    assert _run(site, _options(generator="wd_tagger")).outcomes == {"written": 8}
+    recolour(site, images[0])
+    p = _run(site, _options(generator="tagecho"))
+    assert p.state == "finished", p.message
+    assert p.outcomes == {"written": 7} and p.waiting == 1 and not p.failures
+    for img in images[1:]:
+        tags = img.with_suffix(".txt").read_text().strip()
+        assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
+    assert not images[0].with_suffix(".caption").exists()

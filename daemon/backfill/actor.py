@@ -25,6 +25,7 @@ import structlog
 from PIL import Image
 
 from daemon.backfill.spec import (
+    WAITING,
     PathMap,
     Row,
     error_result,
@@ -36,7 +37,8 @@ from daemon.backfill.spec import (
 from daemon.conditions import condition_of
 from daemon.config import PostProcessConfig, WatchConfig
 from daemon.confined import ConfinementError, Root
-from daemon.errors import CaptionError, ErrorType
+from daemon.errors import CaptionError, DependencyPendingError, ErrorType
+from daemon.hashing import bytes_match
 from daemon.pipeline.caption import CaptionPipeline, ImageTask
 from daemon.watch.mounts import fs_type, is_network_fs
 
@@ -146,6 +148,7 @@ class CaptionActor:
             _NoIndex(),
             postprocess=PostProcessConfig(),
             max_image_pixels=spec["max_image_pixels"],
+            tags=_row_tags,
         )
         self.batch_size = max(1, int(spec.get("batch_size") or 8))
         attempts = max(1, int(spec.get("start_attempts") or START_ATTEMPTS))
@@ -187,7 +190,7 @@ class CaptionActor:
     # -- work ------------------------------------------------------------------------
     def caption(self, rows: Iterable[Row]) -> list[dict[str, Any]]:
         """One result per row, in order (see the module doc)."""
-        rows = [(int(j), int(r), str(p)) for j, r, p in rows]
+        rows = [(int(j), int(r), str(p), *rest) for j, r, p, *rest in rows]
         out: list[dict[str, Any]] = []
         test = self.spec.get("test") or {}
         while test.get("hold_while") and os.path.exists(test["hold_while"]):
@@ -198,21 +201,22 @@ class CaptionActor:
                 out += self._batch(sub)
             except Exception as exc:  # a bug: fail these images, never the dataset
                 log.exception("backfill_actor_batch_failed")
-                out += [error_result(j, exc, node=self.node) for j, _, _ in sub]
+                out += [error_result(j, exc, node=self.node) for j, *_ in sub]
             if test.get("kill_after") is not None and len(out) >= test["kill_after"]:
                 _maybe_die(test["marker"])
         return out
 
     def _batch(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
         tasks = []
-        for job, root, rel in rows:
+        for job, root, rel, *tags in rows:
             watch = self.watches[root]
-            tasks.append(ImageTask(f"{str(watch.path).rstrip('/')}/{rel}", watch, key=(job, root)))
+            path = f"{str(watch.path).rstrip('/')}/{rel}"
+            tasks.append(ImageTask(path, watch, key=(job, root, tags[0] if tags else None)))
         results: dict[int, dict[str, Any]] = {}
         with self.pipeline.open(tasks) as batch:
             ready = []
             for item in batch.items:
-                job, root = item.task.key
+                job, root, _ = item.task.key
                 if item.error is None:
                     try:
                         self.pipeline.prepare(item)
@@ -225,15 +229,17 @@ class CaptionActor:
             if ready:
                 raws = self.pipeline.generate([i.value for i in ready])
                 for item, raw in zip(ready, raws, strict=True):
-                    job, root = item.task.key
+                    job, root, _ = item.task.key
                     if isinstance(raw, BaseException):
                         results[job] = self._failed(job, root, raw)
                     else:
                         results[job] = ok_result(job, raw, item.content_hash, item.owner, item.size)
         self.images += len(rows)
-        return [results[j] for j, _, _ in rows]
+        return [results[j] for j, *_ in rows]
 
     def _failed(self, job: int, root: int, exc: BaseException) -> dict[str, Any]:
+        if isinstance(exc, DependencyPendingError):
+            return error_result(job, exc, condition=WAITING, node=self.node)
         cond = condition_of(exc, network_fs=self.network[root])
         kind = cond[0] if cond else None
         if kind is None and isinstance(exc, FileNotFoundError):
@@ -276,6 +282,18 @@ class FedCaptionActor(CaptionActor):
             "token": np.array(tokens, dtype=np.int64),
             "payload": np.array(payloads, dtype=object),
         }
+
+
+def _row_tags(task: ImageTask, data: bytes, digest: str) -> str:
+    """A ``{tags}`` prompt's tags from the row: the tagger's caption, if it was made
+    of this content (a person's sidecar the tagger left alone has no hash)."""
+    tags = task.key[2]
+    if tags is None:
+        raise DependencyPendingError("no tags came with the row")
+    content, text = tags
+    if content is not None and not bytes_match(data, content, current=digest):
+        raise DependencyPendingError("the tagger's caption is of other content")
+    return str(text)
 
 
 def _usable_dir(path: str) -> Any:

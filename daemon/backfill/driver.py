@@ -36,13 +36,22 @@ import structlog
 
 from daemon import faults
 from daemon.backfill.cluster import ClusterError
-from daemon.backfill.spec import PathMap, RemoteFailure, Row, failure_of, local_facts
+from daemon.backfill.spec import (
+    WAITING,
+    PathMap,
+    RemoteFailure,
+    Row,
+    failure_of,
+    local_facts,
+)
 from daemon.conditions import condition_of, errno_of
 from daemon.config import Settings, WatchConfig, discover_generators, generator_config
 from daemon.confined import Root, is_temp_name
-from daemon.errors import classify
+from daemon.errors import DependencyPendingError, classify
+from daemon.generators.base import Generator
 from daemon.overrides import Overrides, apply_overrides
 from daemon.pipeline.caption import CaptionPipeline, ImageTask, Outcome
+from daemon.pipeline.tags import recorded_tags, tagger_of, tags_when_unrecorded
 from daemon.queue import Database, FileIndex, Job, JobQueue
 from daemon.queue.backfills import BackfillRegistry
 from daemon.watch.mounts import fs_type, is_network_fs
@@ -98,6 +107,7 @@ class Progress:
     outcomes: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
     released: int = 0
+    waiting: int = 0  # {tags} jobs handed back until their tagger's caption is there
     lost: int = 0  # results dropped: the lease was no longer ours
     leased: int = 0
     started: float = field(default_factory=time.time)
@@ -126,6 +136,7 @@ class Progress:
             "outcomes": dict(self.outcomes),
             "failures": dict(self.failures),
             "released": self.released,
+            "waiting_for_tags": self.waiting,
             "lost_leases": self.lost,
             "leased": self.leased,
             "images_per_second": round(rate, 2),
@@ -326,7 +337,8 @@ class Backfill:
         self.watches, self.prefixes, self.generator = resolve_targets(
             settings, options.roots, options.generator
         )
-        found = discover_generators(settings).get(self.generator)
+        discovered = discover_generators(settings)
+        found = discovered.get(self.generator)
         if found is None or found.cls is None:
             raise BackfillError(
                 f"generator {self.generator}: {found.error if found else 'unknown generator'}"
@@ -335,12 +347,18 @@ class Backfill:
         self.gen_config = generator_config(settings, self.generator, found.cls)
         gen = found.cls(self.gen_config, cache_dir=settings.cache_dir)
         gen.name = self.generator
-        if "tags" in gen.context_keys:
-            raise BackfillError(
-                f"{self.generator}'s prompt uses {{tags}} (another generator's caption of the "
-                "image): leave it to the daemon"
-            )
         self.gen = gen
+        # A {tags} prompt: each row carries the tagger's recorded caption (made by the
+        # daemon or an earlier backfill); the actors use it for the content it was made of.
+        self._peers: dict[str, Generator] = {}
+        self._needs_tags = "tags" in gen.context_keys
+        if self._needs_tags:
+            for name in {g for w in self.watches for g in w.generators} - {self.generator}:
+                peer = discovered.get(name)
+                if peer is not None and peer.cls is not None:
+                    self._peers[name] = peer.cls(
+                        generator_config(settings, name, peer.cls), cache_dir=settings.cache_dir
+                    )
         self.owner = _owner_name()
         self.db = Database(settings.db_path)
         kw = settings.queue.queue_kwargs() | {"lease_seconds": options.lease_seconds}
@@ -361,6 +379,7 @@ class Backfill:
         self._lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self._outstanding: dict[int, Job] = {}  # leased by us, result not recorded
+        self._waiting: list[int] = []  # {tags} jobs without tags: given back at the end
         self._recording: set[int] = set()  # being recorded by a recorder thread
         self._claimed = 0
         self._cap = 0  # jobs this run takes at most: the backlog when it began (or --limit)
@@ -484,9 +503,52 @@ class Backfill:
                     skipped.append((job, pipe.skipped(item)))
                 else:
                     i = self._root_of(job.path)
-                    rows.append((job.id, i, Root(str(self.watches[i].path)).rel(job.path)))
+                    row: Row = (job.id, i, Root(str(self.watches[i].path)).rel(job.path))
+                    if self._needs_tags:
+                        try:
+                            row = (*row, self._tags(job, self.watches[i]))
+                        except DependencyPendingError as exc:
+                            self._wait(job, exc)
+                            continue
+                        except Exception as exc:
+                            self._fail(job, exc)
+                            continue
+                    rows.append(row)
             self._ack(skipped)
         return rows
+
+    def _tags(self, job: Job, watch: WatchConfig) -> list[str | None]:
+        """[content hash, text] of the tagger's caption for a ``{tags}`` prompt (the
+        hash None for a person's sidecar the tagger left alone); the actor checks the
+        hash against the content it reads. DependencyPendingError: not tagged yet."""
+        tagger = tagger_of(watch, self._peers)
+        found = recorded_tags(self.index, watch, job.path, tagger)
+        if found is not None:
+            return list(found)
+        peer = CaptionPipeline(
+            self._peers[tagger],
+            self.index,
+            postprocess=self.settings.postprocess,
+            max_image_pixels=self.settings.worker.max_image_pixels,
+        )
+        text = tags_when_unrecorded(
+            self.queue,
+            job.path,
+            tagger,
+            lambda: peer.sidecar_of(job.path, watch).data,
+            job.priority,
+        )
+        return [None, text]
+
+    def _wait(self, job: Job, exc: BaseException) -> None:
+        """A ``{tags}`` job whose tags are not there yet (the tagger's job is queued for
+        the daemon): kept leased, so this run does not take it again and again, and
+        given back to the queue without using an attempt when the run ends."""
+        log.info("backfill_job_waits", job_id=job.id, path=job.path, reason=str(exc))
+        with self._lock:
+            self._waiting.append(job.id)
+            self.progress.waiting += 1
+            self._settled(job.id)
 
     # -- recording (recorder thread) -----------------------------------------------------
     def record(
@@ -578,6 +640,9 @@ class Backfill:
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         kind = getattr(exc, "condition", None)
+        if kind == WAITING:  # the image's content changed since it was tagged
+            self._wait(job, exc)
+            return
         if kind is None:
             watch = self.watches[self._root_of(job.path)]
             cond = condition_of(exc, network_fs=self._network.get(watch.name, False))
@@ -806,6 +871,12 @@ class Backfill:
             self._stop.set()
         with self._lock:
             left = list(self._outstanding)
+            waiting, self._waiting = self._waiting, []
+        if waiting:
+            try:
+                self.queue.release(waiting)
+            except Exception:  # their leases expire; the daemon takes them back then
+                log.exception("backfill_release_failed", jobs=len(waiting))
         if left:
             try:
                 self.queue.release(left)

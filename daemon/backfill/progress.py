@@ -33,6 +33,8 @@ def line(info: dict[str, Any], width: int = 30) -> str:
         parts.append("failed: " + ", ".join(f"{n} {k}" for k, n in sorted(failures.items())))
     if info.get("released"):
         parts.append(f"{info['released']} back to the queue")
+    if info.get("waiting_for_tags"):
+        parts.append(f"{info['waiting_for_tags']} left to the daemon (no tags yet)")
     return "  ".join(parts)
 
 
@@ -73,6 +75,11 @@ def summary(info: dict[str, Any]) -> str:
         text += f"; failed: {fails}"
     if info.get("released"):
         text += f"; {info['released']} back to the queue"
+    if info.get("waiting_for_tags"):
+        text += (
+            f"; {info['waiting_for_tags']} left to the daemon: their {{tags}} prompt waits "
+            "for the tagger's caption"
+        )
     if info.get("lost_leases"):
         text += f"; {info['lost_leases']} results dropped (lease lost)"
     msg = info.get("message")

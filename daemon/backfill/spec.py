@@ -16,8 +16,11 @@ from typing import Any
 from daemon import __version__
 from daemon.errors import CaptionError, ErrorType, classify
 
-Row = tuple[int, int, str]
-"""(job id, index of its root in the spec's ``roots``, path relative to that root)."""
+WAITING = "waiting"  # an error result's condition: a {tags} job whose tags are not there
+
+Row = tuple[int, int, str] | tuple[int, int, str, list[str | None]]
+"""(job id, index of its root in the spec's ``roots``, path relative to that root), and
+for a ``{tags}`` prompt the tagger's caption: [content hash or None, text]."""
 
 
 # -- path maps ------------------------------------------------------------------------
