@@ -677,8 +677,10 @@ class Worker:
         person's edits to it included); until that job is done this job waits."""
         watch, path = task.watch, task.path
         tagger = tagger_of(watch, {n: p.generator for n, p in self.pipelines.items()})
-        found = recorded_tags(self.index, watch, path, tagger)
-        if found is not None and bytes_match(data, found[0], current=digest):
+        found = recorded_tags(
+            self.index, watch, path, tagger, lambda h: bytes_match(data, h, current=digest)
+        )
+        if found is not None:
             return found[1]
         requester: Job | None = task.key if isinstance(task.key, Job) else None
         return tags_when_unrecorded(

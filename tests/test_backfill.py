@@ -512,16 +512,23 @@ def test_a_tags_prompt_gets_the_taggers_recorded_caption(
     index has for its content (a person's edit of it included). One not tagged yet, or
     changed since, is left to the daemon without using an attempt, its tagger job
     queued; once tagged, the next run captions it."""
+    import daemon.backfill.driver as driver_mod
+
+    # given back at once: the run must still not take them again (it skips them)
+    monkeypatch.setattr(driver_mod, "DEPENDENCY_DELAY_SECONDS", 0.0)
     site = tags_site(tmp_path, wd_model_dir, monkeypatch)
     tagged = site.add(6, folders=2)
     bad = site.add_bad()
+    (before,) = site.add(1, start=9, folders=1)
+    before.with_suffix(".txt").write_text("1boy, written before captiond came\n")
+    site.images.pop(before)
     site.scan()
-    assert _run(site, generator="wd_tagger").outcomes == {"written": 6}
+    assert _run(site, generator="wd_tagger").outcomes == {"written": 6, "caption_exists": 1}
     edited, changed = tagged[0], tagged[1]
     edited.with_suffix(".txt").write_text("1girl, edited by a person\n")
-    recolour(site, changed)
     late = site.add(2, start=6, folders=2)  # dropped after the tagger's run: no tags yet
     site.scan()
+    recolour(site, changed)  # after the scan: its tagger job stays done, the record old
     db, q, _ = site.open()
     assert q.get(str(late[0]), "wd_tagger").state == "pending"
     q.forget(str(late[1]))  # the describer's job alone: no tagger job at all
@@ -529,11 +536,13 @@ def test_a_tags_prompt_gets_the_taggers_recorded_caption(
     db.close()
 
     p = _run(site, generator="tagecho")
-    assert p.outcomes == {"written": 5} and p.waiting == 3
+    assert p.outcomes == {"written": 6} and p.waiting == 3 and p.done == 7
     assert dict(p.failures) == {"generation": 1}  # the broken image: the tagger failed on it
     assert "3 left to the daemon" in summary(p.to_json())
     by_person = "an image with 1girl, edited by a person.\n"
     assert edited.with_suffix(".caption").read_text() == by_person
+    before_us = "an image with 1boy, written before captiond came.\n"
+    assert before.with_suffix(".caption").read_text() == before_us
     for img in tagged[2:]:
         tags = img.with_suffix(".txt").read_text().strip()
         assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
@@ -553,6 +562,33 @@ def test_a_tags_prompt_gets_the_taggers_recorded_caption(
     for img in (changed, *late):
         tags = img.with_suffix(".txt").read_text().strip()
         assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
+
+
+def test_tags_are_not_there_while_the_record_is_ahead_of_its_sidecar(tmp_path: Path) -> None:
+    """The tagger's writer records before it renames the new sidecar into place: in
+    between (or after a crash there) the file still holds the caption it replaces,
+    which must not be served as the new content's tags. A person's edit is served."""
+    from daemon.config import WatchConfig
+    from daemon.hashing import sidecar_hash
+    from daemon.pipeline.tags import recorded_tags
+    from daemon.queue import CaptionRecord, FileIndex
+
+    root = tmp_path / "data"
+    img = make_image(root / "a.png", "red")
+    txt = root / "a.txt"
+    txt.write_text("old tags\n")
+    watch = WatchConfig(path=root, generators=["wd_tagger"])
+    db = Database(tmp_path / "q.db")
+    index = FileIndex(db)
+    old, new = sidecar_hash(b"old tags\n"), sidecar_hash(b"new tags\n")
+    index.record_captions([CaptionRecord(str(img), "wd_tagger", "c2", str(txt), new, 1.0, old)])
+    assert recorded_tags(index, watch, str(img), "wd_tagger") is None  # not renamed yet
+    txt.write_text("new tags\n")
+    assert recorded_tags(index, watch, str(img), "wd_tagger") == ("c2", "new tags")
+    txt.write_text("a person's tags\n")
+    assert recorded_tags(index, watch, str(img), "wd_tagger") == ("c2", "a person's tags")
+    assert recorded_tags(index, watch, str(img), "wd_tagger", lambda h: h == "c1") is None
+    db.close()
 
 
 def test_a_tags_prompt_without_a_tagger_in_the_watch_fails_with_the_reason(

@@ -250,7 +250,8 @@ class CaptionActor:
         return error_result(job, exc, condition=kind, node=self.node)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """A Ray Data batch of rows (``job``, ``root``, ``rel`` columns)."""
+        """A Ray Data batch of rows (``job``, ``root``, ``rel`` columns; no ``{tags}``:
+        those rows come through the feeder, :class:`FedCaptionActor`)."""
         rows = list(zip(batch["job"], batch["root"], batch["rel"], strict=True))
         results = self.caption(rows)
         return {

@@ -51,7 +51,12 @@ from daemon.errors import DependencyPendingError, classify
 from daemon.generators.base import Generator
 from daemon.overrides import Overrides, apply_overrides
 from daemon.pipeline.caption import CaptionPipeline, ImageTask, Outcome
-from daemon.pipeline.tags import recorded_tags, tagger_of, tags_when_unrecorded
+from daemon.pipeline.tags import (
+    DEPENDENCY_DELAY_SECONDS,
+    recorded_tags,
+    tagger_of,
+    tags_when_unrecorded,
+)
 from daemon.queue import Database, FileIndex, Job, JobQueue
 from daemon.queue.backfills import BackfillRegistry
 from daemon.watch.mounts import fs_type, is_network_fs
@@ -126,7 +131,7 @@ class Progress:
 
     def to_json(self) -> dict[str, Any]:
         rate = self.rate()
-        left = max(0, self.total - self.done)
+        left = max(0, self.total - self.done - self.waiting)
         return {
             "state": self.state,
             "message": self.message,
@@ -379,7 +384,7 @@ class Backfill:
         self._lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self._outstanding: dict[int, Job] = {}  # leased by us, result not recorded
-        self._waiting: list[int] = []  # {tags} jobs without tags: given back at the end
+        self._given_back: set[int] = set()  # {tags} jobs without tags: not taken again
         self._recording: set[int] = set()  # being recorded by a recorder thread
         self._claimed = 0
         self._cap = 0  # jobs this run takes at most: the backlog when it began (or --limit)
@@ -465,7 +470,9 @@ class Backfill:
             with self._claim_lock:  # never after _end() took its snapshot
                 if self._stop.is_set():
                     break
-                jobs = self.queue.claim_under(self.generator, want, self.prefixes)
+                jobs = self.queue.claim_under(
+                    self.generator, want, self.prefixes, skip=self._given_back
+                )
                 with self._lock:
                     self._claimed += len(jobs)
                     for j in jobs:
@@ -541,14 +548,27 @@ class Backfill:
         return [None, text]
 
     def _wait(self, job: Job, exc: BaseException) -> None:
-        """A ``{tags}`` job whose tags are not there yet (the tagger's job is queued for
-        the daemon): kept leased, so this run does not take it again and again, and
-        given back to the queue without using an attempt when the run ends."""
+        """A ``{tags}`` job whose tags are not there yet (the tagger's job is queued):
+        back to the queue without using an attempt, for the daemon, which captions it
+        once tagged; this run does not take it again."""
+        self.queue.release([job.id], delay=DEPENDENCY_DELAY_SECONDS)
         log.info("backfill_job_waits", job_id=job.id, path=job.path, reason=str(exc))
         with self._lock:
-            self._waiting.append(job.id)
+            self._given_back.add(job.id)
             self.progress.waiting += 1
-            self._settled(job.id)
+            if self._outstanding.pop(job.id, None) is not None:
+                self.progress.last_progress = time.monotonic()
+            self.progress.leased = len(self._outstanding)
+
+    def _queue_tagger(self, job: Job) -> None:
+        """The image changed since it was tagged: its tagger's job again (as the daemon's
+        worker would ask), unless it is already on its way."""
+        try:
+            watch = self.watches[self._root_of(job.path)]
+            tagger = tagger_of(watch, self._peers)
+            tags_when_unrecorded(self.queue, job.path, tagger, lambda: None, job.priority)
+        except Exception:  # waiting, or a tagger that failed: the daemon will say why
+            pass
 
     # -- recording (recorder thread) -----------------------------------------------------
     def record(
@@ -641,6 +661,7 @@ class Backfill:
     def _fail(self, job: Job, exc: BaseException) -> None:
         kind = getattr(exc, "condition", None)
         if kind == WAITING:  # the image's content changed since it was tagged
+            self._queue_tagger(job)
             self._wait(job, exc)
             return
         if kind is None:
@@ -871,12 +892,6 @@ class Backfill:
             self._stop.set()
         with self._lock:
             left = list(self._outstanding)
-            waiting, self._waiting = self._waiting, []
-        if waiting:
-            try:
-                self.queue.release(waiting)
-            except Exception:  # their leases expire; the daemon takes them back then
-                log.exception("backfill_release_failed", jobs=len(waiting))
         if left:
             try:
                 self.queue.release(left)

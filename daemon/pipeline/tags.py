@@ -10,6 +10,7 @@ from daemon.config import WatchConfig
 from daemon.confined import Root
 from daemon.errors import DependencyPendingError, GenerationError
 from daemon.generators.base import Generator
+from daemon.hashing import sidecar_hash
 from daemon.pipeline.sidecars import Action
 from daemon.queue import FileIndex, JobQueue, JobState
 
@@ -41,17 +42,28 @@ def read_recorded(watch: WatchConfig, sidecar_path: str) -> bytes | None:
 
 
 def recorded_tags(
-    index: FileIndex, watch: WatchConfig, path: str, tagger: str
+    index: FileIndex,
+    watch: WatchConfig,
+    path: str,
+    tagger: str,
+    content_ok: Callable[[str], bool] = lambda content_hash: True,
 ) -> tuple[str, str] | None:
-    """(content hash, text) of the tagger's recorded caption of ``path``: the text
-    serves only an image whose content still has that hash."""
+    """(content hash, text) of the tagger's recorded caption of ``path``, if
+    ``content_ok(content hash)``: the text serves only content with that hash. None
+    while the record is ahead of its file (recorded, not yet renamed into place, or a
+    crash in between: the file still holds the caption it replaces)."""
     record = index.get_caption(path, tagger)
-    if record is None:
+    if record is None or not content_ok(record.content_hash):
         return None
-    text = read_recorded(watch, record.sidecar_path)
-    if text is None:
+    data = read_recorded(watch, record.sidecar_path)
+    if data is None:
         return None
-    return record.content_hash, text.decode("utf-8", "replace").strip()
+    if (
+        record.prev_hash not in (None, record.sidecar_hash)
+        and sidecar_hash(data) == record.prev_hash
+    ):
+        return None
+    return record.content_hash, data.decode("utf-8", "replace").strip()
 
 
 def tags_when_unrecorded(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -152,7 +152,7 @@ UPDATE jobs SET state = 'leased', lease_until = :until, lease_owner = :owner,
 WHERE id IN (
     SELECT id FROM jobs INDEXED BY jobs_claim
     WHERE state = 'pending' AND generator = :generator AND not_before <= :now
-      AND options IS NULL AND ({{under}})
+      AND options IS NULL AND ({{under}}){{skip}}
     ORDER BY priority DESC, enqueued_at, id
     LIMIT :limit
 )
@@ -514,10 +514,13 @@ class JobQueue:
 
     # -- leasing under an owner (a backfill driver) ---------------------------------
 
-    def claim_under(self, generator: str, limit: int, prefixes: Sequence[str]) -> list[Job]:
+    def claim_under(
+        self, generator: str, limit: int, prefixes: Sequence[str], skip: Collection[int] = ()
+    ) -> list[Job]:
         """Lease, under this queue's owner, up to ``limit`` due pending jobs of
         ``generator`` under ``prefixes`` (folders, absolute), in claim order; explicit
-        requests (jobs with options) are left to the daemon."""
+        requests (jobs with options) are left to the daemon, and so are the ids in
+        ``skip`` (jobs the caller gave back)."""
         if not prefixes:
             return []
         now = self.clock()
@@ -534,6 +537,10 @@ class JobQueue:
             params[f"lo{i}"], params[f"hi{i}"] = p + "/", p + "0"
             terms.append(f"(path >= :lo{i} AND path < :hi{i})")
         sql = _CLAIM_OWNED.replace("{under}", " OR ".join(terms))
+        if skip:
+            params["skip"] = json.dumps(sorted(skip))
+            sql = sql.replace("{skip}", " AND id NOT IN (SELECT value FROM json_each(:skip))")
+        sql = sql.replace("{skip}", "")
         rows = self.db.conn.execute(sql, params).fetchall()
         return sorted((_job(r) for r in rows), key=_claim_order)
 
