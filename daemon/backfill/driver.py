@@ -356,6 +356,7 @@ class Backfill:
         # A {tags} prompt: each row carries the tagger's recorded caption (made by the
         # daemon or an earlier backfill); the actors use it for the content it was made of.
         self._peers: dict[str, Generator] = {}
+        self._peer_pipes: dict[str, CaptionPipeline] = {}
         self._needs_tags = "tags" in gen.context_keys
         if self._needs_tags:
             for name in {g for w in self.watches for g in w.generators} - {self.generator}:
@@ -532,12 +533,14 @@ class Backfill:
         found = recorded_tags(self.index, watch, job.path, tagger)
         if found is not None:
             return list(found)
-        peer = CaptionPipeline(
-            self._peers[tagger],
-            self.index,
-            postprocess=self.settings.postprocess,
-            max_image_pixels=self.settings.worker.max_image_pixels,
-        )
+        peer = self._peer_pipes.get(tagger)
+        if peer is None:  # once per tagger: where its sidecars go, for a person's one
+            peer = self._peer_pipes[tagger] = CaptionPipeline(
+                self._peers[tagger],
+                self.index,
+                postprocess=self.settings.postprocess,
+                max_image_pixels=self.settings.worker.max_image_pixels,
+            )
         text = tags_when_unrecorded(
             self.queue,
             job.path,

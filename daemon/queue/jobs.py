@@ -536,11 +536,11 @@ class JobQueue:
             p = prefix.rstrip("/")
             params[f"lo{i}"], params[f"hi{i}"] = p + "/", p + "0"
             terms.append(f"(path >= :lo{i} AND path < :hi{i})")
-        sql = _CLAIM_OWNED.replace("{under}", " OR ".join(terms))
         if skip:
             params["skip"] = json.dumps(sorted(skip))
-            sql = sql.replace("{skip}", " AND id NOT IN (SELECT value FROM json_each(:skip))")
-        sql = sql.replace("{skip}", "")
+        sql = _CLAIM_OWNED.replace("{under}", " OR ".join(terms)).replace(
+            "{skip}", " AND id NOT IN (SELECT value FROM json_each(:skip))" if skip else ""
+        )
         rows = self.db.conn.execute(sql, params).fetchall()
         return sorted((_job(r) for r in rows), key=_claim_order)
 

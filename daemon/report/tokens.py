@@ -200,11 +200,10 @@ class ClipCounter:
         for i, t in enumerate(texts):
             # every word is at least one token; no token is shorter than a byte
             lo, hi = len(t.split()), len(t.encode("utf-8", "replace"))
-            out.append(lo > LIMIT)
             if lo <= LIMIT < hi and _CLIP_PIECES and _PLAIN.fullmatch(t):
                 # every CLIP piece is at least one token and at most one per byte
                 lo, hi = bounds(t)
-                out[i] = lo > LIMIT
+            out.append(lo > LIMIT)
             if lo <= LIMIT < hi:
                 ask.append(i)
         for i, n in zip(ask, self.counts([texts[i] for i in ask]), strict=True):
