@@ -140,20 +140,25 @@ class Site:
             db.close()
 
 
-def tags_site(tmp: Path, model_dir: Path | str, monkeypatch: Any) -> Site:
+def tags_site(
+    tmp: Path, model_dir: Path | str, monkeypatch: Any, generators: tuple[str, ...] = ()
+) -> Site:
     """A site whose watch has the WD tagger (``.txt``) and ``tagecho`` (``.caption``),
-    a describer whose prompt uses ``{tags}`` (tests/fakegen.py)."""
+    a describer whose prompt uses ``{tags}`` (tests/fakegen.py); or ``generators``."""
     from daemon.generators import registry
 
     monkeypatch.setitem(registry.BUILTINS, "tagecho", "tests.fakegen:TagEchoGenerator")
-    return Site(
-        tmp,
-        model_dir,
-        watch={
-            "generators": ["wd_tagger", "tagecho"],
-            "sidecar_extension": {"wd_tagger": "txt", "tagecho": "caption"},
-        },
-    )
+    gens = list(generators) or ["wd_tagger", "tagecho"]
+    ext = {"wd_tagger": "txt", "tagecho": "caption"}
+    watch = {"generators": gens, "sidecar_extension": {g: ext[g] for g in gens}}
+    return Site(tmp, model_dir, watch=watch)
+
+
+def check_tag_captions(images: list[Path]) -> None:
+    """Each image's ``tagecho`` caption is made of its ``.txt`` tags as they are now."""
+    for img in images:
+        tags = img.with_suffix(".txt").read_text().strip()
+        assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
 
 
 def recolour(site: Site, image: Path) -> None:

@@ -338,8 +338,6 @@ def test_a_folder_removed_or_swapped_after_the_check_is_404_or_403(control, tmp_
     answers 404 (gone) or 403 (now a link out), never a 500."""
     import shutil
 
-    from daemon.api.security import resolve_image
-
     root = control.watches[0].path
     make_image(root / "sub" / "b.png")
     ref = resolve_image(control.watches, "ds/sub/b.png")
@@ -801,7 +799,7 @@ def test_an_image_in_a_folder_that_does_not_exist_is_404(watch: WatchConfig, rel
 
 
 def test_what_is_not_a_regular_image_file_is_refused_with_the_reason(
-    watch: WatchConfig, tmp_path: Path
+    watch: WatchConfig,
 ) -> None:
     """A FIFO named like an image would block a read; a folder named so is no image."""
     os.mkfifo(watch.path / "fifo.png")

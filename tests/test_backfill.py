@@ -43,7 +43,7 @@ from daemon.hashing import content_hash
 from daemon.oneshot import run_once
 from daemon.queue import Database, JobQueue
 from daemon.queue.backfills import BackfillRegistry
-from tests.backfillkit import Site, recolour, tags_site
+from tests.backfillkit import Site, check_tag_captions, recolour, tags_site
 from tests.daemonproc import REPO, make_image
 
 GEN = "wd_tagger"
@@ -543,9 +543,7 @@ def test_a_tags_prompt_gets_the_taggers_recorded_caption(
     assert edited.with_suffix(".caption").read_text() == by_person
     before_us = "an image with 1boy, written before captiond came.\n"
     assert before.with_suffix(".caption").read_text() == before_us
-    for img in tagged[2:]:
-        tags = img.with_suffix(".txt").read_text().strip()
-        assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
+    check_tag_captions(tagged[2:])
     for img in (changed, *late):
         assert not img.with_suffix(".caption").exists()
     db, q, _ = site.open()
@@ -559,9 +557,7 @@ def test_a_tags_prompt_gets_the_taggers_recorded_caption(
     assert _run(site, generator="wd_tagger").outcomes == {"written": 3}  # as the daemon would
     p = _run(site, generator="tagecho")
     assert p.outcomes == {"written": 3} and p.waiting == 0
-    for img in (changed, *late):
-        tags = img.with_suffix(".txt").read_text().strip()
-        assert img.with_suffix(".caption").read_text() == f"an image with {tags}.\n"
+    check_tag_captions([changed, *late])
 
 
 def test_tags_are_not_there_while_the_record_is_ahead_of_its_sidecar(tmp_path: Path) -> None:
@@ -594,10 +590,7 @@ def test_tags_are_not_there_while_the_record_is_ahead_of_its_sidecar(tmp_path: P
 def test_a_tags_prompt_without_a_tagger_in_the_watch_fails_with_the_reason(
     tmp_path: Path, wd_model_dir: Path, monkeypatch
 ) -> None:
-    from daemon.generators import registry
-
-    monkeypatch.setitem(registry.BUILTINS, "tagecho", "tests.fakegen:TagEchoGenerator")
-    site = Site(tmp_path, wd_model_dir, watch={"generators": ["tagecho"]})
+    site = tags_site(tmp_path, wd_model_dir, monkeypatch, generators=("tagecho",))
     site.add(2)
     site.scan()
     p = _run(site, generator="tagecho")

@@ -49,26 +49,17 @@ def _server(sock_dir: Path, **kw) -> ControlServer:
 
 
 def _raw(path: Path | tuple[str, int], data: bytes, timeout: float = 5.0) -> bytes:
-    fam = socket.AF_UNIX if isinstance(path, Path) else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    s.connect(str(path) if isinstance(path, Path) else path)
-    try:
-        s.sendall(data)
-        out = b""
-        while chunk := s.recv(65536):
-            out += chunk
-        return out
-    finally:
-        s.close()
+    return _answered(path, data, timeout)[0]
 
 
-def _answered(path: Path | tuple[str, int], data: bytes) -> tuple[bytes, float, float]:
+def _answered(
+    path: Path | tuple[str, int], data: bytes, timeout: float = 10.0
+) -> tuple[bytes, float, float]:
     """Send ``data`` and read the answer: (answer, seconds to its first bytes, seconds
     until the server closed)."""
     fam = socket.AF_UNIX if isinstance(path, Path) else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
+        s.settimeout(timeout)
         s.connect(str(path) if isinstance(path, Path) else path)
         t0 = time.monotonic()
         s.sendall(data)

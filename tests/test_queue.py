@@ -1336,6 +1336,10 @@ def test_claim_under_takes_at_most_limit_in_claim_order(db: Database, clock: Fak
         "/r/1.jpg",
     ]
     assert [j.path for j in bf.claim_under("wd", 3, ["/r"])] == ["/r/2.jpg", "/r/3.jpg", "/r/4.jpg"]
+    given_back = [j.id for j in bf.jobs(JobState.LEASED) if j.path in ("/r/0.jpg", "/r/3.jpg")]
+    bf.release(given_back)  # the caller gave these back: skipped, the others come
+    bf.release([j.id for j in bf.jobs(JobState.LEASED) if j.path == "/r/4.jpg"])
+    assert [j.path for j in bf.claim_under("wd", 3, ["/r"], skip=given_back)] == ["/r/4.jpg"]
 
 
 def test_count_claimable_counts_what_claim_under_would_take_due_or_not(
@@ -1420,12 +1424,12 @@ def test_leased_paths_and_counts_by_owner(db: Database, clock: FakeClock) -> Non
     bf, other, daemon = two_owners_and_the_daemon(db, clock)
     assert bf.leased_by_owner() == {} and bf.leased_paths("backfill:a") == []
     bf.claim_under("wd", 2, ["/a"])
-    other.claim_under("wd", 3, ["/a"])
+    theirs = other.claim_under("wd", 3, ["/a"])
     daemon.claim("wd", 1)
     assert sorted(daemon.leased_paths("backfill:a")) == ["/a/0.jpg", "/a/1.jpg"]
     assert sorted(daemon.leased_paths("backfill:b")) == ["/a/2.jpg", "/a/3.jpg", "/a/4.jpg"]
     assert daemon.leased_by_owner() == {"backfill:a": 2, "backfill:b": 3}
-    other.release(list(other.held(j.id for j in daemon.jobs(JobState.LEASED))))
+    other.release([j.id for j in theirs])
     assert daemon.leased_by_owner() == {"backfill:a": 2}
     assert daemon.leased_paths("backfill:b") == []
 

@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  (full run: {elapsed:.0f} s)", flush=True)
         WORK.mkdir(exist_ok=True)  # after each group: an interrupted run keeps what is done
         # Only this group's entry, over the file as it is now: another run of other groups
-        # at the same time (each in its own folder) keeps its results.
+        # (each in its own folder) keeps its results, unless both write in the same instant
+        # (no lock: runs end minutes apart).
         fresh = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         fresh[g.name] = summary[g.name]
         tmp = summary_path.with_suffix(f".{os.getpid()}.tmp")
